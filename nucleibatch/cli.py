@@ -1,0 +1,152 @@
+"""Command line: `nucleibatch segment | train | evaluate` (thin: parses, then calls the library)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from .errors import NucleibatchError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line and exits with status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _add_train(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train the nuclei U-Net data-parallel with Ray Train",
+        description="Train (or resume training of) the nuclei U-Net with Ray Train's TorchTrainer on "
+        "annotated folders (DSB layout or images/ + labels/), keeping checkpoints, metrics.csv and "
+        "curves.png under RUN_DIR and exporting the best checkpoint as RUN_DIR/bundle. Running the "
+        "same command again on the same RUN_DIR resumes from the latest checkpoint.",
+    )
+    p.add_argument("data", nargs="+", metavar="DATA", help="annotated folder(s)")
+    p.add_argument("-o", "--output", required=True, metavar="RUN_DIR", help="run folder (checkpoints, metrics, bundle)")
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP processes) [1]")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker (DDP over nccl); default CPU (gloo)")
+    p.add_argument("--epochs", type=int, default=40, help="epochs [40]")
+    p.add_argument("--batch-size", type=int, default=8, help="patches per worker per step [8]")
+    p.add_argument("--patch-size", type=int, default=256, help="patch side in pixels, multiple of 32 [256]")
+    p.add_argument("--patches-per-epoch", type=int, default=0, help="patches per epoch over all workers [one per training image]")
+    p.add_argument("--encoder", default="resnet18", help="smp encoder name [resnet18]")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, warm-up + cosine) [2e-3]")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of images kept for validation [0.1]")
+    p.add_argument("--limit-images", type=int, default=0, help="use only the first K images (smoke runs)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (split, patches) [0]")
+    p.add_argument("--skip-bad", action="store_true", help="skip bad annotations with a warning instead of stopping")
+    p.add_argument("--cpus-per-worker", type=float, default=0, help="CPUs per worker [the machine's CPUs / workers]")
+    p.add_argument("--max-failures", type=int, default=3, help="worker failures survived by resuming from the last checkpoint [3]")
+    p.add_argument("--no-tune", action="store_true", help="keep default post-processing thresholds instead of tuning them on validation")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a private local Ray)")
+    p.add_argument("--overwrite", action="store_true", help="delete RUN_DIR's previous run and start over")
+
+
+def _add_evaluate(subparsers) -> None:
+    p = subparsers.add_parser(
+        "evaluate",
+        help="DSB metric of a model on annotated folders",
+        description="Segment annotated images with exactly the inference and post-processing of `segment` "
+        "and report the DSB 2018 metric: mean over images of the mean over IoU thresholds 0.50..0.95 of "
+        "TP/(TP+FP+FN), plus AP@0.5, AP@0.75 and F1@0.5.",
+    )
+    p.add_argument("data", nargs="+", metavar="DATA", help="annotated folder(s): DSB layout or images/ + labels/")
+    p.add_argument("--model", default="default", help="'default' or a bundle folder [default]")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda [auto]")
+    p.add_argument("--channel", type=int, default=None, help="nuclear-stain channel index [mean of colours]")
+    p.add_argument("--csv", default=None, help="write per-image scores to this CSV file")
+    p.add_argument("--limit-images", type=int, default=0, help="evaluate only the first K images")
+    p.add_argument("--ids-from-bundle", action="store_true", help="evaluate only the validation images recorded in the bundle's config")
+    p.add_argument("--skip-bad", action="store_true", help="skip bad annotations with a warning")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="nucleibatch", description="Nuclei segmentation of microscopy archives.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    from .segment_cli import add_segment
+
+    add_segment(subparsers)
+    _add_train(subparsers)
+    _add_evaluate(subparsers)
+    return parser
+
+
+def _run_train(args) -> int:
+    from .training.run import TrainSettings, run_training
+
+    settings = TrainSettings(
+        data=list(args.data),
+        run_dir=args.output,
+        workers=args.workers,
+        gpu=args.gpu,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        patch_size=args.patch_size,
+        patches_per_epoch=args.patches_per_epoch,
+        encoder=args.encoder,
+        learning_rate=args.lr,
+        val_fraction=args.val_fraction,
+        limit_images=args.limit_images,
+        seed=args.seed,
+        skip_bad=args.skip_bad,
+        cpus_per_worker=args.cpus_per_worker,
+        max_failures=args.max_failures,
+        tune_postprocess=not args.no_tune,
+        address=args.address,
+    )
+    summary = run_training(settings, overwrite=args.overwrite)
+    print(json.dumps(summary, indent=2))
+    print(f"bundle: {summary['bundle']}  (use it with: nucleibatch segment INPUT -o OUT --model {summary['bundle']})")
+    return 0
+
+
+def _run_evaluate(args) -> int:
+    from .evaluate import evaluate_model, write_rows_csv
+    from .model import load_model
+
+    model = load_model(args.model, device=args.device)
+    image_ids = model.config.get("training", {}).get("val_image_ids") if args.ids_from_bundle else None
+    summary, rows = evaluate_model(model, args.data, limit_images=args.limit_images, skip_bad=args.skip_bad, image_ids=image_ids, channel=args.channel)
+    if args.csv:
+        write_rows_csv(rows, args.csv)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(
+            f"{summary['n_images']} images: mAP@[.5:.95] {summary['map']:.4f}  AP@0.5 {summary['ap50']:.4f}  "
+            f"AP@0.75 {summary['ap75']:.4f}  F1@0.5 {summary['f1_50']:.4f}  (model {model.name})"
+        )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `nucleibatch` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "train":
+            return _run_train(args)
+        if args.command == "evaluate":
+            return _run_evaluate(args)
+        from .segment_cli import run_segment
+
+        return run_segment(args)
+    except NucleibatchError as error:
+        print(f"nucleibatch {args.command}: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print(f"nucleibatch {args.command}: interrupted", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Schedulers of the same work units: local (in-process), Ray and Dask."""

@@ -1,0 +1,39 @@
+"""The project's exceptions. Each message says what went wrong and how to fix it.
+
+`exit_code` is what the CLI returns when such an error stops a command:
+2 for usage errors (bad arguments, bad settings), 1 for anything else.
+"""
+
+from __future__ import annotations
+
+
+class NucleibatchError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+    exit_code = 1
+
+
+class UsageError(NucleibatchError):
+    """Bad command-line arguments or settings: the user must change the call."""
+
+    exit_code = 2
+
+
+class BadAnnotationError(NucleibatchError):
+    """An annotated training/evaluation image is unusable (names the file and the problem)."""
+
+
+class ImageReadError(NucleibatchError):
+    """An input image cannot be read or is not a 2-D image we can segment."""
+
+
+class ModelBundleError(NucleibatchError):
+    """A model bundle is missing, incomplete or does not match its config."""
+
+
+class ObjectTooLargeError(NucleibatchError):
+    """A nucleus is larger than the stitching margin: raise `--block-margin`."""
+
+
+class OutputError(NucleibatchError):
+    """The output directory cannot be used (locked, written by other settings, not writable)."""

@@ -1,0 +1,1 @@
+"""Everything that opens files: readers, discovery, zarr stores, tables."""

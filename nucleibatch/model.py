@@ -1,0 +1,302 @@
+"""U-Net by name, model bundles (config.json + safetensors) and batched tiled prediction."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import ModelBundleError, UsageError
+from .instances import InstanceParams
+from .targets import TARGET_CLASSES
+from .tiling import block_grid, padded_size
+
+BUNDLE_FORMAT = "nucleibatch-bundle/1"
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+DEFAULT_BUNDLE = Path(__file__).parent / "models" / "default"
+ARCHITECTURES = ("Unet", "UnetPlusPlus", "FPN", "Linknet")
+PAD_MULTIPLE = 32
+
+CLASS_MEANING = {
+    "body": "probability that the pixel belongs to a nucleus",
+    "contour": "probability that the pixel lies on the inner rim (2 px) of a nucleus",
+    "contact": "probability that the pixel lies within 2 px of two different nuclei",
+}
+
+
+def default_config(encoder: str = "resnet18", architecture: str = "Unet", tile_size: int = 512, halo: int = 64) -> dict[str, Any]:
+    """A complete bundle config for a fresh network (see the README's model bundle section)."""
+    return {
+        "format": BUNDLE_FORMAT,
+        "name": f"nuclei-{architecture.lower()}-{encoder}",
+        "architecture": architecture,
+        "encoder": encoder,
+        "encoder_depth": 5,
+        "decoder_channels": [128, 64, 32, 16, 16],
+        "encoder_weights": None,
+        "in_channels": 1,
+        "classes": list(TARGET_CLASSES),
+        "class_meaning": {name: CLASS_MEANING[name] for name in TARGET_CLASSES},
+        "activation": "sigmoid",
+        "normalization": {
+            "grey": "mean of the colour channels (RGB/RGBA), or the channel picked by --channel",
+            "percentiles": [1.0, 99.8],
+            "invert": "auto",
+            "range": "clip((x - p_low) / (p_high - p_low), 0, 1); 1 - x when the background is bright",
+        },
+        "tile_size": tile_size,
+        "halo": halo,
+        "pad_multiple": PAD_MULTIPLE,
+        "tta": False,
+        "postprocess": InstanceParams().to_dict(),
+        "units": "pixels",
+        "training": {},
+        "metrics": {},
+    }
+
+
+def build_network(config: dict[str, Any]) -> torch.nn.Module:
+    """Build the smp network a config describes (weights random unless ``encoder_weights`` names a set).
+
+    Raises:
+        UsageError: unknown architecture or encoder (the message lists valid names).
+    """
+    import segmentation_models_pytorch as smp
+
+    architecture = config.get("architecture", "Unet")
+    if architecture not in ARCHITECTURES:
+        raise UsageError(f"unknown architecture {architecture!r}; valid: {', '.join(ARCHITECTURES)}")
+    encoder = config["encoder"]
+    valid_encoders = smp.encoders.get_encoder_names()
+    if encoder not in valid_encoders and not encoder.startswith("tu-"):
+        raise UsageError(
+            f"unknown encoder {encoder!r}; light choices on a CPU: resnet18, resnet34, mobilenet_v2, "
+            f"efficientnet-b0; all: {', '.join(sorted(valid_encoders))} or tu-<timm name>"
+        )
+    kwargs: dict[str, Any] = dict(
+        encoder_name=encoder,
+        encoder_weights=config.get("encoder_weights"),
+        in_channels=int(config["in_channels"]),
+        classes=len(config["classes"]),
+        encoder_depth=int(config.get("encoder_depth", 5)),
+    )
+    if architecture in ("Unet", "UnetPlusPlus"):
+        kwargs["decoder_channels"] = tuple(config.get("decoder_channels", (256, 128, 64, 32, 16)))
+    return getattr(smp, architecture)(**kwargs)
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_bundle(network: torch.nn.Module, config: dict[str, Any], directory: str | Path, half: bool = True) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` (float16 unless ``half=False``) to ``directory``.
+
+    The network may be DDP-wrapped; the unwrapped weights are saved. Returns the directory.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    module = network.module if hasattr(network, "module") else network
+    dtype = torch.float16 if half else torch.float32
+    state = {
+        name: (tensor.detach().to("cpu", dtype) if tensor.is_floating_point() else tensor.detach().cpu()).contiguous()
+        for name, tensor in module.state_dict().items()
+    }
+    tmp = directory / (WEIGHTS_NAME + ".tmp")
+    save_file(state, str(tmp), metadata={"format": BUNDLE_FORMAT})
+    tmp.replace(directory / WEIGHTS_NAME)
+    config = copy.deepcopy(config)
+    config["weights"] = WEIGHTS_NAME
+    config["weights_dtype"] = str(dtype).replace("torch.", "")
+    config["weights_sha256"] = sha256_file(directory / WEIGHTS_NAME)
+    tmp = directory / (CONFIG_NAME + ".tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
+    tmp.replace(directory / CONFIG_NAME)
+    return directory
+
+
+@dataclass
+class NucleiModel:
+    """A loaded bundle: ``network`` (eval mode, ``(N, C, H, W)`` float32 -> logits) and ``config``."""
+
+    network: torch.nn.Module
+    config: dict[str, Any]
+    path: Path | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def name(self) -> str:
+        return str(self.config.get("name", "unnamed"))
+
+    @property
+    def sha256(self) -> str:
+        return str(self.config.get("weights_sha256", ""))
+
+    @property
+    def postprocess(self) -> InstanceParams:
+        return InstanceParams.from_dict(self.config.get("postprocess", {}))
+
+    def predict(self, image: np.ndarray, batch_size: int = 4, tta: bool | None = None) -> np.ndarray:
+        """Probabilities of a normalised image: ``(H, W)`` float32 -> ``(3, H, W)`` float32."""
+        return predict_image(
+            self.network,
+            image,
+            tile_size=int(self.config.get("tile_size", 512)),
+            halo=int(self.config.get("halo", 64)),
+            batch_size=batch_size,
+            device=self.device,
+            tta=bool(self.config.get("tta", False)) if tta is None else tta,
+        )
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; ``cuda`` without a GPU is a usage error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu or auto")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise UsageError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
+    return torch.device(device)
+
+
+def load_model(spec: str | Path = "default", device: str | torch.device = "cpu") -> NucleiModel:
+    """Load a model bundle.
+
+    Args:
+        spec: ``"default"`` (the bundle shipped in the package) or a bundle folder
+            (or its ``config.json``).
+        device: ``"cpu"``, ``"cuda"``, ``"auto"`` or a ``torch.device``.
+
+    Returns:
+        :class:`NucleiModel` whose ``network`` is in eval mode on ``device``.
+
+    Raises:
+        ModelBundleError: missing folder/files, weights that do not match the config.
+    """
+    from safetensors.torch import load_file
+
+    path = DEFAULT_BUNDLE if str(spec) == "default" else Path(spec)
+    if path.is_file() and path.name == CONFIG_NAME:
+        path = path.parent
+    config_path = path / CONFIG_NAME
+    if not config_path.is_file():
+        hint = " (the default model is not in this installation; reinstall the package)" if str(spec) == "default" else ""
+        raise ModelBundleError(f"{path}: not a model bundle, no {CONFIG_NAME} found{hint}; give --model default or a folder written by `nucleibatch train`")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ModelBundleError(f"{config_path}: unreadable config ({error})") from None
+    for key in ("encoder", "in_channels", "classes"):
+        if key not in config:
+            raise ModelBundleError(f"{config_path}: config lacks {key!r}; re-export the bundle with `nucleibatch train`")
+    weights_path = path / config.get("weights", WEIGHTS_NAME)
+    if not weights_path.is_file():
+        raise ModelBundleError(f"{path}: weights file {weights_path.name} is missing")
+    config = dict(config)
+    config["encoder_weights"] = None  # the bundle's own weights replace any pretrained ones
+    network = build_network(config)
+    try:
+        state = load_file(str(weights_path))
+        network.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    except Exception as error:
+        raise ModelBundleError(f"{weights_path}: weights do not fit the network in {CONFIG_NAME} ({type(error).__name__}: {str(error)[:300]})") from None
+    torch_device = resolve_device(device) if isinstance(device, str) else device
+    network = network.to(torch_device).eval()
+    return NucleiModel(network=network, config=config, path=path, device=torch_device)
+
+
+def _forward(network: torch.nn.Module, batch: np.ndarray, device: torch.device, tta: bool) -> np.ndarray:
+    """Sigmoid probabilities of a batch ``(N, 1, h, w)`` float32 -> ``(N, K, h, w)`` float32."""
+    x = torch.from_numpy(batch).to(device)
+    use_amp = device.type == "cuda"
+    with torch.inference_mode(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+        if use_amp:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if not tta:
+            out = torch.sigmoid(network(x).float())
+        else:
+            total = None
+            for dims in ((), (2,), (3,), (2, 3)):
+                xi = torch.flip(x, dims) if dims else x
+                yi = torch.sigmoid(network(xi).float())
+                yi = torch.flip(yi, dims) if dims else yi
+                total = yi if total is None else total + yi
+            out = total / 4.0
+    return out.cpu().numpy()
+
+
+def predict_image(
+    network: torch.nn.Module,
+    image: np.ndarray,
+    tile_size: int = 512,
+    halo: int = 64,
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+    tta: bool = False,
+) -> np.ndarray:
+    """Tiled prediction of an in-memory normalised image.
+
+    Tiles of ``tile_size`` (cores of ``tile_size - 2 * halo`` plus the halo, reflect-padded
+    at the image border) are batched to the network; only each tile's core is kept.
+
+    Args:
+        network: in eval mode, on ``device``.
+        image: ``(H, W)`` float32 normalised to [0, 1].
+
+    Returns:
+        ``(K, H, W)`` float32 probabilities (K = number of classes).
+    """
+    device = torch.device(device)
+    image = np.asarray(image, dtype=np.float32)
+    height, width = image.shape
+    core = tile_size - 2 * halo
+    if core <= 0:
+        raise UsageError(f"tile size {tile_size} leaves no core with halo {halo}; use tile >= 2 * halo + 32")
+    if height <= tile_size and width <= tile_size:
+        window = (padded_size(height, PAD_MULTIPLE), padded_size(width, PAD_MULTIPLE))
+        blocks = block_grid((height, width), max(height, width), 0)
+    else:
+        window = (tile_size, tile_size)
+        blocks = block_grid((height, width), core, halo)
+    output: np.ndarray | None = None
+    for chunk in _chunks(blocks, batch_size):
+        batch = np.empty((len(chunk), 1) + window, dtype=np.float32)
+        for k, block in enumerate(chunk):
+            ry0, ry1, rx0, rx1 = block.read
+            batch[k, 0] = _pad_to(image[ry0:ry1, rx0:rx1], window)
+        probabilities = _forward(network, batch, device, tta)
+        if output is None:
+            output = np.empty((probabilities.shape[1], height, width), dtype=np.float32)
+        for k, block in enumerate(chunk):
+            cy0, cy1, cx0, cx1 = block.core
+            iy0, iy1, ix0, ix1 = block.core_in_read
+            output[:, cy0:cy1, cx0:cx1] = probabilities[k, :, iy0:iy1, ix0:ix1]
+    assert output is not None
+    return output
+
+
+def _pad_to(tile: np.ndarray, window: tuple[int, int]) -> np.ndarray:
+    pad_y, pad_x = window[0] - tile.shape[0], window[1] - tile.shape[1]
+    if pad_y == 0 and pad_x == 0:
+        return tile
+    return np.pad(tile, ((0, pad_y), (0, pad_x)), mode="symmetric")
+
+
+def _chunks(items: list, size: int) -> Iterable[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

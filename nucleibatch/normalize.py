@@ -1,0 +1,116 @@
+"""Intensity normalisation shared by training and inference (pure array functions).
+
+The model sees one grey channel in [0, 1] with nuclei bright on a dark
+background. Statistics (percentiles, inversion) are computed ONCE per image
+and applied to every tile, so that tiles of one image agree and leave no seams.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .errors import ImageReadError, UsageError
+
+INVERT_MODES = ("auto", "never", "always")
+# Percentiles are computed on at most this many pixels (a regular subsample):
+# enough for stable percentiles, and cheap for a whole slide's low-resolution level.
+MAX_STATS_PIXELS = 4_000_000
+
+
+@dataclass(frozen=True)
+class NormStats:
+    """Per-image normalisation: ``x -> clip((x - low) / (high - low), 0, 1)``, then ``1 - x`` if invert."""
+
+    low: float
+    high: float
+    invert: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def to_grey(image: np.ndarray, channel: int | None = None) -> np.ndarray:
+    """Reduce an image to the one channel the model reads.
+
+    Args:
+        image: ``(H, W)`` or ``(H, W, C)`` array of any real dtype. RGBA alpha is ignored.
+        channel: index of the nuclear-stain channel; ``None`` averages the colour
+            channels (the first three of RGB/RGBA, all of them otherwise).
+
+    Returns:
+        ``(H, W)`` float32 array in the input's intensity units.
+    """
+    if image.ndim == 2:
+        if channel not in (None, 0):
+            raise UsageError(f"--channel {channel} asked for, but the image has a single channel; drop --channel")
+        return image.astype(np.float32, copy=False)
+    if image.ndim != 3:
+        raise ImageReadError(f"expected a 2-D image (H, W) or (H, W, C), got shape {image.shape}")
+    n_channels = image.shape[2]
+    if channel is not None:
+        if not 0 <= channel < n_channels:
+            raise UsageError(f"--channel {channel} is out of range: the image has {n_channels} channels (0..{n_channels - 1})")
+        return image[:, :, channel].astype(np.float32)
+    colour = image[:, :, :3] if n_channels in (3, 4) else image
+    return colour.astype(np.float32).mean(axis=2)
+
+
+def compute_stats(
+    grey: np.ndarray,
+    percentiles: tuple[float, float] = (1.0, 99.8),
+    invert: str = "auto",
+) -> NormStats:
+    """Normalisation statistics of one whole image (or of its low-resolution level).
+
+    Args:
+        grey: ``(H, W)`` float array (output of :func:`to_grey`); NaN/inf are ignored.
+        percentiles: lower and upper percentile mapped to 0 and 1.
+        invert: ``"auto"`` inverts when the background is bright (brightfield, H&E),
+            i.e. when the median lies in the upper half of the percentile range;
+            ``"never"`` / ``"always"`` force it.
+
+    Returns:
+        :class:`NormStats`.
+    """
+    if invert not in INVERT_MODES:
+        raise UsageError(f"invert must be one of {INVERT_MODES}, got {invert!r}")
+    step = max(1, int(np.ceil(np.sqrt(grey.size / MAX_STATS_PIXELS))))
+    sample = np.asarray(grey[::step, ::step], dtype=np.float32).ravel()
+    sample = sample[np.isfinite(sample)]
+    if sample.size == 0:
+        raise ImageReadError("the image has no finite pixel values (all NaN or inf)")
+    low, high, median = np.percentile(sample, [percentiles[0], percentiles[1], 50.0])
+    if high <= low:  # flat image: any positive range maps it to a constant
+        high = low + 1.0
+    if invert == "auto":
+        do_invert = bool((median - low) / (high - low) > 0.5)
+    else:
+        do_invert = invert == "always"
+    return NormStats(float(low), float(high), do_invert)
+
+
+def apply_stats(grey: np.ndarray, stats: NormStats) -> np.ndarray:
+    """Normalise a tile (or a whole image) with precomputed statistics.
+
+    Args:
+        grey: ``(H, W)`` float array in the image's intensity units.
+        stats: from :func:`compute_stats` on the whole image.
+
+    Returns:
+        ``(H, W)`` float32 in [0, 1], nuclei bright. Non-finite pixels become 0.
+    """
+    out = (np.asarray(grey, dtype=np.float32) - np.float32(stats.low)) / np.float32(stats.high - stats.low)
+    out = np.nan_to_num(out, nan=0.0, posinf=1.0, neginf=0.0)
+    np.clip(out, 0.0, 1.0, out=out)
+    if stats.invert:
+        out = 1.0 - out
+    return out.astype(np.float32, copy=False)
+
+
+def normalize_image(image: np.ndarray, channel: int | None = None, percentiles=(1.0, 99.8), invert: str = "auto") -> tuple[np.ndarray, NormStats]:
+    """Grey + statistics + normalisation of an in-memory image: ``(H, W[, C]) -> (H, W) float32``."""
+    grey = to_grey(image, channel)
+    stats = compute_stats(grey, percentiles, invert)
+    return apply_stats(grey, stats), stats

@@ -1,0 +1,34 @@
+"""Segmentation of one in-memory image: the same steps as the block pipeline, in one block."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .instances import InstanceParams, probabilities_to_labels
+from .model import NucleiModel
+from .normalize import apply_stats, compute_stats, to_grey
+
+
+def segment_image(
+    image: np.ndarray,
+    model: NucleiModel,
+    channel: int | None = None,
+    params: InstanceParams | None = None,
+    batch_size: int = 4,
+) -> np.ndarray:
+    """Instance labels of an in-memory image.
+
+    Args:
+        image: ``(H, W)`` or ``(H, W, C)``, any real dtype.
+        model: a loaded bundle.
+        channel: the nuclear-stain channel (``None``: mean of the colour channels).
+        params: post-processing (default: the bundle's tuned values).
+
+    Returns:
+        ``(H, W)`` int32 labels, 0 = background.
+    """
+    normalization = model.config.get("normalization", {})
+    grey = to_grey(image, channel)
+    stats = compute_stats(grey, tuple(normalization.get("percentiles", (1.0, 99.8))), normalization.get("invert", "auto"))
+    probabilities = model.predict(apply_stats(grey, stats), batch_size=batch_size)
+    return probabilities_to_labels(probabilities, params or model.postprocess)

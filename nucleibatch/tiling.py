@@ -1,0 +1,72 @@
+"""Tile and block geometry (pure functions on shapes; no arrays are touched).
+
+A grid covers an image of shape ``(H, W)`` with *cores* of size ``core`` (the last
+ones may be smaller). Each core is extended by ``margin`` on every side and
+clipped to the image: that is the region read and processed. With ``n = ceil(H / core)``
+cores along an axis, core ``i`` spans ``[i * core, min((i + 1) * core, H))`` and its
+read region spans ``[max(0, i * core - margin), min(H, (i + 1) * core + margin))``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class Block:
+    """One cell of a grid. All boxes are ``(y0, y1, x0, x1)``, half-open, image coordinates."""
+
+    index: int
+    grid_position: tuple[int, int]
+    core: tuple[int, int, int, int]
+    read: tuple[int, int, int, int]
+
+    @property
+    def core_in_read(self) -> tuple[int, int, int, int]:
+        """The core box relative to the read region's origin."""
+        y0, y1, x0, x1 = self.core
+        ry, rx = self.read[0], self.read[2]
+        return (y0 - ry, y1 - ry, x0 - rx, x1 - rx)
+
+    @property
+    def read_shape(self) -> tuple[int, int]:
+        return (self.read[1] - self.read[0], self.read[3] - self.read[2])
+
+
+def _spans(length: int, core: int, margin: int) -> list[tuple[int, int, int, int]]:
+    n = max(1, -(-length // core))
+    spans = []
+    for i in range(n):
+        c0, c1 = i * core, min((i + 1) * core, length)
+        spans.append((c0, c1, max(0, c0 - margin), min(length, c1 + margin)))
+    return spans
+
+
+def block_grid(shape: tuple[int, int], core: int, margin: int) -> list[Block]:
+    """All blocks of an image, in raster order of their cores.
+
+    Args:
+        shape: ``(H, W)`` of the image.
+        core: side of each block's core (the region it owns), > 0.
+        margin: extra context read on each side, >= 0.
+
+    Returns:
+        ``ceil(H / core) * ceil(W / core)`` blocks; their cores partition the image.
+    """
+    if core <= 0 or margin < 0:
+        raise UsageError(f"block size must be > 0 and margin >= 0, got {core} and {margin}")
+    if shape[0] <= 0 or shape[1] <= 0:
+        raise UsageError(f"cannot tile an empty image of shape {shape}")
+    blocks = []
+    rows, cols = _spans(shape[0], core, margin), _spans(shape[1], core, margin)
+    for i, (cy0, cy1, ry0, ry1) in enumerate(rows):
+        for j, (cx0, cx1, rx0, rx1) in enumerate(cols):
+            blocks.append(Block(len(blocks), (i, j), (cy0, cy1, cx0, cx1), (ry0, ry1, rx0, rx1)))
+    return blocks
+
+
+def padded_size(length: int, multiple: int) -> int:
+    """Smallest multiple of ``multiple`` that is >= ``length`` (U-Nets need multiples of 32)."""
+    return -(-length // multiple) * multiple

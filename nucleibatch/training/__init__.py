@@ -1,0 +1,1 @@
+"""Training: patches and augmentation, losses, and the Ray Train loop."""

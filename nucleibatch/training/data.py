@@ -1,0 +1,133 @@
+"""Training examples: normalised images + labels, random augmented patches (pure numpy).
+
+Patches are normalised exactly as inference normalises (per-image statistics over
+the whole image, :mod:`nucleibatch.normalize`) *before* cropping, then augmented.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import ndimage as ndi
+
+from ..io.annotated import AnnotatedImage
+from ..normalize import normalize_image
+from ..targets import make_targets
+
+
+@dataclass
+class Example:
+    """A normalised image ``(H, W)`` float32 in [0, 1] and its labels ``(H, W)`` int32."""
+
+    image_id: str
+    image: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class AugmentSettings:
+    """Ranges of the random augmentations (flips and 90-degree rotations are always on)."""
+
+    scale: tuple[float, float] = (0.6, 1.6)
+    contrast: tuple[float, float] = (0.7, 1.3)
+    brightness: tuple[float, float] = (-0.1, 0.1)
+    gamma: tuple[float, float] = (0.7, 1.4)
+    noise: float = 0.03
+
+
+def to_example(annotated: AnnotatedImage, normalization: dict) -> Example:
+    """Normalise an annotated image with the bundle's normalisation settings."""
+    image, _ = normalize_image(
+        annotated.image,
+        percentiles=tuple(normalization.get("percentiles", (1.0, 99.8))),
+        invert=normalization.get("invert", "auto"),
+    )
+    return Example(annotated.image_id, image, annotated.labels)
+
+
+def split_ids(image_ids: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Deterministic train/validation split of image ids (same ids, fraction and seed -> same split)."""
+    ids = sorted(image_ids)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(ids))
+    n_val = int(round(len(ids) * val_fraction))
+    if val_fraction > 0 and len(ids) > 1:
+        n_val = min(max(n_val, 1), len(ids) - 1)
+    val = sorted(ids[i] for i in order[:n_val])
+    train = sorted(ids[i] for i in order[n_val:])
+    return train, val
+
+
+def random_patch(example: Example, patch_size: int, rng: np.random.Generator, augment: AugmentSettings = AugmentSettings()) -> tuple[np.ndarray, np.ndarray]:
+    """One augmented patch and its targets.
+
+    Returns:
+        ``x`` ``(1, P, P)`` float32 and ``y`` ``(3, P, P)`` float32 (body, contour, contact).
+    """
+    image, labels = example.image, example.labels
+    scale = float(np.exp(rng.uniform(np.log(augment.scale[0]), np.log(augment.scale[1]))))
+    crop = max(8, int(round(patch_size / scale)))
+    height, width = image.shape
+    pad_y, pad_x = max(0, crop - height), max(0, crop - width)
+    if pad_y or pad_x:
+        image = np.pad(image, ((0, pad_y), (0, pad_x)))
+        labels = np.pad(labels, ((0, pad_y), (0, pad_x)))
+        height, width = image.shape
+    y0 = int(rng.integers(0, height - crop + 1))
+    x0 = int(rng.integers(0, width - crop + 1))
+    image = image[y0 : y0 + crop, x0 : x0 + crop]
+    labels = labels[y0 : y0 + crop, x0 : x0 + crop]
+    if crop != patch_size:
+        zoom = patch_size / crop
+        image = ndi.zoom(image, zoom, order=1, grid_mode=True, mode="grid-constant")[:patch_size, :patch_size]
+        labels = ndi.zoom(labels, zoom, order=0, grid_mode=True, mode="grid-constant")[:patch_size, :patch_size]
+        image = _fit(image, patch_size)
+        labels = _fit(labels, patch_size)
+    k = int(rng.integers(0, 4))
+    image, labels = np.rot90(image, k), np.rot90(labels, k)
+    if rng.random() < 0.5:
+        image, labels = image[:, ::-1], labels[:, ::-1]
+    gamma = float(np.exp(rng.uniform(np.log(augment.gamma[0]), np.log(augment.gamma[1]))))
+    image = np.clip(image, 0.0, 1.0) ** gamma
+    image = image * rng.uniform(*augment.contrast) + rng.uniform(*augment.brightness)
+    if augment.noise > 0:
+        image = image + rng.normal(0.0, rng.uniform(0, augment.noise), image.shape)
+    x = np.ascontiguousarray(image, dtype=np.float32)[None]
+    y = make_targets(np.ascontiguousarray(labels))
+    return x, y
+
+
+def _fit(array: np.ndarray, size: int) -> np.ndarray:
+    pad_y, pad_x = size - array.shape[0], size - array.shape[1]
+    if pad_y > 0 or pad_x > 0:
+        array = np.pad(array, ((0, max(0, pad_y)), (0, max(0, pad_x))), mode="edge")
+    return array[:size, :size]
+
+
+class PatchDataset(torch.utils.data.Dataset):
+    """``length`` random patches per epoch; item ``i`` of epoch ``e`` is reproducible from the seed."""
+
+    def __init__(self, examples: Sequence[Example], patch_size: int, length: int, seed: int = 0, augment: AugmentSettings = AugmentSettings()):
+        if not examples:
+            raise ValueError("no training images")
+        self.examples = list(examples)
+        self.patch_size = patch_size
+        self.length = length
+        self.seed = seed
+        self.augment = augment
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng((self.seed, self.epoch, index))
+        example = self.examples[int(rng.integers(0, len(self.examples)))]
+        x, y = random_patch(example, self.patch_size, rng, self.augment)
+        return torch.from_numpy(x), torch.from_numpy(y)

@@ -1,0 +1,217 @@
+"""The training driver: data, Ray Train TorchTrainer, resume, export of the best bundle."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import UsageError
+from ..instances import InstanceParams
+from ..io.annotated import discover_annotated, iter_annotated
+from ..model import default_config, load_model, save_bundle
+from .data import Example, split_ids, to_example
+from .loop import STATE_NAME, threads_for, train_loop_per_worker
+from .tune import tune_postprocess
+
+log = logging.getLogger(__name__)
+SETTINGS_NAME = "train_settings.json"
+RAY_RUN_NAME = "ray_train"
+# Settings that must not change when a run resumes (they change what the checkpoint means).
+FIXED_ON_RESUME = ("encoder", "architecture", "patch_size", "val_fraction", "seed", "data", "limit_images")
+
+
+@dataclass
+class TrainSettings:
+    """Everything `nucleibatch train` takes; saved to RUN_DIR/train_settings.json."""
+
+    data: list[str]
+    run_dir: str
+    workers: int = 1
+    gpu: bool = False
+    epochs: int = 40
+    batch_size: int = 8
+    patch_size: int = 256
+    patches_per_epoch: int = 0  # 0: one patch per training image per epoch
+    encoder: str = "resnet18"
+    architecture: str = "Unet"
+    learning_rate: float = 2e-3
+    val_fraction: float = 0.1
+    limit_images: int = 0
+    seed: int = 0
+    skip_bad: bool = False
+    loader_workers: int = -1  # -1: 0 on CPU, 4 per worker on GPU
+    cpus_per_worker: float = 0  # 0: the machine's CPUs shared by the workers
+    max_failures: int = 3
+    tune_postprocess: bool = True
+    address: str | None = None
+    tile_size: int = 512
+    halo: int = 64
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        checks = [
+            (self.workers >= 1, "--workers must be >= 1"),
+            (self.epochs >= 1, "--epochs must be >= 1"),
+            (self.batch_size >= 1, "--batch-size must be >= 1"),
+            (self.patch_size >= 64 and self.patch_size % 32 == 0, "--patch-size must be a multiple of 32, at least 64"),
+            (0.0 <= self.val_fraction < 1.0, "--val-fraction must be in [0, 1)"),
+            (self.limit_images >= 0, "--limit-images must be >= 0"),
+            (self.learning_rate > 0, "--lr must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+        if self.gpu and not torch.cuda.is_available() and not self.address and not os.environ.get("RAY_ADDRESS"):
+            raise UsageError("--gpu asked for, but this machine has no CUDA GPU; drop --gpu or submit to a cluster with GPUs")
+
+
+def load_examples(settings: TrainSettings, normalization: dict) -> tuple[list[Example], list[Example]]:
+    """Read, normalise and split the annotated data (train, validation)."""
+    sources = discover_annotated(settings.data)
+    if settings.limit_images:
+        sources = sources[: settings.limit_images]
+    examples = [to_example(a, normalization) for a in iter_annotated(sources, skip_bad=settings.skip_bad)]
+    if len(examples) < 1:
+        raise UsageError("no usable annotated image; check the DATA folders")
+    train_ids, val_ids = split_ids([e.image_id for e in examples], settings.val_fraction, settings.seed)
+    by_id = {e.image_id: e for e in examples}
+    return [by_id[i] for i in train_ids], [by_id[i] for i in val_ids]
+
+
+def _check_resume(run_dir: Path, settings: TrainSettings, overwrite: bool) -> None:
+    settings_path = run_dir / SETTINGS_NAME
+    if overwrite and run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    if settings_path.is_file():
+        previous = json.loads(settings_path.read_text())
+        changed = [key for key in FIXED_ON_RESUME if previous.get(key) != asdict(settings).get(key)]
+        if changed:
+            raise UsageError(
+                f"{run_dir} holds a run with other {', '.join(changed)}; resume it with the same settings, "
+                "pick a new RUN_DIR, or pass --overwrite to start over"
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    settings_path.write_text(json.dumps(asdict(settings), indent=2) + "\n")
+
+
+def run_training(settings: TrainSettings, overwrite: bool = False) -> dict[str, Any]:
+    """Train with Ray Train and export the best checkpoint as RUN_DIR/bundle.
+
+    Resumes from RUN_DIR's latest checkpoint when it holds a run with the same settings.
+    Returns a summary dict (best validation metrics, bundle path, throughput).
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ..engines.ray_runtime import init_ray
+
+    settings.validate()
+    run_dir = Path(settings.run_dir).resolve()
+    _check_resume(run_dir, settings, overwrite)
+    bundle_config = default_config(settings.encoder, settings.architecture, settings.tile_size, settings.halo)
+    started = time.perf_counter()
+    train_examples, val_examples = load_examples(settings, bundle_config["normalization"])
+    log.info("data: %d training and %d validation images (%.0f s to read)", len(train_examples), len(val_examples), time.perf_counter() - started)
+    patches_per_epoch = settings.patches_per_epoch or len(train_examples)
+    patches_per_epoch = max(patches_per_epoch, settings.batch_size * settings.workers)
+
+    init_ray(settings.address)
+    cluster_cpus = float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+    cpus_per_worker = settings.cpus_per_worker or max(1.0, math.floor(cluster_cpus / settings.workers))
+    loader_workers = settings.loader_workers if settings.loader_workers >= 0 else (4 if settings.gpu else 0)
+    worker_settings = asdict(settings) | {"patches_per_epoch": patches_per_epoch, "loader_workers": loader_workers}
+    bundle_config["training"] = {
+        "data": [str(Path(d)) for d in settings.data],
+        "n_train_images": len(train_examples),
+        "n_val_images": len(val_examples),
+        "val_image_ids": [e.image_id for e in val_examples],
+        "epochs": settings.epochs,
+        "batch_size": settings.batch_size,
+        "patch_size": settings.patch_size,
+        "patches_per_epoch": patches_per_epoch,
+        "learning_rate": settings.learning_rate,
+        "seed": settings.seed,
+        "workers": settings.workers,
+        "gpu": settings.gpu,
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "settings": worker_settings,
+            "bundle_config": bundle_config,
+            "train_ref": ray.put(train_examples),
+            "val_ref": ray.put(val_examples),
+            "run_dir": str(run_dir),
+            "threads": int(threads_for(1, cpus_per_worker)),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=settings.workers,
+            use_gpu=settings.gpu,
+            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if settings.gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=RAY_RUN_NAME,
+            storage_path=str(run_dir),
+            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="score", checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=settings.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda item: item[1].get("score", -math.inf))
+    with best_checkpoint.as_directory() as directory:
+        state = torch.load(Path(directory) / STATE_NAME, map_location="cpu", weights_only=False)
+    with result.checkpoint.as_directory() as directory:
+        history = torch.load(Path(directory) / STATE_NAME, map_location="cpu", weights_only=False)["history"]
+    bundle_dir = export_bundle(state["model"], bundle_config, val_examples, run_dir / "bundle", settings.tune_postprocess, best_metrics, history)
+    summary = {
+        "bundle": str(bundle_dir),
+        "best_epoch": int(best_metrics["epoch"]),
+        "best_val_map": best_metrics.get("val_map"),
+        "epochs_run": len(history),
+        "patches_per_s": float(np.median([row["patches_per_s"] for row in history])) if history else None,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "metrics": json.loads((bundle_dir / "config.json").read_text())["metrics"],
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def export_bundle(
+    state_dict: dict,
+    bundle_config: dict[str, Any],
+    val_examples: list[Example],
+    directory: Path,
+    tune: bool,
+    best_metrics: dict[str, Any],
+    history: list[dict],
+) -> Path:
+    """Save the best weights as a bundle, with post-processing tuned on the validation images."""
+    from ..model import build_network
+
+    network = build_network(bundle_config)
+    network.load_state_dict(state_dict)
+    config = dict(bundle_config)
+    save_bundle(network, config, directory)
+    config["metrics"] = {"best_epoch": int(best_metrics["epoch"]), "val_map_at_training": best_metrics.get("val_map")}
+    if val_examples:
+        model = load_model(directory)  # evaluate the weights exactly as shipped (float16 round trip)
+        params, tuned = tune_postprocess(model, val_examples, InstanceParams.from_dict(config["postprocess"]), search=tune)
+        config["postprocess"] = params.to_dict()
+        config["metrics"].update({f"val_{k}": round(v, 4) for k, v in tuned.items()})
+        config["metrics"]["val_images"] = len(val_examples)
+    config["metrics"]["epochs"] = len(history)
+    return save_bundle(network, config, directory)
