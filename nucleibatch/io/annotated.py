@@ -21,6 +21,9 @@ from ..errors import BadAnnotationError, ImageReadError, UsageError
 from .imagefile import IMAGE_SUFFIXES, read_image_file
 
 log = logging.getLogger(__name__)
+# Masks may share a few rim pixels (annotation jitter, seen in 3 of the 545 DSB images);
+# an overlap above this fraction of the smaller mask is an annotation error.
+MAX_OVERLAP_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
@@ -137,10 +140,14 @@ def _labels_from_masks(source: AnnotatedSource, shape: tuple[int, int]) -> np.nd
         overlap = on & (labels > 0)
         if overlap.any():
             other = int(np.bincount(labels[overlap]).argmax())
-            raise BadAnnotationError(
-                f"{mask_path}: overlaps mask {mask_paths[other - 1].name} on {int(overlap.sum())} pixels; "
-                "nuclei masks must not overlap (fix the masks or pass --skip-bad)"
-            )
+            smaller = min(int(on.sum()), int((labels == other).sum()))
+            if overlap.sum() > MAX_OVERLAP_FRACTION * smaller:
+                raise BadAnnotationError(
+                    f"{mask_path}: overlaps mask {mask_paths[other - 1].name} on {int(overlap.sum())} pixels; "
+                    "nuclei masks must not overlap (fix the masks or pass --skip-bad)"
+                )
+            # a rim pixel drawn twice is annotation jitter: it stays with the first mask
+            on &= labels == 0
         labels[on] = index
     return labels
 
