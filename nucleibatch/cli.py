@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from .errors import NucleibatchError
+from .errors import NucleibatchError, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -114,6 +114,8 @@ def _run_evaluate(args) -> int:
 
     model = load_model(args.model, device=args.device)
     image_ids = model.config.get("training", {}).get("val_image_ids") if args.ids_from_bundle else None
+    if args.ids_from_bundle and not image_ids:
+        raise UsageError(f"--ids-from-bundle: the bundle {args.model} records no validation image ids")
     summary, rows = evaluate_model(model, args.data, limit_images=args.limit_images, skip_bad=args.skip_bad, image_ids=image_ids, channel=args.channel)
     if args.csv:
         write_rows_csv(rows, args.csv)

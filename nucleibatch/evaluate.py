@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .errors import UsageError
 from .io.annotated import discover_annotated, iter_annotated
 from .metrics import image_scores, mean_scores
 from .model import NucleiModel
@@ -42,6 +43,11 @@ def evaluate_model(
         rows.append({"image_id": annotated.image_id, **image_scores(annotated.labels, labels)})
         if index % 25 == 0:
             log.info("evaluated %d/%d images, running mAP %.4f", index, len(sources), mean_scores(rows)["map"])
+    if not rows:
+        raise UsageError(
+            "no annotated image left to evaluate (all skipped as bad, or none of DATA matches the selected ids); "
+            "check DATA, --ids-from-bundle and --skip-bad"
+        )
     summary = {**mean_scores(rows), "n_images": len(rows)}
     return summary, rows
 

@@ -209,12 +209,15 @@ def load_model(spec: str | Path = "default", device: str | torch.device = "cpu")
         raise ModelBundleError(f"{path}: weights file {weights_path.name} is missing")
     config = dict(config)
     config["encoder_weights"] = None  # the bundle's own weights replace any pretrained ones
-    network = build_network(config)
+    try:
+        network = build_network(config)
+    except UsageError as error:
+        raise ModelBundleError(f"{config_path}: {error}") from None
     try:
         state = load_file(str(weights_path))
         network.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     except Exception as error:
-        raise ModelBundleError(f"{weights_path}: weights do not fit the network in {CONFIG_NAME} ({type(error).__name__}: {str(error)[:300]})") from None
+        raise ModelBundleError(f"{weights_path}: weights do not fit the network in {CONFIG_NAME} ({type(error).__name__}: {' '.join(str(error).split())[:300]})") from None
     torch_device = resolve_device(device) if isinstance(device, str) else device
     network = network.to(torch_device).eval()
     return NucleiModel(network=network, config=config, path=path, device=torch_device)

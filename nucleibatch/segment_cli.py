@@ -1,15 +1,63 @@
-"""`nucleibatch segment` argument parsing (the job itself is in nucleibatch.pipeline)."""
+"""`nucleibatch segment`: arguments and the call of the job (nucleibatch.segment)."""
 
 from __future__ import annotations
 
+import json
+
 
 def add_segment(subparsers) -> None:
-    p = subparsers.add_parser("segment", help="segment image collections into OME-Zarr masks and tables")
-    p.add_argument("inputs", nargs="+", metavar="INPUT")
-    p.add_argument("-o", "--output", required=True, metavar="OUT")
+    p = subparsers.add_parser(
+        "segment",
+        help="segment image collections and whole slides into OME-Zarr masks and tables",
+        description="Find nuclei in every image under INPUT (folders, DSB layout, PNG/JPEG/TIFF, multi-page "
+        "and pyramidal (OME-)TIFF/SVS, zarr/OME-Zarr, or a manifest listing paths) and write OUT/masks.zarr "
+        "(OME-Zarr labels), OUT/nuclei.parquet, OUT/images.parquet and OUT/run.json. Re-running the same "
+        "command resumes. Exit status: 0 all images ok, 3 some failed (listed in images.parquet), 2 usage "
+        "error, 1 the run stopped.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, zarr stores or manifest files")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
+    p.add_argument("--model", default="default", help="'default' (shipped) or a bundle folder [default]")
+    p.add_argument("--engine", default="local", choices=("local", "ray", "dask"), help="scheduler [local]")
+    p.add_argument("--address", default=None, help="Ray or Dask scheduler address (ray/dask engines)")
+    p.add_argument("--workers", type=int, default=0, help="model workers for ray/dask [one per GPU, else 1]")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda [auto: CUDA when present]")
+    p.add_argument("--channel", type=int, default=None, help="index of the nuclear-stain channel [mean of colours]")
+    p.add_argument("--invert", default=None, choices=("auto", "never", "always"), help="invert intensities (bright background) [the model's: auto]")
+    p.add_argument("--batch-size", type=int, default=4, help="tiles per model call [4]")
+    p.add_argument("--block-size", type=int, default=2048, help="side of the blocks an image is processed in [2048]")
+    p.add_argument("--block-margin", type=int, default=128, help="context around each block; must exceed a nucleus' size [128]")
+    p.add_argument("--no-store-image", action="store_true", help="do not copy the image into masks.zarr (labels only)")
+    p.add_argument("--retry-failed", action="store_true", help="on resume, redo images that failed before")
+    p.add_argument("--overwrite", action="store_true", help="discard OUT's previous results and start over")
+    p.add_argument("--progress", default="auto", choices=("auto", "bar", "log"), help="progress bar on a terminal, log lines otherwise [auto]")
+    p.add_argument("--json", action="store_true", help="print the run summary as JSON")
 
 
 def run_segment(args) -> int:
-    from .errors import UsageError
+    from .pipeline import SegmentSettings
+    from .segment import closing_summary, run_segment_job
 
-    raise UsageError("segment is not built yet")
+    settings = SegmentSettings(
+        block_size=args.block_size,
+        block_margin=args.block_margin,
+        channel=args.channel,
+        invert=args.invert,
+        store_image=not args.no_store_image,
+    )
+    summary = run_segment_job(
+        list(args.inputs),
+        args.output,
+        model=args.model,
+        engine=args.engine,
+        device=args.device,
+        settings=settings,
+        batch_size=args.batch_size,
+        overwrite=args.overwrite,
+        retry_failed=args.retry_failed,
+        address=args.address,
+        workers=args.workers,
+        progress={"auto": None, "bar": True, "log": False}[args.progress],
+    )
+    print(json.dumps(summary.run, indent=2) if args.json else closing_summary(summary))
+    return summary.exit_code

@@ -105,3 +105,27 @@ def synthetic_mosaic(tiles: int = 3, tile_shape=(256, 256), seed: int = 0, **kwa
         rows_img.append(np.concatenate(row_img, axis=1))
         rows_lab.append(np.concatenate(row_lab, axis=1))
     return np.concatenate(rows_img, axis=0), np.concatenate(rows_lab, axis=0)
+
+
+def threshold_model(tile_size: int = 256, halo: int = 32):
+    """A deterministic stand-in for a trained model: body = smoothed intensity above 0.35.
+
+    Its network is a fixed 3x3 mean followed by a threshold (receptive field 3 px), so tiled
+    and whole-image predictions agree exactly: the oracle for tiling and stitching tests.
+    Returns a :class:`nucleibatch.model.NucleiModel` on the CPU.
+    """
+    import torch
+
+    from .model import NucleiModel, default_config
+
+    class ThresholdNetwork(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            smooth = torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+            body = 40.0 * (smooth - 0.35)
+            rest = torch.full_like(body, -20.0)
+            return torch.cat([body, rest, rest], dim=1)
+
+    config = default_config(tile_size=tile_size, halo=halo)
+    config.update(name="threshold-oracle", weights_sha256="threshold-oracle")
+    config["postprocess"] = {"mask_threshold": 0.5, "seed_threshold": 0.5, "min_seed_size": 1, "min_size": 1}
+    return NucleiModel(network=ThresholdNetwork().eval(), config=config)

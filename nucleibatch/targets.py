@@ -12,7 +12,6 @@ import numpy as np
 from scipy import ndimage as ndi
 
 TARGET_CLASSES = ("body", "contour", "contact")
-_BIG = np.iinfo(np.int64).max
 
 
 def make_targets(labels: np.ndarray, contour_width: int = 2, contact_radius: int = 2) -> np.ndarray:
@@ -36,7 +35,10 @@ def make_targets(labels: np.ndarray, contour_width: int = 2, contact_radius: int
     local_min = ndi.minimum_filter(labels, size=size, mode="nearest")
     contour = body & ((local_max != labels) | (local_min != labels))
     size = 2 * contact_radius + 1
+    # background stands in as a value above every label; it must survive scipy's
+    # float64 round trip, so it is max + 1 and not the int64 maximum
+    above = int(labels.max()) + 1 if labels.size else 1
     highest = ndi.maximum_filter(labels, size=size, mode="constant", cval=0)
-    lowest_nucleus = ndi.minimum_filter(np.where(body, labels, _BIG), size=size, mode="constant", cval=_BIG)
-    contact = (highest > 0) & (lowest_nucleus != _BIG) & (highest != lowest_nucleus)
+    lowest_nucleus = ndi.minimum_filter(np.where(body, labels, above), size=size, mode="constant", cval=above)
+    contact = (highest > 0) & (lowest_nucleus != above) & (highest != lowest_nucleus)
     return np.stack([body, contour, contact]).astype(np.float32)

@@ -19,7 +19,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(
             address="local",
             _node_ip_address="127.0.0.1",
-            include_dashboard=False,
+            dashboard_host="127.0.0.1",  # Ray Train's state queries go through the dashboard
             num_cpus=num_cpus,
             log_to_driver=True,
             configure_logging=False,

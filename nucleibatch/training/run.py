@@ -88,11 +88,12 @@ def load_examples(settings: TrainSettings, normalization: dict) -> tuple[list[Ex
 
 
 def _check_resume(run_dir: Path, settings: TrainSettings, overwrite: bool) -> None:
-    settings_path = run_dir / SETTINGS_NAME
+    """Refuse to resume a run made with other settings (or clear it when ``overwrite``)."""
     if overwrite and run_dir.exists():
         import shutil
 
         shutil.rmtree(run_dir)
+    settings_path = run_dir / SETTINGS_NAME
     if settings_path.is_file():
         previous = json.loads(settings_path.read_text())
         changed = [key for key in FIXED_ON_RESUME if previous.get(key) != asdict(settings).get(key)]
@@ -101,8 +102,11 @@ def _check_resume(run_dir: Path, settings: TrainSettings, overwrite: bool) -> No
                 f"{run_dir} holds a run with other {', '.join(changed)}; resume it with the same settings, "
                 "pick a new RUN_DIR, or pass --overwrite to start over"
             )
+
+
+def _save_settings(run_dir: Path, settings: TrainSettings) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    settings_path.write_text(json.dumps(asdict(settings), indent=2) + "\n")
+    (run_dir / SETTINGS_NAME).write_text(json.dumps(asdict(settings), indent=2) + "\n")
 
 
 def run_training(settings: TrainSettings, overwrite: bool = False) -> dict[str, Any]:
@@ -123,6 +127,7 @@ def run_training(settings: TrainSettings, overwrite: bool = False) -> dict[str, 
     bundle_config = default_config(settings.encoder, settings.architecture, settings.tile_size, settings.halo)
     started = time.perf_counter()
     train_examples, val_examples = load_examples(settings, bundle_config["normalization"])
+    _save_settings(run_dir, settings)  # only once the data is known good: a failed start locks nothing
     log.info("data: %d training and %d validation images (%.0f s to read)", len(train_examples), len(val_examples), time.perf_counter() - started)
     patches_per_epoch = settings.patches_per_epoch or len(train_examples)
     patches_per_epoch = max(patches_per_epoch, settings.batch_size * settings.workers)

@@ -1,0 +1,11 @@
+"""`python jobs/evaluate.py ARGS` = `nucleibatch evaluate ARGS`, for `ray job submit --working-dir . -- python jobs/evaluate.py ...`.
+
+Inside a Ray job, RAY_ADDRESS is set, so the run joins the job's cluster (ray.init() with no address).
+"""
+
+import sys
+
+from nucleibatch.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["evaluate", *sys.argv[1:]]))

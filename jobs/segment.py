@@ -1,0 +1,11 @@
+"""`python jobs/segment.py ARGS` = `nucleibatch segment ARGS`, for `ray job submit --working-dir . -- python jobs/segment.py ...`.
+
+Inside a Ray job, RAY_ADDRESS is set, so the run joins the job's cluster (ray.init() with no address).
+"""
+
+import sys
+
+from nucleibatch.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["segment", *sys.argv[1:]]))

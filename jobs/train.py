@@ -1,0 +1,11 @@
+"""`python jobs/train.py ARGS` = `nucleibatch train ARGS`, for `ray job submit --working-dir . -- python jobs/train.py ...`.
+
+Inside a Ray job, RAY_ADDRESS is set, so the run joins the job's cluster (ray.init() with no address).
+"""
+
+import sys
+
+from nucleibatch.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["train", *sys.argv[1:]]))

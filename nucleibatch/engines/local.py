@@ -1,0 +1,109 @@
+"""The local engine: one process, one device; threads overlap reading and post-processing with the model."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+from ..errors import NucleibatchError
+from ..io.discover import ImageRecord
+from ..io.store import open_root, store_name
+from ..model import NucleiModel
+from ..pipeline import ImagePlan, SegmentSettings, Timer, failed_row, read_block, segment_record
+from ..io.tables import write_record
+
+log = logging.getLogger(__name__)
+# Images in flight at once: while one image is on the model, the other is read or post-processed.
+IMAGES_IN_FLIGHT = 2
+
+
+class FatalRunError(NucleibatchError):
+    """An error that must stop the whole run (disk full, output not writable)."""
+
+
+def is_fatal(error: BaseException) -> bool:
+    """Errors about the output side (disk full, read-only, quota) stop the run; input errors do not."""
+    return isinstance(error, (MemoryError, FatalRunError)) or (
+        isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
+    )
+
+
+def prefetching_reader(timer: Timer, depth: int = 1) -> Callable:
+    """A block reader that reads ``depth`` blocks ahead in a background thread."""
+
+    def timed_read(plan: ImagePlan, block, source, halo: int):
+        with timer("read"):
+            return read_block(plan, block, source, halo)
+
+    def reads(plan: ImagePlan, source, halo: int) -> Iterator:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nb-read") as pool:
+            ahead: deque = deque()
+            for block in plan.blocks:
+                ahead.append((block, pool.submit(timed_read, plan, block, source, halo)))
+                if len(ahead) > depth:
+                    done_block, future = ahead.popleft()
+                    yield (done_block, *future.result())
+            while ahead:
+                done_block, future = ahead.popleft()
+                yield (done_block, *future.result())
+
+    return reads
+
+
+def segment_one(record: ImageRecord, model: NucleiModel, settings: SegmentSettings, out_dir: Path, batch_size: int, timer: Timer) -> dict[str, Any]:
+    """Segment one image; a per-image error becomes a 'failed' row (and record), a fatal one is raised."""
+    started = time.perf_counter()
+    try:
+        return segment_record(record, model, settings, out_dir, batch_size=batch_size, timer=timer, prefetch=prefetching_reader(timer))
+    except Exception as error:  # each image's failure is recorded, the run goes on
+        if is_fatal(error):
+            raise
+        log.debug("image %s failed", record.image_id, exc_info=True)
+        row = failed_row(record, error, time.perf_counter() - started)
+        _drop_group(out_dir, record.image_id)
+        write_record(out_dir, store_name(record.image_id), row)
+        return row
+
+
+def _drop_group(out_dir: Path, image_id: str) -> None:
+    try:
+        root = open_root(out_dir / "masks.zarr")
+        name = store_name(image_id)
+        if name in root:
+            del root[name]
+    except Exception:  # best effort: the group is replaced when the image is redone
+        log.debug("could not remove the partial group of %s", image_id, exc_info=True)
+
+
+def run_local(
+    records: Sequence[ImageRecord],
+    model: NucleiModel,
+    settings: SegmentSettings,
+    out_dir: Path,
+    batch_size: int,
+    timer: Timer,
+    on_row: Callable[[dict[str, Any]], None],
+    in_flight: int = IMAGES_IN_FLIGHT,
+) -> None:
+    """Segment ``records`` with up to ``in_flight`` images at once, calling ``on_row`` as each finishes."""
+    queue = list(records)
+    with ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="nb-image") as pool:
+        running: set[Future] = set()
+        while queue or running:
+            while queue and len(running) < in_flight:
+                running.add(pool.submit(segment_one, queue.pop(0), model, settings, out_dir, batch_size, timer))
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                try:
+                    on_row(future.result())
+                except BaseException:
+                    for other in running:
+                        other.cancel()
+                    queue.clear()
+                    raise

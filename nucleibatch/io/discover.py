@@ -1,0 +1,388 @@
+"""Discovery: turn the INPUT arguments of ``nucleibatch segment`` into one record per image.
+
+An INPUT is a folder (searched recursively), an image file, a zarr store, or a manifest
+(``.txt``: one path per line, ``#`` comments; ``.csv``/``.tsv``: a ``path`` column and an
+optional ``image_id`` column; relative paths are relative to the manifest's folder).
+Only headers and metadata are read here; pixels are read later through
+:func:`nucleibatch.io.sources.open_source`. The rules (which files, which ids, how
+pages/series/axes become images) are written up in docs/inputs.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path, PurePosixPath
+
+from ..errors import UsageError
+from .imagefile import PIL_SUFFIXES
+from .sources import ProbedImage, probe
+
+log = logging.getLogger(__name__)
+
+PLAIN_SUFFIXES = frozenset(PIL_SUFFIXES)  # .png .jpg .jpeg .bmp .gif
+TIFF_SUFFIXES = frozenset({".tif", ".tiff", ".btf", ".tf8", ".tf2", ".svs", ".ndpi"})
+ZARR_SUFFIXES = frozenset({".zarr"})
+MANIFEST_SUFFIXES = frozenset({".txt", ".csv", ".tsv"})
+# double extensions removed whole from ids: x.ome.tif -> x
+DOUBLE_SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.btf", ".ome.zarr")
+# in a folder that has images/, these siblings hold annotations (DSB masks, label images)
+ANNOTATION_FOLDERS = frozenset({"masks", "labels"})
+ZARR_METADATA = ("zarr.json", ".zgroup", ".zarray")
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image to segment (cheap to pickle: send these to workers, not open sources).
+
+    Attributes:
+        image_id: unique, stable across runs; the path relative to the input root, posix
+            separators, extension removed (rules in docs/inputs.md).
+        source: human-readable origin: the file path, plus ``/node`` inside a zarr store
+            and ``#series=1,t=3``-style position for one image of a multi-image file.
+        path: the file or zarr store.
+        kind: ``"plain"`` (PNG/JPEG/BMP/GIF via PIL), ``"tiff"`` or ``"zarr"``.
+        shape: ``(H, W)``; None when ``error`` is set.
+        channels: ``C >= 1``; None when ``error`` is set.
+        dtype: numpy dtype name (``"uint8"``, ``"uint16"``, ``"float32"``...); None when
+            ``error`` is set.
+        selector: what :func:`~nucleibatch.io.sources.open_source` needs to find the
+            image inside the file (JSON-serialisable): tiff ``{"series", "axes", "index"}``,
+            zarr ``{"node", "levels", "axes", "index"}``, plain ``{}``.
+        error: set when the file was found but cannot be used; one line. The pipeline
+            writes such a record as a 'failed' row with this reason.
+    """
+
+    image_id: str
+    source: str
+    path: str
+    kind: str
+    shape: tuple[int, int] | None
+    channels: int | None
+    dtype: str | None
+    selector: dict = field(default_factory=dict, hash=False)
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable dict (inverse of :meth:`from_dict`)."""
+        data = asdict(self)
+        data["shape"] = list(self.shape) if self.shape is not None else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ImageRecord:
+        data = dict(data)
+        if data.get("shape") is not None:
+            data["shape"] = tuple(int(v) for v in data["shape"])
+        return cls(**data)
+
+
+@dataclass
+class _Candidate:
+    """A file or zarr store found under one input, before probing."""
+
+    root: int  # index of the INPUT it came from
+    path: Path
+    kind: str
+    rel: str  # path from the input root, with extension (the collision fallback)
+    base: str  # preferred id: rel without extension (DSB: the sample folder)
+    fixed_id: str | None = None  # manifest image_id column
+    error: str | None = None
+    image_id: str = ""
+
+
+def discover_inputs(inputs: Sequence[str], channel: int | None = None) -> list[ImageRecord]:
+    """Find every image under the INPUT paths.
+
+    Args:
+        inputs: folders, image files, zarr stores, manifests (.txt / .csv / .tsv).
+        channel: the ``--channel`` asked for; images with fewer channels get an ``error``.
+
+    Returns:
+        One :class:`ImageRecord` per image, sorted by ``image_id``. Files that are found
+        but cannot be used (empty, truncated header, unsupported type, too small, axes
+        that cannot be understood...) are records with ``error`` set.
+
+    Raises:
+        UsageError: an INPUT does not exist or is not a kind we read, a manifest is
+            malformed, or no image at all is found.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    if not inputs:
+        raise UsageError("no INPUT given; give image files, folders, zarr stores or a manifest (.txt / .csv)")
+    if channel is not None and channel < 0:
+        raise UsageError(f"--channel must be >= 0, got {channel}")
+    candidates: list[_Candidate] = []
+    root_dirs: list[Path] = []
+    for number, text in enumerate(inputs):
+        found, root_dir = _collect_input(number, str(text))
+        if not found:
+            log.warning("%s: no images found there", text)
+        candidates.extend(found)
+        root_dirs.append(root_dir)
+    candidates = _drop_duplicate_files(candidates)
+    if not candidates:
+        raise UsageError(
+            f"no images found in {', '.join(map(str, inputs))}; accepted: PNG/JPEG/BMP/TIFF/OME-TIFF/SVS files, "
+            "zarr/OME-Zarr stores, folders of them, manifests (.txt / .csv with a 'path' column)"
+        )
+    _assign_ids(candidates, root_dirs)
+    records = [record for candidate in candidates for record in _records(candidate)]
+    records = _resolve_suffix_collisions(records)
+    if channel is not None:
+        records = [_check_channel(record, channel) for record in records]
+    return sorted(records, key=lambda r: r.image_id)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _collect_input(number: int, text: str) -> tuple[list[_Candidate], Path]:
+    """Candidates under one INPUT, and the folder whose name prefixes ids on collisions."""
+    path = Path(text)
+    if not path.exists():
+        raise UsageError(f"{text}: no such file or folder; check the path (relative paths are from {Path.cwd()})")
+    if path.is_dir():
+        if _is_zarr_store(path) or path.suffix.lower() in ZARR_SUFFIXES:
+            return [_Candidate(number, path, "zarr", path.name, strip_extension(path.name))], path.resolve().parent
+        return _walk(number, path, "", ""), path.resolve()
+    suffix = path.suffix.lower()
+    if suffix in MANIFEST_SUFFIXES:
+        return _read_manifest(number, path), path.resolve().parent
+    kind = _kind_of(path.name)
+    if kind is None:
+        raise UsageError(
+            f"{text}: not an image file, folder, zarr store or manifest; accepted file types: "
+            f"{', '.join(sorted(PLAIN_SUFFIXES | TIFF_SUFFIXES))}, manifests {', '.join(sorted(MANIFEST_SUFFIXES))}"
+        )
+    return [_Candidate(number, path, kind, path.name, strip_extension(path.name))], path.resolve().parent
+
+
+def _walk(number: int, top: Path, rel_prefix: str, id_prefix: str) -> list[_Candidate]:
+    """Image files and zarr stores under a folder (no symlinked folders followed, hidden skipped).
+
+    ``rel_prefix`` / ``id_prefix`` are prepended to the relative paths / ids (manifest
+    entries that are folders). In a folder that has an ``images/`` subfolder (DSB and
+    images/ + labels/ layouts), ``masks/`` and ``labels/`` are not searched and the
+    ``images`` level is left out of ids; ``<id>/images/<id>.png`` gets the id ``<id>``.
+    """
+    found: list[_Candidate] = []
+    id_dirs = {str(top): id_prefix}
+
+    def on_error(error: OSError) -> None:
+        log.warning("cannot list %s (%s); its images are skipped", error.filename, error.strerror or error)
+
+    for dirpath, dirnames, filenames in os.walk(top, onerror=on_error, followlinks=False):
+        here = Path(dirpath)
+        rel_dir = _join(rel_prefix, here.relative_to(top).as_posix())
+        id_dir = id_dirs.get(str(here), rel_dir)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        if "images" in dirnames:
+            dirnames[:] = [d for d in dirnames if d not in ANNOTATION_FOLDERS]
+        for name in list(dirnames):
+            child = here / name
+            if _is_zarr_store(child) or name.lower().endswith(".zarr"):
+                found.append(_Candidate(number, child, "zarr", _join(rel_dir, name), _join(id_dir, strip_extension(name))))
+                dirnames.remove(name)
+            elif child.is_symlink():
+                dirnames.remove(name)  # os.walk would not enter it either; say so
+                log.info("%s: symbolic link to a folder, not followed", child)
+            else:
+                id_dirs[str(child)] = id_dir if name == "images" else _join(id_dir, name)
+        images = sorted((name, kind) for name in filenames if not name.startswith(".") and (kind := _kind_of(name)))
+        dsb_sample = here.name == "images" and len(images) == 1 and strip_extension(images[0][0]) == here.parent.name
+        for name, kind in images:
+            base = id_dir if dsb_sample else _join(id_dir, strip_extension(name))
+            found.append(_Candidate(number, here / name, kind, _join(rel_dir, name), base or here.parent.name))
+    return found
+
+
+def _read_manifest(number: int, manifest: Path) -> list[_Candidate]:
+    """Entries of a .txt (one path per line) or .csv/.tsv (``path`` [, ``image_id``]) manifest."""
+    folder = manifest.parent
+    try:
+        text = manifest.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"{manifest}: cannot read the manifest ({error})") from None
+    entries: list[tuple[int, str, str | None]] = []  # (line, path, image_id)
+    if manifest.suffix.lower() == ".txt":
+        for line_number, line in enumerate(text.splitlines(), start=1):
+            line = line.strip()
+            if line and not line.startswith("#"):
+                entries.append((line_number, line, None))
+    else:
+        delimiter = "\t" if manifest.suffix.lower() == ".tsv" else ","
+        rows = list(csv.reader(text.splitlines(), delimiter=delimiter))
+        header = [h.strip().lower() for h in rows[0]] if rows else []
+        if "path" not in header:
+            raise UsageError(f"{manifest}: a CSV manifest needs a header with a 'path' column (and optionally 'image_id'); found {header}")
+        path_col = header.index("path")
+        id_col = header.index("image_id") if "image_id" in header else None
+        for line_number, row in enumerate(rows[1:], start=2):
+            if not row or not any(cell.strip() for cell in row) or row[0].lstrip().startswith("#"):
+                continue
+            if len(row) <= path_col or not row[path_col].strip():
+                raise UsageError(f"{manifest} line {line_number}: empty 'path'")
+            image_id = row[id_col].strip() if id_col is not None and len(row) > id_col and row[id_col].strip() else None
+            entries.append((line_number, row[path_col].strip(), image_id))
+    found: list[_Candidate] = []
+    for line_number, entry, image_id in entries:
+        path = Path(entry) if Path(entry).is_absolute() else folder / entry
+        try:
+            rel = path.resolve().relative_to(folder.resolve()).as_posix()
+        except (ValueError, OSError, RuntimeError):  # outside the manifest's folder (or a symlink loop): its name
+            rel = path.name
+        where = f"listed in {manifest.name} line {line_number}"
+        if image_id is not None:
+            image_id = PurePosixPath(image_id.replace("\\", "/")).as_posix()
+        if not path.exists() and not path.is_symlink():
+            found.append(_Candidate(number, path, _kind_of(path.name) or "plain", rel, image_id or strip_extension(rel), image_id, f"file not found ({where})"))
+        elif path.is_dir() and not (_is_zarr_store(path) or path.suffix.lower() in ZARR_SUFFIXES):
+            found.extend(_walk(number, path, rel, image_id or rel))
+        elif path.is_dir():
+            found.append(_Candidate(number, path, "zarr", rel, image_id or strip_extension(rel), image_id))
+        else:
+            kind = _kind_of(path.name)
+            error = None if kind else f"not an image file ({where}); accepted: {', '.join(sorted(PLAIN_SUFFIXES | TIFF_SUFFIXES))}"
+            found.append(_Candidate(number, path, kind or "plain", rel, image_id or strip_extension(rel), image_id, error))
+    return found
+
+
+# --------------------------------------------------------------------------- ids
+
+
+def _assign_ids(candidates: list[_Candidate], root_dirs: list[Path]) -> None:
+    """Give every candidate a unique id prefix (probing may add ``#...`` suffixes)."""
+    fixed = defaultdict(list)
+    for candidate in candidates:
+        if candidate.fixed_id is not None:
+            fixed[candidate.fixed_id].append(candidate)
+    repeated = sorted(i for i, group in fixed.items() if len(group) > 1)
+    if repeated:
+        raise UsageError(f"image_id {repeated[0]!r} is given to {len(fixed[repeated[0]])} manifest entries; image ids must be unique")
+    # within one input: files that would share an id keep their extension
+    for number in sorted({c.root for c in candidates}):
+        group = [c for c in candidates if c.root == number]
+        counts = defaultdict(int)
+        for candidate in group:
+            counts[candidate.fixed_id or candidate.base] += 1
+        for candidate in group:
+            if candidate.fixed_id is not None:
+                candidate.image_id = candidate.fixed_id
+            elif counts[candidate.base] > 1 or candidate.base in fixed:
+                candidate.image_id = candidate.rel
+            else:
+                candidate.image_id = candidate.base
+    # across inputs: prefix every id of the colliding inputs with the input folder's name
+    # (its last 2, 3... path parts if the names are equal too)
+    by_id = defaultdict(set)
+    for candidate in candidates:
+        by_id[candidate.image_id].add(candidate.root)
+    clashing = sorted({n for roots in by_id.values() if len(roots) > 1 for n in roots})
+    if not clashing:
+        return
+    for depth in range(1, 64):
+        prefixes = {n: "/".join(root_dirs[n].parts[-depth:]).lstrip("/") for n in clashing}
+        if len(set(prefixes.values())) == len(prefixes) or depth >= max(len(root_dirs[n].parts) for n in clashing):
+            break
+    for candidate in candidates:
+        if candidate.root in prefixes:
+            candidate.image_id = _join(prefixes[candidate.root], candidate.image_id)
+    ids = [c.image_id for c in candidates]
+    twice = sorted({i for i in ids if ids.count(i) > 1})
+    if twice:
+        raise UsageError(f"image id {twice[0]!r} comes from more than one input; give each folder once, or list the files in a CSV manifest with an image_id column")
+
+
+def _records(candidate: _Candidate) -> list[ImageRecord]:
+    """Probe one candidate and make its records."""
+    path = str(candidate.path)
+    if candidate.error:
+        return [ImageRecord(candidate.image_id, path, path, candidate.kind, None, None, None, {}, candidate.error)]
+    probed: list[ProbedImage] = probe(candidate.path, candidate.kind)
+    per_node = defaultdict(int)
+    for image in probed:
+        per_node[image.node] += 1
+    records = []
+    for image in probed:
+        image_id, source = candidate.image_id, path
+        if image.node:
+            image_id, source = f"{image_id}/{image.node}", f"{source}/{image.node}"
+        if per_node[image.node] > 1 and image.parts:
+            image_id += "#" + "-".join(f"{'s' if name == 'series' else name}{value}" for name, value in image.parts)
+            source += "#" + ",".join(f"{name}={value}" for name, value in image.parts)
+        records.append(ImageRecord(image_id, source, path, candidate.kind, image.shape, image.channels, image.dtype, image.selector, image.error))
+    return records
+
+
+def _resolve_suffix_collisions(records: list[ImageRecord]) -> list[ImageRecord]:
+    """Make ids unique in the rare case a suffixed id equals another file's id (``a#t1.png``)."""
+    seen: dict[str, int] = defaultdict(int)
+    out = []
+    for record in records:
+        seen[record.image_id] += 1
+        if seen[record.image_id] > 1:
+            record = replace(record, image_id=f"{record.image_id}~{seen[record.image_id]}")
+        out.append(record)
+    return out
+
+
+def _check_channel(record: ImageRecord, channel: int) -> ImageRecord:
+    if record.error or record.channels is None or channel < record.channels:
+        return record
+    return replace(record, error=f"--channel {channel} asked for, but the image has {record.channels} channel(s) (0..{record.channels - 1})")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def strip_extension(name: str) -> str:
+    """``a/b.ome.tif`` -> ``a/b``; ``x.png`` -> ``x``; names without a known extension unchanged."""
+    lower = name.lower()
+    for suffix in DOUBLE_SUFFIXES:
+        if lower.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    stem, ext = os.path.splitext(name)
+    if stem and ext.lower() in PLAIN_SUFFIXES | TIFF_SUFFIXES | ZARR_SUFFIXES:
+        return stem
+    return name
+
+
+def _kind_of(name: str) -> str | None:
+    suffix = os.path.splitext(name)[1].lower()
+    if suffix in PLAIN_SUFFIXES:
+        return "plain"
+    if suffix in TIFF_SUFFIXES:
+        return "tiff"
+    return None
+
+
+def _is_zarr_store(path: Path) -> bool:
+    return any((path / name).is_file() for name in ZARR_METADATA)
+
+
+def _join(prefix: str, rest: str) -> str:
+    parts = [p for p in (prefix, rest) if p and p != "."]
+    return "/".join(parts)
+
+
+def _drop_duplicate_files(candidates: list[_Candidate]) -> list[_Candidate]:
+    """The same file reached twice (given twice, or in a folder and a manifest): keep the first."""
+    seen: set[str] = set()
+    kept = []
+    for candidate in candidates:
+        try:
+            key = str(candidate.path.resolve())
+        except (OSError, RuntimeError):  # symlink loops
+            key = str(candidate.path.absolute())
+        if key in seen:
+            log.info("%s: reached twice, discovered once", candidate.path)
+            continue
+        seen.add(key)
+        kept.append(candidate)
+    return kept

@@ -1,0 +1,111 @@
+"""The output store masks.zarr: OME-Zarr (NGFF 0.5, zarr v3) image + labels groups per image.
+
+Layout of one image group at ``store_path``::
+
+    <store_path>/            multiscales of the ingested image, axes (c, y, x)
+        0, 1, ...            levels: full resolution, then every 2nd pixel, ...
+        labels/              {"ome": {"labels": ["nuclei"]}}
+            nuclei/          multiscales, axes (y, x), uint32, 0 = background, "image-label"
+                0, 1, ...
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+NGFF_VERSION = "0.5"
+LABEL_NAME = "nuclei"
+CHUNK = 1024
+# Pyramid levels are added (each half the previous) until the image fits this size.
+PYRAMID_MIN_SIDE = 1024
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def store_name(image_id: str) -> str:
+    """A zarr-safe, flat group name for an image id (stable; a hash suffix keeps lossy names unique)."""
+    name = _UNSAFE.sub("_", image_id.replace("/", "__")).lstrip("._") or "image"
+    if name != image_id:
+        name = f"{name}-{hashlib.sha1(image_id.encode()).hexdigest()[:8]}"
+    return name
+
+
+def pyramid_shapes(shape: tuple[int, int]) -> list[tuple[int, int]]:
+    """Level shapes: ``shape``, then ``ceil(shape / 2**k)`` until the largest side <= PYRAMID_MIN_SIDE."""
+    shapes = [tuple(shape)]
+    while max(shapes[-1]) > PYRAMID_MIN_SIDE:
+        shapes.append(tuple(-(-s // 2) for s in shapes[-1]))
+    return shapes
+
+
+def _multiscales(name: str, axes: list[dict], n_levels: int) -> list[dict]:
+    datasets = []
+    for level in range(n_levels):
+        factor = float(2**level)
+        scale = [1.0 if a["type"] == "channel" else factor for a in axes]
+        datasets.append({"path": str(level), "coordinateTransformations": [{"type": "scale", "scale": scale}]})
+    return [{"name": name, "axes": axes, "datasets": datasets}]
+
+
+def open_root(path: str | Path, mode: str = "a") -> zarr.Group:
+    """Open (or create) masks.zarr as a zarr v3 group."""
+    return zarr.open_group(str(path), mode=mode, zarr_format=3)
+
+
+def create_image_group(
+    root: zarr.Group,
+    name: str,
+    image_id: str,
+    shape: tuple[int, int],
+    channels: int,
+    dtype: np.dtype,
+    chunk: int = CHUNK,
+) -> zarr.Group:
+    """(Re)create the OME-Zarr group of one image with empty image and label levels.
+
+    Any previous content of the group (an unfinished earlier attempt) is replaced.
+    """
+    if name in root:
+        del root[name]
+    group = root.create_group(name)
+    levels = pyramid_shapes(shape)
+    space = [{"name": "y", "type": "space", "unit": "pixel"}, {"name": "x", "type": "space", "unit": "pixel"}]
+    image_axes = [{"name": "c", "type": "channel"}] + space
+    group.attrs["ome"] = {"version": NGFF_VERSION, "multiscales": _multiscales(image_id, image_axes, len(levels))}
+    labels = group.create_group("labels")
+    labels.attrs["ome"] = {"version": NGFF_VERSION, "labels": [LABEL_NAME]}
+    nuclei = labels.create_group(LABEL_NAME)
+    nuclei.attrs["ome"] = {
+        "version": NGFF_VERSION,
+        "multiscales": _multiscales(LABEL_NAME, space, len(levels)),
+        "image-label": {"version": NGFF_VERSION, "source": {"image": "../../"}},
+    }
+    for level, (h, w) in enumerate(levels):
+        cy, cx = min(chunk, h), min(chunk, w)
+        group.create_array(str(level), shape=(channels, h, w), chunks=(1, cy, cx), dtype=dtype, fill_value=0, dimension_names=("c", "y", "x"))
+        nuclei.create_array(str(level), shape=(h, w), chunks=(cy, cx), dtype=np.uint32, fill_value=0, dimension_names=("y", "x"))
+    return group
+
+
+def label_array(group: zarr.Group, level: int = 0) -> zarr.Array:
+    return group[f"labels/{LABEL_NAME}/{level}"]
+
+
+def write_pyramids(group: zarr.Group, chunk: int = CHUNK) -> None:
+    """Fill levels 1.. of the image and labels from level 0 by striding (nearest neighbour), chunk by chunk."""
+    labels = group[f"labels/{LABEL_NAME}"]
+    level = 1
+    while str(level) in group:
+        factor = 2**level
+        for source, target in ((group["0"], group[str(level)]), (labels["0"], labels[str(level)])):
+            height, width = target.shape[-2:]
+            for y in range(0, height, chunk):
+                for x in range(0, width, chunk):
+                    y1, x1 = min(height, y + chunk), min(width, x + chunk)
+                    region = source[..., y * factor : y1 * factor : factor, x * factor : x1 * factor : factor]
+                    target[..., y:y1, x:x1] = region
+        level += 1

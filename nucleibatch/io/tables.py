@@ -1,0 +1,108 @@
+"""Output tables and per-image completion records.
+
+* ``OUT/nuclei.parquet/`` — a directory of parquet parts, one per image
+  (``pandas.read_parquet(OUT / "nuclei.parquet")`` reads them all).
+* ``OUT/.nucleibatch/records/<name>.json`` — one image's row, written LAST (after its
+  labels and its nuclei part): an image is finished exactly when its record exists.
+* ``OUT/images.parquet`` — rebuilt from the records at the end of every run.
+
+Every file is written to a hidden temporary name and renamed into place, so a
+reader (or a run killed at any moment) never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..measure import NUCLEI_COLUMNS
+
+IMAGE_COLUMNS = ("image_id", "source", "height", "width", "n_nuclei", "status", "error", "seconds", "store_path")
+STATE_DIR = ".nucleibatch"
+
+NUCLEI_SCHEMA = pa.schema(
+    [("image_id", pa.string()), ("label", pa.uint32())]
+    + [(name, pa.float64()) for name in ("centroid_y", "centroid_x")]
+    + [("area", pa.int64())]
+    + [(name, pa.float64()) for name in ("perimeter", "eccentricity", "solidity", "mean_intensity")]
+    + [(name, pa.int64()) for name in ("bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x")]
+)
+IMAGES_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()), ("source", pa.string()), ("height", pa.int64()), ("width", pa.int64()),
+        ("n_nuclei", pa.int64()), ("status", pa.string()), ("error", pa.string()), ("seconds", pa.float64()),
+        ("store_path", pa.string()), ("engine_node", pa.string()),
+    ]
+)  # fmt: skip
+assert tuple(NUCLEI_SCHEMA.names) == NUCLEI_COLUMNS
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a hidden temporary file, fsync, and rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+
+
+def write_nuclei_part(out_dir: Path, name: str, image_id: str, columns: dict[str, np.ndarray]) -> Path:
+    """Write one image's nuclei (columns of :func:`nucleibatch.measure.measure_labels`) as a parquet part."""
+    n = len(columns["label"])
+    arrays = {"image_id": pa.array([image_id] * n, pa.string())}
+    arrays.update({key: pa.array(columns[key], NUCLEI_SCHEMA.field(key).type) for key in NUCLEI_COLUMNS if key != "image_id"})
+    table = pa.table(arrays, schema=NUCLEI_SCHEMA)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    path = out_dir / "nuclei.parquet" / f"{name}.parquet"
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+    return path
+
+
+def records_dir(out_dir: Path) -> Path:
+    return out_dir / STATE_DIR / "records"
+
+
+def write_record(out_dir: Path, name: str, row: dict[str, Any]) -> None:
+    """The completion record of one image (its images.parquet row), written last."""
+    atomic_write_bytes(records_dir(out_dir) / f"{name}.json", (json.dumps(row, sort_keys=True) + "\n").encode())
+
+
+def read_records(out_dir: Path) -> dict[str, dict[str, Any]]:
+    """All completion records by image_id (unreadable ones are ignored: their images get redone)."""
+    records = {}
+    directory = records_dir(out_dir)
+    if not directory.is_dir():
+        return records
+    for path in sorted(directory.glob("*.json")):
+        try:
+            row = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        records[row["image_id"]] = row
+    return records
+
+
+def remove_image_outputs(out_dir: Path, name: str) -> None:
+    """Delete an image's record and nuclei part (before it is redone)."""
+    for path in (records_dir(out_dir) / f"{name}.json", out_dir / "nuclei.parquet" / f"{name}.parquet"):
+        path.unlink(missing_ok=True)
+
+
+def write_images_table(out_dir: Path, rows: list[dict[str, Any]]) -> Path:
+    """``OUT/images.parquet`` from image rows (sorted by image_id)."""
+    rows = sorted(rows, key=lambda r: r["image_id"])
+    table = pa.table({name: pa.array([r.get(name) for r in rows], IMAGES_SCHEMA.field(name).type) for name in IMAGES_SCHEMA.names}, schema=IMAGES_SCHEMA)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    path = out_dir / "images.parquet"
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+    return path

@@ -1,0 +1,317 @@
+"""The per-image work of `segment`, engine-agnostic.
+
+An image is planned once (open, normalisation statistics from its overview,
+block grid), then each block is processed (read with margin and halo, normalise,
+predict, instances, keep owned nuclei, measure them, write the block's image core),
+then each block core's labels are painted from the owned nuclei of the blocks
+around it, and the image is finished (pyramids, nuclei part, completion record).
+Engines schedule these steps; they all call the functions here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ImageReadError, UsageError
+from .instances import InstanceParams, probabilities_to_labels
+from .io.discover import ImageRecord
+from .io.sources import ImageSource, open_source
+from .io.store import create_image_group, label_array, open_root, store_name, write_pyramids
+from .io.tables import remove_image_outputs, write_nuclei_part, write_record
+from .measure import concat_columns, measure_labels
+from .model import NucleiModel
+from .normalize import NormStats, apply_stats, compute_stats, to_grey
+from .stitching import OwnedObjects, block_offsets, paint_region, select_owned
+from .tiling import Block, block_grid
+
+MIN_SIDE = 8
+STAGES = ("read", "normalise", "predict", "instances", "stitch", "measure", "write")
+
+
+@dataclass(frozen=True)
+class SegmentSettings:
+    """Settings of a segment run that change its results (saved in OUT and checked on resume)."""
+
+    block_size: int = 2048
+    block_margin: int = 128
+    channel: int | None = None
+    invert: str | None = None  # None: the model's normalisation setting
+    store_image: bool = True
+    postprocess: dict | None = None  # None: the model's tuned values
+
+    def validate(self) -> None:
+        if self.block_size < 64 or self.block_size % 32:
+            raise UsageError(f"--block-size must be a multiple of 32, at least 64 (got {self.block_size})")
+        if not 0 <= self.block_margin < self.block_size:
+            raise UsageError(f"--block-margin must be >= 0 and smaller than --block-size (got {self.block_margin})")
+        if self.invert not in (None, "auto", "never", "always"):
+            raise UsageError(f"--invert must be auto, never or always (got {self.invert})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ImagePlan:
+    """One image ready to be processed block by block."""
+
+    record: ImageRecord
+    name: str
+    shape: tuple[int, int]
+    channels: int
+    dtype: np.dtype
+    stats: NormStats
+    blocks: list[Block]
+
+
+@dataclass
+class BlockResult:
+    """What one block contributes: its owned nuclei and their measurements (block-local ids)."""
+
+    block_index: int
+    owned: OwnedObjects
+    columns: dict[str, np.ndarray]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class Timer:
+    """Accumulates seconds per stage: ``with timer("predict"): ...``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def __call__(self, stage: str) -> _Span:
+        return _Span(self, stage)
+
+    def add(self, other: dict[str, float]) -> None:
+        for key, value in other.items():
+            self.seconds[key] += value
+
+
+class _Span:
+    def __init__(self, timer: Timer, stage: str) -> None:
+        self.timer, self.stage = timer, stage
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        self.timer.seconds[self.stage] += time.perf_counter() - self.start
+
+
+def plan_image(record: ImageRecord, source: ImageSource, settings: SegmentSettings, model: NucleiModel, timer: Timer) -> ImagePlan:
+    """Normalisation statistics (once, from the image's overview) and the block grid."""
+    if record.error:
+        raise ImageReadError(record.error)
+    height, width = source.shape
+    if height < MIN_SIDE or width < MIN_SIDE:
+        raise ImageReadError(f"image too small ({height}x{width}); nuclei segmentation needs at least {MIN_SIDE}x{MIN_SIDE} pixels")
+    normalization = model.config.get("normalization", {})
+    with timer("read"):
+        overview = source.overview()
+    with timer("normalise"):
+        grey = to_grey(overview, settings.channel)
+        stats = compute_stats(grey, tuple(normalization.get("percentiles", (1.0, 99.8))), settings.invert or normalization.get("invert", "auto"))
+    blocks = block_grid((height, width), settings.block_size, settings.block_margin)
+    return ImagePlan(record, store_name(record.image_id), (height, width), source.channels, np.dtype(source.dtype), stats, blocks)
+
+
+def prediction_region(block: Block, shape: tuple[int, int], halo: int) -> tuple[int, int, int, int]:
+    """The block's read region grown by the model's halo (context), clipped to the image."""
+    y0, y1, x0, x1 = block.read
+    return (max(0, y0 - halo), min(shape[0], y1 + halo), max(0, x0 - halo), min(shape[1], x1 + halo))
+
+
+def read_block(plan: ImagePlan, block: Block, source: ImageSource, halo: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """Raw pixels ``(h, w, C)`` of the block's prediction region and that region's box."""
+    region = prediction_region(block, plan.shape, halo)
+    return source.read(*region), region
+
+
+def process_block(
+    plan: ImagePlan,
+    block: Block,
+    raw: np.ndarray,
+    region: tuple[int, int, int, int],
+    model: NucleiModel,
+    settings: SegmentSettings,
+    params: InstanceParams,
+    image_group=None,
+    batch_size: int = 4,
+) -> BlockResult:
+    """Normalise, predict, find instances, keep owned nuclei and measure them; write the block's image core.
+
+    Args:
+        raw: ``(h, w, C)`` pixels of ``region`` (from :func:`read_block`).
+    """
+    timer = Timer()
+    with timer("normalise"):
+        grey = to_grey(raw, settings.channel)
+        normalised = apply_stats(grey, plan.stats)
+    with timer("predict"):
+        probabilities = model.predict(normalised, batch_size=batch_size)
+    ry0, ry1, rx0, rx1 = block.read
+    inner = (slice(ry0 - region[0], ry1 - region[0]), slice(rx0 - region[2], rx1 - region[2]))
+    with timer("instances"):
+        labels = probabilities_to_labels(probabilities[:, inner[0], inner[1]], params)
+        owned_labels, owned = select_owned(labels, block, plan.shape, settings.block_margin)
+    with timer("measure"):
+        columns = measure_labels(owned_labels, grey[inner], origin=(ry0, rx0))
+    if image_group is not None and settings.store_image:
+        with timer("write"):
+            cy0, cy1, cx0, cx1 = block.core
+            core = raw[cy0 - region[0] : cy1 - region[0], cx0 - region[2] : cx1 - region[2]]
+            image_group["0"][:, cy0:cy1, cx0:cx1] = np.moveaxis(core, -1, 0)
+    return BlockResult(block.index, owned, columns, dict(timer.seconds))
+
+
+def neighbours(plan: ImagePlan, block: Block) -> list[Block]:
+    """Blocks whose read region overlaps this block's core (their nuclei may reach into it)."""
+    cy0, cy1, cx0, cx1 = block.core
+    return [b for b in plan.blocks if b.read[0] < cy1 and b.read[1] > cy0 and b.read[2] < cx1 and b.read[3] > cx0]
+
+
+def paint_block(plan: ImagePlan, block: Block, results: dict[int, BlockResult], offsets: np.ndarray, image_group) -> dict[int, int]:
+    """Write the labels of one block core from the owned nuclei of its neighbours.
+
+    Returns ``{global_id: pixels lost to a smaller id}`` (usually empty).
+    """
+    pieces = [(results[b.index].owned, int(offsets[b.index])) for b in neighbours(plan, block)]
+    labels, lost = paint_region(block.core, pieces)
+    cy0, cy1, cx0, cx1 = block.core
+    label_array(image_group)[cy0:cy1, cx0:cx1] = labels
+    return lost
+
+
+def remeasure(plan: ImagePlan, source: ImageSource, image_group, columns: dict[str, np.ndarray], global_ids: list[int], settings: SegmentSettings) -> None:
+    """Re-measure nuclei that lost pixels at a seam from the final labels (in place)."""
+    row_of = {int(label): i for i, label in enumerate(columns["label"])}
+    for global_id in global_ids:
+        i = row_of[global_id]
+        y0, x0 = int(columns["bbox_min_y"][i]), int(columns["bbox_min_x"][i])
+        y1, x1 = int(columns["bbox_max_y"][i]), int(columns["bbox_max_x"][i])
+        labels = np.asarray(label_array(image_group)[y0:y1, x0:x1])
+        mask = (labels == global_id).astype(np.int32)
+        if not mask.any():
+            columns["area"][i] = 0
+            continue
+        grey = to_grey(source.read(y0, y1, x0, x1), settings.channel)
+        fresh = measure_labels(mask, grey, origin=(y0, x0), id_offset=global_id - 1)
+        for key, values in fresh.items():
+            columns[key][i] = values[0]
+
+
+def segment_record(
+    record: ImageRecord,
+    model: NucleiModel,
+    settings: SegmentSettings,
+    out_dir: Path,
+    batch_size: int = 4,
+    timer: Timer | None = None,
+    prefetch=None,
+) -> dict[str, Any]:
+    """Segment one image completely and write all its outputs; returns its images.parquet row.
+
+    The row is written last as the image's completion record. Errors that concern this
+    image (unreadable, too small, nucleus larger than the margin) raise; the caller turns
+    them into a 'failed' row.
+    """
+    timer = timer or Timer()
+    started = time.perf_counter()
+    name = store_name(record.image_id)
+    remove_image_outputs(out_dir, name)
+    params = InstanceParams.from_dict(settings.postprocess) if settings.postprocess else model.postprocess
+    halo = int(model.config.get("halo", 64))
+    with timer("read"):
+        source = open_source(record) if not record.error else None
+    if source is None:
+        raise ImageReadError(record.error or "unreadable")
+    try:
+        plan = plan_image(record, source, settings, model, timer)
+        with timer("write"):
+            root = open_root(out_dir / "masks.zarr")
+            group = create_image_group(root, name, record.image_id, plan.shape, plan.channels, plan.dtype)
+        results: dict[int, BlockResult] = {}
+        offsets = np.zeros(0, dtype=np.int64)
+        painted: set[int] = set()
+        lost: dict[int, int] = {}
+        reads = prefetch(plan, source, halo) if prefetch else ((b, *_timed_read(plan, b, source, halo, timer)) for b in plan.blocks)
+        by_index = {b.index: b for b in plan.blocks}
+        pending_neighbours = {b.index: {n.index for n in neighbours(plan, b)} for b in plan.blocks}
+        needed_by: dict[int, set[int]] = defaultdict(set)
+        for b, ns in pending_neighbours.items():
+            for n in ns:
+                needed_by[n].add(b)
+        for block, raw, region in reads:
+            result = process_block(plan, block, raw, region, model, settings, params, group, batch_size)
+            timer.add(result.seconds)
+            results[block.index] = result
+            offsets = block_offsets(results[i].owned.count for i in range(len(results)))
+            # paint every core whose neighbours are all done (blocks finish in raster order), then
+            # free the nuclei no core still needs: memory stays bounded by a few block rows
+            with timer("stitch"):
+                for index in sorted(pending_neighbours):
+                    if pending_neighbours[index] <= results.keys() and index not in painted:
+                        lost.update(paint_block(plan, by_index[index], results, offsets, group))
+                        painted.add(index)
+                for index in list(results):
+                    if needed_by[index] <= painted and results[index].owned.masks:
+                        results[index].owned.masks = []
+        with timer("measure"):
+            parts = []
+            for index in range(len(plan.blocks)):
+                columns = dict(results[index].columns)
+                columns["label"] = (columns["label"].astype(np.int64) + offsets[index]).astype(np.uint32)
+                parts.append(columns)
+            columns = concat_columns(parts)
+            if lost:
+                remeasure(plan, source, group, columns, sorted(lost), settings)
+                keep = columns["area"] > 0
+                columns = {k: v[keep] for k, v in columns.items()}
+        with timer("write"):
+            write_pyramids(group)
+            write_nuclei_part(out_dir, name, record.image_id, columns)
+    finally:
+        source.close()
+    row = {
+        "image_id": record.image_id,
+        "source": record.source,
+        "height": plan.shape[0],
+        "width": plan.shape[1],
+        "n_nuclei": int(len(columns["label"])),
+        "status": "ok",
+        "error": None,
+        "seconds": round(time.perf_counter() - started, 4),
+        "store_path": name,
+    }
+    write_record(out_dir, name, row)
+    return row
+
+
+def _timed_read(plan: ImagePlan, block: Block, source: ImageSource, halo: int, timer: Timer):
+    with timer("read"):
+        return read_block(plan, block, source, halo)
+
+
+def failed_row(record: ImageRecord, error: BaseException | str, seconds: float) -> dict[str, Any]:
+    """The images.parquet row of an image that could not be segmented (one-line reason)."""
+    message = error if isinstance(error, str) else (str(error) or type(error).__name__)
+    message = " ".join(message.split())[:500]
+    shape = record.shape or (None, None)
+    return {
+        "image_id": record.image_id,
+        "source": record.source,
+        "height": shape[0],
+        "width": shape[1],
+        "n_nuclei": 0,
+        "status": "failed",
+        "error": message,
+        "seconds": round(seconds, 4),
+        "store_path": None,  # a failed image has no group in masks.zarr
+    }

@@ -1,0 +1,267 @@
+"""The `segment` job: discovery, resume, engine, tables, run.json and the closing summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import OutputError, UsageError
+from .io.discover import discover_inputs
+from .io.tables import STATE_DIR, atomic_write_bytes, read_records, write_images_table
+from .model import NucleiModel, load_model
+from .pipeline import STAGES, SegmentSettings, Timer
+
+log = logging.getLogger(__name__)
+ENGINES = ("local", "ray", "dask")
+OUTPUT_NAMES = ("masks.zarr", "nuclei.parquet", "images.parquet", "run.json", STATE_DIR)
+
+
+@dataclass
+class RunSummary:
+    """What a finished run reports (also written to run.json)."""
+
+    out_dir: Path
+    n_images: int
+    n_ok: int
+    n_failed: int
+    n_nuclei: int
+    n_resumed: int
+    wall_seconds: float
+    megapixels: float
+    run: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.n_failed == 0 else 3
+
+
+class Lock:
+    """``OUT/.nucleibatch/lock``: one live run per output; a dead run's lock is taken over."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path = out_dir / STATE_DIR / "lock"
+
+    def __enter__(self) -> Lock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    holder = json.loads(self.path.read_text())
+                except (OSError, json.JSONDecodeError):
+                    holder = {}
+                if holder.get("host") == me["host"] and _alive(int(holder.get("pid", -1))) and holder.get("pid") != me["pid"]:
+                    raise OutputError(
+                        f"{self.path.parent.parent} is being written by another run (pid {holder['pid']}); "
+                        "wait for it to finish or give another -o OUT"
+                    ) from None
+                self.path.unlink(missing_ok=True)  # stale: its run is gone
+                continue
+            with os.fdopen(fd, "w") as handle:
+                json.dump(me, handle)
+            return self
+        raise OutputError(f"could not take the lock {self.path}; remove it if no run is using this OUT")
+
+    def __exit__(self, *exc) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Progress:
+    """A tqdm bar (images, nuclei, MPix/s) on a terminal; a log line every 30 s otherwise."""
+
+    def __init__(self, total: int, done: int, enabled: bool | None = None) -> None:
+        self.total, self.done, self.nuclei, self.failed, self.pixels = total, done, 0, 0, 0.0
+        self.started = self.last_log = time.perf_counter()
+        self.bar = None
+        if enabled if enabled is not None else sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=done, unit="img", desc="segment", dynamic_ncols=True)
+
+    def update(self, row: dict[str, Any]) -> None:
+        self.done += 1
+        self.nuclei += int(row.get("n_nuclei") or 0)
+        self.failed += row["status"] != "ok"
+        self.pixels += float((row.get("height") or 0) * (row.get("width") or 0))
+        rate = self.pixels / 1e6 / max(time.perf_counter() - self.started, 1e-9)
+        if self.bar is not None:
+            self.bar.set_postfix(nuclei=self.nuclei, failed=self.failed, mpix_s=f"{rate:.2f}", refresh=False)
+            self.bar.update(1)
+        elif time.perf_counter() - self.last_log > 30 or self.done == self.total:
+            log.info("%d/%d images, %d nuclei, %d failed, %.2f MPix/s", self.done, self.total, self.nuclei, self.failed, rate)
+            self.last_log = time.perf_counter()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def clear_outputs(out_dir: Path) -> None:
+    """Remove what a previous run wrote to OUT (only our own names; other files are kept)."""
+    for name in OUTPUT_NAMES:
+        path = out_dir / name
+        if name == STATE_DIR and path.is_dir():
+            for child in path.iterdir():  # keep the lock of the run that clears
+                if child.name != "lock":
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as metadata
+
+    versions = {"nucleibatch": __version__, "python": platform.python_version()}
+    for package in ("torch", "segmentation-models-pytorch", "numpy", "zarr", "scikit-image", "tifffile", "pyarrow", "ray", "dask"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _check_settings(out_dir: Path, fingerprint: dict[str, Any]) -> None:
+    path = out_dir / STATE_DIR / "settings.json"
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        changed = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
+        if changed:
+            raise UsageError(
+                f"{out_dir} holds results of another model or settings (differs in: {', '.join(changed)}); "
+                "re-run with the same settings to resume, pass --overwrite to start over, or give a new -o OUT"
+            )
+    else:
+        atomic_write_bytes(path, (json.dumps(fingerprint, indent=2, sort_keys=True) + "\n").encode())
+
+
+def run_segment_job(
+    inputs: list[str],
+    out: str | Path,
+    model: str | NucleiModel = "default",
+    engine: str = "local",
+    device: str = "auto",
+    settings: SegmentSettings = SegmentSettings(),
+    batch_size: int = 4,
+    overwrite: bool = False,
+    retry_failed: bool = False,
+    address: str | None = None,
+    workers: int = 0,
+    progress: bool | None = None,
+) -> RunSummary:
+    """Segment every image of ``inputs`` into ``out`` (resuming what a previous run left)."""
+    if engine not in ENGINES:
+        raise UsageError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if batch_size < 1:
+        raise UsageError("--batch-size must be >= 1")
+    settings.validate()
+    started_at = time.time()
+    started = time.perf_counter()
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"-o {out_dir} is a file; give a folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with Lock(out_dir):
+        if overwrite:
+            clear_outputs(out_dir)
+        loaded = model if isinstance(model, NucleiModel) else load_model(model, device=device)
+        fingerprint = {"model_sha256": loaded.sha256, "settings": settings.to_dict()}
+        _check_settings(out_dir, fingerprint)
+        records = discover_inputs(inputs, channel=settings.channel)
+        finished = read_records(out_dir)
+        todo = [r for r in records if r.image_id not in finished or (retry_failed and finished[r.image_id]["status"] != "ok")]
+        n_resumed = len(records) - len(todo)
+        if n_resumed:
+            log.info("resuming: %d of %d images are already done in %s", n_resumed, len(records), out_dir)
+        timer = Timer()
+        bar = Progress(len(records), n_resumed, progress)
+        try:
+            if engine == "local":
+                from .engines.local import run_local
+
+                run_local(todo, loaded, settings, out_dir, batch_size, timer, bar.update)
+            else:
+                from importlib import import_module
+
+                run_engine = import_module(f".engines.{engine}", __package__).run_engine
+                run_engine(todo, model, device, settings, out_dir, batch_size, timer, bar.update, address=address, workers=workers)
+        finally:
+            bar.close()
+        rows = read_records(out_dir)
+        write_images_table(out_dir, list(rows.values()))
+        current = [rows[r.image_id] for r in records if r.image_id in rows]
+        wall = time.perf_counter() - started
+        megapixels = sum((r.get("height") or 0) * (r.get("width") or 0) for r in current if r["status"] == "ok") / 1e6
+        processed_mpix = bar.pixels / 1e6
+        summary = RunSummary(
+            out_dir=out_dir,
+            n_images=len(current),
+            n_ok=sum(r["status"] == "ok" for r in current),
+            n_failed=sum(r["status"] != "ok" for r in current),
+            n_nuclei=sum(int(r["n_nuclei"] or 0) for r in current),
+            n_resumed=n_resumed,
+            wall_seconds=round(wall, 3),
+            megapixels=round(megapixels, 4),
+        )
+        summary.run = {
+            "nucleibatch_version": __version__,
+            "command": sys.argv,
+            "inputs": [str(i) for i in inputs],
+            "engine": engine,
+            "device": str(loaded.device),
+            "settings": settings.to_dict() | {"batch_size": batch_size},
+            "postprocess": settings.postprocess or loaded.postprocess.to_dict(),
+            "model": {"name": loaded.name, "sha256": loaded.sha256, "path": str(loaded.path)},
+            "versions": _versions(),
+            "units": "pixels (positions, lengths and areas in nuclei.parquet are in pixels of the full-resolution image)",
+            "counts": {"images": summary.n_images, "ok": summary.n_ok, "failed": summary.n_failed, "nuclei": summary.n_nuclei, "resumed": n_resumed},
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started_at)),
+            "wall_seconds": summary.wall_seconds,
+            "processed_megapixels": round(processed_mpix, 4),
+            "mpix_per_s": round(processed_mpix / wall, 4) if wall > 0 else None,
+            "stage_seconds": {stage: round(timer.seconds.get(stage, 0.0), 3) for stage in STAGES},
+            "stage_seconds_note": "summed over the threads/workers that ran each stage",
+        }
+        atomic_write_bytes(out_dir / "run.json", (json.dumps(summary.run, indent=2) + "\n").encode())
+    return summary
+
+
+def closing_summary(summary: RunSummary) -> str:
+    """The lines printed at the end of a run: counts, where the outputs are, how to open them."""
+    out = summary.out_dir
+    lines = [
+        f"segmented {summary.n_ok}/{summary.n_images} images ({summary.n_failed} failed, {summary.n_resumed} done by an earlier run), "
+        f"{summary.n_nuclei} nuclei, {summary.wall_seconds:.1f} s, {summary.run.get('mpix_per_s') or 0:.2f} MPix/s",
+        f"  labels (OME-Zarr): {out / 'masks.zarr'}   napari: napari --plugin napari-ome-zarr {out / 'masks.zarr'}/<store_path>",
+        f"  per-image table:   {out / 'images.parquet'}   pandas: pd.read_parquet('{out / 'images.parquet'}')",
+        f"  per-nucleus table: {out / 'nuclei.parquet'}   pandas: pd.read_parquet('{out / 'nuclei.parquet'}')",
+        f"  run settings and figures: {out / 'run.json'}",
+    ]
+    if summary.n_failed:
+        lines.append(f"  failed images and reasons: pd.read_parquet('{out / 'images.parquet'}').query(\"status == 'failed'\")[['image_id', 'error']]")
+    return "\n".join(lines)

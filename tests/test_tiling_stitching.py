@@ -1,0 +1,113 @@
+"""Oracle tests of block geometry and stitching: blockwise results must equal whole-image results."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nucleibatch.errors import ObjectTooLargeError, UsageError
+from nucleibatch.instances import relabel_sequential
+from nucleibatch.stitching import block_offsets, paint_region, select_owned
+from nucleibatch.synthetic import synthetic_mosaic, synthetic_nuclei
+from nucleibatch.tiling import block_grid, padded_size
+
+
+def same_up_to_renumbering(a: np.ndarray, b: np.ndarray) -> bool:
+    """True when two label images describe the same partition (0 fixed as background)."""
+    if a.shape != b.shape or not np.array_equal(a > 0, b > 0):
+        return False
+    pairs = np.unique(np.stack([a.ravel(), b.ravel()]), axis=1)
+    return len(np.unique(pairs[0])) == pairs.shape[1] == len(np.unique(pairs[1]))
+
+
+@given(
+    height=st.integers(1, 300),
+    width=st.integers(1, 300),
+    core=st.integers(1, 128),
+    margin=st.integers(0, 64),
+)
+@settings(max_examples=200, deadline=None)
+def test_cores_partition_the_image_and_reads_contain_cores(height, width, core, margin):
+    blocks = block_grid((height, width), core, margin)
+    cover = np.zeros((height, width), dtype=np.int32)
+    for block in blocks:
+        y0, y1, x0, x1 = block.core
+        cover[y0:y1, x0:x1] += 1
+        ry0, ry1, rx0, rx1 = block.read
+        assert 0 <= ry0 <= y0 < y1 <= ry1 <= height and 0 <= rx0 <= x0 < x1 <= rx1 <= width
+        # the read region is the core grown by the margin, clipped to the image
+        assert ry0 == max(0, y0 - margin) and ry1 == min(height, y1 + margin)
+        assert rx0 == max(0, x0 - margin) and rx1 == min(width, x1 + margin)
+        iy0, iy1, ix0, ix1 = block.core_in_read
+        assert (iy1 - iy0, ix1 - ix0) == (y1 - y0, x1 - x0)
+    assert (cover == 1).all()
+    assert len(blocks) == -(-height // core) * -(-width // core)
+    assert [b.index for b in blocks] == list(range(len(blocks)))
+
+
+def test_block_grid_rejects_bad_geometry():
+    with pytest.raises(UsageError, match="block size"):
+        block_grid((10, 10), 0, 2)
+    with pytest.raises(UsageError, match="empty image"):
+        block_grid((0, 10), 4, 2)
+
+
+def test_padded_size():
+    assert [padded_size(n, 32) for n in (1, 32, 33, 64, 65)] == [32, 32, 64, 64, 96]
+
+
+def stitch_from_truth(truth: np.ndarray, core: int, margin: int) -> np.ndarray:
+    """Blockwise 'segmentation' where each block sees the truth in its read region only."""
+    blocks = block_grid(truth.shape, core, margin)
+    results = {}
+    for block in blocks:
+        ry0, ry1, rx0, rx1 = block.read
+        local = relabel_sequential(truth[ry0:ry1, rx0:rx1])
+        _, owned = select_owned(local, block, truth.shape, margin)
+        results[block.index] = owned
+    offsets = block_offsets(results[b.index].count for b in blocks)
+    out = np.zeros(truth.shape, dtype=np.uint32)
+    for block in blocks:
+        pieces = [(results[b.index], int(offsets[b.index])) for b in blocks]
+        painted, lost = paint_region(block.core, pieces)
+        assert lost == {}
+        y0, y1, x0, x1 = block.core
+        out[y0:y1, x0:x1] = painted
+    return out
+
+
+@pytest.mark.parametrize("shape", [(256, 256), (300, 451), (97, 513)])
+@pytest.mark.parametrize("core,margin", [(64, 32), (96, 40), (128, 48), (1024, 32)])
+def test_stitching_oracle_equals_whole_image(shape, core, margin):
+    _, truth = synthetic_nuclei(shape, n_nuclei=shape[0] * shape[1] // 600, radius=(4, 12), seed=sum(shape) + core)
+    stitched = stitch_from_truth(truth, core, margin)
+    assert same_up_to_renumbering(stitched, truth)
+    # global ids are unique and there is exactly one per true nucleus: nothing cut, nothing duplicated
+    assert len(np.unique(stitched)) == len(np.unique(truth))
+
+
+def test_stitching_oracle_on_a_mosaic():
+    _, truth = synthetic_mosaic(tiles=3, tile_shape=(200, 200), seed=4, n_nuclei=60, radius=(5, 13))
+    assert same_up_to_renumbering(stitch_from_truth(truth, 128, 40), truth)
+
+
+def test_nucleus_larger_than_margin_is_an_error_that_names_the_setting():
+    truth = np.zeros((200, 200), dtype=np.int32)
+    truth[40:160, 50:70] = 1  # 120 px tall: reaches 60 px beyond any 64-px core
+    with pytest.raises(ObjectTooLargeError, match="--block-margin"):
+        stitch_from_truth(truth, 64, 16)
+    assert same_up_to_renumbering(stitch_from_truth(truth, 64, 64), truth)
+
+
+def test_overlapping_claims_go_to_the_smaller_id_whatever_the_order():
+    from nucleibatch.stitching import OwnedObjects
+
+    a = OwnedObjects(0, np.array([1]), np.array([[0, 4, 0, 4]]), [np.ones((4, 4), bool)])
+    b = OwnedObjects(1, np.array([1]), np.array([[2, 6, 2, 6]]), [np.ones((4, 4), bool)])
+    first, lost_first = paint_region((0, 8, 0, 8), [(a, 0), (b, 1)])
+    second, lost_second = paint_region((0, 8, 0, 8), [(b, 1), (a, 0)])
+    assert np.array_equal(first, second)
+    assert first[3, 3] == 1 and first[5, 5] == 2
+    assert lost_first == lost_second == {2: 4}
