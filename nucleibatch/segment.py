@@ -166,7 +166,7 @@ def run_segment_job(
     model: str | NucleiModel = "default",
     engine: str = "local",
     device: str = "auto",
-    settings: SegmentSettings = SegmentSettings(),
+    settings: SegmentSettings | None = None,
     batch_size: int = 4,
     overwrite: bool = False,
     retry_failed: bool = False,
@@ -179,6 +179,7 @@ def run_segment_job(
         raise UsageError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
+    settings = settings or SegmentSettings()
     settings.validate()
     started_at = time.time()
     started = time.perf_counter()

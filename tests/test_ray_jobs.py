@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from nucleibatch import load_model
-
 from tests.raycluster import RayHead
 
 

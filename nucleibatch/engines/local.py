@@ -14,9 +14,9 @@ from typing import Any
 from ..errors import NucleibatchError
 from ..io.discover import ImageRecord
 from ..io.store import open_root, store_name
+from ..io.tables import write_record
 from ..model import NucleiModel
 from ..pipeline import ImagePlan, SegmentSettings, Timer, failed_row, read_block, segment_record
-from ..io.tables import write_record
 
 log = logging.getLogger(__name__)
 # Images in flight at once: while one image is on the model, the other is read or post-processed.

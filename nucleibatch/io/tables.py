@@ -37,7 +37,7 @@ IMAGES_SCHEMA = pa.schema(
     [
         ("image_id", pa.string()), ("source", pa.string()), ("height", pa.int64()), ("width", pa.int64()),
         ("n_nuclei", pa.int64()), ("status", pa.string()), ("error", pa.string()), ("seconds", pa.float64()),
-        ("store_path", pa.string()), ("engine_node", pa.string()),
+        ("store_path", pa.string()),
     ]
 )  # fmt: skip
 assert tuple(NUCLEI_SCHEMA.names) == NUCLEI_COLUMNS
