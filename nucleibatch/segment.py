@@ -17,7 +17,14 @@ from typing import Any
 from . import __version__
 from .errors import OutputError, UsageError
 from .io.discover import discover_inputs
-from .io.tables import STATE_DIR, atomic_write_bytes, read_records, write_images_table
+from .io.store import open_root
+from .io.tables import (
+    STATE_DIR,
+    atomic_write_bytes,
+    finish_nuclei_dataset,
+    read_records,
+    write_images_table,
+)
 from .model import NucleiModel, load_model
 from .pipeline import STAGES, SegmentSettings, Timer
 
@@ -194,6 +201,7 @@ def run_segment_job(
         fingerprint = {"model_sha256": loaded.sha256, "settings": settings.to_dict()}
         _check_settings(out_dir, fingerprint)
         records = discover_inputs(inputs, channel=settings.channel)
+        open_root(out_dir / "masks.zarr")  # once, here: units running at once then only add groups
         finished = read_records(out_dir)
         todo = [r for r in records if r.image_id not in finished or (retry_failed and finished[r.image_id]["status"] != "ok")]
         n_resumed = len(records) - len(todo)
@@ -215,6 +223,7 @@ def run_segment_job(
             bar.close()
         rows = read_records(out_dir)
         write_images_table(out_dir, list(rows.values()))
+        finish_nuclei_dataset(out_dir)
         current = [rows[r.image_id] for r in records if r.image_id in rows]
         wall = time.perf_counter() - started
         megapixels = sum((r.get("height") or 0) * (r.get("width") or 0) for r in current if r["status"] == "ok") / 1e6

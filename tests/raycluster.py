@@ -28,7 +28,8 @@ class RayHead:
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         # token auth off: a throwaway head on loopback only, for this test session
-        env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
+        env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled",
+                   RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")  # keeps 127.0.0.1 as the node address: loopback only
         env.pop("RAY_ADDRESS", None)
         self.env = env
         command = [

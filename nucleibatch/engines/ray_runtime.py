@@ -16,6 +16,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        # Ray swaps 127.0.0.1 for the machine's external address unless told this is a
+        # single-machine Ray; then every Ray server binds to loopback only
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # for the processes Ray starts
+        import ray._private.ray_constants as ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False  # read when this process picks the node address
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # DDP's gloo pairs on loopback too
         ray.init(
             address="local",
             _node_ip_address="127.0.0.1",

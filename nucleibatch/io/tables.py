@@ -67,6 +67,26 @@ def write_nuclei_part(out_dir: Path, name: str, image_id: str, columns: dict[str
     return path
 
 
+EMPTY_PART = "nucleibatch-no-nuclei.parquet"
+
+
+def finish_nuclei_dataset(out_dir: Path) -> None:
+    """Make ``nuclei.parquet/`` readable even when no image produced nuclei.
+
+    With no image part, a zero-row part carrying the schema is written (so pandas reads an empty
+    table with the right columns); once real parts exist, that placeholder is removed.
+    """
+    directory = out_dir / "nuclei.parquet"
+    placeholder = directory / EMPTY_PART
+    parts = [p for p in directory.glob("*.parquet") if p.name != EMPTY_PART] if directory.is_dir() else []
+    if parts:
+        placeholder.unlink(missing_ok=True)
+    elif not placeholder.exists():
+        sink = pa.BufferOutputStream()
+        pq.write_table(NUCLEI_SCHEMA.empty_table(), sink)
+        atomic_write_bytes(placeholder, sink.getvalue().to_pybytes())
+
+
 def records_dir(out_dir: Path) -> Path:
     return out_dir / STATE_DIR / "records"
 

@@ -1,0 +1,150 @@
+"""`segment` end to end: every input kind, the output contract, and the tiling oracle."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import zarr
+
+from nucleibatch.cli import main
+from nucleibatch.metrics import iou_matrix
+from nucleibatch.pipeline import SegmentSettings
+from nucleibatch.segment import run_segment_job
+from nucleibatch.synthetic import synthetic_mosaic, synthetic_nuclei, threshold_model
+from tests import input_files as files
+
+IMAGE_COLUMNS = {"image_id", "source", "height", "width", "n_nuclei", "status", "error", "seconds", "store_path"}
+NUCLEI_COLUMNS = {
+    "image_id", "label", "centroid_y", "centroid_x", "area", "perimeter", "eccentricity", "solidity",
+    "mean_intensity", "bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x",
+}  # fmt: skip
+
+
+def check_contract(out) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Everything DESIGN.md section 3 promises about OUT, read with pandas, zarr and ome-zarr-py."""
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Label, Multiscales, Reader
+
+    images = pd.read_parquet(out / "images.parquet")
+    nuclei = pd.read_parquet(out / "nuclei.parquet")
+    assert IMAGE_COLUMNS <= set(images.columns) and NUCLEI_COLUMNS <= set(nuclei.columns)
+    assert images.image_id.is_unique
+    assert not nuclei.duplicated(["image_id", "label"]).any()
+    assert set(images.status) <= {"ok", "failed"}
+    run = json.loads((out / "run.json").read_text())
+    assert run["counts"]["ok"] == int((images.status == "ok").sum())
+    assert run["counts"]["nuclei"] == len(nuclei) == int(images.n_nuclei.sum())
+    assert run["model"]["sha256"] and "pixels" in run["units"]
+    root = zarr.open_group(str(out / "masks.zarr"), mode="r")
+    for row in images.itertuples():
+        if row.status != "ok":
+            assert row.error and "\n" not in row.error
+            continue
+        assert pd.isna(row.error)
+        labels = root[row.store_path]["labels/nuclei/0"][:]
+        assert labels.shape == (row.height, row.width) and labels.dtype.kind == "u"
+        mine = nuclei[nuclei.image_id == row.image_id].set_index("label")
+        values, counts = np.unique(labels[labels > 0], return_counts=True)
+        assert set(values) == set(mine.index) and len(values) == row.n_nuclei
+        assert (mine.loc[values, "area"].to_numpy() == counts).all()
+        for value in values[:5]:
+            ys, xs = np.nonzero(labels == value)
+            box = mine.loc[value, ["bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x"]].tolist()
+            assert box == [ys.min(), xs.min(), ys.max() + 1, xs.max() + 1]
+            assert abs(mine.loc[value, "centroid_y"] - ys.mean()) < 1e-6
+        nodes = list(Reader(parse_url(str(out / "masks.zarr" / row.store_path)))())
+        assert any(isinstance(spec, Multiscales) for spec in nodes[0].specs)
+        label_nodes = [n for n in nodes if any(isinstance(s, Label) for s in n.specs)]
+        assert label_nodes and np.array_equal(np.asarray(label_nodes[0].data[0]), labels)
+    return images, nuclei
+
+
+def write_every_kind(root):
+    """One folder holding each input kind of the main-job issue; returns the expected image ids."""
+    files.write_plate_tree(root / "plates")
+    files.write_dsb_tree(root / "dsb")
+    multipage = np.stack([files.grey((64, 72), seed=s) for s in range(3)])
+    files.write_tiff(root / "stacks" / "multipage.tif", multipage, photometric="minisblack")
+    files.write_multiseries_ome_tiff(root / "stacks" / "wells.ome.tif")
+    big, _ = synthetic_nuclei((700, 900), n_nuclei=300, seed=7, dtype=np.uint16)
+    files.write_pyramid_tiff(root / "slides" / "pyramid.tif", big, n_levels=3, tile=(128, 128))
+    files.write_svs_like(root / "slides" / "slide.svs", np.dstack([255 - (big >> 8).astype(np.uint8)] * 3))
+    files.write_zarr_array(root / "arrays" / "plain.zarr", files.grey((96, 96), seed=9), dimension_names=("y", "x"))
+    files.write_ome_zarr(root / "arrays" / "image.ome.zarr", np.stack([files.grey((128, 128), seed=10)] * 2), axes="cyx")
+    files.write_plain(root / "more" / "sixteen.png", files.grey((64, 64), seed=11, dtype=np.uint16))
+    files.write_plain(root / "more" / "rgba.png", files.multichannel((64, 64), 4, seed=12))
+    files.write_tiff(root / "more" / "float.tif", files.grey((64, 64), seed=13, dtype=np.float32))
+    files.write_manifest_txt(root / "list.txt", ["more/sixteen.png", "more/rgba.png"])
+
+
+def test_every_input_kind_segments_into_the_contract(tmp_path):
+    write_every_kind(tmp_path / "in")
+    out = tmp_path / "out"
+    summary = run_segment_job([str(tmp_path / "in")], out, model=threshold_model(), settings=SegmentSettings(block_size=256, block_margin=64), progress=False)
+    images, nuclei = check_contract(out)
+    assert summary.exit_code == 0, images[images.status != "ok"][["image_id", "error"]]
+    ids = set(images.image_id)
+    for expected in ("plates/plateA/B02/field_1", "dsb/aaa111", "stacks/multipage#q1", "stacks/wells#s1-z1",
+                     "slides/pyramid", "slides/slide", "arrays/plain", "arrays/image", "more/float"):  # fmt: skip
+        assert expected in ids, sorted(ids)
+    assert not any("masks" in i for i in ids)  # DSB masks are annotations, not inputs
+    per_image = images.set_index("image_id").n_nuclei
+    assert per_image["slides/pyramid"] > 100 and per_image["slides/slide"] > 100  # several blocks stitched
+    # the brightfield-like slide (dark nuclei on light) is inverted by the auto normalisation
+    assert abs(per_image["slides/slide"] - per_image["slides/pyramid"]) <= 0.1 * per_image["slides/pyramid"]
+
+
+def test_manifest_input_and_channel_choice(tmp_path):
+    write_every_kind(tmp_path / "in")
+    out = tmp_path / "out"
+    summary = run_segment_job([str(tmp_path / "in" / "list.txt")], out, model=threshold_model(), settings=SegmentSettings(channel=1), progress=False)
+    images, _ = check_contract(out)
+    assert summary.exit_code == 3  # the 16-bit grey PNG has no channel 1
+    failed = images.set_index("image_id").loc["more/sixteen"]
+    assert failed.status == "failed" and "channel" in failed.error
+    assert images.set_index("image_id").loc["more/rgba"].status == "ok"
+
+
+def test_cli_with_a_model_bundle_writes_the_contract(tmp_path, tiny_bundle, capsys):
+    files.write_dsb_tree(tmp_path / "in", ids=("one", "two", "three"), shape=(96, 128))
+    code = main(["segment", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", str(tiny_bundle), "--device", "cpu"])
+    assert code == 0
+    check_contract(tmp_path / "out")
+    printed = capsys.readouterr().out
+    assert "napari" in printed and "read_parquet" in printed and str(tmp_path / "out") in printed
+
+
+def match_fraction(reference: np.ndarray, candidate: np.ndarray, threshold: float = 0.9) -> tuple[float, int, int]:
+    """Fraction of reference nuclei matched one-to-one at IoU >= threshold; numbers split and merged."""
+    iou = iou_matrix(reference, candidate)
+    if iou.size == 0:
+        return 1.0, 0, 0
+    matched = float((iou.max(axis=1) >= threshold).mean())
+    overlaps = iou > 0.1
+    split = int((overlaps.sum(axis=1) > 1).sum())  # one reference nucleus over several candidates
+    merged = int((overlaps.sum(axis=0) > 1).sum())  # one candidate over several reference nuclei
+    return matched, split, merged
+
+
+def labels_of(out, image_id):
+    images = pd.read_parquet(out / "images.parquet").set_index("image_id")
+    return zarr.open_group(str(out / "masks.zarr"), mode="r")[images.loc[image_id, "store_path"]]["labels/nuclei/0"][:]
+
+
+def test_tiling_oracle_synthetic_is_exact(tmp_path):
+    """With a model whose context fits in the halo, small blocks give exactly the one-block labels."""
+    image, _ = synthetic_mosaic(tiles=3, tile_shape=(230, 250), seed=3, n_nuclei=70, radius=(5, 12))
+    files.write_tiff(tmp_path / "in" / "mosaic.tif", image)
+    model = threshold_model()
+    one = run_segment_job([str(tmp_path / "in")], tmp_path / "one", model=model, settings=SegmentSettings(block_size=2048), progress=False)
+    tiled = run_segment_job([str(tmp_path / "in")], tmp_path / "tiled", model=model, settings=SegmentSettings(block_size=128, block_margin=48), progress=False)
+    assert one.exit_code == tiled.exit_code == 0
+    whole, blocks = labels_of(tmp_path / "one", "mosaic"), labels_of(tmp_path / "tiled", "mosaic")
+    matched, split, merged = match_fraction(whole, blocks, threshold=0.999)
+    assert matched == 1.0 and split == merged == 0
+    assert len(np.unique(whole)) == len(np.unique(blocks)) > 150
+    a = pd.read_parquet(tmp_path / "one" / "nuclei.parquet").sort_values(["centroid_y", "centroid_x"]).reset_index(drop=True)
+    b = pd.read_parquet(tmp_path / "tiled" / "nuclei.parquet").sort_values(["centroid_y", "centroid_x"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a.drop(columns=["label"]), b.drop(columns=["label"]))

@@ -1,0 +1,404 @@
+"""Resume of `nucleibatch segment` (DESIGN.md section 3): SIGKILL at any moment, then re-run.
+
+Contract under test: re-running the same command on the same OUT skips finished images
+and redoes unfinished ones, with no duplicate rows; ``--overwrite`` starts over; a run
+killed with SIGKILL at any moment and then re-run ends with the same labels and tables
+as an uninterrupted run. Plus: a finished OUT is not redone, a deleted completion record
+redoes exactly that image, other settings on the same OUT are refused (exit 2), a live
+run's lock refuses a second run (exit 1) and a dead run's lock is taken over.
+
+Everything is real: `python -m nucleibatch segment` subprocesses killed with SIGKILL,
+real files, parquet and zarr. Kill points are drawn with a fixed seed from the wall
+time of the uninterrupted reference run (``NB_KILL_POINTS=N`` draws N of them; 5 by
+default), plus one triggered by the run's own progress: right after its last
+completion record, i.e. while it writes images.parquet / run.json and exits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+
+from nucleibatch.cli import main
+from nucleibatch.synthetic import synthetic_nuclei
+
+sys.path.insert(0, str(Path(__file__).parent))
+import input_files as files  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+BLOCK = ["--block-size", "256", "--block-margin", "64"]
+STATE = ".nucleibatch"
+KILL_SEED = 20240611
+N_RANDOM_KILLS = int(os.environ.get("NB_KILL_POINTS", "5"))
+# small fields (one block each) and two larger images processed in several blocks; big1 is
+# taller than 1024 px, so its labels have a pyramid level 1 as well
+SMALL = 10
+LARGE = {"big0": (600, 700), "big1": (1060, 300)}
+N_IMAGES = SMALL + len(LARGE)
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    """12 synthetic images: PNG and TIFF fields of 128..256 px, two tiled TIFFs of several blocks."""
+    folder = tmp_path_factory.mktemp("resume") / "in"
+    rng = np.random.default_rng(7)
+    for i in range(SMALL):
+        height, width = (int(v) for v in rng.integers(128, 257, size=2))
+        image, _ = synthetic_nuclei((height, width), n_nuclei=12, seed=i)
+        if i % 2:
+            files.write_plain(folder / f"field{i:02d}.png", image)
+        else:
+            files.write_tiff(folder / f"field{i:02d}.tif", image)
+    for number, (name, shape) in enumerate(LARGE.items()):
+        image, _ = synthetic_nuclei(shape, n_nuclei=150, seed=100 + number)
+        files.write_tiff(folder / f"{name}.tif", image, tile=(128, 128), compression="zlib")
+    return folder
+
+
+def segment_command(inputs: Path, out: Path, bundle: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "nucleibatch", "segment", str(inputs), "-o", str(out), "--model", str(bundle), *BLOCK, *extra]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+
+
+def run_to_end(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def reference(inputs, tiny_bundle, tmp_path_factory) -> tuple[Path, float]:
+    """The uninterrupted run (subprocess): its OUT and its wall time in seconds."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    started = time.perf_counter()
+    done = run_to_end(segment_command(inputs, out, tiny_bundle))
+    wall = time.perf_counter() - started
+    assert done.returncode == 0, done.stderr[-3000:]
+    images = pd.read_parquet(out / "images.parquet")
+    assert len(images) == N_IMAGES and (images["status"] == "ok").all()
+    assert (images["n_nuclei"] > 0).all(), "the reference must have nuclei in every image to compare"
+    levels = zarr.open_group(str(out / "masks.zarr"), mode="r")
+    assert "1" in levels[f"{images.set_index('image_id').loc['big1', 'store_path']}/labels/nuclei"], "big1 should have a pyramid level"
+    return out, wall
+
+
+def copy_of(reference_out: Path, tmp_path: Path) -> Path:
+    """A copy of the finished reference OUT (mtimes kept) to resume on."""
+    out = tmp_path / "out"
+    shutil.copytree(reference_out, out, symlinks=True)
+    return out
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def temporary_files(out: Path) -> list[str]:
+    """Hidden ``.<name>.tmp-<pid>`` files of atomic writes (a killed writer's leftovers)."""
+    return sorted(str(p.relative_to(out)) for p in out.rglob(".*.tmp-*"))
+
+
+def part_stamps(out: Path) -> dict[str, tuple[int, int]]:
+    """``{part file name: (inode, mtime_ns)}`` of nuclei.parquet/ (changes when a part is rewritten)."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted((out / "nuclei.parquet").glob("*.parquet"))}
+
+
+def record_names(out: Path) -> set[str]:
+    return {p.stem for p in (out / STATE / "records").glob("*.json")}
+
+
+def run_json(out: Path) -> dict:
+    return json.loads((out / "run.json").read_text())
+
+
+def label_levels(group: zarr.Group) -> list[str]:
+    datasets = group["labels/nuclei"].attrs["ome"]["multiscales"][0]["datasets"]
+    return [d["path"] for d in datasets]
+
+
+def assert_same_outputs(out: Path, reference_out: Path) -> None:
+    """Tables and masks of ``out`` equal the reference's (except timings); nothing duplicated or left over."""
+    ref_images = pd.read_parquet(reference_out / "images.parquet")
+    images = pd.read_parquet(out / "images.parquet")
+    assert len(images) == N_IMAGES and images["image_id"].is_unique, images["image_id"].tolist()
+    pd.testing.assert_frame_equal(
+        images.drop(columns="seconds").sort_values("image_id").reset_index(drop=True),
+        ref_images.drop(columns="seconds").sort_values("image_id").reset_index(drop=True),
+        check_exact=True,
+    )
+
+    ref_nuclei = pd.read_parquet(reference_out / "nuclei.parquet")
+    nuclei = pd.read_parquet(out / "nuclei.parquet")
+    duplicated = nuclei[nuclei.duplicated(["image_id", "label"], keep=False)]
+    assert duplicated.empty, f"duplicate (image_id, label) rows:\n{duplicated.head()}"
+    assert sorted(part_stamps(out)) == sorted(part_stamps(reference_out)), "nuclei parts differ from the reference's"
+    key = ["image_id", "label"]
+    pd.testing.assert_frame_equal(
+        nuclei.sort_values(key).reset_index(drop=True), ref_nuclei.sort_values(key).reset_index(drop=True), check_exact=True
+    )
+
+    ref_root = zarr.open_group(str(reference_out / "masks.zarr"), mode="r")
+    root = zarr.open_group(str(out / "masks.zarr"), mode="r")
+    assert sorted(root.group_keys()) == sorted(ref_root.group_keys()), "masks.zarr holds other image groups than the reference"
+    for store_path in ref_images["store_path"]:
+        group, ref_group = root[store_path], ref_root[store_path]
+        assert label_levels(group) == label_levels(ref_group)
+        for level in label_levels(ref_group):
+            labels, expected = group[f"labels/nuclei/{level}"], ref_group[f"labels/nuclei/{level}"]
+            assert labels.dtype == expected.dtype and labels.shape == expected.shape
+            assert np.array_equal(labels[...], expected[...]), f"{store_path} labels level {level} differ from the reference"
+        assert np.array_equal(group["0"][...], ref_group["0"][...]), f"{store_path}: stored image differs"
+
+    assert temporary_files(out) == [], "temporary files left in OUT"
+    assert not (out / STATE / "lock").exists(), "a finished run left its lock behind"
+    counts = run_json(out)["counts"]
+    assert (counts["images"], counts["ok"], counts["failed"]) == (N_IMAGES, N_IMAGES, 0)
+    assert counts["nuclei"] == len(ref_nuclei)
+
+
+# --------------------------------------------------------------------------- kill and resume
+
+
+def kill_delays(wall: float, n: int = N_RANDOM_KILLS, seed: int = KILL_SEED) -> list[float]:
+    """``n`` delays spread over the run: one uniform draw in each of ``n`` equal slices of [3 %, 97 %] of ``wall``."""
+    rng = random.Random(seed)
+    lo, hi = 0.03 * wall, 0.97 * wall
+    width = (hi - lo) / n
+    return [round(lo + width * (k + rng.random()), 3) for k in range(n)]
+
+
+def start(command: list[str], log: Path) -> subprocess.Popen:
+    handle = open(log, "w")  # noqa: SIM115 (closed by the caller through proc.log)
+    proc = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=handle, stderr=subprocess.STDOUT)
+    proc.log = handle  # type: ignore[attr-defined]
+    return proc
+
+
+def kill(proc: subprocess.Popen) -> bool:
+    """SIGKILL ``proc``; True when it was still running (False: it had already exited)."""
+    still_running = proc.poll() is None
+    if still_running:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    proc.log.close()  # type: ignore[attr-defined]
+    return still_running
+
+
+def kill_after(proc: subprocess.Popen, delay: float) -> bool:
+    try:
+        proc.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        pass
+    return kill(proc)
+
+
+def kill_after_last_record(proc: subprocess.Popen, out: Path, timeout: float = 300) -> bool:
+    """Kill as soon as every image has its completion record: the end phase (tables, run.json, exit)."""
+    records = out / STATE / "records"
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if records.is_dir() and sum(1 for _ in records.glob("*.json")) >= N_IMAGES:
+            break
+        time.sleep(0.002)
+    return kill(proc)
+
+
+def kill_points() -> list[str]:
+    return [f"random-{k}" for k in range(N_RANDOM_KILLS)] + ["after-last-record"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", kill_points())
+def test_sigkill_at_any_moment_then_rerun_equals_uninterrupted_run(point, inputs, tiny_bundle, reference, tmp_path):
+    reference_out, wall = reference
+    out = tmp_path / "out"
+    command = segment_command(inputs, out, tiny_bundle)
+    proc = start(command, tmp_path / "killed.log")
+    if point == "after-last-record":
+        was_running = kill_after_last_record(proc, out)
+        when = "after the last completion record"
+    else:
+        delay = kill_delays(wall)[int(point.split("-")[1])]
+        was_running = kill_after(proc, delay)
+        when = f"{delay:.2f} s after start (reference run: {wall:.1f} s)"
+    log = (tmp_path / "killed.log").read_text()
+    # what the killed run left: finished images (records), their parts, and maybe its lock
+    done_before = record_names(out) if out.exists() else set()
+    stamps_before = {name: stamp for name, stamp in part_stamps(out).items() if Path(name).stem in done_before} if out.exists() else {}
+    lock = out / STATE / "lock"
+    if lock.exists() and lock.read_text():
+        assert json.loads(lock.read_text())["pid"] == proc.pid, "the lock left behind is not the killed run's"
+    print(f"{point}: killed {when}; running: {was_running}; finished images: {len(done_before)}/{N_IMAGES}; lock left: {lock.exists()}")
+    assert was_running or "segmented" in log, f"the run exited by itself before the kill with status {proc.returncode}:\n{log[-2000:]}"
+
+    rerun = run_to_end(command)
+    assert rerun.returncode == 0, f"re-run after a kill {when} failed:\n{rerun.stderr[-3000:]}"
+    assert_same_outputs(out, reference_out)
+    # finished images were skipped, not redone: same count, same part files
+    assert run_json(out)["counts"]["resumed"] == len(done_before)
+    assert {name: stamp for name, stamp in part_stamps(out).items() if name in stamps_before} == stamps_before
+
+
+def test_kill_delays_are_spread_over_the_run():
+    delays = kill_delays(20.0, n=5)
+    assert delays == sorted(delays) and len(set(delays)) == 5
+    assert 0.6 <= delays[0] < 4.5 and 15.5 <= delays[-1] <= 19.4
+    assert delays == kill_delays(20.0, n=5), "kill points must be reproducible (fixed seed)"
+
+
+# --------------------------------------------------------------------------- resume rules
+
+
+def test_rerun_of_a_finished_out_does_no_work(inputs, tiny_bundle, reference, tmp_path):
+    out = copy_of(reference[0], tmp_path)
+    before = part_stamps(out)
+    records_before = {p.name: p.stat().st_mtime_ns for p in (out / STATE / "records").glob("*.json")}
+    assert main(["segment", str(inputs), "-o", str(out), "--model", str(tiny_bundle), *BLOCK]) == 0
+    counts = run_json(out)["counts"]
+    assert counts["resumed"] == N_IMAGES and counts["ok"] == N_IMAGES
+    assert run_json(out)["processed_megapixels"] == 0
+    assert part_stamps(out) == before, "a finished image's nuclei part was rewritten"
+    assert {p.name: p.stat().st_mtime_ns for p in (out / STATE / "records").glob("*.json")} == records_before
+    assert_same_outputs(out, reference[0])
+
+
+def test_overwrite_starts_over(inputs, tiny_bundle, reference, tmp_path):
+    out = copy_of(reference[0], tmp_path)
+    # results of an image that is not among the inputs any more: --overwrite must drop them
+    root = zarr.open_group(str(out / "masks.zarr"), mode="a")
+    root.create_group("ghost")
+    shutil.copy(out / "nuclei.parquet" / "big0.parquet", out / "nuclei.parquet" / "ghost.parquet")
+    ghost = json.loads((out / STATE / "records" / "big0.json").read_text()) | {"image_id": "ghost", "store_path": "ghost"}
+    (out / STATE / "records" / "ghost.json").write_text(json.dumps(ghost))
+    before = part_stamps(out)
+    (out / "notes.txt").write_text("a user's file in OUT is kept\n")
+
+    assert main(["segment", str(inputs), "-o", str(out), "--model", str(tiny_bundle), *BLOCK, "--overwrite"]) == 0
+    assert run_json(out)["counts"]["resumed"] == 0
+    after = part_stamps(out)
+    assert all(after[name] != before[name] for name in after), "--overwrite kept a nuclei part of the previous run"
+    assert_same_outputs(out, reference[0])  # also: no ghost group, part, or row
+    assert (out / "notes.txt").exists()
+
+
+def test_deleted_completion_record_redoes_exactly_that_image(inputs, tiny_bundle, reference, tmp_path):
+    out = copy_of(reference[0], tmp_path)
+    before = part_stamps(out)
+    (out / STATE / "records" / "big0.json").unlink()
+    assert main(["segment", str(inputs), "-o", str(out), "--model", str(tiny_bundle), *BLOCK]) == 0
+    assert run_json(out)["counts"]["resumed"] == N_IMAGES - 1
+    after = part_stamps(out)
+    changed = sorted(name for name in after if after[name] != before[name])
+    assert changed == ["big0.parquet"]
+    assert run_json(out)["processed_megapixels"] == pytest.approx(600 * 700 / 1e6, abs=1e-4)
+    assert_same_outputs(out, reference[0])
+
+
+def test_other_settings_on_the_same_out_are_refused(inputs, tiny_bundle, reference, tmp_path):
+    out = copy_of(reference[0], tmp_path)
+    before = part_stamps(out)
+    command = segment_command(inputs, out, tiny_bundle)
+    command[command.index("256")] = "512"  # --block-size 512
+    done = run_to_end(command)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert "block_size" in lines[0] and "--overwrite" in lines[0] and str(out) in lines[0]
+    assert part_stamps(out) == before and not (out / STATE / "lock").exists()
+    assert_same_outputs(out, reference[0])
+
+
+def test_live_lock_refuses_a_second_run_and_a_dead_ones_is_taken_over(inputs, tiny_bundle, reference, tmp_path, capsys):
+    out = copy_of(reference[0], tmp_path)
+    lock = out / STATE / "lock"
+    argv = ["segment", str(inputs), "-o", str(out), "--model", str(tiny_bundle), *BLOCK]
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        held = json.dumps({"pid": holder.pid, "host": socket.gethostname()})
+        lock.write_text(held)
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert "another run" in err and str(holder.pid) in err and str(out) in err
+        assert lock.read_text() == held, "the refused run touched the live run's lock"
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is dead now: its lock is stale and is taken over
+    assert lock.read_text() == held
+    assert main(argv) == 0
+    assert not lock.exists()
+    assert run_json(out)["counts"]["resumed"] == N_IMAGES
+
+
+def test_leftover_temporary_files_of_a_killed_writer_are_removed(inputs, tiny_bundle, reference, tmp_path):
+    """A SIGKILL inside an atomic write leaves ``.<name>.tmp-<pid>``; the next run must clean it up.
+
+    Random kill points rarely land inside the few milliseconds of a write, so the state
+    they leave is made here directly: the files a writer killed mid-write leaves behind.
+    """
+    out = copy_of(reference[0], tmp_path)
+    (out / STATE / "records" / "big0.json").unlink()  # big0 was being finished when the run was killed
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftovers = [
+        out / "nuclei.parquet" / f".big0.parquet.tmp-{dead.pid}",
+        out / STATE / "records" / f".big0.json.tmp-{dead.pid}",
+        out / f".images.parquet.tmp-{dead.pid}",
+        out / f".run.json.tmp-{dead.pid}",
+    ]
+    for path in leftovers:
+        path.write_bytes(b"PAR1 half written")
+    assert main(["segment", str(inputs), "-o", str(out), "--model", str(tiny_bundle), *BLOCK]) == 0
+    # PACKAGE BUG (expected to fail until fixed): nucleibatch/io/tables.py atomic_write_bytes names
+    # its temporary file after the writer's pid and nothing ever removes the temporary files of a
+    # dead writer, so every SIGKILL that lands inside a write leaves a file in OUT forever.
+    assert temporary_files(out) == []
+    assert_same_outputs(out, reference[0])
+
+
+def test_masks_root_is_opened_safely_by_concurrent_images(tmp_path):
+    """The local engine segments 2 images at once, and each opens OUT/masks.zarr (creating it on a fresh OUT).
+
+    PACKAGE BUG (expected to fail until fixed): nucleibatch/io/store.py open_root calls
+    ``zarr.open_group(mode="a")``, which checks for the group and then creates it; when two image
+    threads of a fresh run do this at once, the loser gets ``ContainsGroupError: A group exists in
+    store ... at path ''`` and its image is recorded as 'failed' (seen in about 1 fresh run in 10 here).
+    """
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nucleibatch.io.store import open_root
+
+    errors = []
+    for trial in range(300):  # the race is lost in a few % of tries: 300 tries find it for sure
+        barrier = threading.Barrier(2)
+        path = tmp_path / f"out{trial}" / "masks.zarr"
+
+        def open_it(path=path, barrier=barrier):
+            barrier.wait()
+            return open_root(path)
+
+        with ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(open_it) for _ in range(2)]
+            for future in futures:
+                try:
+                    future.result()
+                except Exception as error:  # noqa: BLE001 (collected and reported below)
+                    errors.append(f"{type(error).__name__}: {error}")
+    assert errors == [], f"{len(errors)} of 600 concurrent opens of a fresh masks.zarr failed, e.g. {errors[0]}"
