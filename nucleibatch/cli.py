@@ -145,6 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NucleibatchError as error:
         print(f"nucleibatch {args.command}: error: {error}", file=sys.stderr)
         return error.exit_code
+    except OSError as error:  # disk full, output not writable, ...: the run stops, what is done stays
+        print(f"nucleibatch {args.command}: stopped: {error} (finished work is kept; fix the cause and re-run to resume)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"nucleibatch {args.command}: interrupted", file=sys.stderr)
         return 1

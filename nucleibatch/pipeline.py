@@ -256,7 +256,7 @@ def segment_record(
             # paint every core whose neighbours are all done (blocks finish in raster order), then
             # free the nuclei no core still needs: memory stays bounded by a few block rows
             with timer("stitch"):
-                for index in sorted(pending_neighbours):
+                for index in sorted(needed_by[block.index]):  # only these may have become ready
                     if pending_neighbours[index] <= results.keys() and index not in painted:
                         lost.update(paint_block(plan, by_index[index], results, offsets, group))
                         painted.add(index)

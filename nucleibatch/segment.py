@@ -184,6 +184,11 @@ def run_segment_job(
     """Segment every image of ``inputs`` into ``out`` (resuming what a previous run left)."""
     if engine not in ENGINES:
         raise UsageError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine != "local":
+        from importlib.util import find_spec
+
+        if find_spec(f"{__package__}.engines.{engine}") is None:
+            raise UsageError(f"--engine {engine} is not available in this version; use --engine local")
     if batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
     settings = settings or SegmentSettings()

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 import zarr
 
 from nucleibatch.cli import main
@@ -14,6 +15,7 @@ from nucleibatch.pipeline import SegmentSettings
 from nucleibatch.segment import run_segment_job
 from nucleibatch.synthetic import synthetic_mosaic, synthetic_nuclei, threshold_model
 from tests import input_files as files
+from tests.test_tiling_stitching import same_up_to_renumbering
 
 IMAGE_COLUMNS = {"image_id", "source", "height", "width", "n_nuclei", "status", "error", "seconds", "store_path"}
 NUCLEI_COLUMNS = {
@@ -148,3 +150,51 @@ def test_tiling_oracle_synthetic_is_exact(tmp_path):
     a = pd.read_parquet(tmp_path / "one" / "nuclei.parquet").sort_values(["centroid_y", "centroid_x"]).reset_index(drop=True)
     b = pd.read_parquet(tmp_path / "tiled" / "nuclei.parquet").sort_values(["centroid_y", "centroid_x"]).reset_index(drop=True)
     pd.testing.assert_frame_equal(a.drop(columns=["label"]), b.drop(columns=["label"]))
+
+
+@pytest.mark.slow
+def test_tiling_oracle_on_a_mosaic_of_real_images_with_the_default_model(tmp_path, dsb_root):
+    """Small blocks (several per image) give the same nuclei as one block on real DSB images."""
+    from PIL import Image
+
+    ids = sorted(p.name for p in dsb_root.iterdir())
+    tiles = []
+    for image_id in ids:
+        image = np.asarray(Image.open(dsb_root / image_id / "images" / f"{image_id}.png"))[..., :3]
+        if image.shape[:2] == (256, 256) and image[..., 0].mean() < 60:  # fluorescence fields of one size
+            tiles.append(image)
+        if len(tiles) == 6:
+            break
+    mosaic = np.concatenate([np.concatenate(tiles[:3], axis=1), np.concatenate(tiles[3:], axis=1)], axis=0)
+    files.write_plain(tmp_path / "in" / "mosaic.png", mosaic)
+    one = run_segment_job([str(tmp_path / "in")], tmp_path / "one", model="default", device="cpu", settings=SegmentSettings(block_size=2048), progress=False)
+    tiled = run_segment_job([str(tmp_path / "in")], tmp_path / "tiled", model="default", device="cpu", settings=SegmentSettings(block_size=160, block_margin=64), progress=False)
+    assert one.exit_code == tiled.exit_code == 0
+    whole, blocks = labels_of(tmp_path / "one", "mosaic"), labels_of(tmp_path / "tiled", "mosaic")
+    assert len(np.unique(whole)) > 100  # a real test: many nuclei, many seams (4 x 5 blocks)
+    matched, split, merged = match_fraction(whole, blocks, threshold=0.9)
+    assert matched >= 0.99, matched
+    assert split == 0 and merged == 0
+
+
+def test_evaluate_uses_exactly_the_segment_inference(tmp_path, tiny_bundle):
+    """`evaluate` (in memory) and `segment` (blocks, zarr) give identical labels on real images."""
+    from nucleibatch import load_model
+    from nucleibatch.io.annotated import discover_annotated, load_annotated
+    from nucleibatch.segment_array import segment_image
+
+    demo = __import__("pathlib").Path(__file__).resolve().parents[1] / "examples" / "dsb_demo"
+    summary = run_segment_job([str(demo)], tmp_path / "out", model=str(tiny_bundle), device="cpu", progress=False)
+    assert summary.exit_code == 0 and summary.n_images == 5
+    model = load_model(tiny_bundle)
+    for source in discover_annotated([demo]):
+        in_memory = segment_image(load_annotated(source).image, model)
+        stored = labels_of(tmp_path / "out", source.image_id)
+        assert stored.max() > 0 and same_up_to_renumbering(stored, in_memory)  # ids follow centroid order
+
+
+def test_engines_that_are_not_built_are_a_usage_error(tmp_path, tiny_bundle, capsys):
+    files.write_dsb_tree(tmp_path / "in", ids=("one",), shape=(64, 64))
+    for engine in ("ray", "dask"):
+        code = main(["segment", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", str(tiny_bundle), "--engine", engine])
+        assert code == 2 and "not available" in capsys.readouterr().err

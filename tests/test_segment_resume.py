@@ -43,11 +43,11 @@ BLOCK = ["--block-size", "256", "--block-margin", "64"]
 STATE = ".nucleibatch"
 KILL_SEED = 20240611
 N_RANDOM_KILLS = int(os.environ.get("NB_KILL_POINTS", "5"))
-# small fields (one block each) and two larger images processed in several blocks; big1 is
-# taller than 1024 px, so its labels have a pyramid level 1 as well
-SMALL = 10
-LARGE = {"big0": (600, 700), "big1": (1060, 300)}
-N_IMAGES = SMALL + len(LARGE)
+# small fields (one block each) and two larger images processed in several blocks, placed among
+# the small ones in id order (images are done in id order); field08 is taller than 1024 px, so
+# its labels have a pyramid level 1 as well
+N_IMAGES = 12
+LARGE = {3: (600, 700), 8: (1060, 300)}
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -58,16 +58,17 @@ def inputs(tmp_path_factory) -> Path:
     """12 synthetic images: PNG and TIFF fields of 128..256 px, two tiled TIFFs of several blocks."""
     folder = tmp_path_factory.mktemp("resume") / "in"
     rng = np.random.default_rng(7)
-    for i in range(SMALL):
+    for i in range(N_IMAGES):
+        if i in LARGE:
+            image, _ = synthetic_nuclei(LARGE[i], n_nuclei=150, seed=100 + i)
+            files.write_tiff(folder / f"field{i:02d}.tif", image, tile=(128, 128), compression="zlib")
+            continue
         height, width = (int(v) for v in rng.integers(128, 257, size=2))
         image, _ = synthetic_nuclei((height, width), n_nuclei=12, seed=i)
         if i % 2:
             files.write_plain(folder / f"field{i:02d}.png", image)
         else:
             files.write_tiff(folder / f"field{i:02d}.tif", image)
-    for number, (name, shape) in enumerate(LARGE.items()):
-        image, _ = synthetic_nuclei(shape, n_nuclei=150, seed=100 + number)
-        files.write_tiff(folder / f"{name}.tif", image, tile=(128, 128), compression="zlib")
     return folder
 
 
@@ -95,7 +96,7 @@ def reference(inputs, tiny_bundle, tmp_path_factory) -> tuple[Path, float]:
     assert len(images) == N_IMAGES and (images["status"] == "ok").all()
     assert (images["n_nuclei"] > 0).all(), "the reference must have nuclei in every image to compare"
     levels = zarr.open_group(str(out / "masks.zarr"), mode="r")
-    assert "1" in levels[f"{images.set_index('image_id').loc['big1', 'store_path']}/labels/nuclei"], "big1 should have a pyramid level"
+    assert "1" in levels[f"{images.set_index('image_id').loc['field08', 'store_path']}/labels/nuclei"], "field08 should have a pyramid level"
     return out, wall
 
 
@@ -183,20 +184,12 @@ def kill_delays(wall: float, n: int = N_RANDOM_KILLS, seed: int = KILL_SEED) -> 
     return [round(lo + width * (k + rng.random()), 3) for k in range(n)]
 
 
-def start(command: list[str], log: Path) -> subprocess.Popen:
-    handle = open(log, "w")  # noqa: SIM115 (closed by the caller through proc.log)
-    proc = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=handle, stderr=subprocess.STDOUT)
-    proc.log = handle  # type: ignore[attr-defined]
-    return proc
-
-
 def kill(proc: subprocess.Popen) -> bool:
     """SIGKILL ``proc``; True when it was still running (False: it had already exited)."""
     still_running = proc.poll() is None
     if still_running:
         os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
-    proc.log.close()  # type: ignore[attr-defined]
     return still_running
 
 
@@ -229,14 +222,15 @@ def test_sigkill_at_any_moment_then_rerun_equals_uninterrupted_run(point, inputs
     reference_out, wall = reference
     out = tmp_path / "out"
     command = segment_command(inputs, out, tiny_bundle)
-    proc = start(command, tmp_path / "killed.log")
-    if point == "after-last-record":
-        was_running = kill_after_last_record(proc, out)
-        when = "after the last completion record"
-    else:
-        delay = kill_delays(wall)[int(point.split("-")[1])]
-        was_running = kill_after(proc, delay)
-        when = f"{delay:.2f} s after start (reference run: {wall:.1f} s)"
+    with open(tmp_path / "killed.log", "w") as log_handle:
+        proc = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=log_handle, stderr=subprocess.STDOUT)
+        if point == "after-last-record":
+            was_running = kill_after_last_record(proc, out)
+            when = "after the last completion record"
+        else:
+            delay = kill_delays(wall)[int(point.split("-")[1])]
+            was_running = kill_after(proc, delay)
+            when = f"{delay:.2f} s after start (reference run: {wall:.1f} s)"
     log = (tmp_path / "killed.log").read_text()
     # what the killed run left: finished images (records), their parts, and maybe its lock
     done_before = record_names(out) if out.exists() else set()
@@ -283,8 +277,8 @@ def test_overwrite_starts_over(inputs, tiny_bundle, reference, tmp_path):
     # results of an image that is not among the inputs any more: --overwrite must drop them
     root = zarr.open_group(str(out / "masks.zarr"), mode="a")
     root.create_group("ghost")
-    shutil.copy(out / "nuclei.parquet" / "big0.parquet", out / "nuclei.parquet" / "ghost.parquet")
-    ghost = json.loads((out / STATE / "records" / "big0.json").read_text()) | {"image_id": "ghost", "store_path": "ghost"}
+    shutil.copy(out / "nuclei.parquet" / "field03.parquet", out / "nuclei.parquet" / "ghost.parquet")
+    ghost = json.loads((out / STATE / "records" / "field03.json").read_text()) | {"image_id": "ghost", "store_path": "ghost"}
     (out / STATE / "records" / "ghost.json").write_text(json.dumps(ghost))
     before = part_stamps(out)
     (out / "notes.txt").write_text("a user's file in OUT is kept\n")
@@ -300,13 +294,13 @@ def test_overwrite_starts_over(inputs, tiny_bundle, reference, tmp_path):
 def test_deleted_completion_record_redoes_exactly_that_image(inputs, tiny_bundle, reference, tmp_path):
     out = copy_of(reference[0], tmp_path)
     before = part_stamps(out)
-    (out / STATE / "records" / "big0.json").unlink()
+    (out / STATE / "records" / "field03.json").unlink()
     assert main(["segment", str(inputs), "-o", str(out), "--model", str(tiny_bundle), *BLOCK]) == 0
     assert run_json(out)["counts"]["resumed"] == N_IMAGES - 1
     after = part_stamps(out)
     changed = sorted(name for name in after if after[name] != before[name])
-    assert changed == ["big0.parquet"]
-    assert run_json(out)["processed_megapixels"] == pytest.approx(600 * 700 / 1e6, abs=1e-4)
+    assert changed == ["field03.parquet"]
+    assert run_json(out)["processed_megapixels"] == pytest.approx(LARGE[3][0] * LARGE[3][1] / 1e6, abs=1e-4)
     assert_same_outputs(out, reference[0])
 
 
@@ -319,9 +313,13 @@ def test_other_settings_on_the_same_out_are_refused(inputs, tiny_bundle, referen
     assert done.returncode == 2, done.stderr[-2000:]
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, done.stderr
-    assert "block_size" in lines[0] and "--overwrite" in lines[0] and str(out) in lines[0]
+    assert "--overwrite" in lines[0] and str(out) in lines[0], lines[0]
     assert part_stamps(out) == before and not (out / STATE / "lock").exists()
     assert_same_outputs(out, reference[0])
+    # PACKAGE BUG (expected to fail until fixed): the message says "differs in: settings", not which
+    # setting: nucleibatch/segment.py _check_settings compares only the top-level keys of the
+    # fingerprint ({"model_sha256", "settings"}), so the user is not told that it is block_size.
+    assert "block_size" in lines[0], lines[0]
 
 
 def test_live_lock_refuses_a_second_run_and_a_dead_ones_is_taken_over(inputs, tiny_bundle, reference, tmp_path, capsys):
@@ -353,12 +351,12 @@ def test_leftover_temporary_files_of_a_killed_writer_are_removed(inputs, tiny_bu
     they leave is made here directly: the files a writer killed mid-write leaves behind.
     """
     out = copy_of(reference[0], tmp_path)
-    (out / STATE / "records" / "big0.json").unlink()  # big0 was being finished when the run was killed
+    (out / STATE / "records" / "field03.json").unlink()  # field03 was being finished when the run was killed
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     leftovers = [
-        out / "nuclei.parquet" / f".big0.parquet.tmp-{dead.pid}",
-        out / STATE / "records" / f".big0.json.tmp-{dead.pid}",
+        out / "nuclei.parquet" / f".field03.parquet.tmp-{dead.pid}",
+        out / STATE / "records" / f".field03.json.tmp-{dead.pid}",
         out / f".images.parquet.tmp-{dead.pid}",
         out / f".run.json.tmp-{dead.pid}",
     ]
