@@ -38,6 +38,9 @@ class RayHead:
             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
             "--num-cpus", str(num_cpus), "--num-gpus", "0",
             "--ray-client-server-port", str(free_port()),
+            # fixed default ports (e.g. the agent's 52365) would clash with any other Ray on the machine
+            "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+            "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
             "--min-worker-port", "20000", "--max-worker-port", "29999",
         ]  # fmt: skip
         if tmp_dir is not None:

@@ -111,8 +111,9 @@ def copy_of(reference_out: Path, tmp_path: Path) -> Path:
 
 
 def temporary_files(out: Path) -> list[str]:
-    """Hidden ``.<name>.tmp-<pid>`` files of atomic writes (a killed writer's leftovers)."""
-    return sorted(str(p.relative_to(out)) for p in out.rglob(".*.tmp-*"))
+    """A killed writer's leftovers: nucleibatch's hidden ``.<name>.tmp-<pid>`` and zarr's ``<name>.<uuid>.partial``."""
+    found = [*out.rglob(".*.tmp-*"), *(out / "masks.zarr").rglob("*.partial")]
+    return sorted(str(p.relative_to(out)) for p in found)
 
 
 def part_stamps(out: Path) -> dict[str, tuple[int, int]]:
@@ -166,7 +167,10 @@ def assert_same_outputs(out: Path, reference_out: Path) -> None:
             assert np.array_equal(labels[...], expected[...]), f"{store_path} labels level {level} differ from the reference"
         assert np.array_equal(group["0"][...], ref_group["0"][...]), f"{store_path}: stored image differs"
 
-    assert temporary_files(out) == [], "temporary files left in OUT"
+    # PACKAGE BUG (fails after a kill inside an atomic write, e.g. the after-last-record kill point):
+    # see test_leftover_temporary_files_of_a_killed_writer_are_removed
+    leftovers = temporary_files(out)
+    assert leftovers == [], f"temporary files left in OUT: {leftovers}"
     assert not (out / STATE / "lock").exists(), "a finished run left its lock behind"
     counts = run_json(out)["counts"]
     assert (counts["images"], counts["ok"], counts["failed"]) == (N_IMAGES, N_IMAGES, 0)
@@ -177,9 +181,13 @@ def assert_same_outputs(out: Path, reference_out: Path) -> None:
 
 
 def kill_delays(wall: float, n: int = N_RANDOM_KILLS, seed: int = KILL_SEED) -> list[float]:
-    """``n`` delays spread over the run: one uniform draw in each of ``n`` equal slices of [3 %, 97 %] of ``wall``."""
+    """``n`` delays spread over the run: one uniform draw in each of ``n`` equal slices of [3 %, 90 %] of ``wall``.
+
+    (Not up to 100 %: a run can be a little faster than the reference and exit before the kill;
+    the end phase has its own kill point.)
+    """
     rng = random.Random(seed)
-    lo, hi = 0.03 * wall, 0.97 * wall
+    lo, hi = 0.03 * wall, 0.90 * wall
     width = (hi - lo) / n
     return [round(lo + width * (k + rng.random()), 3) for k in range(n)]
 
@@ -252,7 +260,7 @@ def test_sigkill_at_any_moment_then_rerun_equals_uninterrupted_run(point, inputs
 def test_kill_delays_are_spread_over_the_run():
     delays = kill_delays(20.0, n=5)
     assert delays == sorted(delays) and len(set(delays)) == 5
-    assert 0.6 <= delays[0] < 4.5 and 15.5 <= delays[-1] <= 19.4
+    assert 0.6 <= delays[0] < 4.1 and 14.4 <= delays[-1] <= 18.0
     assert delays == kill_delays(20.0, n=5), "kill points must be reproducible (fixed seed)"
 
 
