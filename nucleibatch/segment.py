@@ -23,6 +23,7 @@ from .io.tables import (
     atomic_write_bytes,
     finish_nuclei_dataset,
     read_records,
+    remove_stale_temporaries,
     write_images_table,
 )
 from .model import NucleiModel, load_model
@@ -53,48 +54,42 @@ class RunSummary:
 
 
 class Lock:
-    """``OUT/.nucleibatch/lock``: one live run per output; a dead run's lock is taken over."""
+    """``OUT/.nucleibatch/lock``: one live run per output.
+
+    An exclusive ``flock`` on a file held open for the whole run: the OS releases it when the
+    run ends or dies (SIGKILL included), so a dead run never blocks the next one.
+    """
 
     def __init__(self, out_dir: Path) -> None:
         self.path = out_dir / STATE_DIR / "lock"
+        self.handle = None
 
     def __enter__(self) -> Lock:
+        import fcntl
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname()}
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                try:
-                    holder = json.loads(self.path.read_text())
-                except (OSError, json.JSONDecodeError):
-                    holder = {}
-                if holder.get("host") == me["host"] and _alive(int(holder.get("pid", -1))) and holder.get("pid") != me["pid"]:
-                    raise OutputError(
-                        f"{self.path.parent.parent} is being written by another run (pid {holder['pid']}); "
-                        "wait for it to finish or give another -o OUT"
-                    ) from None
-                self.path.unlink(missing_ok=True)  # stale: its run is gone
-                continue
-            with os.fdopen(fd, "w") as handle:
-                json.dump(me, handle)
-            return self
-        raise OutputError(f"could not take the lock {self.path}; remove it if no run is using this OUT")
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise OutputError(
+                f"{self.path.parent.parent} is being written by another run ({holder}); "
+                "wait for it to finish or give another -o OUT"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        self.handle = handle
+        return self
 
     def __exit__(self, *exc) -> None:
-        self.path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        if self.handle is not None:
+            self.handle.close()  # releases the flock; the file stays (harmless, reused next run)
+            self.handle = None
 
 
 class Progress:
@@ -153,11 +148,22 @@ def _versions() -> dict[str, str]:
     return versions
 
 
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def _check_settings(out_dir: Path, fingerprint: dict[str, Any]) -> None:
+    """Refuse an OUT written with another model or other settings; record them on first use."""
     path = out_dir / STATE_DIR / "settings.json"
     if path.is_file():
-        previous = json.loads(path.read_text())
-        changed = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
+        previous, now = _flatten(json.loads(path.read_text())), _flatten(fingerprint)
+        changed = [f"{k.removeprefix('settings.')}: {previous.get(k)} -> {now.get(k)}" for k in sorted(set(previous) | set(now)) if previous.get(k) != now.get(k)]
         if changed:
             raise UsageError(
                 f"{out_dir} holds results of another model or settings (differs in: {', '.join(changed)}); "
@@ -198,14 +204,15 @@ def run_segment_job(
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"-o {out_dir} is a file; give a folder")
+    # model and inputs first: a mistyped argument fails before OUT is touched
+    loaded = model if isinstance(model, NucleiModel) else load_model(model, device=device)
+    records = discover_inputs(inputs, channel=settings.channel)
     out_dir.mkdir(parents=True, exist_ok=True)
     with Lock(out_dir):
         if overwrite:
             clear_outputs(out_dir)
-        loaded = model if isinstance(model, NucleiModel) else load_model(model, device=device)
-        fingerprint = {"model_sha256": loaded.sha256, "settings": settings.to_dict()}
-        _check_settings(out_dir, fingerprint)
-        records = discover_inputs(inputs, channel=settings.channel)
+        _check_settings(out_dir, {"model_sha256": loaded.sha256, "settings": settings.to_dict()})
+        remove_stale_temporaries(out_dir)
         open_root(out_dir / "masks.zarr")  # once, here: units running at once then only add groups
         finished = read_records(out_dir)
         todo = [r for r in records if r.image_id not in finished or (retry_failed and finished[r.image_id]["status"] != "ok")]

@@ -170,11 +170,8 @@ def test_missing_input_exits_2_and_leaves_out_usable(good_folder, tiny_bundle, t
     assert done.returncode == 2, done.stderr
     line = one_line(done.stderr)
     assert str(missing) in line and "no such file or folder" in line
-    assert not (out / "images.parquet").exists() and not (out / ".nucleibatch" / "lock").exists()
-    # PACKAGE BUG (expected to fail until fixed): nucleibatch/segment.py run_segment_job records
-    # OUT/.nucleibatch/settings.json (_check_settings) before discover_inputs has found any image,
-    # so after a typo in INPUT the corrected command with other settings is refused (exit 2,
-    # "holds results of another model or settings") although OUT holds no results.
+    assert not (out / "images.parquet").exists() and not (out / ".nucleibatch" / "settings.json").exists()
+    # the corrected command, with other settings, is not refused: OUT holds no results yet
     assert main(["segment", str(good_folder), "-o", str(out), "--model", str(tiny_bundle)]) == 0
 
 

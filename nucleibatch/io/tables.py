@@ -54,6 +54,25 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
+def remove_stale_temporaries(out_dir: Path) -> int:
+    """Delete temporary files that a killed writer left (call while holding OUT's lock).
+
+    Returns how many were removed: our hidden ``.NAME.tmp-PID`` files and zarr's ``*.partial``.
+    """
+    removed = 0
+    for directory in (out_dir, out_dir / "nuclei.parquet", out_dir / STATE_DIR, records_dir(out_dir)):
+        if directory.is_dir():
+            for path in directory.glob(".*.tmp-*"):
+                path.unlink(missing_ok=True)
+                removed += 1
+    store = out_dir / "masks.zarr"
+    if store.is_dir():
+        for path in store.rglob("*.partial"):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def write_nuclei_part(out_dir: Path, name: str, image_id: str, columns: dict[str, np.ndarray]) -> Path:
     """Write one image's nuclei (columns of :func:`nucleibatch.measure.measure_labels`) as a parquet part."""
     n = len(columns["label"])
