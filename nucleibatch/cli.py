@@ -64,6 +64,7 @@ def _add_evaluate(subparsers) -> None:
     p.add_argument("--limit-images", type=int, default=0, help="evaluate only the first K images")
     p.add_argument("--ids-from-bundle", action="store_true", help="evaluate only the validation images recorded in the bundle's config")
     p.add_argument("--skip-bad", action="store_true", help="skip bad annotations with a warning")
+    p.add_argument("--tta", default="auto", choices=("auto", "on", "off"), help="average predictions over 4 flips [the model's setting]")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
@@ -113,6 +114,8 @@ def _run_evaluate(args) -> int:
     from .model import load_model
 
     model = load_model(args.model, device=args.device)
+    if args.tta != "auto":
+        model.config["tta"] = args.tta == "on"
     image_ids = model.config.get("training", {}).get("val_image_ids") if args.ids_from_bundle else None
     if args.ids_from_bundle and not image_ids:
         raise UsageError(f"--ids-from-bundle: the bundle {args.model} records no validation image ids")

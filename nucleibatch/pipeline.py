@@ -44,6 +44,7 @@ class SegmentSettings:
     invert: str | None = None  # None: the model's normalisation setting
     store_image: bool = True
     postprocess: dict | None = None  # None: the model's tuned values
+    tta: bool | None = None  # None: the model's setting (flip test-time augmentation)
 
     def validate(self) -> None:
         if self.block_size < 64 or self.block_size % 32:
@@ -155,7 +156,7 @@ def process_block(
         grey = to_grey(raw, settings.channel)
         normalised = apply_stats(grey, plan.stats)
     with timer("predict"):
-        probabilities = model.predict(normalised, batch_size=batch_size)
+        probabilities = model.predict(normalised, batch_size=batch_size, tta=settings.tta)
     ry0, ry1, rx0, rx1 = block.read
     inner = (slice(ry0 - region[0], ry1 - region[0]), slice(rx0 - region[2], rx1 - region[2]))
     with timer("instances"):

@@ -25,6 +25,7 @@ def add_segment(subparsers) -> None:
     p.add_argument("--channel", type=int, default=None, help="index of the nuclear-stain channel [mean of colours]")
     p.add_argument("--invert", default=None, choices=("auto", "never", "always"), help="invert intensities (bright background) [the model's: auto]")
     p.add_argument("--batch-size", type=int, default=4, help="tiles per model call [4]")
+    p.add_argument("--tta", default="auto", choices=("auto", "on", "off"), help="average predictions over 4 flips (4x slower) [the model's setting]")
     p.add_argument("--block-size", type=int, default=2048, help="side of the blocks an image is processed in [2048]")
     p.add_argument("--block-margin", type=int, default=128, help="context around each block; must exceed a nucleus' size [128]")
     p.add_argument("--no-store-image", action="store_true", help="do not copy the image into masks.zarr (labels only)")
@@ -44,6 +45,7 @@ def run_segment(args) -> int:
         channel=args.channel,
         invert=args.invert,
         store_image=not args.no_store_image,
+        tta=None if args.tta == "auto" else args.tta == "on",
     )
     summary = run_segment_job(
         list(args.inputs),

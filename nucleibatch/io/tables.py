@@ -79,10 +79,13 @@ def write_nuclei_part(out_dir: Path, name: str, image_id: str, columns: dict[str
     arrays = {"image_id": pa.array([image_id] * n, pa.string())}
     arrays.update({key: pa.array(columns[key], NUCLEI_SCHEMA.field(key).type) for key in NUCLEI_COLUMNS if key != "image_id"})
     table = pa.table(arrays, schema=NUCLEI_SCHEMA)
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
     path = out_dir / "nuclei.parquet" / f"{name}.parquet"
-    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    pq.write_table(table, tmp)  # straight to disk: no second in-memory copy of a big table
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    tmp.replace(path)
     return path
 
 
