@@ -28,6 +28,7 @@ def add_segment(subparsers) -> None:
     p.add_argument("--tta", default="auto", choices=("auto", "on", "off"), help="average predictions over 4 flips (4x slower) [the model's setting]")
     p.add_argument("--block-size", type=int, default=2048, help="side of the blocks an image is processed in [2048]")
     p.add_argument("--block-margin", type=int, default=128, help="context around each block; must exceed a nucleus' size [128]")
+    p.add_argument("--context", type=int, default=192, help="image context read around each block for the network [192]")
     p.add_argument("--no-store-image", action="store_true", help="do not copy the image into masks.zarr (labels only)")
     p.add_argument("--retry-failed", action="store_true", help="on resume, redo images that failed before")
     p.add_argument("--overwrite", action="store_true", help="discard OUT's previous results and start over")
@@ -45,6 +46,7 @@ def run_segment(args) -> int:
         channel=args.channel,
         invert=args.invert,
         store_image=not args.no_store_image,
+        context=args.context,
         tta=None if args.tta == "auto" else args.tta == "on",
     )
     summary = run_segment_job(
