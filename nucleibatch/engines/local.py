@@ -11,7 +11,6 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-from ..errors import NucleibatchError
 from ..io.discover import ImageRecord
 from ..io.store import open_root, store_name
 from ..io.tables import write_record
@@ -23,13 +22,9 @@ log = logging.getLogger(__name__)
 IMAGES_IN_FLIGHT = 2
 
 
-class FatalRunError(NucleibatchError):
-    """An error that must stop the whole run (disk full, output not writable)."""
-
-
 def is_fatal(error: BaseException) -> bool:
     """Errors about the output side (disk full, read-only, quota) stop the run; input errors do not."""
-    return isinstance(error, (MemoryError, FatalRunError)) or (
+    return isinstance(error, MemoryError) or (
         isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
     )
 
