@@ -91,6 +91,16 @@ def compute_stats(
     return NormStats(float(low), float(high), do_invert)
 
 
+def stats_for_bundle(grey: np.ndarray, normalization: dict, invert: str | None = None) -> NormStats:
+    """:func:`compute_stats` with a bundle's ``normalization`` settings (``invert`` overrides its mode).
+
+    The one place training, ``segment`` and ``evaluate`` read those settings, so all three
+    normalise alike.
+    """
+    percentiles = tuple(normalization.get("percentiles", (1.0, 99.8)))
+    return compute_stats(grey, percentiles, invert or normalization.get("invert", "auto"))
+
+
 def apply_stats(grey: np.ndarray, stats: NormStats) -> np.ndarray:
     """Normalise a tile (or a whole image) with precomputed statistics.
 

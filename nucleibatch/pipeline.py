@@ -26,7 +26,7 @@ from .io.store import create_image_group, label_array, open_root, store_name, wr
 from .io.tables import remove_image_outputs, write_nuclei_part, write_record
 from .measure import concat_columns, measure_labels
 from .model import NucleiModel
-from .normalize import NormStats, apply_stats, compute_stats, to_grey
+from .normalize import NormStats, apply_stats, stats_for_bundle, to_grey
 from .stitching import OwnedObjects, block_offsets, paint_region, select_owned
 from .tiling import Block, block_grid
 
@@ -116,12 +116,10 @@ def plan_image(record: ImageRecord, source: ImageSource, settings: SegmentSettin
     height, width = source.shape
     if height < MIN_SIDE or width < MIN_SIDE:
         raise ImageReadError(f"image too small ({height}x{width}); nuclei segmentation needs at least {MIN_SIDE}x{MIN_SIDE} pixels")
-    normalization = model.config.get("normalization", {})
     with timer("read"):
         overview = source.overview()
     with timer("normalise"):
-        grey = to_grey(overview, settings.channel)
-        stats = compute_stats(grey, tuple(normalization.get("percentiles", (1.0, 99.8))), settings.invert or normalization.get("invert", "auto"))
+        stats = stats_for_bundle(to_grey(overview, settings.channel), model.config.get("normalization", {}), settings.invert)
     blocks = block_grid((height, width), settings.block_size, settings.block_margin)
     return ImagePlan(record, store_name(record.image_id), (height, width), source.channels, np.dtype(source.dtype), stats, blocks)
 

@@ -6,7 +6,7 @@ import numpy as np
 
 from .instances import InstanceParams, probabilities_to_labels
 from .model import NucleiModel
-from .normalize import apply_stats, compute_stats, to_grey
+from .normalize import apply_stats, stats_for_bundle, to_grey
 
 
 def segment_image(
@@ -27,8 +27,7 @@ def segment_image(
     Returns:
         ``(H, W)`` int32 labels, 0 = background.
     """
-    normalization = model.config.get("normalization", {})
     grey = to_grey(image, channel)
-    stats = compute_stats(grey, tuple(normalization.get("percentiles", (1.0, 99.8))), normalization.get("invert", "auto"))
+    stats = stats_for_bundle(grey, model.config.get("normalization", {}))
     probabilities = model.predict(apply_stats(grey, stats), batch_size=batch_size)
     return probabilities_to_labels(probabilities, params or model.postprocess)

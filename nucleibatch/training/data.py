@@ -14,7 +14,7 @@ import torch
 from scipy import ndimage as ndi
 
 from ..io.annotated import AnnotatedImage
-from ..normalize import normalize_image
+from ..normalize import apply_stats, stats_for_bundle, to_grey
 from ..targets import make_targets
 
 
@@ -40,11 +40,8 @@ class AugmentSettings:
 
 def to_example(annotated: AnnotatedImage, normalization: dict) -> Example:
     """Normalise an annotated image with the bundle's normalisation settings."""
-    image, _ = normalize_image(
-        annotated.image,
-        percentiles=tuple(normalization.get("percentiles", (1.0, 99.8))),
-        invert=normalization.get("invert", "auto"),
-    )
+    grey = to_grey(annotated.image)
+    image = apply_stats(grey, stats_for_bundle(grey, normalization))
     return Example(annotated.image_id, image, annotated.labels)
 
 
