@@ -50,7 +50,8 @@ def probabilities_to_labels(probabilities: np.ndarray, params: InstanceParams = 
         params: thresholds and sizes.
 
     Returns:
-        ``(H, W)`` int32 labels, 0 = background, 1..N in raster order of the seeds.
+        ``(H, W)`` int32 labels, 0 = background, 1..N in raster order of the seeds (unseeded
+        mask components last).
     """
     if probabilities.ndim != 3 or probabilities.shape[0] < 3:
         raise ValueError(f"expected (3, H, W) probabilities, got {probabilities.shape}")
@@ -58,13 +59,17 @@ def probabilities_to_labels(probabilities: np.ndarray, params: InstanceParams = 
     mask = body > params.mask_threshold
     if not mask.any():
         return np.zeros(body.shape, dtype=np.int32)
-    seed_score = body * (1.0 - contour) * (1.0 - contact)
+    # in place: a block's post-processing temporaries are what bounds segment's memory
+    seed_score = np.subtract(1.0, contour, dtype=np.float32)
+    seed_score *= 1.0 - contact
+    seed_score *= body
     seeds, n_seeds = ndi.label((seed_score > params.seed_threshold) & mask)
+    del seed_score
     if n_seeds and params.min_seed_size > 1:
         sizes = np.bincount(seeds.ravel(), minlength=n_seeds + 1)
-        keep = sizes >= params.min_seed_size
-        keep[0] = False
-        seeds = np.where(keep[seeds], seeds, 0)
+        small = sizes < params.min_seed_size
+        small[0] = False
+        seeds[small[seeds]] = 0
     # mask components without any seed still are nuclei (faint, small ones)
     components, n_components = ndi.label(mask)
     if n_components:
@@ -72,28 +77,43 @@ def probabilities_to_labels(probabilities: np.ndarray, params: InstanceParams = 
         seeded[np.unique(components[seeds > 0])] = True
         orphan = ~seeded[components] & mask
         if orphan.any():
-            seeds = np.where(orphan, components + seeds.max(), seeds)
+            seeds[orphan] = components[orphan] + seeds.max()
+        del components, orphan
     labels = watershed(-body, markers=seeds, mask=mask)
+    del seeds
     labels = remove_small(labels, params.min_size)
     return relabel_sequential(labels)
 
 
 def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
-    """Set labels with fewer than ``min_size`` pixels to 0. ``(H, W)`` int -> same."""
+    """Set labels with fewer than ``min_size`` pixels to 0, in place. ``(H, W)`` int -> the same array."""
     if min_size <= 1 or not labels.any():
         return labels
     sizes = np.bincount(labels.ravel())
     small = sizes < min_size
     small[0] = False
-    return np.where(small[labels], 0, labels)
+    labels[small[labels]] = 0
+    return labels
 
 
 def relabel_sequential(labels: np.ndarray) -> np.ndarray:
-    """Renumber labels to 1..N in order of first appearance in raster order: ``(H, W)`` -> int32."""
-    flat = labels.ravel()
-    values, first = np.unique(flat, return_index=True)
-    order = values[np.argsort(first)]
-    order = order[order != 0]
-    lut = np.zeros(int(values.max()) + 1 if values.size else 1, dtype=np.int32)
-    lut[order] = np.arange(1, order.size + 1, dtype=np.int32)
-    return lut[labels].astype(np.int32, copy=False)
+    """Renumber labels to 1..N in order of first appearance in raster order: ``(H, W)`` int -> int32.
+
+    Per-object boxes instead of a sort of all pixels (whose int64 indices would bound memory).
+    """
+    labels = np.asarray(labels)
+    if labels.size == 0 or not labels.any():
+        return np.zeros(labels.shape, dtype=np.int32)
+    labels2d = labels.reshape(labels.shape[0], -1) if labels.ndim == 2 else labels.reshape(1, -1)
+    boxes = ndi.find_objects(labels2d)
+    firsts = []
+    for value, box in enumerate(boxes, start=1):
+        if box is None:
+            continue
+        ys, xs = box
+        row = labels2d[ys.start, xs]
+        firsts.append((ys.start, xs.start + int(np.argmax(row == value)), value))
+    firsts.sort()
+    lut = np.zeros(len(boxes) + 1, dtype=np.int32)
+    lut[[value for _, _, value in firsts]] = np.arange(1, len(firsts) + 1, dtype=np.int32)
+    return lut[labels]

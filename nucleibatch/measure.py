@@ -27,7 +27,7 @@ def measure_labels(labels: np.ndarray, intensity: np.ndarray, origin: tuple[int,
     """
     if not labels.any():
         return empty_columns()
-    props = regionprops_table(labels.astype(np.int32, copy=False), intensity_image=np.asarray(intensity, dtype=np.float64), properties=_PROPERTIES)
+    props = regionprops_table(labels.astype(np.int32, copy=False), intensity_image=np.asarray(intensity, dtype=np.float32), properties=_PROPERTIES)
     oy, ox = origin
     return {
         "label": (props["label"] + id_offset).astype(np.uint32),

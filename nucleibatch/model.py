@@ -150,8 +150,8 @@ class NucleiModel:
     def postprocess(self) -> InstanceParams:
         return InstanceParams.from_dict(self.config.get("postprocess", {}))
 
-    def predict(self, image: np.ndarray, batch_size: int = 4, tta: bool | None = None) -> np.ndarray:
-        """Probabilities of a normalised image: ``(H, W)`` float32 -> ``(3, H, W)`` float32."""
+    def predict(self, image: np.ndarray, batch_size: int = 4, tta: bool | None = None, output_box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+        """Probabilities of a normalised image: ``(H, W)`` float32 -> ``(3, h, w)`` float32 of ``output_box`` (default: all)."""
         return predict_image(
             self.network,
             image,
@@ -160,7 +160,15 @@ class NucleiModel:
             batch_size=batch_size,
             device=self.device,
             tta=bool(self.config.get("tta", False)) if tta is None else tta,
+            output_box=output_box,
         )
+
+
+def resolve_device_name(device: str) -> str:
+    """Check the form of a --device value (``auto``, ``cpu``, ``cuda``, ``cuda:N``), not that it exists here."""
+    if device in ("auto", "cpu") or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
+        return device
+    raise UsageError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -251,6 +259,7 @@ def predict_image(
     batch_size: int = 4,
     device: torch.device | str = "cpu",
     tta: bool = False,
+    output_box: tuple[int, int, int, int] | None = None,
 ) -> np.ndarray:
     """Tiled prediction of an in-memory normalised image.
 
@@ -260,13 +269,18 @@ def predict_image(
     Args:
         network: in eval mode, on ``device``.
         image: ``(H, W)`` float32 normalised to [0, 1].
+        output_box: ``(y0, y1, x0, x1)``: return probabilities of this part of the image only
+            (the rest is context; tiles whose core misses the box are not run). Default: all.
 
     Returns:
-        ``(K, H, W)`` float32 probabilities (K = number of classes).
+        ``(K, h, w)`` float32 probabilities (K = number of classes) of ``output_box``.
     """
     device = torch.device(device)
     image = np.asarray(image, dtype=np.float32)
     height, width = image.shape
+    oy0, oy1, ox0, ox1 = output_box or (0, height, 0, width)
+    if not (0 <= oy0 < oy1 <= height and 0 <= ox0 < ox1 <= width):
+        raise ValueError(f"output_box {output_box} is not inside the image {image.shape}")
     core = tile_size - 2 * halo
     if core <= 0:
         raise UsageError(f"tile size {tile_size} leaves no core with halo {halo}; use tile >= 2 * halo + 32")
@@ -276,6 +290,7 @@ def predict_image(
     else:
         window = (tile_size, tile_size)
         blocks = block_grid((height, width), core, halo)
+    blocks = [b for b in blocks if b.core[0] < oy1 and b.core[1] > oy0 and b.core[2] < ox1 and b.core[3] > ox0]
     output: np.ndarray | None = None
     for chunk in _chunks(blocks, batch_size):
         batch = np.empty((len(chunk), 1) + window, dtype=np.float32)
@@ -284,11 +299,12 @@ def predict_image(
             batch[k, 0] = _pad_to(image[ry0:ry1, rx0:rx1], window)
         probabilities = _forward(network, batch, device, tta)
         if output is None:
-            output = np.empty((probabilities.shape[1], height, width), dtype=np.float32)
+            output = np.empty((probabilities.shape[1], oy1 - oy0, ox1 - ox0), dtype=np.float32)
         for k, block in enumerate(chunk):
             cy0, cy1, cx0, cx1 = block.core
-            iy0, iy1, ix0, ix1 = block.core_in_read
-            output[:, cy0:cy1, cx0:cx1] = probabilities[k, :, iy0:iy1, ix0:ix1]
+            y0, y1, x0, x1 = max(cy0, oy0), min(cy1, oy1), max(cx0, ox0), min(cx1, ox1)
+            ry, rx = block.read[0], block.read[2]
+            output[:, y0 - oy0 : y1 - oy0, x0 - ox0 : x1 - ox0] = probabilities[k, :, y0 - ry : y1 - ry, x0 - rx : x1 - rx]
     assert output is not None
     return output
 

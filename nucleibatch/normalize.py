@@ -111,12 +111,13 @@ def apply_stats(grey: np.ndarray, stats: NormStats) -> np.ndarray:
     Returns:
         ``(H, W)`` float32 in [0, 1], nuclei bright. Non-finite pixels become 0.
     """
-    out = (np.asarray(grey, dtype=np.float32) - np.float32(stats.low)) / np.float32(stats.high - stats.low)
-    out = np.nan_to_num(out, nan=0.0, posinf=1.0, neginf=0.0)
+    out = np.subtract(grey, np.float32(stats.low), dtype=np.float32)  # the one new array; the rest in place
+    out /= np.float32(stats.high - stats.low)
+    np.nan_to_num(out, copy=False, nan=0.0, posinf=1.0, neginf=0.0)
     np.clip(out, 0.0, 1.0, out=out)
     if stats.invert:
-        out = 1.0 - out
-    return out.astype(np.float32, copy=False)
+        np.subtract(np.float32(1.0), out, out=out)
+    return out
 
 
 def normalize_image(image: np.ndarray, channel: int | None = None, percentiles=(1.0, 99.8), invert: str = "auto") -> tuple[np.ndarray, NormStats]:

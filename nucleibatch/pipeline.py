@@ -22,7 +22,7 @@ from .errors import ImageReadError, UsageError
 from .instances import InstanceParams, probabilities_to_labels
 from .io.discover import ImageRecord
 from .io.sources import ImageSource, open_source
-from .io.store import create_image_group, label_array, open_root, store_name, write_pyramids
+from .io.store import chunk_for_blocks, create_image_group, label_array, open_root, store_name, write_pyramids
 from .io.tables import remove_image_outputs, write_nuclei_part, write_record
 from .measure import concat_columns, measure_labels
 from .model import NucleiModel
@@ -82,6 +82,7 @@ class BlockResult:
     owned: OwnedObjects
     columns: dict[str, np.ndarray]
     seconds: dict[str, float] = field(default_factory=dict)
+    unit: dict[str, Any] | None = None  # where its units ran (distributed engines)
 
 
 class Timer:
@@ -109,7 +110,16 @@ class _Span:
         self.timer.seconds[self.stage] += time.perf_counter() - self.start
 
 
-def plan_image(record: ImageRecord, source: ImageSource, settings: SegmentSettings, model: NucleiModel, timer: Timer) -> ImagePlan:
+def context_pixels(settings: SegmentSettings, model_config: dict) -> int:
+    """Pixels of image read around a block's read region for the network to see.
+
+    The network sees further than its tiles' halo: blocks read more context so that their
+    probabilities near a seam agree with the whole image's (measured on real DSB mosaics).
+    """
+    return max(settings.context, int(model_config.get("halo", 64)))
+
+
+def plan_image(record: ImageRecord, source: ImageSource, settings: SegmentSettings, model_config: dict, timer: Timer) -> ImagePlan:
     """Normalisation statistics (once, from the image's overview) and the block grid."""
     if record.error:
         raise ImageReadError(record.error)
@@ -119,9 +129,28 @@ def plan_image(record: ImageRecord, source: ImageSource, settings: SegmentSettin
     with timer("read"):
         overview = source.overview()
     with timer("normalise"):
-        stats = stats_for_bundle(to_grey(overview, settings.channel), model.config.get("normalization", {}), settings.invert)
+        stats = stats_for_bundle(to_grey(overview, settings.channel), model_config.get("normalization", {}), settings.invert)
     blocks = block_grid((height, width), settings.block_size, settings.block_margin)
     return ImagePlan(record, store_name(record.image_id), (height, width), source.channels, np.dtype(source.dtype), stats, blocks)
+
+
+def start_image(record: ImageRecord, settings: SegmentSettings, model_config: dict, out_dir: Path, timer: Timer | None = None) -> ImagePlan:
+    """First step of an image: forget any earlier attempt, plan it, create its (empty) OME-Zarr group."""
+    timer = timer or Timer()
+    name = store_name(record.image_id)
+    remove_image_outputs(out_dir, name)
+    with timer("read"):
+        source = open_source(record) if not record.error else None
+    if source is None:
+        raise ImageReadError(record.error or "unreadable")
+    try:
+        plan = plan_image(record, source, settings, model_config, timer)
+    finally:
+        source.close()
+    with timer("write"):
+        chunk = chunk_for_blocks(settings.block_size)
+        create_image_group(open_root(out_dir / "masks.zarr"), name, record.image_id, plan.shape, plan.channels, plan.dtype, chunk=chunk)
+    return plan
 
 
 def prediction_region(block: Block, shape: tuple[int, int], halo: int) -> tuple[int, int, int, int]:
@@ -136,6 +165,58 @@ def read_block(plan: ImagePlan, block: Block, source: ImageSource, halo: int) ->
     return source.read(*region), region
 
 
+@dataclass
+class BlockPrediction:
+    """The model's output for one block: what the post-processing of the block needs.
+
+    probabilities: ``(K, h, w)`` float32 over ``block.read``.
+    pixels: ``(h, w, C)`` the image's raw pixels over ``block.read`` (for intensities and the image copy).
+    """
+
+    block_index: int
+    probabilities: np.ndarray
+    pixels: np.ndarray
+    seconds: dict[str, float] = field(default_factory=dict)
+    worker: str | None = None  # where it ran (distributed engines)
+
+
+def predict_block(
+    plan: ImagePlan, block: Block, raw: np.ndarray, region: tuple[int, int, int, int], model: NucleiModel, settings: SegmentSettings, batch_size: int = 4
+) -> BlockPrediction:
+    """Normalise the block's prediction region and run the model on it.
+
+    Args:
+        raw: ``(h, w, C)`` pixels of ``region`` (from :func:`read_block`).
+    """
+    timer = Timer()
+    ry0, ry1, rx0, rx1 = block.read
+    inner = (ry0 - region[0], ry1 - region[0], rx0 - region[2], rx1 - region[2])
+    with timer("normalise"):
+        normalised = apply_stats(to_grey(raw, settings.channel), plan.stats)
+    with timer("predict"):
+        probabilities = model.predict(normalised, batch_size=batch_size, tta=settings.tta, output_box=inner)
+    pixels = raw[inner[0] : inner[1], inner[2] : inner[3]]
+    return BlockPrediction(block.index, probabilities, pixels, dict(timer.seconds))
+
+
+def finish_block(plan: ImagePlan, block: Block, prediction: BlockPrediction, settings: SegmentSettings, params: InstanceParams, image_group=None) -> BlockResult:
+    """Instances of one block, its owned nuclei and their measurements; writes the block's image core."""
+    timer = Timer()
+    timer.add(prediction.seconds)
+    ry0, ry1, rx0, rx1 = block.read
+    with timer("instances"):
+        labels = probabilities_to_labels(prediction.probabilities, params)
+        owned_labels, owned = select_owned(labels, block, plan.shape, settings.block_margin)
+        del labels
+    with timer("measure"):
+        columns = measure_labels(owned_labels, to_grey(prediction.pixels, settings.channel), origin=(ry0, rx0))
+    if image_group is not None and settings.store_image:
+        with timer("write"):
+            cy0, cy1, cx0, cx1 = block.core_in_read
+            image_group["0"][:, block.core[0] : block.core[1], block.core[2] : block.core[3]] = np.moveaxis(prediction.pixels[cy0:cy1, cx0:cx1], -1, 0)
+    return BlockResult(block.index, owned, columns, dict(timer.seconds))
+
+
 def process_block(
     plan: ImagePlan,
     block: Block,
@@ -147,30 +228,10 @@ def process_block(
     image_group=None,
     batch_size: int = 4,
 ) -> BlockResult:
-    """Normalise, predict, find instances, keep owned nuclei and measure them; write the block's image core.
-
-    Args:
-        raw: ``(h, w, C)`` pixels of ``region`` (from :func:`read_block`).
-    """
-    timer = Timer()
-    with timer("normalise"):
-        grey = to_grey(raw, settings.channel)
-        normalised = apply_stats(grey, plan.stats)
-    with timer("predict"):
-        probabilities = model.predict(normalised, batch_size=batch_size, tta=settings.tta)
-    ry0, ry1, rx0, rx1 = block.read
-    inner = (slice(ry0 - region[0], ry1 - region[0]), slice(rx0 - region[2], rx1 - region[2]))
-    with timer("instances"):
-        labels = probabilities_to_labels(probabilities[:, inner[0], inner[1]], params)
-        owned_labels, owned = select_owned(labels, block, plan.shape, settings.block_margin)
-    with timer("measure"):
-        columns = measure_labels(owned_labels, grey[inner], origin=(ry0, rx0))
-    if image_group is not None and settings.store_image:
-        with timer("write"):
-            cy0, cy1, cx0, cx1 = block.core
-            core = raw[cy0 - region[0] : cy1 - region[0], cx0 - region[2] : cx1 - region[2]]
-            image_group["0"][:, cy0:cy1, cx0:cx1] = np.moveaxis(core, -1, 0)
-    return BlockResult(block.index, owned, columns, dict(timer.seconds))
+    """:func:`predict_block` then :func:`finish_block` in one go (the local engine)."""
+    prediction = predict_block(plan, block, raw, region, model, settings, batch_size)
+    del raw
+    return finish_block(plan, block, prediction, settings, params, image_group)
 
 
 def neighbours(plan: ImagePlan, block: Block) -> list[Block]:
@@ -209,6 +270,68 @@ def remeasure(plan: ImagePlan, source: ImageSource, image_group, columns: dict[s
             columns[key][i] = values[0]
 
 
+def complete_image(
+    plan: ImagePlan,
+    results: dict[int, BlockResult],
+    offsets: np.ndarray,
+    lost: dict[int, int],
+    image_group,
+    settings: SegmentSettings,
+    out_dir: Path,
+    timer: Timer,
+) -> dict[str, Any]:
+    """Last step of an image whose block cores are all painted: the nuclei table part (global ids,
+    nuclei that lost pixels at a seam re-measured), the pyramids, then the completion record.
+
+    Returns the image's images.parquet row.
+    """
+    with timer("measure"):
+        parts = []
+        for index in range(len(plan.blocks)):
+            columns = dict(results[index].columns)
+            columns["label"] = (columns["label"].astype(np.int64) + offsets[index]).astype(np.uint32)
+            parts.append(columns)
+        columns = concat_columns(parts)
+        if lost:
+            source = open_source(plan.record)
+            try:
+                remeasure(plan, source, image_group, columns, sorted(lost), settings)
+            finally:
+                source.close()
+            keep = columns["area"] > 0
+            columns = {k: v[keep] for k, v in columns.items()}
+    with timer("write"):
+        write_pyramids(image_group)
+        write_nuclei_part(out_dir, plan.name, plan.record.image_id, columns)
+    row = {
+        "image_id": plan.record.image_id,
+        "source": plan.record.source,
+        "height": plan.shape[0],
+        "width": plan.shape[1],
+        "n_nuclei": int(len(columns["label"])),
+        "status": "ok",
+        "error": None,
+        "seconds": None,  # set by the caller, who knows when the image started
+        "store_path": plan.name,
+    }
+    return row
+
+
+def paint_and_complete(plan: ImagePlan, results: list[BlockResult], settings: SegmentSettings, out_dir: Path, timer: Timer) -> dict[str, Any]:
+    """Paint every block core from all the image's block results, then :func:`complete_image`
+    (the distributed engines: results arrive together). Returns the row (not yet recorded)."""
+    by_index = {r.block_index: r for r in results}
+    if sorted(by_index) != [b.index for b in plan.blocks]:
+        raise ValueError(f"{plan.record.image_id}: block results {sorted(by_index)} do not cover the {len(plan.blocks)} blocks")
+    group = open_root(out_dir / "masks.zarr")[plan.name]
+    offsets = block_offsets(by_index[b.index].owned.count for b in plan.blocks)
+    lost: dict[int, int] = {}
+    with timer("stitch"):
+        for block in plan.blocks:
+            lost.update(paint_block(plan, block, by_index, offsets, group))
+    return complete_image(plan, by_index, offsets, lost, group, settings, out_dir, timer)
+
+
 def segment_record(
     record: ImageRecord,
     model: NucleiModel,
@@ -218,7 +341,7 @@ def segment_record(
     timer: Timer | None = None,
     prefetch=None,
 ) -> dict[str, Any]:
-    """Segment one image completely and write all its outputs; returns its images.parquet row.
+    """Segment one image completely in this process and write all its outputs; returns its row.
 
     The row is written last as the image's completion record. Errors that concern this
     image (unreadable, too small, nucleus larger than the margin) raise; the caller turns
@@ -226,21 +349,13 @@ def segment_record(
     """
     timer = timer or Timer()
     started = time.perf_counter()
-    name = store_name(record.image_id)
-    remove_image_outputs(out_dir, name)
     params = InstanceParams.from_dict(settings.postprocess) if settings.postprocess else model.postprocess
-    # the network sees further than its tiles' halo: blocks read more context so that their
-    # probabilities near a seam agree with the whole image's (measured on real DSB mosaics)
-    halo = max(settings.context, int(model.config.get("halo", 64)))
+    halo = context_pixels(settings, model.config)
+    plan = start_image(record, settings, model.config, out_dir, timer)
+    group = open_root(out_dir / "masks.zarr")[plan.name]
     with timer("read"):
-        source = open_source(record) if not record.error else None
-    if source is None:
-        raise ImageReadError(record.error or "unreadable")
+        source = open_source(record)
     try:
-        plan = plan_image(record, source, settings, model, timer)
-        with timer("write"):
-            root = open_root(out_dir / "masks.zarr")
-            group = create_image_group(root, name, record.image_id, plan.shape, plan.channels, plan.dtype)
         results: dict[int, BlockResult] = {}
         offsets = np.zeros(0, dtype=np.int64)
         painted: set[int] = set()
@@ -254,6 +369,7 @@ def segment_record(
                 needed_by[n].add(b)
         for block, raw, region in reads:
             result = process_block(plan, block, raw, region, model, settings, params, group, batch_size)
+            del raw
             timer.add(result.seconds)
             results[block.index] = result
             offsets = block_offsets(results[i].owned.count for i in range(len(results)))
@@ -267,34 +383,11 @@ def segment_record(
                 for index in list(results):
                     if needed_by[index] <= painted and results[index].owned.masks:
                         results[index].owned.masks = []
-        with timer("measure"):
-            parts = []
-            for index in range(len(plan.blocks)):
-                columns = dict(results[index].columns)
-                columns["label"] = (columns["label"].astype(np.int64) + offsets[index]).astype(np.uint32)
-                parts.append(columns)
-            columns = concat_columns(parts)
-            if lost:
-                remeasure(plan, source, group, columns, sorted(lost), settings)
-                keep = columns["area"] > 0
-                columns = {k: v[keep] for k, v in columns.items()}
-        with timer("write"):
-            write_pyramids(group)
-            write_nuclei_part(out_dir, name, record.image_id, columns)
     finally:
         source.close()
-    row = {
-        "image_id": record.image_id,
-        "source": record.source,
-        "height": plan.shape[0],
-        "width": plan.shape[1],
-        "n_nuclei": int(len(columns["label"])),
-        "status": "ok",
-        "error": None,
-        "seconds": round(time.perf_counter() - started, 4),
-        "store_path": name,
-    }
-    write_record(out_dir, name, row)
+    row = complete_image(plan, results, offsets, lost, group, settings, out_dir, timer)
+    row["seconds"] = round(time.perf_counter() - started, 4)
+    write_record(out_dir, plan.name, row)
     return row
 
 

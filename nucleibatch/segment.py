@@ -26,7 +26,7 @@ from .io.tables import (
     remove_stale_temporaries,
     write_images_table,
 )
-from .model import NucleiModel, load_model
+from .model import NucleiModel, load_model, resolve_device_name
 from .pipeline import STAGES, SegmentSettings, Timer
 
 log = logging.getLogger(__name__)
@@ -185,16 +185,12 @@ def run_segment_job(
     retry_failed: bool = False,
     address: str | None = None,
     workers: int = 0,
+    gpus_per_worker: float = 1.0,
     progress: bool | None = None,
 ) -> RunSummary:
     """Segment every image of ``inputs`` into ``out`` (resuming what a previous run left)."""
     if engine not in ENGINES:
         raise UsageError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    if engine != "local":
-        from importlib.util import find_spec
-
-        if find_spec(f"{__package__}.engines.{engine}") is None:
-            raise UsageError(f"--engine {engine} is not available in this version; use --engine local")
     if batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
     settings = settings or SegmentSettings()
@@ -205,7 +201,11 @@ def run_segment_job(
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"-o {out_dir} is a file; give a folder")
     # model and inputs first: a mistyped argument fails before OUT is touched
-    loaded = model if isinstance(model, NucleiModel) else load_model(model, device=device)
+    # distributed engines: the driver's copy stays on the CPU; it is shipped to the model workers
+    driver_device = device if engine == "local" else "cpu"
+    if engine != "local" and device != "auto":
+        resolve_device_name(device)
+    loaded = model if isinstance(model, NucleiModel) else load_model(model, device=driver_device)
     records = discover_inputs(inputs, channel=settings.channel)
     out_dir.mkdir(parents=True, exist_ok=True)
     with Lock(out_dir):
@@ -220,6 +220,7 @@ def run_segment_job(
         if n_resumed:
             log.info("resuming: %d of %d images are already done in %s", n_resumed, len(records), out_dir)
         timer = Timer()
+        placement: list[dict[str, Any]] = []
         bar = Progress(len(records), n_resumed, progress)
         try:
             if engine == "local":
@@ -229,8 +230,8 @@ def run_segment_job(
             else:
                 from importlib import import_module
 
-                run_engine = import_module(f".engines.{engine}", __package__).run_engine
-                run_engine(todo, model, device, settings, out_dir, batch_size, timer, bar.update, address=address, workers=workers)
+                run_engine = import_module(f".engines.{engine}_engine", __package__).run_engine
+                run_engine(todo, loaded, device, settings, out_dir, batch_size, timer, bar.update, placement, address=address, workers=workers, gpus_per_worker=gpus_per_worker)
         finally:
             bar.close()
         rows = read_records(out_dir)
@@ -255,7 +256,7 @@ def run_segment_job(
             "command": sys.argv,
             "inputs": [str(i) for i in inputs],
             "engine": engine,
-            "device": str(loaded.device),
+            "device": str(loaded.device) if engine == "local" else device,
             "settings": settings.to_dict() | {"batch_size": batch_size},
             "postprocess": settings.postprocess or loaded.postprocess.to_dict(),
             "model": {"name": loaded.name, "sha256": loaded.sha256, "path": str(loaded.path)},
@@ -269,8 +270,29 @@ def run_segment_job(
             "stage_seconds": {stage: round(timer.seconds.get(stage, 0.0), 3) for stage in STAGES},
             "stage_seconds_note": "summed over the threads/workers that ran each stage",
         }
+        if engine != "local":
+            summary.run["placement"] = placement_summary(placement)
+            if placement:
+                _append_placement(out_dir, placement)
         atomic_write_bytes(out_dir / "run.json", (json.dumps(summary.run, indent=2) + "\n").encode())
     return summary
+
+
+def placement_summary(placement: list[dict[str, Any]]) -> dict[str, Any]:
+    """Block units per worker of this run (distributed engines; every unit is listed in
+    OUT/.nucleibatch/placement.jsonl)."""
+    by_worker: dict[str, dict[str, int]] = {}
+    for unit in placement:
+        for role in ("predict_worker", "finish_worker"):
+            worker = str(unit.get(role)).split("/pid:")[0]  # per Ray node / Dask worker
+            by_worker.setdefault(worker, {"predict": 0, "finish": 0})[role.removesuffix("_worker")] += 1
+    return {"block_units": len(placement), "workers": by_worker}
+
+
+def _append_placement(out_dir: Path, placement: list[dict[str, Any]]) -> None:
+    with open(out_dir / STATE_DIR / "placement.jsonl", "a") as handle:
+        for unit in placement:
+            handle.write(json.dumps(unit, sort_keys=True) + "\n")
 
 
 def closing_summary(summary: RunSummary) -> str:

@@ -20,7 +20,8 @@ def add_segment(subparsers) -> None:
     p.add_argument("--model", default="default", help="'default' (shipped) or a bundle folder [default]")
     p.add_argument("--engine", default="local", choices=("local", "ray", "dask"), help="scheduler [local]")
     p.add_argument("--address", default=None, help="Ray or Dask scheduler address (ray/dask engines)")
-    p.add_argument("--workers", type=int, default=0, help="model workers for ray/dask [one per GPU, else 1]")
+    p.add_argument("--workers", type=int, default=0, help="model workers for ray/dask [ray: one per GPU, else half the CPUs; dask: the MODEL workers, else all]")
+    p.add_argument("--gpus-per-worker", type=float, default=1.0, help="GPUs per Ray model worker (0.5: two workers share a GPU) [1]")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda [auto: CUDA when present]")
     p.add_argument("--channel", type=int, default=None, help="index of the nuclear-stain channel [mean of colours]")
     p.add_argument("--invert", default=None, choices=("auto", "never", "always"), help="invert intensities (bright background) [the model's: auto]")
@@ -61,6 +62,7 @@ def run_segment(args) -> int:
         retry_failed=args.retry_failed,
         address=args.address,
         workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
         progress={"auto": None, "bar": True, "log": False}[args.progress],
     )
     print(json.dumps(summary.run, indent=2) if args.json else closing_summary(summary))

@@ -61,11 +61,20 @@ def select_owned(labels: np.ndarray, block: Block, image_shape: tuple[int, int],
     n = int(labels.max()) if labels.size else 0
     if n == 0:
         return np.zeros(labels.shape, np.int32), OwnedObjects(block.index, np.zeros(0, np.int64), np.zeros((0, 4), np.int64), [])
+    # per-object crops, not whole-region float64 temporaries (those bound segment's memory)
+    boxes_in_read = ndi.find_objects(labels, max_label=n)
+    present = np.zeros(n, dtype=bool)
+    cy = np.zeros(n, dtype=np.int64)
+    cx = np.zeros(n, dtype=np.int64)
+    for i, box in enumerate(boxes_in_read):
+        if box is None:
+            continue
+        ys, xs = np.nonzero(labels[box] == i + 1)
+        present[i] = True
+        # floor of the centroid in exact integer arithmetic: neighbouring blocks must agree on it
+        cy[i] = (int(ys.sum()) + box[0].start * ys.size) // ys.size
+        cx[i] = (int(xs.sum()) + box[1].start * xs.size) // xs.size
     index = np.arange(1, n + 1)
-    present = ndi.sum_labels(np.ones_like(labels, dtype=np.int64), labels, index) > 0
-    centroids = np.array(ndi.center_of_mass(np.ones_like(labels, dtype=np.uint8), labels, index), dtype=np.float64).reshape(-1, 2)
-    cy = np.floor(centroids[:, 0]).astype(np.int64)
-    cx = np.floor(centroids[:, 1]).astype(np.int64)
     owned = present & (cy >= cy0) & (cy < cy1) & (cx >= cx0) & (cx < cx1)
     owned_ids = index[owned]
     order = np.lexsort((cx[owned], cy[owned]))

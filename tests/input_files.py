@@ -273,3 +273,32 @@ def write_bad_inputs(folder: Path) -> dict[str, str]:
     os.symlink("does-not-exist.png", folder / "dangling.png")  # stands for an unreadable file (tests run as root)
     expected["dangling"] = "cannot open"
     return expected
+
+
+def write_small_archive(root: Path, copies: int = 1, bad_file: bool = True) -> set[str]:
+    """A small archive for engine comparisons: the 5 real DSB demo images (``copies`` times, in
+    folders copy_K), a 512 x 768 mosaic of them as a tiled TIFF (several blocks at --block-size
+    256), and (``bad_file``) a text file named .tif (a failed row). Returns the image ids."""
+    import shutil
+
+    from PIL import Image
+
+    demo = Path(__file__).resolve().parents[1] / "examples" / "dsb_demo"
+    ids = sorted(p.name for p in demo.iterdir() if p.is_dir())
+    for k in range(copies):
+        for image_id in ids:
+            target = root / f"copy_{k}" / image_id / "images"
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copy(demo / image_id / "images" / f"{image_id}.png", target / f"{image_id}.png")
+    tiles = []
+    for image_id in ids:
+        rgb = np.asarray(Image.open(demo / image_id / "images" / f"{image_id}.png").convert("L"))
+        tile = np.zeros((256, 256), np.uint8)
+        tile[: min(256, rgb.shape[0]), : min(256, rgb.shape[1])] = rgb[:256, :256]
+        tiles.append(tile)
+    tiles.append(tiles[0][::-1])
+    mosaic = np.concatenate([np.concatenate(tiles[:3], axis=1), np.concatenate(tiles[3:6], axis=1)], axis=0)
+    write_tiff(root / "slides" / "mosaic.tif", mosaic, tile=(128, 128), compression="zlib")
+    if bad_file:
+        (root / "slides" / "notes.tif").write_text("a text file named like a TIFF\n")
+    return {f"copy_{k}/{i}" for k in range(copies) for i in ids} | {"slides/mosaic"} | ({"slides/notes"} if bad_file else set())

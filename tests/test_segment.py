@@ -191,10 +191,3 @@ def test_evaluate_uses_exactly_the_segment_inference(tmp_path, tiny_bundle):
         in_memory = segment_image(load_annotated(source).image, model)
         stored = labels_of(tmp_path / "out", source.image_id)
         assert stored.max() > 0 and same_up_to_renumbering(stored, in_memory)  # ids follow centroid order
-
-
-def test_engines_that_are_not_built_are_a_usage_error(tmp_path, tiny_bundle, capsys):
-    files.write_dsb_tree(tmp_path / "in", ids=("one",), shape=(64, 64))
-    for engine in ("ray", "dask"):
-        code = main(["segment", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", str(tiny_bundle), "--engine", engine])
-        assert code == 2 and "not available" in capsys.readouterr().err

@@ -191,8 +191,17 @@ def test_instance_params_round_trip_and_unknown_keys():
 
 def test_remove_small_and_relabel_sequential():
     labels = np.array([[0, 7, 7, 0], [3, 3, 3, 0], [0, 0, 0, 9]])
-    np.testing.assert_array_equal(remove_small(labels, 2), np.array([[0, 7, 7, 0], [3, 3, 3, 0], [0, 0, 0, 0]]))
+    np.testing.assert_array_equal(remove_small(labels.copy(), 2), np.array([[0, 7, 7, 0], [3, 3, 3, 0], [0, 0, 0, 0]]))
     np.testing.assert_array_equal(relabel_sequential(labels), np.array([[0, 1, 1, 0], [2, 2, 2, 0], [0, 0, 0, 3]]))
+    rng = np.random.default_rng(0)
+    noisy = rng.integers(0, 50, size=(40, 30)) * (rng.random((40, 30)) < 0.3)
+    _, first = np.unique(noisy.ravel(), return_index=True)
+    expected_order = np.unique(noisy.ravel())[np.argsort(first)]
+    expected_order = expected_order[expected_order != 0]
+    relabelled = relabel_sequential(noisy)
+    for new_id, old_id in enumerate(expected_order, start=1):
+        assert (relabelled[noisy == old_id] == new_id).all()
+    assert relabelled.max() == expected_order.size and relabelled.dtype == np.int32
 
 
 # --- normalisation ------------------------------------------------------------------------------------

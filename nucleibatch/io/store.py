@@ -12,6 +12,7 @@ Layout of one image group at ``store_path``::
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from pathlib import Path
 
@@ -32,6 +33,13 @@ def store_name(image_id: str) -> str:
     if name != image_id:
         name = f"{name}-{hashlib.sha1(image_id.encode()).hexdigest()[:8]}"
     return name
+
+
+def chunk_for_blocks(block_size: int, preferred: int = CHUNK) -> int:
+    """Chunk side of the level-0 arrays: a divisor of ``block_size`` (at most ``preferred``), so
+    that every chunk lies in exactly one block core and blocks written at once by different
+    workers never share a chunk (a shared chunk's read-modify-write would lose one block's pixels)."""
+    return math.gcd(block_size, preferred) if block_size > preferred else block_size
 
 
 def pyramid_shapes(shape: tuple[int, int]) -> list[tuple[int, int]]:

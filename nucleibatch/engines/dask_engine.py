@@ -1,0 +1,122 @@
+"""`--engine dask`: the work units of :mod:`.distributed` on a dask.distributed cluster.
+
+``--address tcp://...`` joins a running scheduler (e.g. dask-jobqueue's SLURMCluster, see
+cluster/dask_slurm.py); without it a LocalCluster of worker processes on 127.0.0.1 is started
+and stopped with the run. Model units ask for the ``MODEL`` resource; workers that can hold a
+model declare it (``dask worker --resources "MODEL=1"``; one per GPU on GPU nodes). Without any
+such worker (a LocalCluster, a CPU-only cluster) they run on any worker. Each worker process
+loads the model once, on first use, and keeps it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..io.discover import ImageRecord
+from ..model import NucleiModel
+from ..pipeline import ImagePlan, SegmentSettings, Timer
+from . import distributed
+from .ray_engine import settings_params
+
+log = logging.getLogger(__name__)
+_PREDICTORS: dict[str, distributed.BlockPredictor] = {}  # per worker process, by model sha256 + settings
+_LOCK = threading.Lock()
+
+
+def predict_unit(model, device: str, settings: SegmentSettings, batch_size: int, plan: ImagePlan, block_index: int):
+    """Unit 2 on a Dask worker, with the worker's (cached) model."""
+    key = f"{model.sha256}:{device}:{hash((settings, batch_size))}"
+    with _LOCK:  # a worker with several threads loads the model once
+        predictor = _PREDICTORS.get(key)
+        if predictor is None:
+            predictor = _PREDICTORS[key] = distributed.BlockPredictor(model, device, settings, batch_size)
+    return predictor.predict(plan, block_index)
+
+
+class DaskExecutor:
+    """:class:`.distributed.Executor` on dask.distributed."""
+
+    def __init__(self, client, model: NucleiModel, device: str, settings: SegmentSettings, batch_size: int, out_dir: Path, workers: int) -> None:
+        from distributed import wait
+
+        self.client, self._wait = client, wait
+        info = client.scheduler_info()["workers"]
+        model_workers = [w for w in info.values() if w.get("resources", {}).get("MODEL")]
+        self.resources = {"MODEL": 1} if model_workers else None
+        self.workers = workers or max(1, len(model_workers) or len(info))
+        self.device = device if model_workers else ("cpu" if device == "auto" else device)
+        log.info("dask engine: %d workers (%d declare MODEL)", len(info), len(model_workers))
+        [self.model] = client.scatter([model], broadcast=True)
+        self.settings, self.batch_size, self.out_dir = settings, batch_size, str(out_dir)
+        self.params = settings_params(settings, model)
+        self.model_config = model.config
+
+    def _submit(self, fn, *args, **kwargs):
+        # no `retries`: those would also repeat a unit's own errors (a bad image); a unit whose
+        # worker died is rescheduled by the scheduler (distributed.scheduler.allowed-failures)
+        return self.client.submit(fn, *args, pure=False, **kwargs)
+
+    def start(self, record: ImageRecord) -> Any:
+        return self._submit(distributed.start_unit, record, self.settings, self.model_config, self.out_dir)
+
+    def predict(self, plan: ImagePlan, block_index: int) -> Any:
+        return self._submit(predict_unit, self.model, self.device, self.settings, self.batch_size, plan, block_index, resources=self.resources)
+
+    def finish_block(self, plan: ImagePlan, block_index: int, prediction: Any) -> Any:
+        return self._submit(distributed.finish_block_unit, plan, block_index, prediction, self.settings, self.params, self.out_dir)
+
+    def complete(self, plan: ImagePlan, results: list[Any]) -> Any:
+        return self._submit(distributed.complete_unit, plan, self.settings, self.out_dir, *results)
+
+    def wait(self, futures: list[Any]) -> list[Any]:
+        done, _ = self._wait(futures, return_when="FIRST_COMPLETED")
+        return list(done)
+
+    def result(self, future: Any) -> Any:
+        return future.result()
+
+    def cancel(self, futures: list[Any]) -> None:
+        if futures:
+            self.client.cancel(futures)
+
+    def close(self) -> None:
+        pass
+
+
+def run_engine(
+    records: Sequence[ImageRecord],
+    model: NucleiModel,
+    device: str,
+    settings: SegmentSettings,
+    out_dir: Path,
+    batch_size: int,
+    timer: Timer,
+    on_row: Callable[[dict[str, Any]], None],
+    placement: list[dict[str, Any]],
+    address: str | None = None,
+    workers: int = 0,
+    gpus_per_worker: float = 1.0,
+) -> None:
+    """Segment ``records`` on the Dask scheduler at ``address``, else on a LocalCluster on 127.0.0.1."""
+    from distributed import Client, LocalCluster
+
+    cluster = None
+    if address:
+        client = Client(address)
+    else:
+        import os
+
+        n_workers = workers or max(1, min(4, (os.cpu_count() or 2)))
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0")
+        client = Client(cluster)
+    try:
+        executor = DaskExecutor(client, model, device, settings, batch_size, out_dir, workers)
+        distributed.run_distributed(executor, records, out_dir, timer, on_row, placement)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()

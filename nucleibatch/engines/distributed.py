@@ -1,0 +1,255 @@
+"""The driver of the distributed engines (Ray, Dask): the same work units, scheduled on a cluster.
+
+Work units, per image (functions of :mod:`nucleibatch.pipeline`, run where the scheduler puts them):
+
+1. ``start``   (CPU task)   plan the image (statistics, block grid), create its empty OME-Zarr group;
+2. ``predict`` (model worker, one per GPU or CPU slot; it loads the model once)
+               read one block with its context, normalise, run the model -> probabilities;
+3. ``finish_block`` (CPU task) instances, owned nuclei, measurements, the block's image copy;
+4. ``complete`` (CPU task)  paint every block core, nuclei table part, pyramids, completion record.
+
+The driver only passes references between them (block data never goes through it) and bounds
+what is in flight: at most ``2 x workers`` blocks between predict and finish_block, a few images
+planned ahead, so memory stays bounded however large the archive. Each unit's writes go to
+places only that unit writes, by overwriting or atomic rename: a unit run twice (a retry after
+its worker died) leaves the same outputs and no duplicate rows.
+
+Executors adapt Ray and Dask to :class:`Executor`; the rest is here, shared.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..io.discover import ImageRecord
+from ..io.store import open_root, store_name
+from ..io.tables import write_record
+from ..pipeline import ImagePlan, SegmentSettings, Timer, failed_row
+from .local import is_fatal
+
+log = logging.getLogger(__name__)
+
+
+class Executor(Protocol):
+    """What the driver needs of a cluster scheduler. Futures are opaque handles."""
+
+    workers: int
+
+    def start(self, record: ImageRecord) -> Any: ...
+    def predict(self, plan: ImagePlan, block_index: int) -> Any: ...
+    def finish_block(self, plan: ImagePlan, block_index: int, prediction: Any) -> Any: ...
+    def complete(self, plan: ImagePlan, results: list[Any]) -> Any:
+        """The :func:`complete_unit` of an image, given its block result futures (in block order)."""
+        ...
+    def wait(self, futures: list[Any]) -> list[Any]:
+        """Block until at least one future is done; return the done ones."""
+        ...
+
+    def result(self, future: Any) -> Any:
+        """The value of a done future, or raise the unit's own exception."""
+        ...
+
+    def cancel(self, futures: list[Any]) -> None: ...
+
+
+@dataclass
+class _Image:
+    record: ImageRecord
+    started: float
+    plan: ImagePlan | None = None
+    to_submit: deque = field(default_factory=deque)
+    results: dict[int, Any] = field(default_factory=dict)  # block index -> finish_block future
+    blocks_done: int = 0
+
+
+def run_distributed(
+    executor: Executor,
+    records: Sequence[ImageRecord],
+    out_dir: Path,
+    timer: Timer,
+    on_row: Callable[[dict[str, Any]], None],
+    placement: list[dict[str, Any]],
+) -> None:
+    """Segment ``records`` with ``executor``; ``on_row`` gets each image's row as it finishes.
+
+    ``placement`` receives one entry per block unit: ``{image_id, block, predict_worker, finish_worker}``.
+    A block unit's error reaches the driver through the image's ``complete`` unit, which depends
+    on it (Ray and Dask both fail a task whose inputs failed, with the original exception).
+    """
+    pending = deque(records)
+    max_images = max(2, 2 * executor.workers)
+    max_blocks = max(2, 2 * executor.workers)
+    images: dict[str, _Image] = {}
+    starting: dict[Any, _Image] = {}
+    blocks: dict[Any, _Image] = {}
+    completing: dict[Any, _Image] = {}
+
+    def fail(image: _Image, error: BaseException) -> None:
+        if is_fatal(error):
+            raise error
+        log.debug("image %s failed: %s", image.record.image_id, error)
+        row = failed_row(image.record, error, time.perf_counter() - image.started)
+        _drop_group(out_dir, image.record.image_id)
+        write_record(out_dir, store_name(image.record.image_id), row)
+        images.pop(image.record.image_id, None)
+        on_row(row)
+
+    try:
+        while pending or images:
+            while pending and len(images) < max_images:
+                image = _Image(pending.popleft(), time.perf_counter())
+                images[image.record.image_id] = image
+                starting[executor.start(image.record)] = image
+            # blocks of the images started first go first: images complete in order, memory stays low
+            for image in list(images.values()):
+                while image.to_submit and len(blocks) < max_blocks:
+                    index = image.to_submit.popleft()
+                    future = executor.finish_block(image.plan, index, executor.predict(image.plan, index))
+                    image.results[index] = future
+                    blocks[future] = image
+            for future in executor.wait([*starting, *blocks, *completing]):
+                if future in starting:
+                    image = starting.pop(future)
+                    try:
+                        image.plan = executor.result(future)
+                    except Exception as error:
+                        fail(image, error)
+                        continue
+                    image.to_submit.extend(b.index for b in image.plan.blocks)
+                elif future in blocks:
+                    image = blocks.pop(future)
+                    image.blocks_done += 1
+                    if image.blocks_done == len(image.plan.blocks):
+                        results = [image.results[b.index] for b in image.plan.blocks]
+                        completing[executor.complete(image.plan, results)] = image
+                        image.results = {}
+                else:
+                    image = completing.pop(future)
+                    try:
+                        row, seconds, units = executor.result(future)
+                    except Exception as error:
+                        fail(image, error)
+                        continue
+                    row["seconds"] = round(time.perf_counter() - image.started, 4)
+                    write_record(out_dir, store_name(image.record.image_id), row)
+                    timer.add(seconds)
+                    placement.extend(units)
+                    images.pop(image.record.image_id, None)
+                    on_row(row)
+    except BaseException:
+        executor.cancel([*starting, *blocks, *completing])
+        raise
+
+
+def _drop_group(out_dir: Path, image_id: str) -> None:
+    try:
+        root = open_root(out_dir / "masks.zarr")
+        name = store_name(image_id)
+        if name in root:
+            del root[name]
+    except Exception:  # best effort: the group is replaced when the image is redone
+        log.debug("could not remove the partial group of %s", image_id, exc_info=True)
+
+
+# --- the units, as run on the workers ------------------------------------------------------------
+
+
+def current_worker() -> str:
+    """Where this unit runs: the Ray node id, the Dask worker address, else host:pid."""
+    import os
+    import socket
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            return f"ray-node:{ray.get_runtime_context().get_node_id()}/pid:{os.getpid()}"
+    if "distributed" in sys.modules:
+        from distributed import get_worker
+
+        try:
+            return f"dask-worker:{get_worker().address}"
+        except ValueError:
+            pass
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def start_unit(record: ImageRecord, settings: SegmentSettings, model_config: dict, out_dir: str) -> ImagePlan:
+    """Unit 1: :func:`nucleibatch.pipeline.start_image`."""
+    from ..allocator import use_mmap_for_large_arrays
+    from ..pipeline import start_image
+
+    use_mmap_for_large_arrays()  # once per worker process: the units' arrays go back to the OS
+    return start_image(record, settings, model_config, Path(out_dir))
+
+
+class BlockPredictor:
+    """Unit 2, on a model worker: holds the model (loaded once) and the images it reads from."""
+
+    def __init__(self, model, device: str, settings: SegmentSettings, batch_size: int) -> None:
+        import torch
+
+        from ..allocator import use_mmap_for_large_arrays
+        from ..model import resolve_device
+
+        use_mmap_for_large_arrays()
+        self.device = resolve_device(device)
+        model.network.to(self.device).eval()
+        model.device = self.device
+        self.model, self.settings, self.batch_size = model, settings, batch_size
+        self.sources: dict[str, Any] = {}  # the last images read (a slide is opened once, not per block)
+        torch.set_grad_enabled(False)
+
+    def predict(self, plan: ImagePlan, block_index: int):
+        from ..io.sources import open_source
+        from ..pipeline import context_pixels, predict_block, read_block
+
+        timer = Timer()
+        key = plan.record.image_id
+        with timer("read"):
+            source = self.sources.get(key)
+            if source is None:
+                while len(self.sources) >= 2:
+                    self.sources.pop(next(iter(self.sources))).close()
+                source = self.sources[key] = open_source(plan.record)
+            block = plan.blocks[block_index]
+            raw, region = read_block(plan, block, source, context_pixels(self.settings, self.model.config))
+        prediction = predict_block(plan, block, raw, region, self.model, self.settings, self.batch_size)
+        timer.add(prediction.seconds)
+        prediction.seconds = dict(timer.seconds)
+        prediction.worker = current_worker()
+        if len(plan.blocks) == block_index + 1:  # the image's last block: let go of its file
+            self.sources.pop(key).close()
+        return prediction
+
+
+def finish_block_unit(plan: ImagePlan, block_index: int, prediction, settings: SegmentSettings, params, out_dir: str):
+    """Unit 3: :func:`nucleibatch.pipeline.finish_block`, writing into the image's group."""
+    from ..allocator import use_mmap_for_large_arrays
+    from ..pipeline import finish_block
+
+    use_mmap_for_large_arrays()
+    group = open_root(Path(out_dir) / "masks.zarr")[plan.name]
+    result = finish_block(plan, plan.blocks[block_index], prediction, settings, params, group)
+    result.unit = {"predict_worker": prediction.worker, "finish_worker": current_worker()}
+    return result
+
+
+def complete_unit(plan: ImagePlan, settings: SegmentSettings, out_dir: str, *results) -> tuple[dict[str, Any], dict[str, float], list[dict]]:
+    """Unit 4: :func:`nucleibatch.pipeline.paint_and_complete`; returns the row, the summed stage
+    seconds of the image's units and where its block units ran."""
+    from ..pipeline import paint_and_complete
+
+    timer = Timer()
+    for result in results:
+        timer.add(result.seconds)
+    row = paint_and_complete(plan, list(results), settings, Path(out_dir), timer)
+    units = [{"image_id": plan.record.image_id, "block": r.block_index, **(r.unit or {})} for r in results]
+    return row, dict(timer.seconds), units

@@ -1,0 +1,149 @@
+"""`--engine ray`: the work units of :mod:`.distributed` on a Ray cluster (or a private local Ray).
+
+Why actors and tasks rather than Ray Data ``map_batches``: a block's four steps have different
+shapes (one plan per image, a fan-out to blocks, a fan-in per image for stitching), and the
+fan-in needs every block of an image at once; Ray Data's row/batch streams would need that
+grouping rebuilt by hand. Actors (one per GPU, or per CPU slot without GPUs) keep the model
+loaded; plain tasks do the CPU work; the driver bounds what is in flight (back-pressure) and
+only ever holds object references.
+
+Failures: a model actor that dies is restarted (``max_restarts``) and its calls retried
+(``max_task_retries``); a task whose worker dies is retried (``max_retries``). Units write only
+their own outputs, by overwriting or atomic rename, so a retried unit leaves no duplicate.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+from ..io.discover import ImageRecord
+from ..model import NucleiModel
+from ..pipeline import ImagePlan, SegmentSettings, Timer
+from . import distributed
+
+log = logging.getLogger(__name__)
+RETRIES = 3
+
+
+class RayBlockPredictor(distributed.BlockPredictor):
+    """The model worker as a Ray actor. The model comes as ``[ObjectRef]``: a reference nested in
+    a list is fetched here, in the constructor, rather than pinned as a constructor argument."""
+
+    def __init__(self, model_box: list, device: str, settings: SegmentSettings, batch_size: int) -> None:
+        import ray
+
+        super().__init__(ray.get(model_box[0]), device, settings, batch_size)
+
+
+class RayExecutor:
+    """:class:`.distributed.Executor` on Ray."""
+
+    def __init__(self, model: NucleiModel, device: str, settings: SegmentSettings, batch_size: int, out_dir: Path, workers: int, gpus_per_worker: float) -> None:
+        import ray
+
+        self.ray = ray
+        resources = ray.cluster_resources()
+        gpus = resources.get("GPU", 0)
+        use_gpu = device.startswith("cuda") or (device == "auto" and gpus > 0)
+        if use_gpu and gpus == 0:
+            raise UsageError("--device cuda asked for, but the Ray cluster has no GPU; use --device cpu or auto")
+        if use_gpu:
+            self.workers = workers or max(1, int(gpus / gpus_per_worker))
+            options = {"num_gpus": gpus_per_worker, "num_cpus": 1}
+        else:
+            cpus = resources.get("CPU", 1)
+            self.workers = workers or max(1, int(cpus // 2))
+            # the CPU tasks (plan, post-processing) must always find a free CPU slot: model
+            # actors reserve at most what leaves one, else they would wait on each other forever
+            options = {"num_cpus": min(1.0, max(0.0, (cpus - 1) / self.workers))}
+            device = "cpu"
+        log.info("ray engine: %d model worker(s) (%s), cluster %s", self.workers, "GPU" if use_gpu else "CPU", {k: v for k, v in resources.items() if k in ("CPU", "GPU")})
+        predictor = ray.remote(max_restarts=RETRIES, max_task_retries=RETRIES)(RayBlockPredictor)
+        self.model_ref = ray.put(model)  # held for the whole run: restarted actors read it again
+        self.predictors = [
+            predictor.options(**options, scheduling_strategy="SPREAD").remote([self.model_ref], device, settings, batch_size)
+            for _ in range(self.workers)
+        ]
+        self.next_predictor = 0
+        task = ray.remote(num_cpus=1, max_retries=RETRIES)
+        self._start = task(distributed.start_unit)
+        self._finish = task(distributed.finish_block_unit)
+        self._complete = task(distributed.complete_unit)
+        self.settings, self.out_dir = settings, str(out_dir)
+        self.params = settings_params(settings, model)
+        self.model_config = ray.put(model.config)
+
+    def start(self, record: ImageRecord) -> Any:
+        return self._start.remote(record, self.settings, self.model_config, self.out_dir)
+
+    def predict(self, plan: ImagePlan, block_index: int) -> Any:
+        actor = self.predictors[self.next_predictor]
+        self.next_predictor = (self.next_predictor + 1) % len(self.predictors)
+        return actor.predict.remote(plan, block_index)
+
+    def finish_block(self, plan: ImagePlan, block_index: int, prediction: Any) -> Any:
+        return self._finish.remote(plan, block_index, prediction, self.settings, self.params, self.out_dir)
+
+    def complete(self, plan: ImagePlan, results: list[Any]) -> Any:
+        return self._complete.remote(plan, self.settings, self.out_dir, *results)
+
+    def wait(self, futures: list[Any]) -> list[Any]:
+        done, _ = self.ray.wait(futures, num_returns=1, fetch_local=False)
+        # and whatever else is done already, without waiting
+        more, _ = self.ray.wait([f for f in futures if f not in done], num_returns=len(futures) - len(done), timeout=0, fetch_local=False) if len(futures) > 1 else ([], [])
+        return [*done, *more]
+
+    def result(self, future: Any) -> Any:
+        try:
+            return self.ray.get(future)
+        except self.ray.exceptions.RayTaskError as error:
+            cause = error.cause if isinstance(error.cause, BaseException) else None
+            if cause is not None:
+                raise cause from None
+            raise
+
+    def cancel(self, futures: list[Any]) -> None:
+        for future in futures:
+            try:
+                self.ray.cancel(future)
+            except Exception:  # actor calls cannot always be cancelled: they finish and are dropped
+                pass
+
+    def close(self) -> None:
+        for actor in self.predictors:
+            self.ray.kill(actor)
+
+
+def settings_params(settings: SegmentSettings, model: NucleiModel):
+    from ..instances import InstanceParams
+
+    return InstanceParams.from_dict(settings.postprocess) if settings.postprocess else model.postprocess
+
+
+def run_engine(
+    records: Sequence[ImageRecord],
+    model: NucleiModel,
+    device: str,
+    settings: SegmentSettings,
+    out_dir: Path,
+    batch_size: int,
+    timer: Timer,
+    on_row: Callable[[dict[str, Any]], None],
+    placement: list[dict[str, Any]],
+    address: str | None = None,
+    workers: int = 0,
+    gpus_per_worker: float = 1.0,
+) -> None:
+    """Segment ``records`` on Ray: ``address`` (or ``$RAY_ADDRESS`` inside `ray job submit`), else a local Ray."""
+    from .ray_runtime import init_ray
+
+    init_ray(address)
+    executor = RayExecutor(model, device, settings, batch_size, out_dir, workers, gpus_per_worker)
+    try:
+        distributed.run_distributed(executor, records, out_dir, timer, on_row, placement)
+    finally:
+        executor.close()

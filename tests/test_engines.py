@@ -1,0 +1,65 @@
+"""The Dask engine (LocalCluster on 127.0.0.1) gives exactly the local engine's outputs.
+
+The Ray engine is tested through `ray job submit` on a real two-node cluster in test_ray_jobs.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from nucleibatch.pipeline import SegmentSettings
+from nucleibatch.segment import run_segment_job
+from tests import input_files as files
+from tests.outputs import assert_same_outputs
+
+SETTINGS = SegmentSettings(block_size=256, block_margin=64, context=64)
+
+
+@pytest.fixture(scope="module")
+def local_reference(tmp_path_factory):
+    """The archive and the local engine's outputs on it (default model, CPU)."""
+    root = tmp_path_factory.mktemp("archive")
+    ids = files.write_small_archive(root / "in")
+    summary = run_segment_job([str(root / "in")], root / "local", model="default", device="cpu", settings=SETTINGS, progress=False)
+    assert summary.n_images == len(ids) and summary.n_failed == 1 and summary.n_nuclei > 100
+    return root
+
+
+def _own_processes() -> set[str]:
+    """Child processes of this test process, except multiprocessing's resource tracker (which
+    lives as long as its parent, by design)."""
+    listing = subprocess.run(["ps", "--ppid", str(os.getpid()), "-o", "pid=,args="], capture_output=True, text=True).stdout
+    return {line.strip() for line in listing.splitlines() if line.strip() and "resource_tracker" not in line and " ps " not in f" {line} "}
+
+
+def test_dask_engine_on_a_local_cluster_matches_the_local_engine(local_reference, tmp_path):
+    before = _own_processes()
+    out = tmp_path / "dask"
+    summary = run_segment_job(
+        [str(local_reference / "in")], out, model="default", device="cpu", settings=SETTINGS, engine="dask", workers=2, progress=False
+    )
+    assert summary.exit_code == 3 and summary.n_failed == 1
+    images = assert_same_outputs(local_reference / "local", out)
+    failed = images[images.status == "failed"]
+    assert list(failed.image_id) == ["slides/notes"] and "TIFF" in failed.error.iloc[0]
+    run = json.loads((out / "run.json").read_text())
+    assert run["engine"] == "dask"
+    workers = run["placement"]["workers"]
+    assert len(workers) == 2 and all(w.startswith("dask-worker:tcp://127.0.0.1:") for w in workers)  # loopback only
+    ok = images[images.status == "ok"]
+    n_blocks = int(sum(-(-h // 256) * -(-w // 256) for h, w in zip(ok.height, ok.width, strict=True)))
+    assert sum(w["predict"] for w in workers.values()) == run["placement"]["block_units"] == n_blocks > len(ok)
+    assert not (_own_processes() - before), "the LocalCluster's worker processes outlived the run"
+
+
+def test_a_rerun_on_the_dask_engine_resumes(local_reference, tmp_path):
+    out = tmp_path / "resume"
+    first = run_segment_job([str(local_reference / "in" / "copy_0")], out, model="default", device="cpu", settings=SETTINGS, engine="dask", workers=1, progress=False)
+    again = run_segment_job([str(local_reference / "in")], out, model="default", device="cpu", settings=SETTINGS, engine="dask", workers=1, progress=False)
+    assert first.n_ok == 5 and again.n_resumed == 0  # other inputs: other image ids, nothing to resume
+    third = run_segment_job([str(local_reference / "in")], out, model="default", device="cpu", settings=SETTINGS, engine="dask", workers=1, progress=False)
+    assert third.n_resumed == third.n_images == 7 and third.n_nuclei == again.n_nuclei
