@@ -5,7 +5,11 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import threading
+import time
+from collections import Counter
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,6 +133,42 @@ def save_bundle(network: torch.nn.Module, config: dict[str, Any], directory: str
     return directory
 
 
+class ModelUsage:
+    """What the network did: tiles run and seconds during which at least one forward pass ran
+    (thread-safe: the local engine runs two images at once). ``wall - busy_seconds`` is the
+    time the model sat idle."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active = 0
+        self._since = 0.0
+        self.busy_seconds = 0.0
+        self.tiles = 0
+        self.batch_shapes: Counter = Counter()  # (n, h, w) of each network call: replayable by a benchmark
+
+    def __getstate__(self) -> dict:  # shipped to workers with the model: a fresh count there
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+    @contextmanager
+    def running(self, batch_shape: tuple[int, int, int]):
+        with self._lock:
+            if self._active == 0:
+                self._since = time.perf_counter()
+            self._active += 1
+            self.tiles += batch_shape[0]
+            self.batch_shapes[batch_shape] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._active -= 1
+                if self._active == 0:
+                    self.busy_seconds += time.perf_counter() - self._since
+
+
 @dataclass
 class NucleiModel:
     """A loaded bundle: ``network`` (eval mode, ``(N, C, H, W)`` float32 -> logits) and ``config``."""
@@ -137,6 +177,7 @@ class NucleiModel:
     config: dict[str, Any]
     path: Path | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    usage: ModelUsage = field(default_factory=ModelUsage, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -161,6 +202,7 @@ class NucleiModel:
             device=self.device,
             tta=bool(self.config.get("tta", False)) if tta is None else tta,
             output_box=output_box,
+            usage=self.usage,
         )
 
 
@@ -260,6 +302,7 @@ def predict_image(
     device: torch.device | str = "cpu",
     tta: bool = False,
     output_box: tuple[int, int, int, int] | None = None,
+    usage: ModelUsage | None = None,
 ) -> np.ndarray:
     """Tiled prediction of an in-memory normalised image.
 
@@ -271,6 +314,7 @@ def predict_image(
         image: ``(H, W)`` float32 normalised to [0, 1].
         output_box: ``(y0, y1, x0, x1)``: return probabilities of this part of the image only
             (the rest is context; tiles whose core misses the box are not run). Default: all.
+        usage: counts the tiles and the seconds the network ran.
 
     Returns:
         ``(K, h, w)`` float32 probabilities (K = number of classes) of ``output_box``.
@@ -297,7 +341,11 @@ def predict_image(
         for k, block in enumerate(chunk):
             ry0, ry1, rx0, rx1 = block.read
             batch[k, 0] = _pad_to(image[ry0:ry1, rx0:rx1], window)
-        probabilities = _forward(network, batch, device, tta)
+        if usage is None:
+            probabilities = _forward(network, batch, device, tta)
+        else:
+            with usage.running((len(chunk), *window)):
+                probabilities = _forward(network, batch, device, tta)
         if output is None:
             output = np.empty((probabilities.shape[1], oy1 - oy0, ox1 - ox0), dtype=np.float32)
         for k, block in enumerate(chunk):

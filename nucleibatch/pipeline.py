@@ -22,7 +22,14 @@ from .errors import ImageReadError, UsageError
 from .instances import InstanceParams, probabilities_to_labels
 from .io.discover import ImageRecord
 from .io.sources import ImageSource, open_source
-from .io.store import chunk_for_blocks, create_image_group, label_array, open_root, store_name, write_pyramids
+from .io.store import (
+    chunk_for_blocks,
+    create_image_group,
+    label_array,
+    open_root,
+    store_name,
+    write_pyramids,
+)
 from .io.tables import remove_image_outputs, write_nuclei_part, write_record
 from .measure import concat_columns, measure_labels
 from .model import NucleiModel

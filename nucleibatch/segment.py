@@ -10,6 +10,7 @@ import shutil
 import socket
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,6 +174,26 @@ def _check_settings(out_dir: Path, fingerprint: dict[str, Any]) -> None:
         atomic_write_bytes(path, (json.dumps(fingerprint, indent=2, sort_keys=True) + "\n").encode())
 
 
+def local_path(location: str | Path) -> str:
+    """A path or ``file://`` URL as a local path; other URL schemes are a usage error.
+
+    Object stores (s3://, gs://, ...) are not read or written directly yet: mount them (s3fs,
+    gcsfuse, ...) or copy to a filesystem that every node sees.
+    """
+    text = str(location)
+    if "://" not in text:
+        return text
+    from urllib.parse import unquote, urlparse
+
+    url = urlparse(text)
+    if url.scheme == "file" and url.netloc in ("", "localhost"):
+        return unquote(url.path)
+    raise UsageError(
+        f"{text}: only paths and file:// URLs are supported for inputs and outputs; mount the "
+        f"{url.scheme}:// store (e.g. s3fs, gcsfuse) or copy the data to a filesystem all nodes see"
+    )
+
+
 def run_segment_job(
     inputs: list[str],
     out: str | Path,
@@ -193,8 +214,12 @@ def run_segment_job(
         raise UsageError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
+    if workers < 0 or gpus_per_worker <= 0:
+        raise UsageError("--workers must be >= 0 (0: automatic) and --gpus-per-worker > 0")
     settings = settings or SegmentSettings()
     settings.validate()
+    inputs = [local_path(i) for i in inputs]
+    out = local_path(out)
     started_at = time.time()
     started = time.perf_counter()
     out_dir = Path(out)
@@ -220,6 +245,8 @@ def run_segment_job(
         if n_resumed:
             log.info("resuming: %d of %d images are already done in %s", n_resumed, len(records), out_dir)
         timer = Timer()
+        busy_before, tiles_before, shapes_before = loaded.usage.busy_seconds, loaded.usage.tiles, Counter(loaded.usage.batch_shapes)
+        engine_started = time.perf_counter()
         placement: list[dict[str, Any]] = []
         bar = Progress(len(records), n_resumed, progress)
         try:
@@ -234,6 +261,7 @@ def run_segment_job(
                 run_engine(todo, loaded, device, settings, out_dir, batch_size, timer, bar.update, placement, address=address, workers=workers, gpus_per_worker=gpus_per_worker)
         finally:
             bar.close()
+        engine_seconds = time.perf_counter() - engine_started
         rows = read_records(out_dir)
         write_images_table(out_dir, list(rows.values()))
         finish_nuclei_dataset(out_dir)
@@ -268,6 +296,12 @@ def run_segment_job(
             "processed_megapixels": round(processed_mpix, 4),
             "mpix_per_s": round(processed_mpix / wall, 4) if wall > 0 else None,
             "stage_seconds": {stage: round(timer.seconds.get(stage, 0.0), 3) for stage in STAGES},
+            # local engine: the one model's own count (distributed engines: the model workers' predict seconds are in stage_seconds)
+            "model_busy_seconds": round(loaded.usage.busy_seconds - busy_before, 3) if engine == "local" else None,
+            "engine_seconds": round(engine_seconds, 3),  # the images' processing, without model load and discovery
+            "model_idle_fraction": round(max(0.0, 1 - (loaded.usage.busy_seconds - busy_before) / engine_seconds), 4) if engine == "local" and engine_seconds > 0 else None,
+            "model_tiles": loaded.usage.tiles - tiles_before if engine == "local" else None,
+            "model_batches": [[*shape, count] for shape, count in sorted((loaded.usage.batch_shapes - shapes_before).items())] if engine == "local" else None,
             "stage_seconds_note": "summed over the threads/workers that ran each stage",
         }
         if engine != "local":

@@ -15,12 +15,12 @@ def add_segment(subparsers) -> None:
         "command resumes. Exit status: 0 all images ok, 3 some failed (listed in images.parquet), 2 usage "
         "error, 1 the run stopped.",
     )
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, zarr stores or manifest files")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, zarr stores or manifest files (paths or file:// URLs)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (path or file:// URL)")
     p.add_argument("--model", default="default", help="'default' (shipped) or a bundle folder [default]")
     p.add_argument("--engine", default="local", choices=("local", "ray", "dask"), help="scheduler [local]")
     p.add_argument("--address", default=None, help="Ray or Dask scheduler address (ray/dask engines)")
-    p.add_argument("--workers", type=int, default=0, help="model workers for ray/dask [ray: one per GPU, else half the CPUs; dask: the MODEL workers, else all]")
+    p.add_argument("--workers", type=int, default=0, help="model workers for ray/dask [ray: one per GPU, else half the CPUs; dask: the workers declaring GPU, else all]")
     p.add_argument("--gpus-per-worker", type=float, default=1.0, help="GPUs per Ray model worker (0.5: two workers share a GPU) [1]")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda [auto: CUDA when present]")
     p.add_argument("--channel", type=int, default=None, help="index of the nuclear-stain channel [mean of colours]")

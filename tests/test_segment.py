@@ -191,3 +191,15 @@ def test_evaluate_uses_exactly_the_segment_inference(tmp_path, tiny_bundle):
         in_memory = segment_image(load_annotated(source).image, model)
         stored = labels_of(tmp_path / "out", source.image_id)
         assert stored.max() > 0 and same_up_to_renumbering(stored, in_memory)  # ids follow centroid order
+
+
+def test_file_urls_are_paths_and_object_store_urls_a_usage_error(tmp_path, capsys):
+    files.write_dsb_tree(tmp_path / "in", ids=("one", "two"), shape=(64, 64))
+    model = threshold_model()
+    by_path = run_segment_job([str(tmp_path / "in")], tmp_path / "by-path", model=model, progress=False)
+    by_url = run_segment_job([(tmp_path / "in").as_uri()], (tmp_path / "by url").as_uri(), model=model, progress=False)
+    assert by_url.out_dir == tmp_path / "by url" and by_url.n_ok == by_path.n_ok == 2
+    a, b = pd.read_parquet(tmp_path / "by-path" / "images.parquet"), pd.read_parquet(tmp_path / "by url" / "images.parquet")
+    assert list(a.image_id) == list(b.image_id) == ["one", "two"]
+    code = main(["segment", "s3://bucket/plate", "-o", str(tmp_path / "s3")])
+    assert code == 2 and "mount the s3:// store" in capsys.readouterr().err and not (tmp_path / "s3").exists()

@@ -69,10 +69,11 @@ def ray_session():
     that none of the processes it started is left."""
     import ray
 
+    before = set(_descendants(os.getpid()))  # e.g. multiprocessing's resource tracker of earlier tests
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("RAY_ADDRESS", raising=False)  # never join another cluster from the tests
         yield
-    started = _descendants(os.getpid())
+    started = [pid for pid in _descendants(os.getpid()) if pid not in before]
     ray.shutdown()
     assert not ray.is_initialized()
     deadline = time.monotonic() + 30

@@ -2,8 +2,8 @@
 
 ``--address tcp://...`` joins a running scheduler (e.g. dask-jobqueue's SLURMCluster, see
 cluster/dask_slurm.py); without it a LocalCluster of worker processes on 127.0.0.1 is started
-and stopped with the run. Model units ask for the ``MODEL`` resource; workers that can hold a
-model declare it (``dask worker --resources "MODEL=1"``; one per GPU on GPU nodes). Without any
+and stopped with the run. Model units ask for the ``GPU`` resource; workers that can hold a
+model declare it (``dask worker --resources "GPU=1"``; one per GPU on GPU nodes). Without any
 such worker (a LocalCluster, a CPU-only cluster) they run on any worker. Each worker process
 loads the model once, on first use, and keeps it.
 """
@@ -45,11 +45,11 @@ class DaskExecutor:
 
         self.client, self._wait = client, wait
         info = client.scheduler_info()["workers"]
-        model_workers = [w for w in info.values() if w.get("resources", {}).get("MODEL")]
-        self.resources = {"MODEL": 1} if model_workers else None
-        self.workers = workers or max(1, len(model_workers) or len(info))
-        self.device = device if model_workers else ("cpu" if device == "auto" else device)
-        log.info("dask engine: %d workers (%d declare MODEL)", len(info), len(model_workers))
+        gpu_workers = [w for w in info.values() if w.get("resources", {}).get("GPU")]
+        self.resources = {"GPU": 1} if gpu_workers else None
+        self.workers = workers or max(1, len(gpu_workers) or len(info))
+        self.device = device if gpu_workers else ("cpu" if device == "auto" else device)
+        log.info("dask engine: %d workers (%d declare GPU)", len(info), len(gpu_workers))
         [self.model] = client.scatter([model], broadcast=True)
         self.settings, self.batch_size, self.out_dir = settings, batch_size, str(out_dir)
         self.params = settings_params(settings, model)

@@ -19,7 +19,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
 from ..io.discover import ImageRecord
 from ..model import NucleiModel
 from ..pipeline import ImagePlan, SegmentSettings, Timer
@@ -50,7 +49,9 @@ class RayExecutor:
         gpus = resources.get("GPU", 0)
         use_gpu = device.startswith("cuda") or (device == "auto" and gpus > 0)
         if use_gpu and gpus == 0:
-            raise UsageError("--device cuda asked for, but the Ray cluster has no GPU; use --device cpu or auto")
+            # GPU nodes may still be booting, or start on demand: the model workers wait for
+            # them (pending actors are what makes the Ray autoscaler add GPU nodes)
+            log.warning("--device %s: no GPU in the Ray cluster yet; the model workers wait until a GPU node joins", device)
         if use_gpu:
             self.workers = workers or max(1, int(gpus / gpus_per_worker))
             options = {"num_gpus": gpus_per_worker, "num_cpus": 1}
