@@ -5,8 +5,9 @@
 The archive: ``--copies`` copies of the 5 real DSB demo images (examples/dsb_demo) plus one
 2048 x 2048 mosaic of them (a multi-block image at ``--block-size 1024``). Each run is
 ``python -m nucleibatch segment ARCHIVE -o OUT --engine E --workers N --device cpu`` in a child
-process on this machine (Ray: a private local Ray; Dask: a LocalCluster, both on 127.0.0.1),
-so the figures include starting the cluster. Printed per run: the child's wall time, the run's
+process on this machine (Ray: a private local Ray; Dask: a LocalCluster, both on 127.0.0.1,
+so the figures include starting the cluster; ``--address`` runs them on an existing cluster,
+then ``--workdir`` must be a folder all its nodes see). Printed per run: the child's wall time, the run's
 own wall time from run.json (after the model is loaded), MPix/s, nuclei, and a check that
 every engine wrote the same labels as the first run.
 """
@@ -75,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="default", help="model bundle [default]")
     parser.add_argument("--block-size", type=int, default=1024, help="segment --block-size [1024]")
     parser.add_argument("--runs", nargs="+", default=["local", "ray:1", "ray:2", "dask:1", "dask:2"], help="ENGINE[:WORKERS] ...")
-    parser.add_argument("--workdir", default=None, help="work folder [temporary, removed]")
+    parser.add_argument("--workdir", default=None, help="work folder [temporary, removed]; on a cluster: a shared folder")
+    parser.add_argument("--address", default=None, help="a Ray or Dask cluster to run on (ray/dask runs) [a private one on this machine]")
+    parser.add_argument("--device", default="cpu", help="segment --device [cpu]")
     args = parser.parse_args(argv)
 
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="nb-engines-"))
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     print(f"machine: {platform.node()}, {os.cpu_count()} CPUs, torch {torch.__version__}, python {platform.python_version()}")
-    print(f"archive: {5 * args.copies} DSB demo images + one 2048 x 2048 mosaic; model {args.model}; --block-size {args.block_size}; device cpu")
+    print(f"archive: {5 * args.copies} DSB demo images + one 2048 x 2048 mosaic; model {args.model}; --block-size {args.block_size}; device {args.device}; cluster {args.address or 'private, on this machine'}")
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
     env.setdefault("RAY_AUTH_MODE", "disabled")  # a private throwaway Ray on loopback
     reference = None
@@ -95,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
             out = workdir / f"out-{engine}-{workers or 0}"
             shutil.rmtree(out, ignore_errors=True)
             command = [sys.executable, "-m", "nucleibatch", "segment", str(archive), "-o", str(out), "--model", args.model,
-                       "--device", "cpu", "--block-size", str(args.block_size), "--engine", engine, "--workers", workers or "0", "--json"]  # fmt: skip
+                       "--device", args.device, "--block-size", str(args.block_size), "--engine", engine, "--workers", workers or "0", "--json"]  # fmt: skip
+            if args.address and engine != "local":
+                command += ["--address", args.address]
             started = time.perf_counter()
             result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
             wall = time.perf_counter() - started

@@ -1,11 +1,13 @@
-"""Keep a long run's memory flat: large arrays straight from and back to the OS (glibc).
+"""Keep a long run's memory flat: hand freed heap memory back to the OS between blocks (glibc).
 
-glibc serves allocations above ``M_MMAP_THRESHOLD`` with mmap and returns them on free, but
-by default it raises that threshold (up to 32 MiB) each time such a block is freed. After the
-first blocks of an image, block-sized arrays (a few to tens of MiB) then come from per-thread
-heap arenas that fragment and grow with every block processed: measured with
-benchmarks/memory.py, an 8k x 8k image peaked at 1,663 MB against 1,404 MB with the threshold
-fixed at 1 MiB (2k x 2k: 1,492 -> 1,305 MB).
+glibc serves allocations below its mmap threshold (which it raises up to 32 MiB as large
+blocks are freed) from per-thread heap arenas. Block-sized arrays (a few to tens of MiB)
+then live in arenas that fragment and, without a trim, keep their freed pages: measured with
+benchmarks/memory.py, an 8k x 8k image peaked at 1,663 MB, rising block after block.
+Fixing the threshold low (every array above 1 MiB mmapped) cured that but made each forward
+pass of the network 30-40 % slower on the CPU (its activations were mmapped and page-faulted
+afresh on every call), so instead the freed pages are released with ``malloc_trim`` after
+each block, and allocation itself is left alone.
 """
 
 from __future__ import annotations
@@ -13,19 +15,27 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 
-M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
-THRESHOLD_BYTES = 1 << 20
-_done = False
+_libc = None
 
 
-def use_mmap_for_large_arrays() -> bool:
-    """Fix glibc's mmap threshold at 1 MiB in this process (idempotent). False where not glibc."""
-    global _done
-    if _done:
-        return True
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        _done = bool(libc.mallopt(M_MMAP_THRESHOLD, THRESHOLD_BYTES))
-    except (OSError, AttributeError):  # musl, macOS: no mallopt; their allocators behave otherwise
+def _load_libc():
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _libc.malloc_trim  # noqa: B018 - glibc only
+        except (OSError, AttributeError):  # musl, macOS: no malloc_trim; their allocators behave otherwise
+            _libc = False
+    return _libc
+
+
+def release_free_memory() -> bool:
+    """Return the freed pages of every glibc heap arena to the OS (``malloc_trim(0)``).
+
+    Cheap (milliseconds); call it after a block's arrays are dropped. False where not glibc.
+    """
+    libc = _load_libc()
+    if not libc:
         return False
-    return _done
+    libc.malloc_trim(0)
+    return True

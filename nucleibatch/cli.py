@@ -142,10 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_train(args)
         if args.command == "evaluate":
             return _run_evaluate(args)
-        from .allocator import use_mmap_for_large_arrays
         from .segment_cli import run_segment
 
-        use_mmap_for_large_arrays()
         return run_segment(args)
     except NucleibatchError as error:
         print(f"nucleibatch {args.command}: error: {error}", file=sys.stderr)

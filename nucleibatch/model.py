@@ -134,14 +134,15 @@ def save_bundle(network: torch.nn.Module, config: dict[str, Any], directory: str
 
 
 class ModelUsage:
-    """What the network did: tiles run and seconds during which at least one forward pass ran
-    (thread-safe: the local engine runs two images at once). ``wall - busy_seconds`` is the
-    time the model sat idle."""
+    """Runs the network's calls one at a time and counts them: tiles, batch shapes, and the
+    seconds the network ran (``wall - busy_seconds`` is the time the model sat idle).
+
+    The local engine has two images in flight; letting both threads into the network at once
+    would oversubscribe the cores (each call already uses all of torch's threads) while
+    neither post-processes, so a call waits for the previous one."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._active = 0
-        self._since = 0.0
+        self._one_at_a_time = threading.Lock()
         self.busy_seconds = 0.0
         self.tiles = 0
         self.batch_shapes: Counter = Counter()  # (n, h, w) of each network call: replayable by a benchmark
@@ -154,19 +155,15 @@ class ModelUsage:
 
     @contextmanager
     def running(self, batch_shape: tuple[int, int, int]):
-        with self._lock:
-            if self._active == 0:
-                self._since = time.perf_counter()
-            self._active += 1
-            self.tiles += batch_shape[0]
-            self.batch_shapes[batch_shape] += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._active -= 1
-                if self._active == 0:
-                    self.busy_seconds += time.perf_counter() - self._since
+        """Hold the network for one call of ``batch_shape`` = ``(n, h, w)``."""
+        with self._one_at_a_time:
+            started = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.busy_seconds += time.perf_counter() - started
+                self.tiles += batch_shape[0]
+                self.batch_shapes[batch_shape] += 1
 
 
 @dataclass
@@ -269,16 +266,33 @@ def load_model(spec: str | Path = "default", device: str | torch.device = "cpu")
     except Exception as error:
         raise ModelBundleError(f"{weights_path}: weights do not fit the network in {CONFIG_NAME} ({type(error).__name__}: {' '.join(str(error).split())[:300]})") from None
     torch_device = resolve_device(device) if isinstance(device, str) else device
-    network = network.to(torch_device).eval()
+    network = prepare_network(network, torch_device)
     return NucleiModel(network=network, config=config, path=path, device=torch_device)
 
 
-def _forward(network: torch.nn.Module, batch: np.ndarray, device: torch.device, tta: bool) -> np.ndarray:
-    """Sigmoid probabilities of a batch ``(N, 1, h, w)`` float32 -> ``(N, K, h, w)`` float32."""
-    x = torch.from_numpy(batch).to(device)
-    use_amp = device.type == "cuda"
-    with torch.inference_mode(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-        if use_amp:
+def fast_inference(device: torch.device) -> bool:
+    """bf16 autocast + channels-last memory layout: on CUDA (tensor cores), not on the CPU."""
+    return device.type == "cuda"
+
+
+def prepare_network(network: torch.nn.Module, device: torch.device, fast: bool | None = None) -> torch.nn.Module:
+    """Move a network to ``device`` in eval mode; channels-last weights where inference is fast."""
+    network = network.to(device).eval()
+    if fast_inference(device) if fast is None else fast:
+        network = network.to(memory_format=torch.channels_last)
+    return network
+
+
+def _forward(network: torch.nn.Module, batch: np.ndarray, device: torch.device, tta: bool, fast: bool | None = None) -> np.ndarray:
+    """Sigmoid probabilities of a batch ``(N, 1, h, w)`` float32 -> ``(N, K, h, w)`` float32.
+
+    ``fast`` (default: on CUDA) runs under bf16 autocast with channels-last input; the same code
+    runs on the CPU when asked (tests check it there: no GPU is needed to exercise it).
+    """
+    fast = fast_inference(device) if fast is None else fast
+    x = torch.from_numpy(batch).to(device, non_blocking=True)
+    with torch.inference_mode(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=fast):
+        if fast:
             x = x.contiguous(memory_format=torch.channels_last)
         if not tta:
             out = torch.sigmoid(network(x).float())
@@ -303,6 +317,7 @@ def predict_image(
     tta: bool = False,
     output_box: tuple[int, int, int, int] | None = None,
     usage: ModelUsage | None = None,
+    fast: bool | None = None,
 ) -> np.ndarray:
     """Tiled prediction of an in-memory normalised image.
 
@@ -315,6 +330,7 @@ def predict_image(
         output_box: ``(y0, y1, x0, x1)``: return probabilities of this part of the image only
             (the rest is context; tiles whose core misses the box are not run). Default: all.
         usage: counts the tiles and the seconds the network ran.
+        fast: bf16 autocast + channels-last (default: on CUDA); see :func:`_forward`.
 
     Returns:
         ``(K, h, w)`` float32 probabilities (K = number of classes) of ``output_box``.
@@ -342,10 +358,10 @@ def predict_image(
             ry0, ry1, rx0, rx1 = block.read
             batch[k, 0] = _pad_to(image[ry0:ry1, rx0:rx1], window)
         if usage is None:
-            probabilities = _forward(network, batch, device, tta)
+            probabilities = _forward(network, batch, device, tta, fast)
         else:
             with usage.running((len(chunk), *window)):
-                probabilities = _forward(network, batch, device, tta)
+                probabilities = _forward(network, batch, device, tta, fast)
         if output is None:
             output = np.empty((probabilities.shape[1], oy1 - oy0, ox1 - ox0), dtype=np.float32)
         for k, block in enumerate(chunk):

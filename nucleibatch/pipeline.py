@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from .allocator import release_free_memory
 from .errors import ImageReadError, UsageError
 from .instances import InstanceParams, probabilities_to_labels
 from .io.discover import ImageRecord
@@ -377,6 +378,7 @@ def segment_record(
         for block, raw, region in reads:
             result = process_block(plan, block, raw, region, model, settings, params, group, batch_size)
             del raw
+            release_free_memory()  # the block's arrays are gone: their pages go back to the OS
             timer.add(result.seconds)
             results[block.index] = result
             offsets = block_offsets(results[i].owned.count for i in range(len(results)))

@@ -183,10 +183,8 @@ def current_worker() -> str:
 
 def start_unit(record: ImageRecord, settings: SegmentSettings, model_config: dict, out_dir: str) -> ImagePlan:
     """Unit 1: :func:`nucleibatch.pipeline.start_image`."""
-    from ..allocator import use_mmap_for_large_arrays
     from ..pipeline import start_image
 
-    use_mmap_for_large_arrays()  # once per worker process: the units' arrays go back to the OS
     return start_image(record, settings, model_config, Path(out_dir))
 
 
@@ -196,18 +194,17 @@ class BlockPredictor:
     def __init__(self, model, device: str, settings: SegmentSettings, batch_size: int) -> None:
         import torch
 
-        from ..allocator import use_mmap_for_large_arrays
-        from ..model import resolve_device
+        from ..model import prepare_network, resolve_device
 
-        use_mmap_for_large_arrays()
         self.device = resolve_device(device)
-        model.network.to(self.device).eval()
+        model.network = prepare_network(model.network, self.device)
         model.device = self.device
         self.model, self.settings, self.batch_size = model, settings, batch_size
         self.sources: dict[str, Any] = {}  # the last images read (a slide is opened once, not per block)
         torch.set_grad_enabled(False)
 
     def predict(self, plan: ImagePlan, block_index: int):
+        from ..allocator import release_free_memory
         from ..io.sources import open_source
         from ..pipeline import context_pixels, predict_block, read_block
 
@@ -225,6 +222,8 @@ class BlockPredictor:
         timer.add(prediction.seconds)
         prediction.seconds = dict(timer.seconds)
         prediction.worker = current_worker()
+        del raw
+        release_free_memory()
         if len(plan.blocks) == block_index + 1:  # the image's last block: let go of its file
             self.sources.pop(key).close()
         return prediction
@@ -232,13 +231,14 @@ class BlockPredictor:
 
 def finish_block_unit(plan: ImagePlan, block_index: int, prediction, settings: SegmentSettings, params, out_dir: str):
     """Unit 3: :func:`nucleibatch.pipeline.finish_block`, writing into the image's group."""
-    from ..allocator import use_mmap_for_large_arrays
+    from ..allocator import release_free_memory
     from ..pipeline import finish_block
 
-    use_mmap_for_large_arrays()
     group = open_root(Path(out_dir) / "masks.zarr")[plan.name]
     result = finish_block(plan, plan.blocks[block_index], prediction, settings, params, group)
     result.unit = {"predict_worker": prediction.worker, "finish_worker": current_worker()}
+    del prediction
+    release_free_memory()  # the worker goes on to other blocks: give back this one's pages
     return result
 
 

@@ -1,0 +1,36 @@
+"""The GPU inference path (bf16 autocast, channels-last) exercised on the CPU: same code, same answers."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nucleibatch import load_model
+from nucleibatch.instances import probabilities_to_labels
+from nucleibatch.io.annotated import discover_annotated, load_annotated
+from nucleibatch.metrics import image_scores
+from nucleibatch.model import ModelUsage, predict_image, prepare_network
+from nucleibatch.normalize import normalize_image
+
+DEMO = Path(__file__).resolve().parents[1] / "examples" / "dsb_demo"
+
+
+def test_bf16_channels_last_path_agrees_with_float32_on_the_cpu():
+    model = load_model("default", device="cpu")
+    fast_network = prepare_network(copy.deepcopy(model.network), torch.device("cpu"), fast=True)
+    assert fast_network.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    for source in list(discover_annotated([DEMO]))[:2]:
+        example = load_annotated(source)
+        image, _ = normalize_image(example.image)
+        usage = ModelUsage()
+        reference = predict_image(model.network, image, tile_size=256, halo=32, fast=False)
+        fast = predict_image(fast_network, image, tile_size=256, halo=32, fast=True, usage=usage)
+        assert fast.dtype == np.float32 and fast.shape == reference.shape
+        assert not np.array_equal(fast, reference)  # bf16 really ran
+        assert np.abs(fast - reference).mean() < 0.01 and np.abs(fast - reference).max() < 0.25
+        a, b = probabilities_to_labels(reference, model.postprocess), probabilities_to_labels(fast, model.postprocess)
+        assert a.max() > 5 and image_scores(a, b)["map"] >= 0.9
+        assert usage.tiles > 0 and usage.busy_seconds > 0 and sum(n * c for (n, _, _), c in usage.batch_shapes.items()) == usage.tiles
