@@ -32,7 +32,7 @@ def local_reference(tmp_path_factory):
 def _own_processes() -> set[str]:
     """Child processes of this test process, except multiprocessing's resource tracker (which
     lives as long as its parent, by design)."""
-    listing = subprocess.run(["ps", "--ppid", str(os.getpid()), "-o", "pid=,args="], capture_output=True, text=True).stdout
+    listing = subprocess.run(["ps", "-ww", "--ppid", str(os.getpid()), "-o", "pid=,args="], capture_output=True, text=True).stdout
     return {line.strip() for line in listing.splitlines() if line.strip() and "resource_tracker" not in line and " ps " not in f" {line} "}
 
 

@@ -105,7 +105,7 @@ def test_killing_a_model_worker_mid_job_changes_nothing(two_nodes, archive, tmp_
     killed = None
     deadline = time.time() + 300
     while killed is None and time.time() < deadline:
-        for line in subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout.splitlines():
+        for line in subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True).stdout.splitlines():
             pid, _, args = line.strip().partition(" ")
             if args.startswith("ray::RayBlockPredictor.predict"):  # Ray's process title while a unit runs
                 os.kill(int(pid), signal.SIGKILL)
