@@ -212,12 +212,11 @@ def resolve_device_name(device: str) -> str:
 
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` -> CUDA when present, else CPU; ``cuda`` without a GPU is a usage error."""
+    resolve_device_name(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu or auto")
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        raise UsageError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
     return torch.device(device)
 
 

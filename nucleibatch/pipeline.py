@@ -10,6 +10,7 @@ Engines schedule these steps; they all call the functions here.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -38,6 +39,7 @@ from .normalize import NormStats, apply_stats, stats_for_bundle, to_grey
 from .stitching import OwnedObjects, block_offsets, paint_region, select_owned
 from .tiling import Block, block_grid
 
+log = logging.getLogger(__name__)
 MIN_SIDE = 8
 STAGES = ("read", "normalise", "predict", "instances", "stitch", "measure", "write")
 
@@ -118,6 +120,11 @@ class _Span:
         self.timer.seconds[self.stage] += time.perf_counter() - self.start
 
 
+def instance_params(settings: SegmentSettings, model: NucleiModel) -> InstanceParams:
+    """The post-processing of a run: ``settings.postprocess`` when given, else the model's tuned values."""
+    return InstanceParams.from_dict(settings.postprocess) if settings.postprocess else model.postprocess
+
+
 def context_pixels(settings: SegmentSettings, model_config: dict) -> int:
     """Pixels of image read around a block's read region for the network to see.
 
@@ -142,19 +149,32 @@ def plan_image(record: ImageRecord, source: ImageSource, settings: SegmentSettin
     return ImagePlan(record, store_name(record.image_id), (height, width), source.channels, np.dtype(source.dtype), stats, blocks)
 
 
-def start_image(record: ImageRecord, settings: SegmentSettings, model_config: dict, out_dir: Path, timer: Timer | None = None) -> ImagePlan:
-    """First step of an image: forget any earlier attempt, plan it, create its (empty) OME-Zarr group."""
+def open_image(record: ImageRecord, timer: Timer) -> ImageSource:
+    """Open an image's source (an unreadable one found at discovery raises :class:`ImageReadError`)."""
+    if record.error:
+        raise ImageReadError(record.error)
+    with timer("read"):
+        return open_source(record)
+
+
+def start_image(
+    record: ImageRecord, settings: SegmentSettings, model_config: dict, out_dir: Path, timer: Timer | None = None, source: ImageSource | None = None
+) -> ImagePlan:
+    """First step of an image: forget any earlier attempt, plan it, create its (empty) OME-Zarr group.
+
+    ``source``: the image already open (kept open); else it is opened and closed here.
+    """
     timer = timer or Timer()
     name = store_name(record.image_id)
     remove_image_outputs(out_dir, name)
-    with timer("read"):
-        source = open_source(record) if not record.error else None
-    if source is None:
-        raise ImageReadError(record.error or "unreadable")
+    own_source = source is None
+    if own_source:
+        source = open_image(record, timer)
     try:
         plan = plan_image(record, source, settings, model_config, timer)
     finally:
-        source.close()
+        if own_source:
+            source.close()
     with timer("write"):
         chunk = chunk_for_blocks(settings.block_size)
         create_image_group(open_root(out_dir / "masks.zarr"), name, record.image_id, plan.shape, plan.channels, plan.dtype, chunk=chunk)
@@ -357,13 +377,12 @@ def segment_record(
     """
     timer = timer or Timer()
     started = time.perf_counter()
-    params = InstanceParams.from_dict(settings.postprocess) if settings.postprocess else model.postprocess
+    params = instance_params(settings, model)
     halo = context_pixels(settings, model.config)
-    plan = start_image(record, settings, model.config, out_dir, timer)
-    group = open_root(out_dir / "masks.zarr")[plan.name]
-    with timer("read"):
-        source = open_source(record)
+    source = open_image(record, timer)
     try:
+        plan = start_image(record, settings, model.config, out_dir, timer, source=source)
+        group = open_root(out_dir / "masks.zarr")[plan.name]
         results: dict[int, BlockResult] = {}
         offsets = np.zeros(0, dtype=np.int64)
         painted: set[int] = set()
@@ -421,3 +440,18 @@ def failed_row(record: ImageRecord, error: BaseException | str, seconds: float) 
         "seconds": round(seconds, 4),
         "store_path": None,  # a failed image has no group in masks.zarr
     }
+
+
+def record_failed_image(out_dir: Path, record: ImageRecord, error: BaseException | str, seconds: float) -> dict[str, Any]:
+    """Record an image as failed: drop its partial OME-Zarr group, write its completion record
+    (the 'failed' row of :func:`failed_row`) and return that row."""
+    row = failed_row(record, error, seconds)
+    name = store_name(record.image_id)
+    try:
+        root = open_root(out_dir / "masks.zarr")
+        if name in root:
+            del root[name]
+    except Exception:  # best effort: the group is replaced when the image is redone
+        log.debug("could not remove the partial group of %s", record.image_id, exc_info=True)
+    write_record(out_dir, name, row)
+    return row

@@ -18,9 +18,8 @@ from typing import Any
 
 from ..io.discover import ImageRecord
 from ..model import NucleiModel
-from ..pipeline import ImagePlan, SegmentSettings, Timer
+from ..pipeline import ImagePlan, SegmentSettings, Timer, instance_params
 from . import distributed
-from .ray_engine import settings_params
 
 log = logging.getLogger(__name__)
 _PREDICTORS: dict[str, distributed.BlockPredictor] = {}  # per worker process, by model sha256 + settings
@@ -52,7 +51,7 @@ class DaskExecutor:
         log.info("dask engine: %d workers (%d declare GPU)", len(info), len(gpu_workers))
         [self.model] = client.scatter([model], broadcast=True)
         self.settings, self.batch_size, self.out_dir = settings, batch_size, str(out_dir)
-        self.params = settings_params(settings, model)
+        self.params = instance_params(settings, model)
         self.model_config = model.config
 
     def _submit(self, fn, *args, **kwargs):

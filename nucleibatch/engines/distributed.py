@@ -30,7 +30,7 @@ from typing import Any, Protocol
 from ..io.discover import ImageRecord
 from ..io.store import open_root, store_name
 from ..io.tables import write_record
-from ..pipeline import ImagePlan, SegmentSettings, Timer, failed_row
+from ..pipeline import ImagePlan, SegmentSettings, Timer, record_failed_image
 from .local import is_fatal
 
 log = logging.getLogger(__name__)
@@ -94,9 +94,7 @@ def run_distributed(
         if is_fatal(error):
             raise error
         log.debug("image %s failed: %s", image.record.image_id, error)
-        row = failed_row(image.record, error, time.perf_counter() - image.started)
-        _drop_group(out_dir, image.record.image_id)
-        write_record(out_dir, store_name(image.record.image_id), row)
+        row = record_failed_image(out_dir, image.record, error, time.perf_counter() - image.started)
         images.pop(image.record.image_id, None)
         on_row(row)
 
@@ -145,16 +143,6 @@ def run_distributed(
     except BaseException:
         executor.cancel([*starting, *blocks, *completing])
         raise
-
-
-def _drop_group(out_dir: Path, image_id: str) -> None:
-    try:
-        root = open_root(out_dir / "masks.zarr")
-        name = store_name(image_id)
-        if name in root:
-            del root[name]
-    except Exception:  # best effort: the group is replaced when the image is redone
-        log.debug("could not remove the partial group of %s", image_id, exc_info=True)
 
 
 # --- the units, as run on the workers ------------------------------------------------------------

@@ -12,10 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from ..io.discover import ImageRecord
-from ..io.store import open_root, store_name
-from ..io.tables import write_record
 from ..model import NucleiModel
-from ..pipeline import ImagePlan, SegmentSettings, Timer, failed_row, read_block, segment_record
+from ..pipeline import (
+    ImagePlan,
+    SegmentSettings,
+    Timer,
+    read_block,
+    record_failed_image,
+    segment_record,
+)
 
 log = logging.getLogger(__name__)
 # Images in flight at once: while one image is on the model, the other is read or post-processed.
@@ -60,20 +65,7 @@ def segment_one(record: ImageRecord, model: NucleiModel, settings: SegmentSettin
         if is_fatal(error):
             raise
         log.debug("image %s failed", record.image_id, exc_info=True)
-        row = failed_row(record, error, time.perf_counter() - started)
-        _drop_group(out_dir, record.image_id)
-        write_record(out_dir, store_name(record.image_id), row)
-        return row
-
-
-def _drop_group(out_dir: Path, image_id: str) -> None:
-    try:
-        root = open_root(out_dir / "masks.zarr")
-        name = store_name(image_id)
-        if name in root:
-            del root[name]
-    except Exception:  # best effort: the group is replaced when the image is redone
-        log.debug("could not remove the partial group of %s", image_id, exc_info=True)
+        return record_failed_image(out_dir, record, error, time.perf_counter() - started)
 
 
 def run_local(

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..io.discover import ImageRecord
 from ..model import NucleiModel
-from ..pipeline import ImagePlan, SegmentSettings, Timer
+from ..pipeline import ImagePlan, SegmentSettings, Timer, instance_params
 from . import distributed
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class RayExecutor:
         self._finish = task(distributed.finish_block_unit)
         self._complete = task(distributed.complete_unit)
         self.settings, self.out_dir = settings, str(out_dir)
-        self.params = settings_params(settings, model)
+        self.params = instance_params(settings, model)
         self.model_config = ray.put(model.config)
 
     def start(self, record: ImageRecord) -> Any:
@@ -117,12 +117,6 @@ class RayExecutor:
     def close(self) -> None:
         for actor in self.predictors:
             self.ray.kill(actor)
-
-
-def settings_params(settings: SegmentSettings, model: NucleiModel):
-    from ..instances import InstanceParams
-
-    return InstanceParams.from_dict(settings.postprocess) if settings.postprocess else model.postprocess
 
 
 def run_engine(
