@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_segment(subparsers)
     _add_train(subparsers)
     _add_evaluate(subparsers)
+    from .export import add_export
+
+    add_export(subparsers)
     return parser
 
 
@@ -142,6 +145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_train(args)
         if args.command == "evaluate":
             return _run_evaluate(args)
+        if args.command == "export":
+            from .export import run_export
+
+            return run_export(args)
         from .segment_cli import run_segment
 
         return run_segment(args)
