@@ -68,6 +68,24 @@ def _add_evaluate(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
+def _add_report(subparsers) -> None:
+    p = subparsers.add_parser(
+        "report",
+        help="(re)build OUT/report.html, a self-contained QC report of a segment output",
+        description="Write OUT/report.html from OUT alone: run summary, outlines on a sample of images, "
+        "the images with the fewest and the most nuclei, histograms of the measurements, the failed "
+        "images and their reasons. One HTML file with everything embedded: it opens offline.",
+    )
+    p.add_argument("out", metavar="OUT", help="the -o folder of `nucleibatch segment`")
+
+
+def _run_report(args) -> int:
+    from .report import write_report
+
+    print(f"report: {write_report(args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="nucleibatch", description="Nuclei segmentation of microscopy archives.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -80,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .export import add_export
 
     add_export(subparsers)
+    _add_report(subparsers)
     return parser
 
 
@@ -149,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .export import run_export
 
             return run_export(args)
+        if args.command == "report":
+            return _run_report(args)
         from .segment_cli import run_segment
 
         return run_segment(args)
