@@ -35,5 +35,9 @@ class ObjectTooLargeError(NucleibatchError):
     """A nucleus is larger than the stitching margin: raise `--block-margin`."""
 
 
+class NotSegmentOutputError(UsageError):
+    """A folder given as OUT (report, export) is missing or is not the output of ``nucleibatch segment``."""
+
+
 class OutputError(NucleibatchError):
     """The output directory cannot be used (locked, written by other settings, not writable)."""

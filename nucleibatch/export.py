@@ -62,7 +62,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import NucleibatchError, UsageError
+from .errors import NotSegmentOutputError, NucleibatchError, UsageError  # noqa: F401  (NotSegmentOutputError: raised by check_segment_output)
+from .io.location import is_remote, to_location
+from .io.tables import check_segment_output
 
 if TYPE_CHECKING:  # pandas and scipy are imported where used: `nucleibatch --help` stays quick
     import pandas as pd
@@ -75,10 +77,6 @@ MEASUREMENTS = ("area", "perimeter", "eccentricity", "solidity", "mean_intensity
 _UUID_NAMESPACE = uuid.UUID("6c0b3c52-5d0e-4b8a-9a51-6e75636c6569")
 # TIFF images up to this many pixels are written in one piece (strips); larger ones tiled
 WHOLE_TIFF_PIXELS = 2048 * 2048
-
-
-class NotSegmentOutputError(UsageError):
-    """OUT is missing or is not the output folder of a finished ``nucleibatch segment`` run."""
 
 
 class ExportError(NucleibatchError):
@@ -391,19 +389,9 @@ def open_segment_output(out: str | Path, image_ids: Sequence[str] | None = None)
     """
     import pandas as pd
 
-    out_dir = Path(out)
-    if not out_dir.exists():
-        raise NotSegmentOutputError(f"{out_dir} does not exist: give the -o folder of a `nucleibatch segment` run")
-    if not out_dir.is_dir():
-        raise NotSegmentOutputError(f"{out_dir} is a file: give the -o folder of a `nucleibatch segment` run")
-    missing = [name for name in ("images.parquet", "masks.zarr") if not (out_dir / name).exists()]
-    if missing:
-        hint = (
-            "the run did not finish: re-run the same `nucleibatch segment ... -o OUT` command to resume it"
-            if (out_dir / ".nucleibatch").is_dir()
-            else "give the -o folder of a `nucleibatch segment` run"
-        )
-        raise NotSegmentOutputError(f"{out_dir} is not a segment output ({' and '.join(missing)} missing): {hint}")
+    out_dir = check_segment_output(out, finished=True)
+    if is_remote(out_dir):
+        raise UsageError(f"{out_dir}: export reads local folders and file:// URLs; copy the run's outputs from the store first")
     images = pd.read_parquet(out_dir / "images.parquet")
     if image_ids:
         unknown = [i for i in dict.fromkeys(image_ids) if i not in set(images.image_id)]
@@ -730,18 +718,6 @@ def export_run(
 # --------------------------------------------------------------------------- CLI glue
 
 
-def _as_path(text: str) -> Path:
-    """A local path or ``file://`` URL -> Path (other URL schemes: UsageError)."""
-    from urllib.parse import unquote, urlparse
-
-    url = urlparse(str(text))
-    if url.scheme == "file":
-        return Path(unquote(url.path))
-    if len(url.scheme) > 1:  # one letter: a Windows drive
-        raise UsageError(f"{text}: export reads local folders and file:// URLs; mount or copy the {url.scheme}:// store first")
-    return Path(text)
-
-
 def add_export(subparsers) -> None:
     """The ``export`` subcommand's arguments."""
     p = subparsers.add_parser(
@@ -761,7 +737,10 @@ def add_export(subparsers) -> None:
 
 def run_export(args) -> int:
     """Run ``nucleibatch export`` from parsed arguments; prints the summary; returns 0."""
-    summary = export_run(_as_path(args.out), args.format, _as_path(args.output) if args.output else None, args.images, progress=False if args.no_progress else None)
+    dest = to_location(args.output) if args.output else None
+    if dest is not None and is_remote(dest):
+        raise UsageError(f"-o {dest}: export writes to a local folder; copy the files to the store afterwards")
+    summary = export_run(to_location(args.out), args.format, dest, args.images, progress=False if args.no_progress else None)
     if summary.failed:
         print(failed_line(summary.failed), file=sys.stderr)
     print(summary.line())

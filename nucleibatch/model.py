@@ -7,8 +7,8 @@ import hashlib
 import json
 import threading
 import time
-from collections import Counter
-from collections.abc import Iterable
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,15 +190,21 @@ class NucleiModel:
 
     def predict(self, image: np.ndarray, batch_size: int = 4, tta: bool | None = None, output_box: tuple[int, int, int, int] | None = None) -> np.ndarray:
         """Probabilities of a normalised image: ``(H, W)`` float32 -> ``(3, h, w)`` float32 of ``output_box`` (default: all)."""
-        return predict_image(
+        return self.predict_many([image], batch_size, tta, [output_box])[0]
+
+    def predict_many(
+        self, images: Sequence[np.ndarray], batch_size: int = 4, tta: bool | None = None, output_boxes: Sequence[tuple[int, int, int, int] | None] | None = None
+    ) -> list[np.ndarray]:
+        """:meth:`predict` of several images, their tiles batched together (see :func:`predict_images`)."""
+        return predict_images(
             self.network,
-            image,
+            images,
+            output_boxes,
             tile_size=int(self.config.get("tile_size", 512)),
             halo=int(self.config.get("halo", 64)),
             batch_size=batch_size,
             device=self.device,
             tta=bool(self.config.get("tta", False)) if tta is None else tta,
-            output_box=output_box,
             usage=self.usage,
         )
 
@@ -334,42 +340,76 @@ def predict_image(
     Returns:
         ``(K, h, w)`` float32 probabilities (K = number of classes) of ``output_box``.
     """
+    return predict_images(network, [image], [output_box], tile_size, halo, batch_size, device, tta, usage, fast)[0]
+
+
+def predict_images(
+    network: torch.nn.Module,
+    images: Sequence[np.ndarray],
+    output_boxes: Sequence[tuple[int, int, int, int] | None] | None = None,
+    tile_size: int = 512,
+    halo: int = 64,
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+    tta: bool = False,
+    usage: ModelUsage | None = None,
+    fast: bool | None = None,
+) -> list[np.ndarray]:
+    """:func:`predict_image` of several images at once: tiles of the same shape share network calls.
+
+    Small images (one tile each, e.g. 256 x 320 DSB fields) are batched across images, so a
+    GPU gets ``batch_size`` tiles per call instead of one. A tile's probabilities do not depend
+    on which tiles share its batch (the network is in eval mode; on the CPU they are bit-identical).
+
+    Args:
+        images: ``(H_i, W_i)`` float32 normalised to [0, 1].
+        output_boxes: per image, as ``output_box`` of :func:`predict_image` (None: all).
+
+    Returns:
+        Per image, ``(K, h_i, w_i)`` float32 probabilities of its output box.
+    """
     device = torch.device(device)
-    image = np.asarray(image, dtype=np.float32)
-    height, width = image.shape
-    oy0, oy1, ox0, ox1 = output_box or (0, height, 0, width)
-    if not (0 <= oy0 < oy1 <= height and 0 <= ox0 < ox1 <= width):
-        raise ValueError(f"output_box {output_box} is not inside the image {image.shape}")
     core = tile_size - 2 * halo
     if core <= 0:
         raise UsageError(f"tile size {tile_size} leaves no core with halo {halo}; use tile >= 2 * halo + 32")
-    if height <= tile_size and width <= tile_size:
-        window = (padded_size(height, PAD_MULTIPLE), padded_size(width, PAD_MULTIPLE))
-        blocks = block_grid((height, width), max(height, width), 0)
-    else:
-        window = (tile_size, tile_size)
-        blocks = block_grid((height, width), core, halo)
-    blocks = [b for b in blocks if b.core[0] < oy1 and b.core[1] > oy0 and b.core[2] < ox1 and b.core[3] > ox0]
-    output: np.ndarray | None = None
-    for chunk in _chunks(blocks, batch_size):
-        batch = np.empty((len(chunk), 1) + window, dtype=np.float32)
-        for k, block in enumerate(chunk):
-            ry0, ry1, rx0, rx1 = block.read
-            batch[k, 0] = _pad_to(image[ry0:ry1, rx0:rx1], window)
-        if usage is None:
-            probabilities = _forward(network, batch, device, tta, fast)
+    output_boxes = list(output_boxes) if output_boxes is not None else [None] * len(images)
+    images = [np.asarray(image, dtype=np.float32) for image in images]
+    boxes, tiles_by_window = [], defaultdict(list)  # window shape -> [(image number, tile block)]
+    for number, (image, output_box) in enumerate(zip(images, output_boxes, strict=True)):
+        height, width = image.shape
+        oy0, oy1, ox0, ox1 = output_box or (0, height, 0, width)
+        if not (0 <= oy0 < oy1 <= height and 0 <= ox0 < ox1 <= width):
+            raise ValueError(f"output_box {output_box} is not inside the image {image.shape}")
+        boxes.append((oy0, oy1, ox0, ox1))
+        if height <= tile_size and width <= tile_size:
+            window = (padded_size(height, PAD_MULTIPLE), padded_size(width, PAD_MULTIPLE))
+            tiles = block_grid((height, width), max(height, width), 0)
         else:
-            with usage.running((len(chunk), *window)):
+            window = (tile_size, tile_size)
+            tiles = block_grid((height, width), core, halo)
+        tiles_by_window[window].extend((number, t) for t in tiles if t.core[0] < oy1 and t.core[1] > oy0 and t.core[2] < ox1 and t.core[3] > ox0)
+    outputs: list[np.ndarray | None] = [None] * len(images)
+    for window, tiles in tiles_by_window.items():
+        for chunk in _chunks(tiles, batch_size):
+            batch = np.empty((len(chunk), 1) + window, dtype=np.float32)
+            for k, (number, tile) in enumerate(chunk):
+                ry0, ry1, rx0, rx1 = tile.read
+                batch[k, 0] = _pad_to(images[number][ry0:ry1, rx0:rx1], window)
+            if usage is None:
                 probabilities = _forward(network, batch, device, tta, fast)
-        if output is None:
-            output = np.empty((probabilities.shape[1], oy1 - oy0, ox1 - ox0), dtype=np.float32)
-        for k, block in enumerate(chunk):
-            cy0, cy1, cx0, cx1 = block.core
-            y0, y1, x0, x1 = max(cy0, oy0), min(cy1, oy1), max(cx0, ox0), min(cx1, ox1)
-            ry, rx = block.read[0], block.read[2]
-            output[:, y0 - oy0 : y1 - oy0, x0 - ox0 : x1 - ox0] = probabilities[k, :, y0 - ry : y1 - ry, x0 - rx : x1 - rx]
-    assert output is not None
-    return output
+            else:
+                with usage.running((len(chunk), *window)):
+                    probabilities = _forward(network, batch, device, tta, fast)
+            for k, (number, tile) in enumerate(chunk):
+                oy0, oy1, ox0, ox1 = boxes[number]
+                if outputs[number] is None:
+                    outputs[number] = np.empty((probabilities.shape[1], oy1 - oy0, ox1 - ox0), dtype=np.float32)
+                cy0, cy1, cx0, cx1 = tile.core
+                y0, y1, x0, x1 = max(cy0, oy0), min(cy1, oy1), max(cx0, ox0), min(cx1, ox1)
+                ry, rx = tile.read[0], tile.read[2]
+                outputs[number][:, y0 - oy0 : y1 - oy0, x0 - ox0 : x1 - ox0] = probabilities[k, :, y0 - ry : y1 - ry, x0 - rx : x1 - rx]
+    assert all(output is not None for output in outputs)
+    return outputs  # type: ignore[return-value]
 
 
 def _pad_to(tile: np.ndarray, window: tuple[int, int]) -> np.ndarray:

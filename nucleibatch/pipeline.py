@@ -14,7 +14,6 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +22,7 @@ from .allocator import release_free_memory
 from .errors import ImageReadError, UsageError
 from .instances import InstanceParams, probabilities_to_labels
 from .io.discover import ImageRecord
+from .io.location import Location
 from .io.sources import ImageSource, open_source
 from .io.store import (
     chunk_for_blocks,
@@ -158,7 +158,7 @@ def open_image(record: ImageRecord, timer: Timer) -> ImageSource:
 
 
 def start_image(
-    record: ImageRecord, settings: SegmentSettings, model_config: dict, out_dir: Path, timer: Timer | None = None, source: ImageSource | None = None
+    record: ImageRecord, settings: SegmentSettings, model_config: dict, out_dir: Location, timer: Timer | None = None, source: ImageSource | None = None
 ) -> ImagePlan:
     """First step of an image: forget any earlier attempt, plan it, create its (empty) OME-Zarr group.
 
@@ -206,6 +206,7 @@ class BlockPrediction:
     pixels: np.ndarray
     seconds: dict[str, float] = field(default_factory=dict)
     worker: str | None = None  # where it ran (distributed engines)
+    predict_group: int = 1  # blocks predicted in the same model call (small images are grouped)
 
 
 def predict_block(
@@ -216,15 +217,38 @@ def predict_block(
     Args:
         raw: ``(h, w, C)`` pixels of ``region`` (from :func:`read_block`).
     """
+    return predict_blocks([(plan, block, raw, region)], model, settings, batch_size)[0]
+
+
+def predict_blocks(
+    items: list[tuple[ImagePlan, Block, np.ndarray, tuple[int, int, int, int]]], model: NucleiModel, settings: SegmentSettings, batch_size: int = 4
+) -> list[BlockPrediction]:
+    """:func:`predict_block` of several blocks (of one image or of several small ones) with their
+    tiles batched together; each prediction's stage seconds are its share by pixels."""
     timer = Timer()
-    ry0, ry1, rx0, rx1 = block.read
-    inner = (ry0 - region[0], ry1 - region[0], rx0 - region[2], rx1 - region[2])
+    inners, normalised = [], []
     with timer("normalise"):
-        normalised = apply_stats(to_grey(raw, settings.channel), plan.stats)
+        for plan, block, raw, region in items:
+            ry0, ry1, rx0, rx1 = block.read
+            inners.append((ry0 - region[0], ry1 - region[0], rx0 - region[2], rx1 - region[2]))
+            normalised.append(apply_stats(to_grey(raw, settings.channel), plan.stats))
     with timer("predict"):
-        probabilities = model.predict(normalised, batch_size=batch_size, tta=settings.tta, output_box=inner)
-    pixels = raw[inner[0] : inner[1], inner[2] : inner[3]]
-    return BlockPrediction(block.index, probabilities, pixels, dict(timer.seconds))
+        probabilities = model.predict_many(normalised, batch_size=batch_size, tta=settings.tta, output_boxes=inners)
+    del normalised
+    pixels = [raw[y0:y1, x0:x1] for (_, _, raw, _), (y0, y1, x0, x1) in zip(items, inners, strict=True)]
+    total = sum(p.shape[0] * p.shape[1] for p in pixels)
+    predictions = []
+    for (_, block, _, _), block_probabilities, block_pixels in zip(items, probabilities, pixels, strict=True):
+        share = block_pixels.shape[0] * block_pixels.shape[1] / total
+        seconds = {stage: value * share for stage, value in timer.seconds.items()}
+        predictions.append(BlockPrediction(block.index, block_probabilities, block_pixels, seconds))
+    return predictions
+
+
+def fits_one_tile(plan: ImagePlan, model_config: dict) -> bool:
+    """An image small enough to be one tile of the network (most DSB fields): engines batch the
+    blocks of several such images into one model call."""
+    return len(plan.blocks) == 1 and max(plan.shape) <= int(model_config.get("tile_size", 512))
 
 
 def finish_block(plan: ImagePlan, block: Block, prediction: BlockPrediction, settings: SegmentSettings, params: InstanceParams, image_group=None) -> BlockResult:
@@ -305,7 +329,7 @@ def complete_image(
     lost: dict[int, int],
     image_group,
     settings: SegmentSettings,
-    out_dir: Path,
+    out_dir: Location,
     timer: Timer,
 ) -> dict[str, Any]:
     """Last step of an image whose block cores are all painted: the nuclei table part (global ids,
@@ -345,7 +369,7 @@ def complete_image(
     return row
 
 
-def paint_and_complete(plan: ImagePlan, results: list[BlockResult], settings: SegmentSettings, out_dir: Path, timer: Timer) -> dict[str, Any]:
+def paint_and_complete(plan: ImagePlan, results: list[BlockResult], settings: SegmentSettings, out_dir: Location, timer: Timer) -> dict[str, Any]:
     """Paint every block core from all the image's block results, then :func:`complete_image`
     (the distributed engines: results arrive together). Returns the row (not yet recorded)."""
     by_index = {r.block_index: r for r in results}
@@ -364,7 +388,7 @@ def segment_record(
     record: ImageRecord,
     model: NucleiModel,
     settings: SegmentSettings,
-    out_dir: Path,
+    out_dir: Location,
     batch_size: int = 4,
     timer: Timer | None = None,
     prefetch=None,
@@ -442,7 +466,7 @@ def failed_row(record: ImageRecord, error: BaseException | str, seconds: float) 
     }
 
 
-def record_failed_image(out_dir: Path, record: ImageRecord, error: BaseException | str, seconds: float) -> dict[str, Any]:
+def record_failed_image(out_dir: Location, record: ImageRecord, error: BaseException | str, seconds: float) -> dict[str, Any]:
     """Record an image as failed: drop its partial OME-Zarr group, write its completion record
     (the 'failed' row of :func:`failed_row`) and return that row."""
     row = failed_row(record, error, seconds)

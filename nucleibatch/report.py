@@ -32,16 +32,17 @@ import io
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import UsageError
+from .errors import NotSegmentOutputError  # noqa: F401  (raised through check_segment_output; the CLI maps it to exit 2)
+from .io.location import Location, fresh_listing, is_remote, open_binary, write_bytes_atomic
+from .io.store import open_root
+from .io.tables import check_segment_output, read_records
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +63,6 @@ JPEG_QUALITY = 85
 OVERVIEW_BYTES, CROP_BYTES, THUMB_BYTES = 160_000, 120_000, 16_000
 OVERVIEW_ALPHA = 0.6  # outlines on a downsampled view are blended, or small nuclei vanish under them
 NUCLEI_COLUMNS_USED = ("area", "mean_intensity", "eccentricity")
-
-
-class NotSegmentOutputError(UsageError):
-    """The folder given to the report is not the output of ``nucleibatch segment`` (exit status 2)."""
 
 
 # --------------------------------------------------------------------------- pure: arrays
@@ -323,25 +320,7 @@ class ImageViews:
     note: str = ""
 
 
-def check_segment_output(out_dir: str | Path) -> Path:
-    """``out_dir`` as a Path if it is the output folder of ``nucleibatch segment``.
-
-    Raises:
-        NotSegmentOutputError: it does not exist, is a file, or holds none of ``run.json``,
-            ``images.parquet``, ``.nucleibatch/records`` (the message says what to give instead).
-    """
-    out = Path(out_dir)
-    hint = f"give the -o folder of a `nucleibatch segment` run (run `nucleibatch segment INPUT... -o {out}` first)"
-    if not out.exists():
-        raise NotSegmentOutputError(f"{out} does not exist: {hint}")
-    if not out.is_dir():
-        raise NotSegmentOutputError(f"{out} is a file, not a folder: {hint}")
-    if not any((out / name).exists() for name in ("run.json", "images.parquet", ".nucleibatch/records")):
-        raise NotSegmentOutputError(f"{out} is not a segment output (it has no run.json, images.parquet or .nucleibatch/records): {hint}")
-    return out
-
-
-def read_run_json(out: Path) -> dict[str, Any]:
+def read_run_json(out: Location) -> dict[str, Any]:
     """``OUT/run.json`` as a dict ({} when missing or unreadable)."""
     try:
         data = json.loads((out / "run.json").read_text())
@@ -350,7 +329,7 @@ def read_run_json(out: Path) -> dict[str, Any]:
         return {}
 
 
-def read_images_table(out: Path):
+def read_images_table(out: Location):
     """The image rows: ``images.parquet`` updated with the completion records (a run still going
     or killed before it rebuilt the table has records the table lacks). A pandas DataFrame with
     the columns of ``IMAGE_COLUMNS`` (empty when there is nothing)."""
@@ -362,11 +341,11 @@ def read_images_table(out: Path):
     path = out / "images.parquet"
     if path.exists():
         try:
-            for row in pd.read_parquet(path).to_dict("records"):
+            for row in pd.read_parquet(str(path)).to_dict("records"):
                 rows[str(row["image_id"])] = row
         except Exception as error:  # damaged table: the records below still count
             log.warning("report: cannot read %s (%s)", path, error)
-    rows.update(_read_records(out))
+    rows.update(read_records(out))
     table = pd.DataFrame([{c: row.get(c) for c in IMAGE_COLUMNS} for row in rows.values()], columns=list(IMAGE_COLUMNS))
     table["n_nuclei"] = pd.to_numeric(table["n_nuclei"], errors="coerce").fillna(0).astype("int64")
     for column in ("height", "width", "seconds"):
@@ -375,34 +354,14 @@ def read_images_table(out: Path):
     return table.sort_values("image_id", kind="stable").reset_index(drop=True)
 
 
-def _read_records(out: Path) -> dict[str, dict[str, Any]]:
-    """The completion records ``OUT/.nucleibatch/records/*.json`` by image_id (unreadable ones,
-    e.g. a temporary file of a writer, are skipped)."""
-    from .io.tables import STATE_DIR
-
-    records: dict[str, dict[str, Any]] = {}
-    directory = out / STATE_DIR / "records"
-    if not directory.is_dir():
-        return records
-    for path in sorted(directory.glob("*.json")):
-        try:
-            row = json.loads(path.read_text())
-            records[str(row["image_id"])] = row
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return records
-
-
-def _nuclei_parts(out: Path) -> list[Path]:
+def _nuclei_parts(out: Location) -> list[Location]:
     directory = out / "nuclei.parquet"
     if directory.is_file():
         return [directory]
-    if not directory.is_dir():
-        return []
-    return sorted(p for p in directory.glob("*.parquet") if not p.name.startswith((".", "_")))
+    return [p for p in fresh_listing(directory, "*.parquet") if not p.name.startswith((".", "_"))]
 
 
-def sample_nuclei(out: Path, columns: Sequence[str] = NUCLEI_COLUMNS_USED, max_rows: int = MAX_HISTOGRAM_ROWS) -> tuple[dict[str, np.ndarray], int, list[str]]:
+def sample_nuclei(out: Location, columns: Sequence[str] = NUCLEI_COLUMNS_USED, max_rows: int = MAX_HISTOGRAM_ROWS) -> tuple[dict[str, np.ndarray], int, list[str]]:
     """Columns of ``nuclei.parquet`` for at most ``max_rows`` nuclei (every k-th row), streamed
     in batches so memory stays bounded however many nuclei there are.
 
@@ -416,7 +375,7 @@ def sample_nuclei(out: Path, columns: Sequence[str] = NUCLEI_COLUMNS_USED, max_r
     total = 0
     for path in _nuclei_parts(out):
         try:
-            handle = pq.ParquetFile(path)
+            handle = pq.ParquetFile(open_binary(path))
             files.append((path, handle))
             total += handle.metadata.num_rows
         except Exception as error:
@@ -443,7 +402,7 @@ def sample_nuclei(out: Path, columns: Sequence[str] = NUCLEI_COLUMNS_USED, max_r
     return data, total, problems
 
 
-def _centroids(out: Path, store_path: str, image_id: str) -> np.ndarray | None:
+def _centroids(out: Location, store_path: str, image_id: str) -> np.ndarray | None:
     """``(N, 2)`` centroids of one image from its nuclei part (None if there is no readable part)."""
     import pyarrow.parquet as pq
 
@@ -451,7 +410,8 @@ def _centroids(out: Path, store_path: str, image_id: str) -> np.ndarray | None:
     if not path.exists():
         return None
     try:
-        table = pq.read_table(path, columns=["image_id", "centroid_y", "centroid_x"])
+        with open_binary(path) as stream:
+            table = pq.read_table(stream, columns=["image_id", "centroid_y", "centroid_x"])
     except Exception:
         return None
     ids = table.column("image_id").to_numpy(zero_copy_only=False)
@@ -501,7 +461,7 @@ def _pick_level(shapes: list[tuple[int, ...]], max_side: int) -> int:
     return len(shapes) - 1
 
 
-def render_image(root, out: Path, row: dict[str, Any], channel: int | None, store_image: bool, max_side: int = DISPLAY_SIDE, crop: bool = True) -> ImageViews:
+def render_image(root, out: Location, row: dict[str, Any], channel: int | None, store_image: bool, max_side: int = DISPLAY_SIDE, crop: bool = True) -> ImageViews:
     """Pictures of one image of the store: the overview (outlines on the lowest pyramid level
     <= :data:`OVERVIEW_SIDE`, shown at most ``max_side``) and, if ``crop`` and the image is
     larger than that level, a :data:`CROP_SIDE` full-resolution crop around its densest area.
@@ -629,7 +589,7 @@ def _guarded(anchor: str, title: str, build, *args) -> str:
         return _section(anchor, title, f'<p class="bad">this section could not be built: {_e(type(error).__name__)}: {_e(error)}</p>')
 
 
-def _summary_html(out: Path, run: dict[str, Any], images) -> str:
+def _summary_html(out: Location, run: dict[str, Any], images) -> str:
     n_ok = int((images["status"] == "ok").sum())
     n_failed = len(images) - n_ok
     n_nuclei = int(images.loc[images["status"] == "ok", "n_nuclei"].sum())
@@ -650,7 +610,7 @@ def _summary_html(out: Path, run: dict[str, Any], images) -> str:
     settings = run.get("settings") or {}
     megapixels = float((images.loc[images["status"] == "ok", "height"] * images.loc[images["status"] == "ok", "width"]).sum()) / 1e6
     rows = [
-        ("output", _e(out.resolve())),
+        ("output", _e(out if is_remote(out) else out.resolve())),
         ("model", f"{_e(model.get('name') or '–')} <code>sha256 {_e(sha[:12]) or '–'}</code>"),
         ("engine / device", f"{_e(run.get('engine') or '–')} / {_e(run.get('device') or '–')}"),
         ("started", _e(run.get("started") or "–")),
@@ -705,16 +665,14 @@ def _render_safely(root, out, row, channel, store_image, max_side, crop) -> Imag
         return ImageViews(str(row.get("image_id")), note=f"cannot draw: {type(error).__name__}: {error}")
 
 
-def _open_store(out: Path):
-    import zarr
-
+def _open_store(out: Location):
     path = out / "masks.zarr"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
-    return zarr.open_group(str(path), mode="r")
+    return open_root(path, mode="r")
 
 
-def _gallery_html(out: Path, run: dict[str, Any], images, root) -> str:
+def _gallery_html(out: Location, run: dict[str, Any], images, root) -> str:
     ok = images[images["status"] == "ok"]
     if ok.empty:
         return "<p>no image was segmented.</p>"
@@ -732,7 +690,7 @@ def _gallery_html(out: Path, run: dict[str, Any], images, root) -> str:
     return intro + f'<div class="gallery">{"".join(figures)}</div>'
 
 
-def _extremes_html(out: Path, run: dict[str, Any], images, root) -> str:
+def _extremes_html(out: Location, run: dict[str, Any], images, root) -> str:
     ok = images[images["status"] == "ok"].sort_values(["n_nuclei", "image_id"], kind="stable")
     if ok.empty:
         return "<p>no image was segmented.</p>"
@@ -749,7 +707,7 @@ def _extremes_html(out: Path, run: dict[str, Any], images, root) -> str:
     return "".join(parts)
 
 
-def _histograms_html(out: Path, images) -> str:
+def _histograms_html(out: Location, images) -> str:
     data, total, problems = sample_nuclei(out)
     ok = images[images["status"] == "ok"]
     charts = [
@@ -790,7 +748,7 @@ def _failed_html(images) -> str:
     return "".join(body)
 
 
-def build_report_html(out_dir: str | Path) -> str:
+def build_report_html(out_dir: str | Location) -> str:
     """The report of a segment output as an HTML string (see :func:`write_report`)."""
     started = time.perf_counter()
     out = check_segment_output(out_dir)
@@ -819,16 +777,16 @@ def build_report_html(out_dir: str | Path) -> str:
     ]
     made = time.strftime("%Y-%m-%d %H:%M:%S %z")
     nav = " ".join(f'<a href="#{a}">{t}</a>' for a, t in (("summary", "summary"), ("gallery", "gallery"), ("extremes", "fewest / most"), ("histograms", "measurements"), ("failed", "failed")))
-    footer = f'<p class="muted">made by nucleibatch report from {_e(out.resolve())} at {_e(made)} in {time.perf_counter() - started:.1f} s; rebuild with <code>nucleibatch report {_e(out)}</code>.</p>'
+    footer = f'<p class="muted">made by nucleibatch report from {_e(out if is_remote(out) else out.resolve())} at {_e(made)} in {time.perf_counter() - started:.1f} s; rebuild with <code>nucleibatch report {_e(out)}</code>.</p>'
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>nucleibatch report: {_e(out.resolve().name)}</title><style>{_STYLE}</style><script>{_SCRIPT}</script></head>"
+        f"<title>nucleibatch report: {_e((out if is_remote(out) else out.resolve()).name)}</title><style>{_STYLE}</style><script>{_SCRIPT}</script></head>"
         f'<body><h1>Nuclei segmentation report</h1><nav>{nav}</nav>{"".join(sections)}{footer}</body></html>\n'
     )
 
 
-def write_report(out_dir: str | Path) -> Path:
+def write_report(out_dir: str | Location) -> Location:
     """Write ``OUT/report.html``: a self-contained QC report of a segment output, from OUT alone.
 
     Safe to call at the end of every run and on partial outputs (a run still going or killed):
@@ -848,10 +806,5 @@ def write_report(out_dir: str | Path) -> Path:
     out = check_segment_output(out_dir)
     page = build_report_html(out)
     path = out / REPORT_NAME
-    tmp = out / f".{REPORT_NAME}.tmp-{os.getpid()}"  # a reader never sees half a report
-    try:
-        tmp.write_bytes(page.encode("utf-8"))
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_bytes_atomic(path, page.encode("utf-8"))  # a reader never sees half a report
     return path

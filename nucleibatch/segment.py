@@ -6,10 +6,11 @@ import json
 import logging
 import os
 import platform
-import shutil
 import socket
 import sys
+import threading
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,17 @@ from typing import Any
 from . import __version__
 from .errors import OutputError, UsageError
 from .io.discover import discover_inputs
+from .io.location import (
+    Location,
+    exists,
+    fresh_listing,
+    is_remote,
+    make_dirs,
+    read_many,
+    remove,
+    to_location,
+    write_bytes_atomic,
+)
 from .io.store import open_root
 from .io.tables import (
     STATE_DIR,
@@ -32,14 +44,14 @@ from .pipeline import STAGES, SegmentSettings, Timer
 
 log = logging.getLogger(__name__)
 ENGINES = ("local", "ray", "dask")
-OUTPUT_NAMES = ("masks.zarr", "nuclei.parquet", "images.parquet", "run.json", STATE_DIR)
+OUTPUT_NAMES = ("masks.zarr", "nuclei.parquet", "images.parquet", "run.json", "report.html", STATE_DIR)
 
 
 @dataclass
 class RunSummary:
     """What a finished run reports (also written to run.json)."""
 
-    out_dir: Path
+    out_dir: Location
     n_images: int
     n_ok: int
     n_failed: int
@@ -57,15 +69,28 @@ class RunSummary:
 class Lock:
     """``OUT/.nucleibatch/lock``: one live run per output.
 
-    An exclusive ``flock`` on a file held open for the whole run: the OS releases it when the
-    run ends or dies (SIGKILL included), so a dead run never blocks the next one.
+    On a filesystem, an exclusive ``flock`` on a file held open for the whole run: the OS
+    releases it when the run ends or dies (SIGKILL included), so a dead run never blocks the
+    next one. Object stores have no locks: there the lock is a lease object that the run renews
+    every ``LEASE_RENEW_S``; a lease not renewed for ``LEASE_STALE_S`` belongs to a dead run and
+    is taken over.
     """
 
-    def __init__(self, out_dir: Path) -> None:
+    LEASE_RENEW_S = 20.0
+    LEASE_STALE_S = 90.0
+
+    def __init__(self, out_dir: Location) -> None:
+        self.out_dir = out_dir
         self.path = out_dir / STATE_DIR / "lock"
         self.handle = None
+        self.owner = f"pid {os.getpid()} on {socket.gethostname()} ({uuid.uuid4().hex[:8]})"
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
 
     def __enter__(self) -> Lock:
+        if is_remote(self.path):
+            self._take_lease()
+            return self
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -76,13 +101,10 @@ class Lock:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()
-            raise OutputError(
-                f"{self.path.parent.parent} is being written by another run ({holder}); "
-                "wait for it to finish or give another -o OUT"
-            ) from None
+            raise self._busy(holder) from None
         handle.seek(0)
         handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.write(f"{self.owner}\n")
         handle.flush()
         self.handle = handle
         return self
@@ -91,6 +113,48 @@ class Lock:
         if self.handle is not None:
             self.handle.close()  # releases the flock; the file stays (harmless, reused next run)
             self.handle = None
+        if self._renewer is not None:
+            self._stop.set()
+            self._renewer.join()
+            self._renewer = None
+            if self._lease_holder() == self.owner:
+                remove(self.path)
+
+    def _busy(self, holder: str) -> OutputError:
+        return OutputError(f"{self.out_dir} is being written by another run ({holder}); wait for it to finish or give another -o OUT")
+
+    def _lease_holder(self) -> str | None:
+        """The owner of a live lease (None when there is none or it is stale)."""
+        data = read_many(fresh_listing(self.path.parent, self.path.name)).get(str(self.path))
+        try:
+            lease = json.loads(data) if data else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        if not isinstance(lease, dict) or time.time() - float(lease.get("renewed", 0)) > self.LEASE_STALE_S:
+            return None
+        return str(lease.get("owner"))
+
+    def _write_lease(self) -> None:
+        write_bytes_atomic(self.path, json.dumps({"owner": self.owner, "renewed": time.time()}).encode())
+
+    def _take_lease(self) -> None:
+        holder = self._lease_holder()
+        if holder is not None:
+            raise self._busy(holder)
+        self._write_lease()
+        time.sleep(1.0)  # two runs that wrote at the same moment: the last write wins, the other sees it
+        holder = self._lease_holder()
+        if holder != self.owner:
+            raise self._busy(holder or "another process")
+        self._renewer = threading.Thread(target=self._renew, name="nucleibatch-lease", daemon=True)
+        self._renewer.start()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.LEASE_RENEW_S):
+            try:
+                self._write_lease()
+            except Exception as error:  # a store hiccup: try again at the next beat
+                log.warning("could not renew the lock lease %s: %s", self.path, error)
 
 
 class Progress:
@@ -123,18 +187,15 @@ class Progress:
             self.bar.close()
 
 
-def clear_outputs(out_dir: Path) -> None:
+def clear_outputs(out_dir: Location) -> None:
     """Remove what a previous run wrote to OUT (only our own names; other files are kept)."""
     for name in OUTPUT_NAMES:
-        path = out_dir / name
-        if name == STATE_DIR and path.is_dir():
-            for child in path.iterdir():  # keep the lock of the run that clears
+        if name == STATE_DIR:
+            for child in fresh_listing(out_dir / name):  # keep the lock of the run that clears
                 if child.name != "lock":
-                    shutil.rmtree(child) if child.is_dir() else child.unlink()
-        elif path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+                    remove(child)
+        else:
+            remove(out_dir / name)
 
 
 def _versions() -> dict[str, str]:
@@ -159,11 +220,12 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _check_settings(out_dir: Path, fingerprint: dict[str, Any]) -> None:
+def _check_settings(out_dir: Location, fingerprint: dict[str, Any]) -> None:
     """Refuse an OUT written with another model or other settings; record them on first use."""
     path = out_dir / STATE_DIR / "settings.json"
-    if path.is_file():
-        previous, now = _flatten(json.loads(path.read_text())), _flatten(fingerprint)
+    recorded = read_many(fresh_listing(path.parent, path.name)).get(str(path))
+    if recorded is not None:
+        previous, now = _flatten(json.loads(recorded)), _flatten(fingerprint)
         changed = [f"{k.removeprefix('settings.')}: {previous.get(k)} -> {now.get(k)}" for k in sorted(set(previous) | set(now)) if previous.get(k) != now.get(k)]
         if changed:
             raise UsageError(
@@ -172,26 +234,6 @@ def _check_settings(out_dir: Path, fingerprint: dict[str, Any]) -> None:
             )
     else:
         atomic_write_bytes(path, (json.dumps(fingerprint, indent=2, sort_keys=True) + "\n").encode())
-
-
-def local_path(location: str | Path) -> str:
-    """A path or ``file://`` URL as a local path; other URL schemes are a usage error.
-
-    Object stores (s3://, gs://, ...) are not read or written directly yet: mount them (s3fs,
-    gcsfuse, ...) or copy to a filesystem that every node sees.
-    """
-    text = str(location)
-    if "://" not in text:
-        return text
-    from urllib.parse import unquote, urlparse
-
-    url = urlparse(text)
-    if url.scheme == "file" and url.netloc in ("", "localhost"):
-        return unquote(url.path)
-    raise UsageError(
-        f"{text}: only paths and file:// URLs are supported for inputs and outputs; mount the "
-        f"{url.scheme}:// store (e.g. s3fs, gcsfuse) or copy the data to a filesystem all nodes see"
-    )
 
 
 def run_segment_job(
@@ -218,12 +260,11 @@ def run_segment_job(
         raise UsageError("--workers must be >= 0 (0: automatic) and --gpus-per-worker > 0")
     settings = settings or SegmentSettings()
     settings.validate()
-    inputs = [local_path(i) for i in inputs]
-    out = local_path(out)
+    inputs = [str(to_location(i)) for i in inputs]
+    out_dir = to_location(out)
     started_at = time.time()
     started = time.perf_counter()
-    out_dir = Path(out)
-    if out_dir.exists() and not out_dir.is_dir():
+    if exists(out_dir) and not out_dir.is_dir():
         raise UsageError(f"-o {out_dir} is a file; give a folder")
     # model and inputs first: a mistyped argument fails before OUT is touched
     # distributed engines: the driver's copy stays on the CPU; it is shipped to the model workers
@@ -232,7 +273,7 @@ def run_segment_job(
         resolve_device_name(device)
     loaded = model if isinstance(model, NucleiModel) else load_model(model, device=driver_device)
     records = discover_inputs(inputs, channel=settings.channel)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_dir)
     with Lock(out_dir):
         if overwrite:
             clear_outputs(out_dir)
@@ -309,7 +350,18 @@ def run_segment_job(
             if placement:
                 _append_placement(out_dir, placement)
         atomic_write_bytes(out_dir / "run.json", (json.dumps(summary.run, indent=2) + "\n").encode())
+        _write_report(out_dir)
     return summary
+
+
+def _write_report(out_dir: Location) -> None:
+    """OUT/report.html; a report that cannot be drawn never fails the run (`nucleibatch report OUT` retries)."""
+    from .report import write_report
+
+    try:
+        write_report(out_dir)
+    except Exception as error:
+        log.warning("report.html not written (%s: %s); rebuild it with: nucleibatch report %s", type(error).__name__, error, out_dir)
 
 
 def placement_summary(placement: list[dict[str, Any]]) -> dict[str, Any]:
@@ -323,10 +375,15 @@ def placement_summary(placement: list[dict[str, Any]]) -> dict[str, Any]:
     return {"block_units": len(placement), "workers": by_worker}
 
 
-def _append_placement(out_dir: Path, placement: list[dict[str, Any]]) -> None:
-    with open(out_dir / STATE_DIR / "placement.jsonl", "a") as handle:
-        for unit in placement:
-            handle.write(json.dumps(unit, sort_keys=True) + "\n")
+def _append_placement(out_dir: Location, placement: list[dict[str, Any]]) -> None:
+    lines = "".join(json.dumps(unit, sort_keys=True) + "\n" for unit in placement)
+    path = out_dir / STATE_DIR / "placement.jsonl"
+    if is_remote(path):  # objects cannot be appended to: rewrite it whole
+        before = read_many(fresh_listing(path.parent, path.name)).get(str(path)) or b""
+        write_bytes_atomic(path, before + lines.encode())
+        return
+    with open(path, "a") as handle:
+        handle.write(lines)
 
 
 def closing_summary(summary: RunSummary) -> str:
@@ -339,6 +396,7 @@ def closing_summary(summary: RunSummary) -> str:
         f"  per-image table:   {out / 'images.parquet'}   pandas: pd.read_parquet('{out / 'images.parquet'}')",
         f"  per-nucleus table: {out / 'nuclei.parquet'}   pandas: pd.read_parquet('{out / 'nuclei.parquet'}')",
         f"  run settings and figures: {out / 'run.json'}",
+        f"  QC report (outlines, histograms, failures): {out / 'report.html'}",
     ]
     if summary.n_failed:
         lines.append(f"  failed images and reasons: pd.read_parquet('{out / 'images.parquet'}').query(\"status == 'failed'\")[['image_id', 'error']]")

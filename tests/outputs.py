@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
-import zarr
+
+from nucleibatch.io.location import Location, to_location
+from nucleibatch.io.store import open_root
 
 
-def assert_same_outputs(a: Path, b: Path) -> pd.DataFrame:
-    """Assert OUT folders ``a`` and ``b`` hold identical labels, images and nuclei tables
-    (apart from timings and the failure messages' wording of workers). Returns a's images table."""
-    images_a = pd.read_parquet(a / "images.parquet").sort_values("image_id").reset_index(drop=True)
-    images_b = pd.read_parquet(b / "images.parquet").sort_values("image_id").reset_index(drop=True)
-    pd.testing.assert_frame_equal(images_a.drop(columns=["seconds"]), images_b.drop(columns=["seconds"]))
-    nuclei_a = pd.read_parquet(a / "nuclei.parquet").sort_values(["image_id", "label"]).reset_index(drop=True)
-    nuclei_b = pd.read_parquet(b / "nuclei.parquet").sort_values(["image_id", "label"]).reset_index(drop=True)
+def assert_same_outputs(a: Location | str, b: Location | str, ignore: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Assert OUT folders or store URLs ``a`` and ``b`` hold identical labels, images and nuclei
+    tables (apart from timings, and the images columns in ``ignore``). Returns a's images table."""
+    a, b = to_location(a), to_location(b)
+    images_a = pd.read_parquet(str(a / "images.parquet")).sort_values("image_id").reset_index(drop=True)
+    images_b = pd.read_parquet(str(b / "images.parquet")).sort_values("image_id").reset_index(drop=True)
+    dropped = ["seconds", *ignore]
+    pd.testing.assert_frame_equal(images_a.drop(columns=dropped), images_b.drop(columns=dropped))
+    nuclei_a = pd.read_parquet(str(a / "nuclei.parquet")).sort_values(["image_id", "label"]).reset_index(drop=True)
+    nuclei_b = pd.read_parquet(str(b / "nuclei.parquet")).sort_values(["image_id", "label"]).reset_index(drop=True)
     assert not nuclei_a.duplicated(["image_id", "label"]).any() and not nuclei_b.duplicated(["image_id", "label"]).any()
     pd.testing.assert_frame_equal(nuclei_a, nuclei_b)
-    root_a, root_b = zarr.open_group(str(a / "masks.zarr"), mode="r"), zarr.open_group(str(b / "masks.zarr"), mode="r")
+    root_a, root_b = open_root(a / "masks.zarr", mode="r"), open_root(b / "masks.zarr", mode="r")
     for row in images_a.itertuples():
         if row.status != "ok":
             continue

@@ -81,3 +81,21 @@ def test_a_failing_block_fails_only_its_image_on_dask(tmp_path):
     assert summary.exit_code == 3 and summary.n_failed == 1 and summary.n_ok >= 4
     images = __import__("pandas").read_parquet(tmp_path / "out" / "images.parquet").set_index("image_id")
     assert "raise --block-margin" in images.loc["big", "error"] and __import__("pandas").isna(images.loc["big", "store_path"])
+
+
+def test_small_images_share_predict_units_with_the_local_engine_outputs(tmp_path):
+    """Images that fit one tile are predicted `batch_size` to a model call on the workers; the
+    labels and tables stay exactly those of the local engine (one image per call)."""
+    import pandas as pd
+
+    from nucleibatch.synthetic import threshold_model
+
+    files.write_small_archive(tmp_path / "in", copies=2, bad_file=False)
+    model = threshold_model(tile_size=512, halo=32)  # the 256², 320 x 256 and 360² demo images fit a tile
+    local = run_segment_job([str(tmp_path / "in")], tmp_path / "local", model=model, progress=False)
+    grouped = run_segment_job([str(tmp_path / "in")], tmp_path / "dask", model=model, engine="dask", workers=1, batch_size=4, progress=False)
+    assert grouped.n_ok == local.n_ok == 11
+    assert_same_outputs(tmp_path / "local", tmp_path / "dask")
+    units = pd.read_json(tmp_path / "dask" / ".nucleibatch" / "placement.jsonl", lines=True)
+    assert len(units) == 11 and units.predict_group.max() == 4 and (units.predict_group > 1).sum() >= 2
+    assert set(units[units.predict_group > 1].image_id) <= {i for i in units.image_id if not i.startswith("slides/")}

@@ -12,7 +12,7 @@ from nucleibatch import load_model
 from nucleibatch.instances import probabilities_to_labels
 from nucleibatch.io.annotated import discover_annotated, load_annotated
 from nucleibatch.metrics import image_scores
-from nucleibatch.model import ModelUsage, predict_image, prepare_network
+from nucleibatch.model import ModelUsage, predict_image, predict_images, prepare_network
 from nucleibatch.normalize import normalize_image
 
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "dsb_demo"
@@ -34,3 +34,18 @@ def test_bf16_channels_last_path_agrees_with_float32_on_the_cpu():
         a, b = probabilities_to_labels(reference, model.postprocess), probabilities_to_labels(fast, model.postprocess)
         assert a.max() > 5 and image_scores(a, b)["map"] >= 0.9
         assert usage.tiles > 0 and usage.busy_seconds > 0 and sum(n * c for (n, _, _), c in usage.batch_shapes.items()) == usage.tiles
+
+
+def test_tiles_of_several_images_batched_together_give_each_image_alone():
+    model = load_model("default", device="cpu")
+    rng = np.random.default_rng(0)
+    shapes = [(256, 256), (256, 320), (256, 256), (700, 900), (100, 60)]
+    images = [rng.random(shape, dtype=np.float32) for shape in shapes]
+    boxes = [None, None, (10, 200, 20, 250), (100, 600, 50, 800), None]
+    usage = ModelUsage()
+    together = predict_images(model.network, images, boxes, tile_size=512, halo=64, batch_size=4, usage=usage)
+    # the two 256 x 256 images share one call; the 6 tiles of the 700 x 900 image's box fill their own
+    assert usage.batch_shapes[(2, 256, 256)] == 1 and sum(n for (n, h, _), c in usage.batch_shapes.items() if h == 512) == 6
+    for image, box, batched in zip(images, boxes, together, strict=True):
+        alone = predict_image(model.network, image, tile_size=512, halo=64, batch_size=4, output_box=box)
+        np.testing.assert_array_equal(batched, alone)

@@ -193,7 +193,7 @@ def test_evaluate_uses_exactly_the_segment_inference(tmp_path, tiny_bundle):
         assert stored.max() > 0 and same_up_to_renumbering(stored, in_memory)  # ids follow centroid order
 
 
-def test_file_urls_are_paths_and_object_store_urls_a_usage_error(tmp_path, capsys):
+def test_file_urls_are_paths_and_unreachable_stores_a_usage_error(tmp_path, capsys, monkeypatch):
     files.write_dsb_tree(tmp_path / "in", ids=("one", "two"), shape=(64, 64))
     model = threshold_model()
     by_path = run_segment_job([str(tmp_path / "in")], tmp_path / "by-path", model=model, progress=False)
@@ -201,5 +201,14 @@ def test_file_urls_are_paths_and_object_store_urls_a_usage_error(tmp_path, capsy
     assert by_url.out_dir == tmp_path / "by url" and by_url.n_ok == by_path.n_ok == 2
     a, b = pd.read_parquet(tmp_path / "by-path" / "images.parquet"), pd.read_parquet(tmp_path / "by url" / "images.parquet")
     assert list(a.image_id) == list(b.image_id) == ["one", "two"]
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     code = main(["segment", "s3://bucket/plate", "-o", str(tmp_path / "s3")])
-    assert code == 2 and "mount the s3:// store" in capsys.readouterr().err and not (tmp_path / "s3").exists()
+    err = capsys.readouterr().err
+    assert code == 2 and "s3://bucket/plate: cannot reach the store" in err and "AWS_ACCESS_KEY_ID" in err, err
+    assert not (tmp_path / "s3").exists()
+    code = main(["segment", "nosuchscheme://bucket/plate", "-o", str(tmp_path / "x")])
+    assert code == 2 and "no filesystem driver for nosuchscheme://" in capsys.readouterr().err

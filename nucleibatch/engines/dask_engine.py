@@ -11,12 +11,13 @@ loads the model once, on first use, and keeps it.
 from __future__ import annotations
 
 import logging
+import operator
 import threading
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from ..io.discover import ImageRecord
+from ..io.location import Location
 from ..model import NucleiModel
 from ..pipeline import ImagePlan, SegmentSettings, Timer, instance_params
 from . import distributed
@@ -26,20 +27,20 @@ _PREDICTORS: dict[str, distributed.BlockPredictor] = {}  # per worker process, b
 _LOCK = threading.Lock()
 
 
-def predict_unit(model, device: str, settings: SegmentSettings, batch_size: int, plan: ImagePlan, block_index: int):
+def predict_unit(model, device: str, settings: SegmentSettings, batch_size: int, units: list[tuple[ImagePlan, int]]):
     """Unit 2 on a Dask worker, with the worker's (cached) model."""
     key = f"{model.sha256}:{device}:{hash((settings, batch_size))}"
     with _LOCK:  # a worker with several threads loads the model once
         predictor = _PREDICTORS.get(key)
         if predictor is None:
             predictor = _PREDICTORS[key] = distributed.BlockPredictor(model, device, settings, batch_size)
-    return predictor.predict(plan, block_index)
+    return predictor.predict(units)
 
 
 class DaskExecutor:
     """:class:`.distributed.Executor` on dask.distributed."""
 
-    def __init__(self, client, model: NucleiModel, device: str, settings: SegmentSettings, batch_size: int, out_dir: Path, workers: int) -> None:
+    def __init__(self, client, model: NucleiModel, device: str, settings: SegmentSettings, batch_size: int, out_dir: Location, workers: int) -> None:
         from distributed import wait
 
         self.client, self._wait = client, wait
@@ -50,7 +51,7 @@ class DaskExecutor:
         self.device = device if gpu_workers else ("cpu" if device == "auto" else device)
         log.info("dask engine: %d workers (%d declare GPU)", len(info), len(gpu_workers))
         [self.model] = client.scatter([model], broadcast=True)
-        self.settings, self.batch_size, self.out_dir = settings, batch_size, str(out_dir)
+        self.settings, self.batch_size, self.out_dir = settings, batch_size, out_dir
         self.params = instance_params(settings, model)
         self.model_config = model.config
 
@@ -62,8 +63,10 @@ class DaskExecutor:
     def start(self, record: ImageRecord) -> Any:
         return self._submit(distributed.start_unit, record, self.settings, self.model_config, self.out_dir)
 
-    def predict(self, plan: ImagePlan, block_index: int) -> Any:
-        return self._submit(predict_unit, self.model, self.device, self.settings, self.batch_size, plan, block_index, resources=self.resources)
+    def predict(self, units: list[tuple[ImagePlan, int]]) -> list[Any]:
+        group = self._submit(predict_unit, self.model, self.device, self.settings, self.batch_size, units, resources=self.resources)
+        # one future per block, so that each finish_block unit receives only its own prediction
+        return [self._submit(operator.getitem, group, k) for k in range(len(units))]
 
     def finish_block(self, plan: ImagePlan, block_index: int, prediction: Any) -> Any:
         return self._submit(distributed.finish_block_unit, plan, block_index, prediction, self.settings, self.params, self.out_dir)
@@ -91,7 +94,7 @@ def run_engine(
     model: NucleiModel,
     device: str,
     settings: SegmentSettings,
-    out_dir: Path,
+    out_dir: Location,
     batch_size: int,
     timer: Timer,
     on_row: Callable[[dict[str, Any]], None],

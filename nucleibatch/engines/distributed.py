@@ -9,8 +9,10 @@ Work units, per image (functions of :mod:`nucleibatch.pipeline`, run where the s
 4. ``complete`` (CPU task)  paint every block core, nuclei table part, pyramids, completion record.
 
 The driver only passes references between them (block data never goes through it) and bounds
-what is in flight: at most ``2 x workers`` blocks between predict and finish_block, a few images
-planned ahead, so memory stays bounded however large the archive. Each unit's writes go to
+what is in flight: at most ``2 x workers`` predict units between predict and finish_block, a few
+images planned ahead, so memory stays bounded however large the archive. Images that fit one
+network tile are grouped ``batch_size`` to a predict unit, so that a GPU gets full batches and
+per-call scheduling overhead is paid once per group. Each unit's writes go to
 places only that unit writes, by overwriting or atomic rename: a unit run twice (a retry after
 its worker died) leaves the same outputs and no duplicate rows.
 
@@ -24,13 +26,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 from ..io.discover import ImageRecord
+from ..io.location import Location
 from ..io.store import open_root, store_name
 from ..io.tables import write_record
-from ..pipeline import ImagePlan, SegmentSettings, Timer, record_failed_image
+from ..pipeline import ImagePlan, SegmentSettings, Timer, fits_one_tile, record_failed_image
 from .local import is_fatal
 
 log = logging.getLogger(__name__)
@@ -40,9 +42,13 @@ class Executor(Protocol):
     """What the driver needs of a cluster scheduler. Futures are opaque handles."""
 
     workers: int
+    batch_size: int  # tiles per network call: also the number of small images grouped per predict unit
+    model_config: dict
 
     def start(self, record: ImageRecord) -> Any: ...
-    def predict(self, plan: ImagePlan, block_index: int) -> Any: ...
+    def predict(self, units: list[tuple[ImagePlan, int]]) -> list[Any]:
+        """One predict unit for ``[(plan, block index), ...]``; a prediction future per entry."""
+        ...
     def finish_block(self, plan: ImagePlan, block_index: int, prediction: Any) -> Any: ...
     def complete(self, plan: ImagePlan, results: list[Any]) -> Any:
         """The :func:`complete_unit` of an image, given its block result futures (in block order)."""
@@ -71,7 +77,7 @@ class _Image:
 def run_distributed(
     executor: Executor,
     records: Sequence[ImageRecord],
-    out_dir: Path,
+    out_dir: Location,
     timer: Timer,
     on_row: Callable[[dict[str, Any]], None],
     placement: list[dict[str, Any]],
@@ -83,12 +89,23 @@ def run_distributed(
     on it (Ray and Dask both fail a task whose inputs failed, with the original exception).
     """
     pending = deque(records)
-    max_images = max(2, 2 * executor.workers)
-    max_blocks = max(2, 2 * executor.workers)
+    group_size = max(1, executor.batch_size)
+    # in flight: 2 predict units per model worker, a unit being one block or a group of small images
+    max_load = max(2, 2 * executor.workers)
+    max_images = max_load * group_size
     images: dict[str, _Image] = {}
     starting: dict[Any, _Image] = {}
     blocks: dict[Any, _Image] = {}
+    load: dict[Any, float] = {}  # finish future -> its share of a predict unit
     completing: dict[Any, _Image] = {}
+
+    def submit(units: list[tuple[_Image, int]]) -> None:
+        predictions = executor.predict([(image.plan, index) for image, index in units])
+        for (image, index), prediction in zip(units, predictions, strict=True):
+            future = executor.finish_block(image.plan, index, prediction)
+            image.results[index] = future
+            blocks[future] = image
+            load[future] = 1 / len(units)
 
     def fail(image: _Image, error: BaseException) -> None:
         if is_fatal(error):
@@ -105,12 +122,22 @@ def run_distributed(
                 images[image.record.image_id] = image
                 starting[executor.start(image.record)] = image
             # blocks of the images started first go first: images complete in order, memory stays low
+            small: list[tuple[_Image, int]] = []
             for image in list(images.values()):
-                while image.to_submit and len(blocks) < max_blocks:
+                while image.to_submit and sum(load.values()) + len(small) / group_size < max_load:
                     index = image.to_submit.popleft()
-                    future = executor.finish_block(image.plan, index, executor.predict(image.plan, index))
-                    image.results[index] = future
-                    blocks[future] = image
+                    if fits_one_tile(image.plan, executor.model_config):
+                        small.append((image, index))
+                    else:
+                        submit([(image, index)])
+            while len(small) >= group_size:
+                submit(small[:group_size])
+                del small[:group_size]
+            if small and (not starting or sum(load.values()) < executor.workers):
+                submit(small)  # a partial group rather than a model worker waiting for work
+            elif small:
+                for image, index in small:  # the images being started will complete the group
+                    image.to_submit.appendleft(index)
             for future in executor.wait([*starting, *blocks, *completing]):
                 if future in starting:
                     image = starting.pop(future)
@@ -122,6 +149,7 @@ def run_distributed(
                     image.to_submit.extend(b.index for b in image.plan.blocks)
                 elif future in blocks:
                     image = blocks.pop(future)
+                    load.pop(future)
                     image.blocks_done += 1
                     if image.blocks_done == len(image.plan.blocks):
                         results = [image.results[b.index] for b in image.plan.blocks]
@@ -169,11 +197,11 @@ def current_worker() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def start_unit(record: ImageRecord, settings: SegmentSettings, model_config: dict, out_dir: str) -> ImagePlan:
+def start_unit(record: ImageRecord, settings: SegmentSettings, model_config: dict, out_dir: Location) -> ImagePlan:
     """Unit 1: :func:`nucleibatch.pipeline.start_image`."""
     from ..pipeline import start_image
 
-    return start_image(record, settings, model_config, Path(out_dir))
+    return start_image(record, settings, model_config, out_dir)
 
 
 class BlockPredictor:
@@ -191,46 +219,61 @@ class BlockPredictor:
         self.sources: dict[str, Any] = {}  # the last images read (a slide is opened once, not per block)
         torch.set_grad_enabled(False)
 
-    def predict(self, plan: ImagePlan, block_index: int):
+    def predict(self, units: list[tuple[ImagePlan, int]]) -> list[Any]:
+        """Read and predict the blocks ``[(plan, block index), ...]`` (one block, or the blocks
+        of several small images whose tiles then share network calls); one
+        :class:`~nucleibatch.pipeline.BlockPrediction` per unit."""
         from ..allocator import release_free_memory
-        from ..io.sources import open_source
-        from ..pipeline import context_pixels, predict_block, read_block
+        from ..pipeline import context_pixels, predict_blocks, read_block
 
         timer = Timer()
-        key = plan.record.image_id
+        items = []
         with timer("read"):
-            source = self.sources.get(key)
-            if source is None:
-                while len(self.sources) >= 2:
-                    self.sources.pop(next(iter(self.sources))).close()
-                source = self.sources[key] = open_source(plan.record)
-            block = plan.blocks[block_index]
-            raw, region = read_block(plan, block, source, context_pixels(self.settings, self.model.config))
-        prediction = predict_block(plan, block, raw, region, self.model, self.settings, self.batch_size)
-        timer.add(prediction.seconds)
-        prediction.seconds = dict(timer.seconds)
-        prediction.worker = current_worker()
-        del raw
+            for plan, block_index in units:
+                block = plan.blocks[block_index]
+                raw, region = read_block(plan, block, self._source(plan), context_pixels(self.settings, self.model.config))
+                items.append((plan, block, raw, region))
+        predictions = predict_blocks(items, self.model, self.settings, self.batch_size)
+        del items
+        worker = current_worker()
+        for prediction in predictions:
+            prediction.seconds["read"] = prediction.seconds.get("read", 0.0) + timer.seconds["read"] / len(units)
+            prediction.worker = worker
+            prediction.predict_group = len(units)
+        for plan, block_index in units:
+            if len(plan.blocks) == block_index + 1:  # the image's last block: let go of its file
+                source = self.sources.pop(plan.record.image_id, None)
+                if source is not None:
+                    source.close()
         release_free_memory()
-        if len(plan.blocks) == block_index + 1:  # the image's last block: let go of its file
-            self.sources.pop(key).close()
-        return prediction
+        return predictions
+
+    def _source(self, plan: ImagePlan) -> Any:
+        from ..io.sources import open_source
+
+        key = plan.record.image_id
+        source = self.sources.get(key)
+        if source is None:
+            while len(self.sources) >= max(2, self.batch_size):
+                self.sources.pop(next(iter(self.sources))).close()
+            source = self.sources[key] = open_source(plan.record)
+        return source
 
 
-def finish_block_unit(plan: ImagePlan, block_index: int, prediction, settings: SegmentSettings, params, out_dir: str):
+def finish_block_unit(plan: ImagePlan, block_index: int, prediction, settings: SegmentSettings, params, out_dir: Location):
     """Unit 3: :func:`nucleibatch.pipeline.finish_block`, writing into the image's group."""
     from ..allocator import release_free_memory
     from ..pipeline import finish_block
 
-    group = open_root(Path(out_dir) / "masks.zarr")[plan.name]
+    group = open_root(out_dir / "masks.zarr")[plan.name]
     result = finish_block(plan, plan.blocks[block_index], prediction, settings, params, group)
-    result.unit = {"predict_worker": prediction.worker, "finish_worker": current_worker()}
+    result.unit = {"predict_worker": prediction.worker, "finish_worker": current_worker(), "predict_group": prediction.predict_group}
     del prediction
     release_free_memory()  # the worker goes on to other blocks: give back this one's pages
     return result
 
 
-def complete_unit(plan: ImagePlan, settings: SegmentSettings, out_dir: str, *results) -> tuple[dict[str, Any], dict[str, float], list[dict]]:
+def complete_unit(plan: ImagePlan, settings: SegmentSettings, out_dir: Location, *results) -> tuple[dict[str, Any], dict[str, float], list[dict]]:
     """Unit 4: :func:`nucleibatch.pipeline.paint_and_complete`; returns the row, the summed stage
     seconds of the image's units and where its block units ran."""
     from ..pipeline import paint_and_complete
@@ -238,6 +281,6 @@ def complete_unit(plan: ImagePlan, settings: SegmentSettings, out_dir: str, *res
     timer = Timer()
     for result in results:
         timer.add(result.seconds)
-    row = paint_and_complete(plan, list(results), settings, Path(out_dir), timer)
+    row = paint_and_complete(plan, list(results), settings, out_dir, timer)
     units = [{"image_id": plan.record.image_id, "block": r.block_index, **(r.unit or {})} for r in results]
     return row, dict(timer.seconds), units

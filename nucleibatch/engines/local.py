@@ -8,10 +8,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from pathlib import Path
 from typing import Any
 
 from ..io.discover import ImageRecord
+from ..io.location import Location
 from ..model import NucleiModel
 from ..pipeline import (
     ImagePlan,
@@ -56,7 +56,7 @@ def prefetching_reader(timer: Timer, depth: int = 1) -> Callable:
     return reads
 
 
-def segment_one(record: ImageRecord, model: NucleiModel, settings: SegmentSettings, out_dir: Path, batch_size: int, timer: Timer) -> dict[str, Any]:
+def segment_one(record: ImageRecord, model: NucleiModel, settings: SegmentSettings, out_dir: Location, batch_size: int, timer: Timer) -> dict[str, Any]:
     """Segment one image; a per-image error becomes a 'failed' row (and record), a fatal one is raised."""
     started = time.perf_counter()
     try:
@@ -72,7 +72,7 @@ def run_local(
     records: Sequence[ImageRecord],
     model: NucleiModel,
     settings: SegmentSettings,
-    out_dir: Path,
+    out_dir: Location,
     batch_size: int,
     timer: Timer,
     on_row: Callable[[dict[str, Any]], None],

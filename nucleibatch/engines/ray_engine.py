@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from ..io.discover import ImageRecord
+from ..io.location import Location
 from ..model import NucleiModel
 from ..pipeline import ImagePlan, SegmentSettings, Timer, instance_params
 from . import distributed
@@ -37,11 +37,15 @@ class RayBlockPredictor(distributed.BlockPredictor):
 
         super().__init__(ray.get(model_box[0]), device, settings, batch_size)
 
+    def predict(self, units: list) -> Any:
+        predictions = super().predict(units)
+        return predictions[0] if len(predictions) == 1 else tuple(predictions)  # num_returns objects
+
 
 class RayExecutor:
     """:class:`.distributed.Executor` on Ray."""
 
-    def __init__(self, model: NucleiModel, device: str, settings: SegmentSettings, batch_size: int, out_dir: Path, workers: int, gpus_per_worker: float) -> None:
+    def __init__(self, model: NucleiModel, device: str, settings: SegmentSettings, batch_size: int, out_dir: Location, workers: int, gpus_per_worker: float) -> None:
         import ray
 
         self.ray = ray
@@ -74,17 +78,21 @@ class RayExecutor:
         self._start = task(distributed.start_unit)
         self._finish = task(distributed.finish_block_unit)
         self._complete = task(distributed.complete_unit)
-        self.settings, self.out_dir = settings, str(out_dir)
+        self.settings, self.out_dir = settings, out_dir
         self.params = instance_params(settings, model)
-        self.model_config = ray.put(model.config)
+        self.model_config = model.config
+        self.model_config_ref = ray.put(model.config)
+        self.batch_size = batch_size
 
     def start(self, record: ImageRecord) -> Any:
-        return self._start.remote(record, self.settings, self.model_config, self.out_dir)
+        return self._start.remote(record, self.settings, self.model_config_ref, self.out_dir)
 
-    def predict(self, plan: ImagePlan, block_index: int) -> Any:
+    def predict(self, units: list[tuple[ImagePlan, int]]) -> list[Any]:
         actor = self.predictors[self.next_predictor]
         self.next_predictor = (self.next_predictor + 1) % len(self.predictors)
-        return actor.predict.remote(plan, block_index)
+        # one object per block: each finish_block task fetches only its own prediction
+        futures = actor.predict.options(num_returns=len(units)).remote(units)
+        return [futures] if len(units) == 1 else list(futures)
 
     def finish_block(self, plan: ImagePlan, block_index: int, prediction: Any) -> Any:
         return self._finish.remote(plan, block_index, prediction, self.settings, self.params, self.out_dir)
@@ -124,7 +132,7 @@ def run_engine(
     model: NucleiModel,
     device: str,
     settings: SegmentSettings,
-    out_dir: Path,
+    out_dir: Location,
     batch_size: int,
     timer: Timer,
     on_row: Callable[[dict[str, Any]], None],

@@ -14,12 +14,13 @@ import csv
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
 from ..errors import UsageError
 from .imagefile import PIL_SUFFIXES
+from .location import Location, exists, is_remote, to_location
 from .sources import ProbedImage, probe
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ class _Candidate:
     """A file or zarr store found under one input, before probing."""
 
     root: int  # index of the INPUT it came from
-    path: Path
+    path: Location
     kind: str
     rel: str  # path from the input root, with extension (the collision fallback)
     base: str  # preferred id: rel without extension (DSB: the sample folder)
@@ -142,28 +143,48 @@ def discover_inputs(inputs: Sequence[str], channel: int | None = None) -> list[I
 # --------------------------------------------------------------------------- inputs
 
 
-def _collect_input(number: int, text: str) -> tuple[list[_Candidate], Path]:
+def _collect_input(number: int, text: str) -> tuple[list[_Candidate], Location]:
     """Candidates under one INPUT, and the folder whose name prefixes ids on collisions."""
-    path = Path(text)
-    if not path.exists():
-        raise UsageError(f"{text}: no such file or folder; check the path (relative paths are from {Path.cwd()})")
+    path = to_location(text)
+    if not exists(path):
+        where = "check the URL and the store's credentials" if is_remote(path) else f"check the path (relative paths are from {Path.cwd()})"
+        raise UsageError(f"{text}: no such file or folder; {where}")
     if path.is_dir():
         if _is_zarr_store(path) or path.suffix.lower() in ZARR_SUFFIXES:
-            return [_Candidate(number, path, "zarr", path.name, strip_extension(path.name))], path.resolve().parent
-        return _walk(number, path, "", ""), path.resolve()
+            return [_Candidate(number, path, "zarr", path.name, strip_extension(path.name))], _resolved(path).parent
+        return _walk(number, path, "", ""), _resolved(path)
     suffix = path.suffix.lower()
     if suffix in MANIFEST_SUFFIXES:
-        return _read_manifest(number, path), path.resolve().parent
+        return _read_manifest(number, path), _resolved(path).parent
     kind = _kind_of(path.name)
     if kind is None:
         raise UsageError(
             f"{text}: not an image file, folder, zarr store or manifest; accepted file types: "
             f"{', '.join(sorted(PLAIN_SUFFIXES | TIFF_SUFFIXES))}, manifests {', '.join(sorted(MANIFEST_SUFFIXES))}"
         )
-    return [_Candidate(number, path, kind, path.name, strip_extension(path.name))], path.resolve().parent
+    return [_Candidate(number, path, kind, path.name, strip_extension(path.name))], _resolved(path).parent
 
 
-def _walk(number: int, top: Path, rel_prefix: str, id_prefix: str) -> list[_Candidate]:
+def _walk_folders(top: Location) -> Iterator[tuple[Location, str, list[str], list[str]]]:
+    """``os.walk`` of a local or object-store folder: ``(folder, path from top, dirnames,
+    filenames)``, top-down; pruning ``dirnames`` in place skips those folders."""
+    if is_remote(top):
+        top.fs.invalidate_cache(top.path)
+        root = top.path.rstrip("/")
+        for dirpath, dirnames, filenames in top.fs.walk(top.path, on_error="omit"):
+            rel = dirpath.rstrip("/")[len(root) :].strip("/")
+            yield (top / rel if rel else top), rel, dirnames, filenames
+        return
+
+    def on_error(error: OSError) -> None:
+        log.warning("cannot list %s (%s); its images are skipped", error.filename, error.strerror or error)
+
+    for dirpath, dirnames, filenames in os.walk(top, onerror=on_error, followlinks=False):
+        here = Path(dirpath)
+        yield here, here.relative_to(top).as_posix(), dirnames, filenames
+
+
+def _walk(number: int, top: Location, rel_prefix: str, id_prefix: str) -> list[_Candidate]:
     """Image files and zarr stores under a folder (no symlinked folders followed, hidden skipped).
 
     ``rel_prefix`` / ``id_prefix`` are prepended to the relative paths / ids (manifest
@@ -173,13 +194,8 @@ def _walk(number: int, top: Path, rel_prefix: str, id_prefix: str) -> list[_Cand
     """
     found: list[_Candidate] = []
     id_dirs = {str(top): id_prefix}
-
-    def on_error(error: OSError) -> None:
-        log.warning("cannot list %s (%s); its images are skipped", error.filename, error.strerror or error)
-
-    for dirpath, dirnames, filenames in os.walk(top, onerror=on_error, followlinks=False):
-        here = Path(dirpath)
-        rel_dir = _join(rel_prefix, here.relative_to(top).as_posix())
+    for here, rel_here, dirnames, filenames in _walk_folders(top):
+        rel_dir = _join(rel_prefix, rel_here)
         id_dir = id_dirs.get(str(here), rel_dir)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         if "images" in dirnames:
@@ -189,7 +205,7 @@ def _walk(number: int, top: Path, rel_prefix: str, id_prefix: str) -> list[_Cand
             if _is_zarr_store(child) or name.lower().endswith(".zarr"):
                 found.append(_Candidate(number, child, "zarr", _join(rel_dir, name), _join(id_dir, strip_extension(name))))
                 dirnames.remove(name)
-            elif child.is_symlink():
+            elif not is_remote(child) and child.is_symlink():
                 dirnames.remove(name)  # os.walk would not enter it either; say so
                 log.info("%s: symbolic link to a folder, not followed", child)
             else:
@@ -202,7 +218,7 @@ def _walk(number: int, top: Path, rel_prefix: str, id_prefix: str) -> list[_Cand
     return found
 
 
-def _read_manifest(number: int, manifest: Path) -> list[_Candidate]:
+def _read_manifest(number: int, manifest: Location) -> list[_Candidate]:
     """Entries of a .txt (one path per line) or .csv/.tsv (``path`` [, ``image_id``]) manifest."""
     folder = manifest.parent
     try:
@@ -232,15 +248,15 @@ def _read_manifest(number: int, manifest: Path) -> list[_Candidate]:
             entries.append((line_number, row[path_col].strip(), image_id))
     found: list[_Candidate] = []
     for line_number, entry, image_id in entries:
-        path = Path(entry) if Path(entry).is_absolute() else folder / entry
+        path = to_location(entry) if "://" in entry or Path(entry).is_absolute() else folder / entry
         try:
-            rel = path.resolve().relative_to(folder.resolve()).as_posix()
+            rel = _relative(path, folder)
         except (ValueError, OSError, RuntimeError):  # outside the manifest's folder (or a symlink loop): its name
             rel = path.name
         where = f"listed in {manifest.name} line {line_number}"
         if image_id is not None:
             image_id = PurePosixPath(image_id.replace("\\", "/")).as_posix()
-        if not path.exists() and not path.is_symlink():
+        if not path.exists() and (is_remote(path) or not path.is_symlink()):
             found.append(_Candidate(number, path, _kind_of(path.name) or "plain", rel, image_id or strip_extension(rel), image_id, f"file not found ({where})"))
         elif path.is_dir() and not (_is_zarr_store(path) or path.suffix.lower() in ZARR_SUFFIXES):
             found.extend(_walk(number, path, rel, image_id or rel))
@@ -256,7 +272,7 @@ def _read_manifest(number: int, manifest: Path) -> list[_Candidate]:
 # --------------------------------------------------------------------------- ids
 
 
-def _assign_ids(candidates: list[_Candidate], root_dirs: list[Path]) -> None:
+def _assign_ids(candidates: list[_Candidate], root_dirs: list[Location]) -> None:
     """Give every candidate a unique id prefix (probing may add ``#...`` suffixes)."""
     fixed = defaultdict(list)
     for candidate in candidates:
@@ -362,8 +378,23 @@ def _kind_of(name: str) -> str | None:
     return None
 
 
-def _is_zarr_store(path: Path) -> bool:
+def _is_zarr_store(path: Location) -> bool:
     return any((path / name).is_file() for name in ZARR_METADATA)
+
+
+def _resolved(path: Location) -> Location:
+    """The absolute, symlink-free path of a local file (object-store URLs are already absolute)."""
+    return path if is_remote(path) else path.resolve()
+
+
+def _relative(path: Location, folder: Location) -> str:
+    """``path`` relative to ``folder`` in posix form; ValueError when it lies elsewhere."""
+    if not is_remote(path) and not is_remote(folder):
+        return path.resolve().relative_to(folder.resolve()).as_posix()
+    inside, base = str(path), str(folder).rstrip("/") + "/"
+    if not inside.startswith(base):
+        raise ValueError(f"{path} is not under {folder}")
+    return inside[len(base) :]
 
 
 def _join(prefix: str, rest: str) -> str:
@@ -377,7 +408,7 @@ def _drop_duplicate_files(candidates: list[_Candidate]) -> list[_Candidate]:
     kept = []
     for candidate in candidates:
         try:
-            key = str(candidate.path.resolve())
+            key = str(_resolved(candidate.path))
         except (OSError, RuntimeError):  # symlink loops
             key = str(candidate.path.absolute())
         if key in seen:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ImageReadError
+from .location import Location, open_binary, to_location
 
 PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
 TIFF_SUFFIXES = {".tif", ".tiff"}
@@ -16,14 +17,14 @@ IMAGE_SUFFIXES = PIL_SUFFIXES | TIFF_SUFFIXES
 MAX_IN_MEMORY_PIXELS = 1_000_000_000
 
 
-def read_image_file(path: str | Path) -> np.ndarray:
+def read_image_file(path: str | Path | Location) -> np.ndarray:
     """Read a PNG/JPEG/BMP/TIFF file as ``(H, W)`` or ``(H, W, C)`` with its stored dtype.
 
     Raises:
         ImageReadError: naming the file and the reason (missing, empty, truncated,
             not an image, too large).
     """
-    path = Path(path)
+    path = to_location(path)
     try:
         size = path.stat().st_size
     except OSError as error:
@@ -35,7 +36,7 @@ def read_image_file(path: str | Path) -> np.ndarray:
         if suffix in TIFF_SUFFIXES:
             import tifffile
 
-            with tifffile.TiffFile(path) as tif:
+            with open_binary(path) as stream, tifffile.TiffFile(stream, name=path.name) as tif:
                 series = tif.series[0]
                 _check_pixels(path, int(np.prod(series.shape)))
                 array = series.asarray()
@@ -43,7 +44,7 @@ def read_image_file(path: str | Path) -> np.ndarray:
             from PIL import Image
 
             Image.MAX_IMAGE_PIXELS = MAX_IN_MEMORY_PIXELS
-            with Image.open(path) as handle:
+            with open_binary(path) as stream, Image.open(stream) as handle:
                 _check_pixels(path, handle.width * handle.height)
                 if handle.mode == "P":
                     handle = handle.convert("RGBA" if "transparency" in handle.info else "RGB")
@@ -57,7 +58,7 @@ def read_image_file(path: str | Path) -> np.ndarray:
     return np.asarray(array)
 
 
-def _check_pixels(path: Path, n_pixels: int) -> None:
+def _check_pixels(path: Location, n_pixels: int) -> None:
     if n_pixels > MAX_IN_MEMORY_PIXELS:
         raise ImageReadError(
             f"{path}: declares {n_pixels:,} pixels, more than the {MAX_IN_MEMORY_PIXELS:,} read into memory; "

@@ -37,6 +37,7 @@ import numpy as np
 
 from ..errors import ImageReadError
 from .imagefile import MAX_IN_MEMORY_PIXELS, read_image_file
+from .location import Location, is_remote, open_binary, to_location, zarr_store
 
 if TYPE_CHECKING:
     from .discover import ImageRecord
@@ -337,8 +338,8 @@ class ArraySource(ImageSource):
 class PlainSource(ArraySource):
     """A PNG/JPEG/BMP/GIF file, decoded whole on first use (these files are small)."""
 
-    def __init__(self, path: str | Path, shape: tuple[int, int], channels: int, dtype: Any, source: str | None = None) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | Path | Location, shape: tuple[int, int], channels: int, dtype: Any, source: str | None = None) -> None:
+        self.path = to_location(path)
         self.source = source or str(path)
         self.shape = (int(shape[0]), int(shape[1]))
         self.channels = int(channels)
@@ -468,13 +469,13 @@ class ProbedImage:
     error: str | None = None
 
 
-def probe(path: str | Path, kind: str) -> list[ProbedImage]:
+def probe(path: str | Path | Location, kind: str) -> list[ProbedImage]:
     """List the images of one file or zarr store from its header/metadata (no pixel decoding).
 
     Never raises for a bad file: problems come back as a :class:`ProbedImage` with ``error``.
     """
-    path = Path(path)
     try:
+        path = to_location(path)
         if kind == "plain":
             return [_probe_plain(path)]
         if kind == "tiff":
@@ -486,7 +487,7 @@ def probe(path: str | Path, kind: str) -> list[ProbedImage]:
         return [ProbedImage(error=f"cannot read ({type(error).__name__}: {one_line(error)})")]
 
 
-def _file_error(path: Path) -> str | None:
+def _file_error(path: Location) -> str | None:
     try:
         size = path.stat().st_size
     except OSError as error:
@@ -494,11 +495,33 @@ def _file_error(path: Path) -> str | None:
     if size == 0:
         return "empty file (0 bytes)"
     try:
-        with open(path, "rb") as handle:
+        with open_binary(path) as handle:
             handle.read(1)
     except OSError as error:
         return f"cannot open ({error.strerror or error})"
     return None
+
+
+def _open_tiff_file(path: Location) -> Any:
+    """A tifffile.TiffFile of a local file or an object-store object (closing it closes the stream)."""
+    import tifffile
+
+    if not is_remote(path):
+        return tifffile.TiffFile(path)
+    stream = open_binary(path)
+    try:
+        tif = tifffile.TiffFile(stream, name=path.name)
+    except BaseException:
+        stream.close()
+        raise
+    close_tif = tif.close
+
+    def close() -> None:  # tifffile leaves a stream it was given open
+        close_tif()
+        stream.close()
+
+    tif.close = close
+    return tif
 
 
 def _too_many_pixels(n_pixels: int) -> str:
@@ -508,7 +531,7 @@ def _too_many_pixels(n_pixels: int) -> str:
     )
 
 
-def _probe_plain(path: Path) -> ProbedImage:
+def _probe_plain(path: Location) -> ProbedImage:
     error = _file_error(path)
     if error:
         return ProbedImage(error=error)
@@ -518,7 +541,7 @@ def _probe_plain(path: Path) -> ProbedImage:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as handle:
+            with open_binary(path) as stream, Image.open(stream) as handle:
                 mode, (width, height) = handle.mode, handle.size
                 transparent = "transparency" in handle.info
     except Image.DecompressionBombError:
@@ -544,10 +567,10 @@ def _probe_plain(path: Path) -> ProbedImage:
     return ProbedImage(shape=(height, width), channels=channels, dtype=str(native(dtype)))
 
 
-def _png_header_pixels(path: Path) -> int:
+def _png_header_pixels(path: Location) -> int:
     """Width x height from a PNG header (for the message about a refused decompression bomb)."""
     try:
-        with open(path, "rb") as handle:
+        with open_binary(path) as handle:
             head = handle.read(24)
         if head[:8] == b"\x89PNG\r\n\x1a\n":
             return int.from_bytes(head[16:20], "big") * int.from_bytes(head[20:24], "big")
@@ -565,14 +588,12 @@ def _tiff_plan(series: Any) -> AxesPlan:
     return plan_axes(tuple(series.axes.lower()), tuple(series.shape))
 
 
-def _probe_tiff(path: Path) -> list[ProbedImage]:
+def _probe_tiff(path: Location) -> list[ProbedImage]:
     error = _file_error(path)
     if error:
         return [ProbedImage(error=error)]
-    import tifffile
-
     try:
-        tif = tifffile.TiffFile(path)
+        tif = _open_tiff_file(path)
     except Exception as error:
         return [ProbedImage(error=f"not a readable TIFF ({type(error).__name__}: {one_line(error)})")]
     with tif:
@@ -665,13 +686,13 @@ def _zarr_image(node_path: str, levels: list[Any], level_paths: list[str], names
     return found
 
 
-def _probe_zarr(path: Path) -> list[ProbedImage]:
+def _probe_zarr(path: Location) -> list[ProbedImage]:
     import zarr
 
     if not any((path / name).is_file() for name in ("zarr.json", ".zgroup", ".zarray")):
         return [ProbedImage(error="not a zarr store: no zarr.json, .zgroup or .zarray in the folder")]
     try:
-        root = zarr.open(str(path), mode="r")
+        root = zarr.open(zarr_store(path, read_only=True), mode="r")
     except Exception as error:
         return [ProbedImage(error=f"not a readable zarr store ({type(error).__name__}: {one_line(error)})")]
     found: list[ProbedImage] = []
@@ -742,12 +763,12 @@ def open_source(record: ImageRecord) -> ImageSource:
 
 
 def _open_tiff(record: ImageRecord) -> ImageSource:
-    import tifffile
     import zarr
 
     selector = record.selector
+    location = to_location(record.path)
     try:
-        tif = tifffile.TiffFile(record.path)
+        tif = _open_tiff_file(location)
     except Exception as error:
         raise ImageReadError(f"{record.source}: not a readable TIFF ({type(error).__name__}: {one_line(error)})") from None
     try:
@@ -757,7 +778,7 @@ def _open_tiff(record: ImageRecord) -> ImageSource:
             raise ImageReadError(f"{record.source}: axes are now {plan.names}, discovery saw {selector['axes']}; discover again")
         levels: list[Any] = []
         for number, level in enumerate(series.levels):
-            if number == 0 and series.dataoffset is not None and getattr(series, "transform", None) is None:
+            if number == 0 and series.dataoffset is not None and getattr(series, "transform", None) is None and not is_remote(location):
                 # uncompressed and contiguous: map it, no decoding at all
                 dtype = np.dtype(series.dtype).newbyteorder(tif.byteorder)
                 levels.append(np.memmap(record.path, dtype=dtype, mode="r", offset=series.dataoffset, shape=tuple(series.shape)))
@@ -780,7 +801,7 @@ def _open_zarr(record: ImageRecord) -> ImageSource:
 
     selector = record.selector
     try:
-        root = zarr.open(record.path, mode="r")
+        root = zarr.open(zarr_store(to_location(record.path), read_only=True), mode="r")
         node = root[selector["node"]] if selector["node"] else root
         levels = [node if path == "" else node[path] for path in selector["levels"]]
     except Exception as error:

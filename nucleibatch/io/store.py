@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from .location import Location, to_location, zarr_store
+
 NGFF_VERSION = "0.5"
 LABEL_NAME = "nuclei"
 CHUNK = 1024
@@ -59,9 +61,9 @@ def _multiscales(name: str, axes: list[dict], n_levels: int) -> list[dict]:
     return [{"name": name, "axes": axes, "datasets": datasets}]
 
 
-def open_root(path: str | Path, mode: str = "a") -> zarr.Group:
-    """Open (or create) masks.zarr as a zarr v3 group."""
-    return zarr.open_group(str(path), mode=mode, zarr_format=3)
+def open_root(path: str | Path | Location, mode: str = "a") -> zarr.Group:
+    """Open (or create) masks.zarr (a local folder or an object-store URL) as a zarr v3 group."""
+    return zarr.open_group(zarr_store(to_location(path), read_only=mode == "r"), mode=mode, zarr_format=3)
 
 
 def create_image_group(

@@ -14,14 +14,24 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..errors import NotSegmentOutputError
 from ..measure import NUCLEI_COLUMNS
+from .location import (
+    Location,
+    exists,
+    fresh_listing,
+    is_remote,
+    read_many,
+    remove,
+    to_location,
+    write_bytes_atomic,
+)
 
 IMAGE_COLUMNS = ("image_id", "source", "height", "width", "n_nuclei", "status", "error", "seconds", "store_path")
 STATE_DIR = ".nucleibatch"
@@ -43,22 +53,46 @@ IMAGES_SCHEMA = pa.schema(
 assert tuple(NUCLEI_SCHEMA.names) == NUCLEI_COLUMNS
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a hidden temporary file, fsync, and rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
+def check_segment_output(out: str | Location, finished: bool = False) -> Location:
+    """``out`` (a path or URL) as a location, if it holds the outputs of ``nucleibatch segment``.
+
+    Args:
+        finished: also require ``images.parquet`` and ``masks.zarr`` (written when a run ends);
+            otherwise a run still going or killed (completion records only) is accepted.
+
+    Raises:
+        NotSegmentOutputError: missing, a file, or none of the outputs (the message says what to do).
+    """
+    location = to_location(out)
+    hint = f"give the -o folder of a `nucleibatch segment` run (run `nucleibatch segment INPUT... -o {location}` first)"
+    if not exists(location):
+        raise NotSegmentOutputError(f"{location} does not exist: {hint}")
+    if not location.is_dir():
+        raise NotSegmentOutputError(f"{location} is a file, not a folder: {hint}")
+    required = ("images.parquet", "masks.zarr") if finished else ()
+    missing = [name for name in required if not (location / name).exists()]
+    if not finished and not any((location / name).exists() for name in ("run.json", "images.parquet", f"{STATE_DIR}/records")):
+        missing = ["run.json, images.parquet and .nucleibatch/records"]
+    if missing:
+        if (location / STATE_DIR).is_dir():
+            hint = "the run did not finish: re-run the same `nucleibatch segment ... -o OUT` command to resume it"
+        raise NotSegmentOutputError(f"{location} is not a segment output ({' and '.join(missing)} missing): {hint}")
+    return location
 
 
-def remove_stale_temporaries(out_dir: Path) -> int:
+def atomic_write_bytes(path: Location, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that no reader sees half of it (see :func:`write_bytes_atomic`)."""
+    write_bytes_atomic(path, data)
+
+
+def remove_stale_temporaries(out_dir: Location) -> int:
     """Delete temporary files that a killed writer left (call while holding OUT's lock).
 
     Returns how many were removed: our hidden ``.NAME.tmp-PID`` files and zarr's ``*.partial``.
+    An object store has none (every object is written in one PUT).
     """
+    if is_remote(out_dir):
+        return 0
     removed = 0
     for directory in (out_dir, out_dir / "nuclei.parquet", out_dir / STATE_DIR, records_dir(out_dir)):
         if directory.is_dir():
@@ -73,13 +107,18 @@ def remove_stale_temporaries(out_dir: Path) -> int:
     return removed
 
 
-def write_nuclei_part(out_dir: Path, name: str, image_id: str, columns: dict[str, np.ndarray]) -> Path:
+def write_nuclei_part(out_dir: Location, name: str, image_id: str, columns: dict[str, np.ndarray]) -> Location:
     """Write one image's nuclei (columns of :func:`nucleibatch.measure.measure_labels`) as a parquet part."""
     n = len(columns["label"])
     arrays = {"image_id": pa.array([image_id] * n, pa.string())}
     arrays.update({key: pa.array(columns[key], NUCLEI_SCHEMA.field(key).type) for key in NUCLEI_COLUMNS if key != "image_id"})
     table = pa.table(arrays, schema=NUCLEI_SCHEMA)
     path = out_dir / "nuclei.parquet" / f"{name}.parquet"
+    if is_remote(path):
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        write_bytes_atomic(path, sink.getvalue().to_pybytes())
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     pq.write_table(table, tmp)  # straight to disk: no second in-memory copy of a big table
@@ -92,7 +131,7 @@ def write_nuclei_part(out_dir: Path, name: str, image_id: str, columns: dict[str
 EMPTY_PART = "nucleibatch-no-nuclei.parquet"
 
 
-def finish_nuclei_dataset(out_dir: Path) -> None:
+def finish_nuclei_dataset(out_dir: Location) -> None:
     """Make ``nuclei.parquet/`` readable even when no image produced nuclei.
 
     With no image part, a zero-row part carrying the schema is written (so pandas reads an empty
@@ -100,46 +139,46 @@ def finish_nuclei_dataset(out_dir: Path) -> None:
     """
     directory = out_dir / "nuclei.parquet"
     placeholder = directory / EMPTY_PART
-    parts = [p for p in directory.glob("*.parquet") if p.name != EMPTY_PART] if directory.is_dir() else []
+    listed = fresh_listing(directory, "*.parquet")
+    parts = [p for p in listed if p.name != EMPTY_PART]
     if parts:
-        placeholder.unlink(missing_ok=True)
-    elif not placeholder.exists():
+        if len(parts) < len(listed):
+            remove(placeholder)
+    elif not listed:
         sink = pa.BufferOutputStream()
         pq.write_table(NUCLEI_SCHEMA.empty_table(), sink)
         atomic_write_bytes(placeholder, sink.getvalue().to_pybytes())
 
 
-def records_dir(out_dir: Path) -> Path:
+def records_dir(out_dir: Location) -> Location:
     return out_dir / STATE_DIR / "records"
 
 
-def write_record(out_dir: Path, name: str, row: dict[str, Any]) -> None:
+def write_record(out_dir: Location, name: str, row: dict[str, Any]) -> None:
     """The completion record of one image (its images.parquet row), written last."""
     atomic_write_bytes(records_dir(out_dir) / f"{name}.json", (json.dumps(row, sort_keys=True) + "\n").encode())
 
 
-def read_records(out_dir: Path) -> dict[str, dict[str, Any]]:
+def read_records(out_dir: Location) -> dict[str, dict[str, Any]]:
     """All completion records by image_id (unreadable ones are ignored: their images get redone)."""
     records = {}
-    directory = records_dir(out_dir)
-    if not directory.is_dir():
-        return records
-    for path in sorted(directory.glob("*.json")):
+    for data in read_many(fresh_listing(records_dir(out_dir), "*.json")).values():
         try:
-            row = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+            row = json.loads(data) if data is not None else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
             continue
-        records[row["image_id"]] = row
+        if isinstance(row, dict) and "image_id" in row:
+            records[row["image_id"]] = row
     return records
 
 
-def remove_image_outputs(out_dir: Path, name: str) -> None:
+def remove_image_outputs(out_dir: Location, name: str) -> None:
     """Delete an image's record and nuclei part (before it is redone)."""
     for path in (records_dir(out_dir) / f"{name}.json", out_dir / "nuclei.parquet" / f"{name}.parquet"):
-        path.unlink(missing_ok=True)
+        remove(path)
 
 
-def write_images_table(out_dir: Path, rows: list[dict[str, Any]]) -> Path:
+def write_images_table(out_dir: Location, rows: list[dict[str, Any]]) -> Location:
     """``OUT/images.parquet`` from image rows (sorted by image_id)."""
     rows = sorted(rows, key=lambda r: r["image_id"])
     table = pa.table({name: pa.array([r.get(name) for r in rows], IMAGES_SCHEMA.field(name).type) for name in IMAGES_SCHEMA.names}, schema=IMAGES_SCHEMA)
