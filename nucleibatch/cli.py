@@ -1,4 +1,4 @@
-"""Command line: `nucleibatch segment | train | evaluate` (thin: parses, then calls the library)."""
+"""Command line: `nucleibatch segment | train | evaluate | report | export | verify` (thin: parses, then calls the library)."""
 
 from __future__ import annotations
 
@@ -86,6 +86,30 @@ def _run_report(args) -> int:
     return 0
 
 
+def _add_verify(subparsers) -> None:
+    p = subparsers.add_parser(
+        "verify",
+        help="check that the outputs of every finished image of a segment output are whole",
+        description="Compare what each finished image wrote (listed in its completion record: every file of "
+        "its masks.zarr group and its nuclei part, with sizes) with what OUT holds now. Exit 0: all whole; "
+        "3: damaged images found (re-run `segment ... --verify` to redo them).",
+    )
+    p.add_argument("out", metavar="OUT", help="the -o folder (or store URL) of a `nucleibatch segment` run")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _run_verify(args) -> int:
+    from .verify import verify_output
+
+    report = verify_output(args.out)
+    if args.json:
+        damaged = [{"image_id": d.image_id, "problems": d.problems} for d in report.damaged]
+        print(json.dumps({"checked": report.checked, "damaged": damaged, "unverifiable": report.unverifiable}))
+    else:
+        print("\n".join(report.lines()))
+    return 0 if report.intact else 3
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="nucleibatch", description="Nuclei segmentation of microscopy archives.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -99,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_export(subparsers)
     _add_report(subparsers)
+    _add_verify(subparsers)
     return parser
 
 
@@ -170,6 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_export(args)
         if args.command == "report":
             return _run_report(args)
+        if args.command == "verify":
+            return _run_verify(args)
         from .segment_cli import run_segment
 
         return run_segment(args)

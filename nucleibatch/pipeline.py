@@ -22,7 +22,7 @@ from .allocator import release_free_memory
 from .errors import ImageReadError, UsageError
 from .instances import InstanceParams, probabilities_to_labels
 from .io.discover import ImageRecord
-from .io.location import Location
+from .io.location import Location, fingerprint, to_location
 from .io.sources import ImageSource, open_source
 from .io.store import (
     chunk_for_blocks,
@@ -32,7 +32,7 @@ from .io.store import (
     store_name,
     write_pyramids,
 )
-from .io.tables import remove_image_outputs, write_nuclei_part, write_record
+from .io.tables import output_manifest, remove_image_outputs, write_nuclei_part, write_record
 from .measure import concat_columns, measure_labels
 from .model import NucleiModel
 from .normalize import NormStats, apply_stats, stats_for_bundle, to_grey
@@ -82,6 +82,7 @@ class ImagePlan:
     dtype: np.dtype
     stats: NormStats
     blocks: list[Block]
+    input_fingerprint: str | None = None  # the input as it was when planned (resume redoes changed inputs)
 
 
 @dataclass
@@ -167,11 +168,13 @@ def start_image(
     timer = timer or Timer()
     name = store_name(record.image_id)
     remove_image_outputs(out_dir, name)
+    fingerprint = input_fingerprint(record)  # before reading: a change while it runs is seen next time
     own_source = source is None
     if own_source:
         source = open_image(record, timer)
     try:
         plan = plan_image(record, source, settings, model_config, timer)
+        plan.input_fingerprint = fingerprint
     finally:
         if own_source:
             source.close()
@@ -355,6 +358,7 @@ def complete_image(
     with timer("write"):
         write_pyramids(image_group)
         write_nuclei_part(out_dir, plan.name, plan.record.image_id, columns)
+        outputs = output_manifest(out_dir, plan.name)
     row = {
         "image_id": plan.record.image_id,
         "source": plan.record.source,
@@ -365,6 +369,9 @@ def complete_image(
         "error": None,
         "seconds": None,  # set by the caller, who knows when the image started
         "store_path": plan.name,
+        # kept in the completion record only (not in images.parquet): resume and verify read them
+        "input": plan.input_fingerprint,
+        "outputs": outputs,
     }
     return row
 
@@ -448,6 +455,11 @@ def _timed_read(plan: ImagePlan, block: Block, source: ImageSource, halo: int, t
         return read_block(plan, block, source, halo)
 
 
+def input_fingerprint(record: ImageRecord) -> str | None:
+    """The fingerprint (:func:`nucleibatch.io.location.fingerprint`) of the file or store an image comes from."""
+    return fingerprint(to_location(record.path))
+
+
 def failed_row(record: ImageRecord, error: BaseException | str, seconds: float) -> dict[str, Any]:
     """The images.parquet row of an image that could not be segmented (one-line reason)."""
     message = error if isinstance(error, str) else (str(error) or type(error).__name__)
@@ -470,6 +482,7 @@ def record_failed_image(out_dir: Location, record: ImageRecord, error: BaseExcep
     """Record an image as failed: drop its partial OME-Zarr group, write its completion record
     (the 'failed' row of :func:`failed_row`) and return that row."""
     row = failed_row(record, error, seconds)
+    row["input"] = input_fingerprint(record)
     name = store_name(record.image_id)
     try:
         root = open_root(out_dir / "masks.zarr")

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, faults
 from .errors import OutputError, UsageError
-from .io.discover import discover_inputs
+from .io.discover import ImageRecord, discover_inputs
 from .io.location import (
     Location,
     exists,
@@ -40,7 +40,8 @@ from .io.tables import (
     write_images_table,
 )
 from .model import NucleiModel, load_model, resolve_device_name
-from .pipeline import STAGES, SegmentSettings, Timer
+from .pipeline import STAGES, SegmentSettings, Timer, input_fingerprint
+from .verify import verify_records
 
 log = logging.getLogger(__name__)
 ENGINES = ("local", "ray", "dask")
@@ -246,6 +247,7 @@ def run_segment_job(
     batch_size: int = 4,
     overwrite: bool = False,
     retry_failed: bool = False,
+    verify: bool = False,
     address: str | None = None,
     workers: int = 0,
     gpus_per_worker: float = 1.0,
@@ -281,7 +283,8 @@ def run_segment_job(
         remove_stale_temporaries(out_dir)
         open_root(out_dir / "masks.zarr")  # once, here: units running at once then only add groups
         finished = read_records(out_dir)
-        todo = [r for r in records if r.image_id not in finished or (retry_failed and finished[r.image_id]["status"] != "ok")]
+        redo = images_to_redo(out_dir, records, finished, retry_failed, verify)
+        todo = [r for r in records if r.image_id not in finished or r.image_id in redo]
         n_resumed = len(records) - len(todo)
         if n_resumed:
             log.info("resuming: %d of %d images are already done in %s", n_resumed, len(records), out_dir)
@@ -303,6 +306,7 @@ def run_segment_job(
         finally:
             bar.close()
         engine_seconds = time.perf_counter() - engine_started
+        faults.point("consolidate")
         rows = read_records(out_dir)
         write_images_table(out_dir, list(rows.values()))
         finish_nuclei_dataset(out_dir)
@@ -362,6 +366,29 @@ def _write_report(out_dir: Location) -> None:
         write_report(out_dir)
     except Exception as error:
         log.warning("report.html not written (%s: %s); rebuild it with: nucleibatch report %s", type(error).__name__, error, out_dir)
+
+
+def images_to_redo(
+    out_dir: Location, records: list[ImageRecord], finished: dict[str, dict[str, Any]], retry_failed: bool, verify: bool
+) -> set[str]:
+    """The finished images a resumed run must do again: failed ones with ``retry_failed``, those
+    whose input changed since (size/mtime or ETag), and with ``verify`` those whose outputs are damaged."""
+    redo: set[str] = set()
+    for record in records:
+        row = finished.get(record.image_id)
+        if row is None:
+            continue
+        if retry_failed and row["status"] != "ok":
+            redo.add(record.image_id)
+        elif row.get("input") is not None and row["input"] != input_fingerprint(record):
+            log.info("%s changed since it was processed: redone", record.source)
+            redo.add(record.image_id)
+    if verify:
+        report = verify_records(out_dir, {r.image_id: finished[r.image_id] for r in records if r.image_id in finished and r.image_id not in redo})
+        for line in report.lines():
+            log.info("verify: %s", line.strip())
+        redo.update(damage.image_id for damage in report.damaged)
+    return redo
 
 
 def placement_summary(placement: list[dict[str, Any]]) -> dict[str, Any]:

@@ -33,6 +33,7 @@ def add_segment(subparsers) -> None:
     p.add_argument("--no-store-image", action="store_true", help="do not copy the image into masks.zarr (labels only)")
     p.add_argument("--retry-failed", action="store_true", help="on resume, redo images that failed before")
     p.add_argument("--overwrite", action="store_true", help="discard OUT's previous results and start over")
+    p.add_argument("--verify", action="store_true", help="on resume, check the outputs of finished images (as `nucleibatch verify`) and redo damaged ones")
     p.add_argument("--progress", default="auto", choices=("auto", "bar", "log"), help="progress bar on a terminal, log lines otherwise [auto]")
     p.add_argument("--json", action="store_true", help="print the run summary as JSON")
 
@@ -60,6 +61,7 @@ def run_segment(args) -> int:
         batch_size=args.batch_size,
         overwrite=args.overwrite,
         retry_failed=args.retry_failed,
+        verify=args.verify,
         address=args.address,
         workers=args.workers,
         gpus_per_worker=args.gpus_per_worker,

@@ -21,6 +21,7 @@ from urllib.parse import unquote, urlparse
 
 from upath import UPath
 
+from .. import faults
 from ..errors import UsageError
 
 Location = Path | UPath
@@ -97,6 +98,7 @@ def write_bytes_atomic(path: Location, data: bytes) -> None:
     Local: a hidden temporary in the same folder, fsync, rename. Object store: one PUT, which
     stores become visible whole or not at all.
     """
+    faults.point(f"write:{path.name}")
     if is_remote(path):
         path.write_bytes(data)
         return
@@ -106,6 +108,7 @@ def write_bytes_atomic(path: Location, data: bytes) -> None:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
+    faults.point(f"rename:{path.name}")
     tmp.replace(path)
 
 
@@ -166,6 +169,59 @@ def make_dirs(path: Location) -> None:
 def open_binary(path: Location) -> IO[bytes]:
     """A seekable binary file object for reading (the caller closes it)."""
     return path.open("rb")
+
+
+def fingerprint(location: Location) -> str | None:
+    """What changes when an input changes: size and modification time of a file; of a zarr
+    store, those of its root metadata file; of an object, its size and ETag. None when it cannot
+    be read (a vanished input)."""
+    try:
+        if is_remote(location):
+            location.fs.invalidate_cache(location.path)
+            target = location
+            if location.is_dir():
+                target = next((location / n for n in ("zarr.json", ".zattrs", ".zgroup", ".zarray") if (location / n).exists()), location)
+            info = target.fs.info(target.path)
+            return f"{info.get('size')}:{info.get('ETag') or info.get('LastModified') or info.get('mtime')}"
+        target = location
+        if location.is_dir():
+            target = next((location / n for n in ("zarr.json", ".zattrs", ".zgroup", ".zarray") if (location / n).is_file()), location)
+        stat = target.stat()
+        return f"{stat.st_size}:{stat.st_mtime_ns}"
+    except (OSError, ValueError):
+        return None
+
+
+def file_size(path: Location) -> int | None:
+    """Size in bytes of one file (None when it does not exist)."""
+    try:
+        if is_remote(path):
+            path.fs.invalidate_cache(path.path)
+            return int(path.fs.info(path.path)["size"])
+        return path.stat().st_size
+    except (FileNotFoundError, KeyError):
+        return None
+
+
+def file_sizes(folder: Location) -> dict[str, int]:
+    """Size of every file under ``folder``, by posix path relative to it (empty when missing)."""
+    if is_remote(folder):
+        folder.fs.invalidate_cache(folder.path)
+        root = folder.path.rstrip("/") + "/"
+        try:
+            found = folder.fs.find(folder.path, detail=True)
+        except FileNotFoundError:
+            return {}
+        return {key[len(root) :]: int(info.get("size") or 0) for key, info in found.items() if key.startswith(root)}
+    sizes = {}
+    for dirpath, _, filenames in os.walk(folder):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            try:
+                sizes[os.path.relpath(path, folder).replace(os.sep, "/")] = os.stat(path).st_size
+            except OSError:
+                continue
+    return sizes
 
 
 def zarr_store(path: Location, read_only: bool = False) -> Any:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from .. import faults
 from .location import Location, to_location, zarr_store
 
 NGFF_VERSION = "0.5"
@@ -82,6 +83,7 @@ def create_image_group(
     if name in root:
         del root[name]
     group = root.create_group(name)
+    faults.point("store:group")
     levels = pyramid_shapes(shape)
     space = [{"name": "y", "type": "space", "unit": "pixel"}, {"name": "x", "type": "space", "unit": "pixel"}]
     image_axes = [{"name": "c", "type": "channel"}] + space
@@ -110,6 +112,7 @@ def write_pyramids(group: zarr.Group, chunk: int = CHUNK) -> None:
     labels = group[f"labels/{LABEL_NAME}"]
     level = 1
     while str(level) in group:
+        faults.point("store:pyramid")
         factor = 2**level
         for source, target in ((group["0"], group[str(level)]), (labels["0"], labels[str(level)])):
             height, width = target.shape[-2:]

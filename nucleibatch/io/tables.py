@@ -20,11 +20,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .. import faults
 from ..errors import NotSegmentOutputError
 from ..measure import NUCLEI_COLUMNS
 from .location import (
     Location,
     exists,
+    file_size,
+    file_sizes,
     fresh_listing,
     is_remote,
     read_many,
@@ -124,6 +127,7 @@ def write_nuclei_part(out_dir: Location, name: str, image_id: str, columns: dict
     pq.write_table(table, tmp)  # straight to disk: no second in-memory copy of a big table
     with open(tmp, "rb+") as handle:
         os.fsync(handle.fileno())
+    faults.point("part")
     tmp.replace(path)
     return path
 
@@ -156,6 +160,7 @@ def records_dir(out_dir: Location) -> Location:
 
 def write_record(out_dir: Location, name: str, row: dict[str, Any]) -> None:
     """The completion record of one image (its images.parquet row), written last."""
+    faults.point("record")
     atomic_write_bytes(records_dir(out_dir) / f"{name}.json", (json.dumps(row, sort_keys=True) + "\n").encode())
 
 
@@ -170,6 +175,13 @@ def read_records(out_dir: Location) -> dict[str, dict[str, Any]]:
         if isinstance(row, dict) and "image_id" in row:
             records[row["image_id"]] = row
     return records
+
+
+def output_manifest(out_dir: Location, name: str) -> dict[str, Any]:
+    """What a finished image wrote, for :mod:`nucleibatch.verify`: the size of every file of its
+    masks.zarr group and of its nuclei part."""
+    part = out_dir / "nuclei.parquet" / f"{name}.parquet"
+    return {"masks": file_sizes(out_dir / "masks.zarr" / name), "nuclei_part": file_size(part)}
 
 
 def remove_image_outputs(out_dir: Location, name: str) -> None:
