@@ -222,24 +222,34 @@ class BlockPredictor:
     def predict(self, units: list[tuple[ImagePlan, int]]) -> list[Any]:
         """Read and predict the blocks ``[(plan, block index), ...]`` (one block, or the blocks
         of several small images whose tiles then share network calls); one
-        :class:`~nucleibatch.pipeline.BlockPrediction` per unit."""
+        :class:`~nucleibatch.pipeline.BlockPrediction` per unit. In a group, a block whose read
+        fails gets its exception in its place (its finish_block unit raises it): one bad image
+        never fails the others of its group."""
         from ..allocator import release_free_memory
         from ..pipeline import context_pixels, predict_blocks, read_block
 
         timer = Timer()
-        items = []
+        items, failed = [], {}
         with timer("read"):
-            for plan, block_index in units:
+            for number, (plan, block_index) in enumerate(units):
                 block = plan.blocks[block_index]
-                raw, region = read_block(plan, block, self._source(plan), context_pixels(self.settings, self.model.config))
+                try:
+                    raw, region = read_block(plan, block, self._source(plan), context_pixels(self.settings, self.model.config))
+                except Exception as error:
+                    if len(units) == 1 or is_fatal(error):
+                        raise
+                    failed[number] = error  # fails its own image only, not the others of the group
+                    continue
                 items.append((plan, block, raw, region))
-        predictions = predict_blocks(items, self.model, self.settings, self.batch_size)
+        predictions: list[Any] = predict_blocks(items, self.model, self.settings, self.batch_size) if items else []
         del items
         worker = current_worker()
         for prediction in predictions:
             prediction.seconds["read"] = prediction.seconds.get("read", 0.0) + timer.seconds["read"] / len(units)
             prediction.worker = worker
             prediction.predict_group = len(units)
+        for number in sorted(failed):
+            predictions.insert(number, failed[number])
         for plan, block_index in units:
             if len(plan.blocks) == block_index + 1:  # the image's last block: let go of its file
                 source = self.sources.pop(plan.record.image_id, None)
@@ -265,6 +275,8 @@ def finish_block_unit(plan: ImagePlan, block_index: int, prediction, settings: S
     from ..allocator import release_free_memory
     from ..pipeline import finish_block
 
+    if isinstance(prediction, BaseException):  # its read failed inside a group of small images
+        raise prediction
     group = open_root(out_dir / "masks.zarr")[plan.name]
     result = finish_block(plan, plan.blocks[block_index], prediction, settings, params, group)
     result.unit = {"predict_worker": prediction.worker, "finish_worker": current_worker(), "predict_group": prediction.predict_group}
