@@ -9,7 +9,7 @@ run's lock refuses a second run (exit 1) and a dead run's lock is taken over.
 
 Everything is real: `python -m nucleibatch segment` subprocesses killed with SIGKILL,
 real files, parquet and zarr. Kill points are drawn with a fixed seed from the wall
-time of the uninterrupted reference run (``NB_KILL_POINTS=N`` draws N of them; 5 by
+time of the uninterrupted reference run (``NB_KILL_POINTS=N`` draws N of them; 2 by
 default), plus one triggered by the run's own progress: right after its last
 completion record, i.e. while it writes images.parquet / run.json and exits.
 """
@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 BLOCK = ["--block-size", "256", "--block-margin", "64"]
 STATE = ".nucleibatch"
 KILL_SEED = 20240611
-N_RANDOM_KILLS = int(os.environ.get("NB_KILL_POINTS", "5"))
+N_RANDOM_KILLS = int(os.environ.get("NB_KILL_POINTS", "2"))  # tests/test_faults.py kills one run 20+ times
 # small fields (one block each) and two larger images processed in several blocks, placed among
 # the small ones in id order (images are done in id order); field08 is taller than 1024 px, so
 # its labels have a pyramid level 1 as well
