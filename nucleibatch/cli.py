@@ -24,8 +24,9 @@ def _add_train(subparsers) -> None:
         help="train the nuclei U-Net data-parallel with Ray Train",
         description="Train (or resume training of) the nuclei U-Net with Ray Train's TorchTrainer on "
         "annotated folders (DSB layout or images/ + labels/), keeping checkpoints, metrics.csv and "
-        "curves.png under RUN_DIR and exporting the best checkpoint as RUN_DIR/bundle. Running the "
-        "same command again on the same RUN_DIR resumes from the latest checkpoint.",
+        "curves.png (and validation overlays under overlays/) under RUN_DIR and exporting the best "
+        "checkpoint as RUN_DIR/bundle. Running the same command again on the same RUN_DIR resumes from "
+        "the latest checkpoint. --init fine-tunes a bundle instead of training from scratch.",
     )
     p.add_argument("data", nargs="+", metavar="DATA", help="annotated folder(s)")
     p.add_argument("-o", "--output", required=True, metavar="RUN_DIR", help="run folder (checkpoints, metrics, bundle)")
@@ -35,8 +36,12 @@ def _add_train(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="patches per worker per step [8]")
     p.add_argument("--patch-size", type=int, default=256, help="patch side in pixels, multiple of 32 [256]")
     p.add_argument("--patches-per-epoch", type=int, default=0, help="patches per epoch over all workers [one per training image]")
-    p.add_argument("--encoder", default="resnet18", help="smp encoder name [resnet18]")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, warm-up + cosine) [2e-3]")
+    p.add_argument("--encoder", default=None, help="smp encoder name [resnet18; with --init: the bundle's, and no other]")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW, warm-up + cosine) [2e-3; with --init 2e-4]")
+    p.add_argument("--init", default=None, metavar="default|BUNDLE", help="fine-tune: start from this bundle's weights and architecture (a checkpoint in RUN_DIR still wins)")
+    p.add_argument("--freeze-encoder-epochs", type=int, default=0, metavar="N", help="with --init: keep the encoder frozen (only decoder and head learn) for the first N epochs [0]")
+    p.add_argument("--overlay-every", type=int, default=1, metavar="N", help="RUN_DIR/overlays/epoch_XXX.png (predicted vs true outlines of 3 validation images) every N epochs; 0: none [1]")
+    p.add_argument("--tensorboard", action="store_true", help="also write a TensorBoard log to RUN_DIR/tensorboard (metrics and overlays per epoch)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of images kept for validation [0.1]")
     p.add_argument("--limit-images", type=int, default=0, help="use only the first K images (smoke runs)")
     p.add_argument("--seed", type=int, default=0, help="random seed (split, patches) [0]")
@@ -149,6 +154,10 @@ def _run_train(args) -> int:
         max_failures=args.max_failures,
         tune_postprocess=not args.no_tune,
         address=args.address,
+        init=args.init,
+        freeze_encoder_epochs=args.freeze_encoder_epochs,
+        overlay_every=args.overlay_every,
+        tensorboard=args.tensorboard,
     )
     summary = run_training(settings, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))

@@ -2,6 +2,7 @@
 
 The runs are tiny (6 images, 16 patches of 128 px per epoch) so that the module stays within a
 few minutes on 2 cores; they check plumbing (files, resume, refusals), not model quality.
+Fine-tuning (--init, --freeze-encoder-epochs) runs in tests/test_finetune.py.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import struct
 import time
 from pathlib import Path
 
@@ -25,6 +27,37 @@ METRIC_COLUMNS = ["epoch", "train_loss", "val_map", "val_ap50", "val_ap75", "val
 
 def train_argv(data: Path, run_dir: Path, *extra: str) -> list[str]:
     return ["train", str(data), "-o", str(run_dir), *SMALL_RUN, *extra]
+
+
+def read_tensorboard(path: Path) -> dict[str, list[tuple[int, str, object]]]:
+    """Every summary value of a TensorBoard event file: tag -> [(step, kind, value)] (TFRecord framing
+    read by hand; the protobuf messages of tensorboardX, which ray[train] installs)."""
+    from tensorboardX.proto import event_pb2
+
+    data, position, tags = path.read_bytes(), 0, {}
+    while position < len(data):
+        (length,) = struct.unpack("<Q", data[position : position + 8])
+        position += 12  # length + its crc
+        event = event_pb2.Event()
+        event.ParseFromString(data[position : position + length])
+        position += length + 4  # data + its crc
+        for value in event.summary.value:
+            kind = value.WhichOneof("value")
+            content = value.simple_value if kind == "simple_value" else value.image if kind == "image" else None
+            tags.setdefault(value.tag, []).append((event.step, kind, content))
+    return tags
+
+
+def png_rgb(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def has_colour(rgb: np.ndarray, colour) -> bool:
+    return bool((rgb == np.asarray(colour, np.uint8)).all(axis=-1).any())
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, str]]:
@@ -85,9 +118,9 @@ def ray_session():
 
 @pytest.fixture(scope="module")
 def first_run(ray_session, dsb_root, tmp_path_factory):
-    """`train --epochs 2` on 6 real images; returns (exit status, RUN_DIR, metrics rows, stdout)."""
+    """`train --epochs 2 --tensorboard` on 6 real images; returns (exit status, RUN_DIR, metrics rows)."""
     run_dir = tmp_path_factory.mktemp("train") / "run"
-    status = main(train_argv(dsb_root, run_dir, "--epochs", "2"))
+    status = main(train_argv(dsb_root, run_dir, "--epochs", "2", "--tensorboard"))
     rows = read_metrics(run_dir) if (run_dir / "metrics.csv").is_file() else []
     return status, run_dir, rows
 
@@ -122,6 +155,46 @@ def test_train_writes_metrics_curves_and_a_loadable_bundle(first_run):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["bundle"] == str(bundle.resolve())
     assert summary["epochs_run"] == 2
+    # from scratch: the default learning rate, and no init recorded
+    assert training["learning_rate"] == 2e-3 and training["init"] is None and model.config["init"] is None
+    assert summary["init"] is None
+
+
+@pytest.mark.slow
+def test_train_writes_a_validation_overlay_per_epoch(first_run, dsb_root):
+    from nucleibatch.io.annotated import discover_annotated, iter_annotated
+    from nucleibatch.training.overlays import OVERLAY_CROP, TRUE_RGB
+
+    status, run_dir, rows = first_run
+    assert status == 0
+    overlays = sorted((run_dir / "overlays").glob("*.png"))
+    assert [p.name for p in overlays] == ["epoch_000.png", "epoch_001.png"]
+    # the one validation image (rank 0 holds it), shown whole or by its central crop
+    val_id = nucleibatch.load_model(run_dir / "bundle").config["training"]["val_image_ids"][0]
+    annotated = next(iter_annotated([s for s in discover_annotated([dsb_root]) if s.image_id == val_id]))
+    expected = tuple(min(side, OVERLAY_CROP) for side in annotated.labels.shape)
+    for path in overlays:
+        rgb = png_rgb(path)
+        assert rgb.shape == (*expected, 3)
+        assert has_colour(rgb, TRUE_RGB)  # true outlines; predicted ones (green) depend on 2 epochs from scratch
+        assert 0 < rgb.mean() < 255
+
+
+@pytest.mark.slow
+def test_tensorboard_logs_the_metrics_and_the_overlay_per_epoch(first_run):
+    status, run_dir, rows = first_run
+    assert status == 0
+    events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    tags = read_tensorboard(events[0])
+    for column in METRIC_COLUMNS[1:]:
+        assert [(step, kind) for step, kind, _ in tags[column]] == [(0, "simple_value"), (1, "simple_value")], column
+        assert [value for _, _, value in tags[column]] == pytest.approx([float(row[column]) for row in rows], rel=1e-5), column
+    images = tags["validation_overlay"]
+    assert [step for step, _, _ in images] == [0, 1]
+    for _, kind, image in images:
+        assert kind == "image" and image.encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (image.height, image.width) == png_rgb(run_dir / "overlays" / "epoch_000.png").shape[:2]
 
 
 @pytest.mark.slow
@@ -167,6 +240,17 @@ def test_changed_encoder_on_the_same_run_dir_is_refused(first_run, dsb_root, cap
     assert "encoder" in err[0] and "--overwrite" in err[0]
     assert (run_dir / "train_settings.json").read_text() == settings_before
     assert (run_dir / "metrics.csv").read_text() == metrics_before
+
+
+@pytest.mark.slow
+def test_init_on_a_run_dir_trained_from_scratch_is_refused(first_run, dsb_root, capfd):
+    _, run_dir, _ = first_run
+    settings_before = (run_dir / "train_settings.json").read_text()
+    assert main(train_argv(dsb_root, run_dir, "--epochs", "3", "--init", "default")) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("nucleibatch train: error: ")
+    assert "other init (None, now default)" in err[0] and "--overwrite" in err[0]
+    assert (run_dir / "train_settings.json").read_text() == settings_before
 
 
 def test_bad_patch_size_exits_2_with_one_line(dsb_root, tmp_path, capsys):
@@ -218,3 +302,151 @@ def test_a_failed_start_does_not_lock_the_run_dir(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "holds a run with other" not in err
     assert status == 1 and "wrong size" in err
+
+
+# --- validation overlays, encoder freezing, --init: unit tests (no Ray) ---
+
+
+def test_overlay_panel_draws_true_outlines_magenta_and_predicted_ones_green_on_top():
+    from nucleibatch.training.overlays import (
+        GAP,
+        PREDICTED_RGB,
+        TRUE_RGB,
+        overlay_image,
+        overlay_panel,
+    )
+
+    image = np.zeros((40, 50), np.float32)
+    true = np.zeros((40, 50), np.int32)
+    true[5:15, 5:15] = 1  # found by the prediction too
+    true[20:30, 30:40] = 2  # missed
+    predicted = np.zeros((40, 50), np.int32)
+    predicted[5:15, 5:15] = 7
+    predicted[25:35, 5:15] = 8  # a false positive
+    rgb = overlay_image(image, true, predicted)
+    assert rgb.shape == (40, 50, 3) and rgb.dtype == np.uint8
+    assert tuple(rgb[5, 10]) == PREDICTED_RGB  # shared outline: the prediction is drawn on top
+    assert tuple(rgb[20, 35]) == TRUE_RGB and tuple(rgb[25, 10]) == PREDICTED_RGB
+    assert tuple(rgb[10, 10]) == (0, 0, 0) and tuple(rgb[0, 0]) == (0, 0, 0)  # insides and background untouched
+
+    big = np.full((1000, 900), 0.5, np.float32)
+    panel = overlay_panel([image, big], [true, np.zeros(big.shape, np.int32)], [predicted, np.zeros(big.shape, np.int32)], crop=384)
+    assert panel.shape == (384, 50 + GAP + 384, 3)  # the large image is shown by its central crop
+    assert tuple(panel[39, 50 + GAP]) == (127, 127, 127) and tuple(panel[39, 50]) == (0, 0, 0)
+    with pytest.raises(ValueError, match="differ in size"):
+        overlay_image(image, true[:10], predicted)
+
+
+def _tiny_network():
+    from nucleibatch.model import build_network, default_config
+
+    torch.manual_seed(0)
+    config = default_config("resnet18")
+    config.update(decoder_channels=[16, 8, 8, 8, 8])  # full depth: every encoder parameter is used
+    return build_network(config)
+
+
+def _train_steps(network, optimizer, steps=2):
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        network(torch.rand(2, 1, 32, 32)).square().mean().backward()
+        optimizer.step()
+
+
+def test_a_frozen_encoder_stays_as_it_was_and_learns_once_unfrozen():
+    from nucleibatch.training.loop import encoder_of, set_encoder_trainable
+
+    network = _tiny_network()
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-2, weight_decay=0.1)  # decay too must not touch it
+    encoder_before = {k: v.clone() for k, v in network.encoder.state_dict().items()}
+    decoder_before = {k: v.clone() for k, v in network.decoder.state_dict().items()}
+    assert set_encoder_trainable(network, False) == len(list(network.encoder.parameters()))
+    network.train()
+    encoder_of(network).eval()  # as the training loop does while frozen: batch-norm statistics stay
+    _train_steps(network, optimizer)
+    after = network.encoder.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in encoder_before.items())  # weights and batch-norm buffers
+    assert any(not torch.equal(network.decoder.state_dict()[k], v) for k, v in decoder_before.items())
+    assert all(not p.requires_grad for p in network.encoder.parameters())
+
+    set_encoder_trainable(network, True)
+    network.train()
+    _train_steps(network, optimizer)
+    changed = [name for name, p in network.encoder.named_parameters() if not torch.equal(p, encoder_before[name])]
+    assert len(changed) == len(list(network.encoder.parameters()))
+
+
+def test_a_checkpoint_takes_precedence_over_init_weights():
+    from nucleibatch.training.loop import starting_state
+
+    network, other = _tiny_network(), _tiny_network()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    init_state = {k: v.half() if v.is_floating_point() else v for k, v in other.state_dict().items()}  # as a bundle holds them
+    optimizer = torch.optim.AdamW(network.parameters())
+    checkpoint = {"model": {k: v.clone() for k, v in network.state_dict().items()}, "optimizer": optimizer.state_dict(), "epoch": 4, "best_map": 0.5, "history": [{"epoch": 4}]}
+
+    assert starting_state(network, optimizer, checkpoint, init_state) == (5, 0.5, [{"epoch": 4}], "checkpoint")
+    assert torch.equal(network.encoder.conv1.weight, checkpoint["model"]["encoder.conv1.weight"])
+    assert starting_state(network, optimizer, None, init_state)[3] == "init"
+    assert torch.equal(network.encoder.conv1.weight, init_state["encoder.conv1.weight"].float())
+    assert starting_state(network, optimizer, None, None) == (0, -1.0, [], "scratch")
+
+
+def test_resolve_init_takes_the_network_from_the_bundle_and_lowers_the_learning_rate(dsb_root, tmp_path):
+    from nucleibatch.errors import UsageError
+    from nucleibatch.model import DEFAULT_BUNDLE, sha256_file
+    from nucleibatch.training.run import TrainSettings, _check_resume, _save_settings, resolve_init
+
+    base = TrainSettings(data=[str(dsb_root)], run_dir=str(tmp_path / "run"))
+    scratch, config, state = resolve_init(base)
+    assert (scratch.encoder, scratch.architecture, scratch.learning_rate, state, config["init"]) == ("resnet18", "Unet", 2e-3, None, None)
+
+    default = nucleibatch.load_model("default")
+    tuned, config, state = resolve_init(TrainSettings(data=[str(dsb_root)], run_dir=str(tmp_path / "run"), init="default"))
+    assert tuned.learning_rate == pytest.approx(2e-4)  # 10x lower than from scratch
+    assert (tuned.encoder, tuned.architecture, tuned.init) == (default.config["encoder"], default.config["architecture"], "default")
+    assert config["init"] == {"name": default.name, "source": "default", "sha256": sha256_file(DEFAULT_BUNDLE / "model.safetensors")}
+    assert config["postprocess"] == default.config["postprocess"] and config["normalization"] == default.config["normalization"]
+    assert all(torch.equal(state[k], v) for k, v in default.network.state_dict().items())
+    assert resolve_init(TrainSettings(data=[str(dsb_root)], run_dir="r", init="default", learning_rate=1e-3))[0].learning_rate == 1e-3
+    assert resolve_init(TrainSettings(data=[str(dsb_root)], run_dir="r", init="default", encoder="resnet18"))[0].encoder == "resnet18"
+
+    # the same --init resumes; another one (or none) is refused
+    _save_settings(tmp_path / "run", tuned)
+    _check_resume(tmp_path / "run", resolve_init(TrainSettings(data=[str(dsb_root)], run_dir=str(tmp_path / "run"), init="default"))[0], False)
+    same_by_path = resolve_init(TrainSettings(data=[str(dsb_root)], run_dir="r", init=str(DEFAULT_BUNDLE / "config.json")))[0]
+    assert same_by_path.init == str(DEFAULT_BUNDLE.resolve())
+    with pytest.raises(UsageError, match=r"other init \(default, now .*models/default\)"):
+        _check_resume(tmp_path / "run", same_by_path, False)
+    with pytest.raises(UsageError, match=r"other init \(default, now None\)"):
+        _check_resume(tmp_path / "run", scratch, False)
+
+
+@pytest.mark.parametrize(
+    "extra, fragments",
+    [
+        (["--init", "default", "--encoder", "mobilenet_v2"], ["--encoder mobilenet_v2 conflicts with --init default", "resnet18", "drop --encoder"]),
+        (["--freeze-encoder-epochs", "2"], ["--freeze-encoder-epochs needs --init"]),
+        (["--init", "no_such_bundle"], ["--init no_such_bundle", "not a model bundle"]),
+        (["--init", "default", "--freeze-encoder-epochs", "-1"], ["--freeze-encoder-epochs must be >= 0"]),
+    ],
+)
+def test_bad_fine_tuning_arguments_exit_2_with_one_line(dsb_root, tmp_path, capsys, extra, fragments):
+    run_dir = tmp_path / "run"
+    assert main(["train", str(dsb_root), "-o", str(run_dir), "--epochs", "1", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("nucleibatch train: error: ")
+    for fragment in fragments:
+        assert fragment in err[0]
+    assert not run_dir.exists()
+
+
+def test_tensorboard_without_a_writer_library_exits_2(dsb_root, tmp_path, capsys, monkeypatch):
+    import nucleibatch.training.run as run_module
+
+    monkeypatch.setattr(run_module, "tensorboard_writer_class", lambda: None)
+    assert main(["train", str(dsb_root), "-o", str(tmp_path / "run"), "--epochs", "1", "--tensorboard"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--tensorboard needs tensorboardX" in err[0] and "pip install" in err[0]

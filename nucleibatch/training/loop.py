@@ -7,6 +7,7 @@ function is small: it only calls tested library functions.
 from __future__ import annotations
 
 import csv
+import gc
 import math
 import os
 import tempfile
@@ -22,6 +23,7 @@ from ..metrics import image_scores
 from ..model import build_network, predict_image
 from .data import Example, PatchDataset
 from .losses import segmentation_loss
+from .overlays import OVERLAY_IMAGES, overlay_panel, overlay_path, write_png
 
 STATE_NAME = "state.pt"
 METRIC_COLUMNS = ("epoch", "train_loss", "val_map", "val_ap50", "val_ap75", "val_f1_50", "lr", "patches_per_s", "epoch_seconds")
@@ -36,15 +38,110 @@ def learning_rate(step: int, total_steps: int, peak: float, warmup_steps: int) -
     return peak * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def validate(network: torch.nn.Module, examples: list[Example], params: InstanceParams, device: torch.device, tile_size: int, halo: int) -> list[dict]:
-    """Per-image DSB scores of ``network`` on normalised examples (same inference as segment)."""
+def validate(
+    network: torch.nn.Module,
+    examples: list[Example],
+    params: InstanceParams,
+    device: torch.device,
+    tile_size: int,
+    halo: int,
+    keep_labels: list[np.ndarray] | None = None,
+    n_keep: int = 0,
+) -> list[dict]:
+    """Per-image DSB scores of ``network`` on normalised examples (same inference as segment).
+
+    The predicted labels of the first ``n_keep`` examples are appended to ``keep_labels``.
+    """
     network.eval()
     rows = []
-    for example in examples:
+    for number, example in enumerate(examples):
         probabilities = predict_image(network, example.image, tile_size=tile_size, halo=halo, batch_size=4, device=device)
         labels = probabilities_to_labels(probabilities, params)
         rows.append({"image_id": example.image_id, **image_scores(example.labels, labels)})
+        if keep_labels is not None and number < n_keep:
+            keep_labels.append(labels)
     return rows
+
+
+def encoder_of(network: torch.nn.Module) -> torch.nn.Module:
+    """The encoder of an smp network (DDP-wrapped or not)."""
+    module = network.module if hasattr(network, "module") else network
+    encoder = getattr(module, "encoder", None)
+    if not isinstance(encoder, torch.nn.Module):
+        raise ValueError(f"{type(module).__name__} has no .encoder to freeze")
+    return encoder
+
+
+def set_encoder_trainable(network: torch.nn.Module, trainable: bool) -> int:
+    """Freeze (``requires_grad=False``) or unfreeze the encoder's parameters; returns how many tensors.
+
+    Frozen parameters get no gradient (``zero_grad(set_to_none=True)`` leaves it None), and
+    AdamW skips parameters without a gradient: no step and no weight decay touches them.
+    Put the encoder in eval mode too while frozen, so that its batch-norm statistics stay put
+    (the training loop does, after ``model.train()``).
+    """
+    parameters = list(encoder_of(network).parameters())
+    for parameter in parameters:
+        parameter.requires_grad_(trainable)
+    return len(parameters)
+
+
+def wrap_for_phase(network: torch.nn.Module, frozen: bool, wrap) -> torch.nn.Module:
+    """Freeze or unfreeze the encoder, then ``wrap`` the network for data-parallel training
+    (``ray.train.torch.prepare_model``, or ``DistributedDataParallel``).
+
+    DDP synchronises only the parameters that required gradients when it was built, so the
+    wrapper must be rebuilt whenever the encoder is frozen or unfrozen; drop the old wrapper
+    first (its gradient hooks go with it). Every rank calls this at the same epoch.
+    """
+    set_encoder_trainable(network, not frozen)
+    gc.collect()
+    return wrap(network)
+
+
+def starting_state(network: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint_state: dict | None, init_state: dict | None) -> tuple[int, float, list[dict], str]:
+    """Load where training starts: the run's checkpoint if there is one (resume wins), else the
+    ``--init`` bundle's weights, else nothing (random weights).
+
+    Returns ``(start_epoch, best score, history, source)`` with source ``checkpoint``, ``init`` or ``scratch``.
+    """
+    if checkpoint_state is not None:
+        network.load_state_dict(checkpoint_state["model"])
+        optimizer.load_state_dict(checkpoint_state["optimizer"])
+        return checkpoint_state["epoch"] + 1, checkpoint_state["best_map"], checkpoint_state["history"], "checkpoint"
+    if init_state is not None:
+        network.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in init_state.items()})
+        return 0, -1.0, [], "init"
+    return 0, -1.0, [], "scratch"
+
+
+def tensorboard_writer_class():
+    """``SummaryWriter`` of tensorboardX (installed with ray[train]), else of
+    ``torch.utils.tensorboard`` (needs the ``tensorboard`` package), else None."""
+    try:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    except ImportError:
+        pass
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter
+    except ImportError:
+        return None
+
+
+def write_tensorboard(writer, metrics: dict, overlay: np.ndarray | None) -> None:
+    """One epoch in TensorBoard: the metrics.csv columns as scalars (step = epoch) and the overlay image."""
+    epoch = int(metrics["epoch"])
+    for key in METRIC_COLUMNS:
+        value = metrics.get(key)
+        if key != "epoch" and value is not None and math.isfinite(float(value)):
+            writer.add_scalar(key, float(value), epoch)
+    if overlay is not None:
+        writer.add_image("validation_overlay", overlay, epoch, dataformats="HWC")
+    writer.flush()
 
 
 def write_metrics_files(run_dir: Path, history: list[dict]) -> None:
@@ -75,6 +172,33 @@ def write_metrics_files(run_dir: Path, history: list[dict]) -> None:
     (run_dir / "curves.png.tmp.png").replace(run_dir / "curves.png")
 
 
+def load_checkpoint_state(checkpoint: Any, announce: bool = True) -> dict | None:
+    """The training state to resume from: that of Ray's latest ``checkpoint``; when its state file
+    cannot be read (truncated by a full disk, a partial copy), the newest readable one among the
+    run's other checkpoints (``checkpoint_<time>`` folders beside it), with a warning. None when
+    there is no checkpoint (a new run) or none is readable (the run starts over, with a warning)."""
+    if checkpoint is None:
+        return None
+    latest = Path(checkpoint.path)
+    candidates = [latest] + sorted((p for p in latest.parent.glob("checkpoint_*") if p.is_dir() and p != latest), reverse=True)  # names hold the time
+    for directory in candidates:
+        try:
+            state = torch.load(directory / STATE_NAME, map_location="cpu", weights_only=False)
+            if not {"model", "optimizer", "epoch", "history", "best_map"} <= set(state):
+                raise ValueError(f"missing {sorted({'model', 'optimizer', 'epoch', 'history', 'best_map'} - set(state))}")
+        except Exception as error:
+            message = f"checkpoint {directory.name} is unreadable ({type(error).__name__}: {str(error).strip()[:120]}); trying the previous one"
+            if announce:  # the worker's stdout is the training log
+                print(f"warning: {message}", flush=True)
+            continue
+        if directory != latest and announce:
+            print(f"warning: resuming from the older checkpoint {directory.name} (epoch {state['epoch']})", flush=True)
+        return state
+    if announce:
+        print("warning: no readable checkpoint: training starts over", flush=True)
+    return None
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry: DDP training with per-epoch validation, report and checkpoint.
 
@@ -98,17 +222,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     network = build_network(bundle_config)
     optimizer = torch.optim.AdamW(network.parameters(), lr=settings["learning_rate"], weight_decay=1e-4)
-    start_epoch, best_map, history = 0, -1.0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / STATE_NAME, map_location="cpu", weights_only=False)
-        network.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, best_map, history = state["epoch"] + 1, state["best_map"], state["history"]
-        if rank == 0:
-            print(f"resuming from the checkpoint of epoch {state['epoch']} (best validation mAP {best_map:.4f})", flush=True)
-    model = ray.train.torch.prepare_model(network)
+    checkpoint_state = load_checkpoint_state(ray.train.get_checkpoint(), announce=rank == 0)
+    init_state = ray.get(config["init_ref"]) if config.get("init_ref") is not None and checkpoint_state is None else None
+    start_epoch, best_map, history, source = starting_state(network, optimizer, checkpoint_state, init_state)
+    if rank == 0 and source == "checkpoint":
+        print(f"resuming from the checkpoint of epoch {start_epoch - 1} (best validation mAP {best_map:.4f})", flush=True)
+    elif rank == 0 and source == "init":
+        print(f"starting from the weights of {settings['init']}", flush=True)
+    del checkpoint_state, init_state
+    freeze_epochs = int(settings.get("freeze_encoder_epochs", 0))
+    model, frozen = None, None
 
     dataset = PatchDataset(train_examples, settings["patch_size"], settings["patches_per_epoch"], seed=settings["seed"])
     loader = torch.utils.data.DataLoader(
@@ -124,13 +247,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     total_steps = steps_per_epoch * settings["epochs"]
     warmup = min(steps_per_epoch * 2, max(1, total_steps // 10))
     params = InstanceParams.from_dict(bundle_config["postprocess"])
+    overlay_every = int(settings.get("overlay_every", 1))
+    writer = None
+    if rank == 0 and settings.get("tensorboard"):
+        writer_class = tensorboard_writer_class()
+        if writer_class is not None:
+            writer = writer_class(str(Path(config["run_dir"]) / "tensorboard"))
 
     for epoch in range(start_epoch, settings["epochs"]):
+        if model is None or (epoch < freeze_epochs) != frozen:  # see wrap_for_phase
+            frozen = epoch < freeze_epochs
+            model = None  # the old DDP wrapper, with its gradient hooks, goes first
+            model = wrap_for_phase(network, frozen, ray.train.torch.prepare_model)
+            if rank == 0 and freeze_epochs:
+                print(f"epoch {epoch + 1}: encoder {'frozen' if frozen else 'trainable'}", flush=True)
         dataset.set_epoch(epoch)
         sampler = getattr(loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
         model.train()
+        if frozen:
+            encoder_of(model).eval()  # batch-norm statistics of the frozen encoder stay as loaded
         started = last_print = time.perf_counter()
         loss_sum, n_batches, n_patches = 0.0, 0, 0
         lr = settings["learning_rate"]
@@ -159,7 +296,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         train_loss = _all_reduce_mean(loss_sum / max(1, n_batches), world)
 
         module = model.module if hasattr(model, "module") else model
-        rows = validate(module, val_examples, params, device, bundle_config["tile_size"], bundle_config["halo"]) if val_examples else []
+        draw = rank == 0 and overlay_every > 0 and (epoch % overlay_every == 0 or epoch == settings["epochs"] - 1)
+        kept: list[np.ndarray] = []
+        n_overlay = min(OVERLAY_IMAGES, len(val_examples)) if draw else 0
+        rows = validate(module, val_examples, params, device, bundle_config["tile_size"], bundle_config["halo"], kept, n_overlay) if val_examples else []
         sums = _all_reduce_sum(
             [sum(r[k] for r in rows) for k in ("map", "ap50", "ap75", "f1_50")] + [float(len(rows))], world
         )
@@ -186,6 +326,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     Path(tmp) / STATE_NAME,
                 )
                 write_metrics_files(Path(config["run_dir"]), history)
+                overlay = None
+                if kept:
+                    shown = val_examples[: len(kept)]
+                    overlay = overlay_panel([e.image for e in shown], [e.labels for e in shown], kept)
+                    write_png(overlay, overlay_path(config["run_dir"], epoch))
+                if writer is not None:
+                    write_tensorboard(writer, metrics, overlay)
                 print(
                     f"epoch {epoch + 1}/{settings['epochs']} done: loss {metrics['train_loss']:.4f}, "
                     f"val mAP {metrics['val_map']:.4f} (AP50 {metrics['val_ap50']:.3f}), "
@@ -194,6 +341,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 )
                 report_checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({**metrics, "score": score}, checkpoint=report_checkpoint)
+    if writer is not None:
+        writer.close()
 
 
 def _all_reduce_sum(values: list[float], world: int) -> list[float]:

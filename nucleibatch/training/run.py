@@ -14,19 +14,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import UsageError
+from ..errors import ModelBundleError, UsageError
 from ..instances import InstanceParams
 from ..io.annotated import discover_annotated, iter_annotated
-from ..model import default_config, load_model, save_bundle
+from ..model import CONFIG_NAME, WEIGHTS_NAME, default_config, load_model, save_bundle, sha256_file
 from .data import Example, split_ids, to_example
-from .loop import STATE_NAME, threads_for, train_loop_per_worker
+from .loop import STATE_NAME, tensorboard_writer_class, threads_for, train_loop_per_worker
 from .tune import tune_postprocess
 
 log = logging.getLogger(__name__)
 SETTINGS_NAME = "train_settings.json"
 RAY_RUN_NAME = "ray_train"
 # Settings that must not change when a run resumes (they change what the checkpoint means).
-FIXED_ON_RESUME = ("encoder", "architecture", "patch_size", "val_fraction", "seed", "data", "limit_images")
+FIXED_ON_RESUME = ("encoder", "architecture", "patch_size", "val_fraction", "seed", "data", "limit_images", "init")
+SCRATCH_LEARNING_RATE = 2e-3
+FINETUNE_LR_FACTOR = 0.1  # --init: the default peak learning rate is 10x lower (2e-4)
+SCRATCH_ENCODER = "resnet18"
+SCRATCH_ARCHITECTURE = "Unet"
 
 
 @dataclass
@@ -41,9 +45,9 @@ class TrainSettings:
     batch_size: int = 8
     patch_size: int = 256
     patches_per_epoch: int = 0  # 0: one patch per training image per epoch
-    encoder: str = "resnet18"
-    architecture: str = "Unet"
-    learning_rate: float = 2e-3
+    encoder: str | None = None  # None: resnet18 from scratch, the --init bundle's encoder otherwise
+    architecture: str | None = None  # None: Unet from scratch, the --init bundle's otherwise
+    learning_rate: float | None = None  # None: 2e-3 from scratch, 2e-4 (FINETUNE_LR_FACTOR x) with --init
     val_fraction: float = 0.1
     limit_images: int = 0
     seed: int = 0
@@ -55,6 +59,10 @@ class TrainSettings:
     address: str | None = None
     tile_size: int = 512
     halo: int = 64
+    init: str | None = None  # "default" or a bundle folder: start from its weights (fine-tuning)
+    freeze_encoder_epochs: int = 0  # with init: keep the encoder frozen for the first N epochs
+    tensorboard: bool = False  # also log to RUN_DIR/tensorboard
+    overlay_every: int = 1  # RUN_DIR/overlays/epoch_XXX.png every N epochs (and the last); 0: none
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -65,13 +73,82 @@ class TrainSettings:
             (self.patch_size >= 64 and self.patch_size % 32 == 0, "--patch-size must be a multiple of 32, at least 64"),
             (0.0 <= self.val_fraction < 1.0, "--val-fraction must be in [0, 1)"),
             (self.limit_images >= 0, "--limit-images must be >= 0"),
-            (self.learning_rate > 0, "--lr must be > 0"),
+            (self.learning_rate is None or self.learning_rate > 0, "--lr must be > 0"),
+            (self.freeze_encoder_epochs >= 0, "--freeze-encoder-epochs must be >= 0"),
+            (self.freeze_encoder_epochs == 0 or self.init, "--freeze-encoder-epochs needs --init (a frozen random encoder learns nothing)"),
+            (self.overlay_every >= 0, "--overlay-every must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
         if self.gpu and not torch.cuda.is_available() and not self.address and not os.environ.get("RAY_ADDRESS"):
             raise UsageError("--gpu asked for, but this machine has no CUDA GPU; drop --gpu or submit to a cluster with GPUs")
+        if self.tensorboard and tensorboard_writer_class() is None:
+            raise UsageError("--tensorboard needs tensorboardX (installed with ray[train]) or tensorboard: pip install tensorboardX, or drop --tensorboard")
+
+
+def init_spec(init: str | None) -> str | None:
+    """How a run records ``--init``: ``default``, or the bundle folder as an absolute path."""
+    if not init or init == "default":
+        return init or None
+    path = Path(init).expanduser()
+    if path.is_file() and path.name == CONFIG_NAME:
+        path = path.parent
+    return str(path.resolve())
+
+
+def resolve_init(settings: TrainSettings) -> tuple[TrainSettings, dict[str, Any], dict | None]:
+    """Settings with encoder, architecture and learning rate filled in, the bundle config to train,
+    and the ``--init`` bundle's weights (None from scratch).
+
+    With ``init`` the architecture, encoder, normalisation, tile size and post-processing come
+    from that bundle; an ``--encoder`` that differs from it is refused.
+
+    Raises:
+        UsageError: a bundle that cannot be loaded, or a conflicting ``--encoder``.
+    """
+    from dataclasses import replace
+
+    if not settings.init:
+        config = default_config(settings.encoder or SCRATCH_ENCODER, settings.architecture or SCRATCH_ARCHITECTURE, settings.tile_size, settings.halo)
+        config["init"] = None
+        resolved = replace(
+            settings,
+            encoder=config["encoder"],
+            architecture=config["architecture"],
+            learning_rate=settings.learning_rate or SCRATCH_LEARNING_RATE,
+        )
+        return resolved, config, None
+    try:
+        model = load_model(settings.init)
+    except ModelBundleError as error:
+        raise UsageError(f"--init {settings.init}: {error}") from None
+    source = model.config
+    for option, key, asked in (("--encoder", "encoder", settings.encoder), ("architecture", "architecture", settings.architecture)):
+        if asked is not None and asked != source.get(key, SCRATCH_ARCHITECTURE if key == "architecture" else None):
+            raise UsageError(
+                f"{option} {asked} conflicts with --init {settings.init}, a {source.get('architecture', SCRATCH_ARCHITECTURE)} "
+                f"with the {source['encoder']} encoder: the network comes from the bundle, so drop {option} (or drop --init to train from scratch)"
+            )
+    init_record = {
+        "name": model.name,
+        "source": init_spec(settings.init),
+        "sha256": sha256_file(model.path / source.get("weights", WEIGHTS_NAME)),
+    }
+    config = {k: v for k, v in source.items() if k not in ("weights", "weights_dtype", "weights_sha256", "training", "metrics", "init")}
+    config.update(name=f"{model.name}-finetuned", encoder_weights=None, training={}, metrics={}, init=init_record)
+    resolved = replace(
+        settings,
+        init=init_record["source"],
+        encoder=source["encoder"],
+        architecture=source.get("architecture", SCRATCH_ARCHITECTURE),
+        learning_rate=settings.learning_rate or SCRATCH_LEARNING_RATE * FINETUNE_LR_FACTOR,
+        tile_size=int(source.get("tile_size", settings.tile_size)),
+        halo=int(source.get("halo", settings.halo)),
+        extra={**settings.extra, "init": init_record},
+    )
+    state = {name: tensor.detach().cpu() for name, tensor in model.network.state_dict().items()}
+    return resolved, config, state
 
 
 def load_examples(settings: TrainSettings, normalization: dict) -> tuple[list[Example], list[Example]]:
@@ -96,10 +173,12 @@ def _check_resume(run_dir: Path, settings: TrainSettings, overwrite: bool) -> No
     settings_path = run_dir / SETTINGS_NAME
     if settings_path.is_file():
         previous = json.loads(settings_path.read_text())
-        changed = [key for key in FIXED_ON_RESUME if previous.get(key) != asdict(settings).get(key)]
+        now = asdict(settings)
+        changed = [key for key in FIXED_ON_RESUME if previous.get(key) != now.get(key)]
         if changed:
+            what = ", ".join(f"{key} ({previous.get(key)}, now {now.get(key)})" for key in changed)
             raise UsageError(
-                f"{run_dir} holds a run with other {', '.join(changed)}; resume it with the same settings, "
+                f"{run_dir} holds a run with other {what}; resume it with the same settings, "
                 "pick a new RUN_DIR, or pass --overwrite to start over"
             )
 
@@ -122,9 +201,9 @@ def run_training(settings: TrainSettings, overwrite: bool = False) -> dict[str, 
     from ..engines.ray_runtime import init_ray
 
     settings.validate()
+    settings, bundle_config, init_state = resolve_init(settings)
     run_dir = Path(settings.run_dir).resolve()
     _check_resume(run_dir, settings, overwrite)
-    bundle_config = default_config(settings.encoder, settings.architecture, settings.tile_size, settings.halo)
     started = time.perf_counter()
     train_examples, val_examples = load_examples(settings, bundle_config["normalization"])
     _save_settings(run_dir, settings)  # only once the data is known good: a failed start locks nothing
@@ -150,6 +229,8 @@ def run_training(settings: TrainSettings, overwrite: bool = False) -> dict[str, 
         "seed": settings.seed,
         "workers": settings.workers,
         "gpu": settings.gpu,
+        "init": bundle_config["init"],
+        "freeze_encoder_epochs": settings.freeze_encoder_epochs,
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -158,6 +239,7 @@ def run_training(settings: TrainSettings, overwrite: bool = False) -> dict[str, 
             "bundle_config": bundle_config,
             "train_ref": ray.put(train_examples),
             "val_ref": ray.put(val_examples),
+            "init_ref": ray.put(init_state) if init_state is not None else None,
             "run_dir": str(run_dir),
             "threads": int(threads_for(1, cpus_per_worker)),
         },
@@ -189,6 +271,7 @@ def run_training(settings: TrainSettings, overwrite: bool = False) -> dict[str, 
         "epochs_run": len(history),
         "patches_per_s": float(np.median([row["patches_per_s"] for row in history])) if history else None,
         "wall_seconds": round(time.perf_counter() - started, 1),
+        "init": bundle_config["init"],
         "metrics": json.loads((bundle_dir / "config.json").read_text())["metrics"],
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
