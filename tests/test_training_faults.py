@@ -1,0 +1,100 @@
+"""Training faults (issue 5): a Ray Train worker killed mid-run, and a corrupt checkpoint.
+
+Real `python -m nucleibatch train` processes (2 DDP workers on the CPU, a private Ray on
+127.0.0.1), tiny runs on 6 real DSB images.
+* A worker process SIGKILLed after the first checkpoint: Ray Train restarts the worker group
+  from the last checkpoint (FailureConfig), the command finishes with status 0 and every epoch
+  appears once in metrics.csv.
+* The newest checkpoint's state file truncated: a resumed run warns and resumes from the
+  previous good checkpoint, and finishes.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--workers", "2", "--limit-images", "6", "--patches-per-epoch", "16", "--batch-size", "2", "--patch-size", "128", "--no-tune"]
+
+
+def train_command(data: Path, run_dir: Path, epochs: int) -> list[str]:
+    return [sys.executable, "-m", "nucleibatch", "train", str(data), "-o", str(run_dir), "--epochs", str(epochs), *TINY]
+
+
+def environment() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DISABLE_USAGE_STATS": "1"}
+
+
+def epochs_in_metrics(run_dir: Path) -> list[int]:
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        return [int(row["epoch"]) for row in csv.DictReader(handle)]
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    return sorted(p for p in (run_dir / "ray_train").glob("checkpoint_*") if p.is_dir())
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """``{pid: command line}`` of every process below ``pid`` (from /proc)."""
+    parent_of, commands = {}, {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                parent_of[int(entry)] = int(handle.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                commands[int(entry)] = handle.read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+    found, todo = {}, [pid]
+    while todo:
+        parent = todo.pop()
+        for child, its_parent in parent_of.items():
+            if its_parent == parent and child not in found:
+                found[child] = commands.get(child, "")
+                todo.append(child)
+    return found
+
+
+@pytest.mark.slow
+def test_a_training_worker_killed_mid_run_resumes_from_the_last_checkpoint(dsb_root, tmp_path):
+    run_dir = tmp_path / "run"
+    with open(tmp_path / "train.log", "w") as log:
+        proc = subprocess.Popen(train_command(dsb_root, run_dir, 3), cwd=REPO, env=environment(), stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 400
+        while proc.poll() is None and not checkpoints(run_dir) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)  # into the next epoch
+        workers = {pid: cmd for pid, cmd in descendants(proc.pid).items() if "RayTrainWorker" in cmd}
+        assert proc.poll() is None and workers, f"no training worker to kill:\n{(tmp_path / 'train.log').read_text()[-3000:]}"
+        victim = min(workers)
+        os.kill(victim, signal.SIGKILL)
+        status = proc.wait(timeout=600)
+    text = (tmp_path / "train.log").read_text()
+    assert status == 0, text[-4000:]
+    assert "resuming from the checkpoint of epoch" in text, text[-4000:]
+    assert epochs_in_metrics(run_dir) == [0, 1, 2]
+    assert (run_dir / "bundle" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_corrupt_checkpoint_is_skipped_for_the_previous_good_one(dsb_root, tmp_path):
+    run_dir = tmp_path / "run"
+    first = subprocess.run(train_command(dsb_root, run_dir, 2), cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    kept = checkpoints(run_dir)
+    assert len(kept) == 2
+    state = kept[-1] / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 3])  # the newest one, truncated
+    again = subprocess.run(train_command(dsb_root, run_dir, 3), cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600)
+    output = again.stdout + again.stderr
+    assert again.returncode == 0, output[-4000:]
+    assert f"checkpoint {kept[-1].name} is unreadable" in output and f"resuming from the older checkpoint {kept[0].name} (epoch 0)" in output, output[-4000:]
+    assert epochs_in_metrics(run_dir) == [0, 1, 2]
