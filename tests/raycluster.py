@@ -153,7 +153,7 @@ def _join(gcs_address: str, num_cpus: int) -> None:
     params = ray._private.parameter.RayParams(
         gcs_address=gcs_address, node_ip_address="127.0.0.1", num_cpus=num_cpus, num_gpus=0,
         node_manager_port=0, include_log_monitor=False, dashboard_agent_listen_port=free_port(),
-        metrics_export_port=free_port(), runtime_env_agent_port=free_port(), min_worker_port=30000, max_worker_port=34999,
+        metrics_export_port=free_port(), runtime_env_agent_port=free_port(), min_worker_port=15000, max_worker_port=19999,  # below the ephemeral range free_port() draws from
     )  # fmt: skip
     ray._private.node.Node(params, head=False, shutdown_at_exit=True, spawn_reaper=True)
     print("joined", flush=True)

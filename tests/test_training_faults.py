@@ -67,20 +67,19 @@ def descendants(pid: int) -> dict[int, str]:
 def test_a_training_worker_killed_mid_run_resumes_from_the_last_checkpoint(dsb_root, tmp_path):
     run_dir = tmp_path / "run"
     with open(tmp_path / "train.log", "w") as log:
-        proc = subprocess.Popen(train_command(dsb_root, run_dir, 3), cwd=REPO, env=environment(), stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(train_command(dsb_root, run_dir, 6), cwd=REPO, env=environment(), stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 400
-        while proc.poll() is None and not checkpoints(run_dir) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        time.sleep(1.0)  # into the next epoch
-        workers = {pid: cmd for pid, cmd in descendants(proc.pid).items() if "RayTrainWorker" in cmd}
+        # the second checkpoint folder: by then the first is registered with Ray Train for sure
+        while proc.poll() is None and len(checkpoints(run_dir)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        workers = sorted(pid for pid, cmd in descendants(proc.pid).items() if cmd.startswith("ray::RayTrainWorker"))
         assert proc.poll() is None and workers, f"no training worker to kill:\n{(tmp_path / 'train.log').read_text()[-3000:]}"
-        victim = min(workers)
-        os.kill(victim, signal.SIGKILL)
+        os.kill(workers[0], signal.SIGKILL)
         status = proc.wait(timeout=600)
     text = (tmp_path / "train.log").read_text()
     assert status == 0, text[-4000:]
     assert "resuming from the checkpoint of epoch" in text, text[-4000:]
-    assert epochs_in_metrics(run_dir) == [0, 1, 2]
+    assert epochs_in_metrics(run_dir) == [0, 1, 2, 3, 4, 5]
     assert (run_dir / "bundle" / "config.json").is_file()
 
 

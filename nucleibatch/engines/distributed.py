@@ -208,7 +208,6 @@ class BlockPredictor:
     """Unit 2, on a model worker: holds the model (loaded once) and the images it reads from."""
 
     def __init__(self, model, device: str, settings: SegmentSettings, batch_size: int) -> None:
-        import torch
 
         from ..model import prepare_network, resolve_device
 
@@ -217,7 +216,6 @@ class BlockPredictor:
         model.device = self.device
         self.model, self.settings, self.batch_size = model, settings, batch_size
         self.sources: dict[str, Any] = {}  # the last images read (a slide is opened once, not per block)
-        torch.set_grad_enabled(False)
 
     def predict(self, units: list[tuple[ImagePlan, int]]) -> list[Any]:
         """Read and predict the blocks ``[(plan, block index), ...]`` (one block, or the blocks
