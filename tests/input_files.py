@@ -8,13 +8,16 @@ correct reader must give back. Nothing here is mocked.
 from __future__ import annotations
 
 import os
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 
 from nucleibatch.synthetic import synthetic_nuclei
+
+try:  # imported as tests.input_files
+    from .bad_corpus import png_bomb, truncated
+except ImportError:  # imported as input_files, with tests/ on sys.path
+    from bad_corpus import png_bomb, truncated
 
 
 def grey(shape=(64, 80), seed=0, dtype=np.uint8) -> np.ndarray:
@@ -225,19 +228,9 @@ def write_manifest_csv(path: Path, rows: list[dict[str, str]]) -> Path:
 # --------------------------------------------------------------------------- bad inputs
 
 
-def png_bomb(path: Path, width=100_000, height=100_000) -> Path:
-    """A tiny PNG whose header declares ``width x height`` grey pixels (a decompression bomb)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 1024)) + chunk(b"IEND", b""))
-    return path
-
-
 def write_bad_inputs(folder: Path) -> dict[str, str]:
-    """Files that must become records with an error (or fail at read).
+    """Files that must become records with an error (or fail at read): a few of each kind,
+    for discovery tests (the whole corpus of bad and awkward inputs is tests/bad_corpus.py).
 
     Returns ``{expected image_id: word the error must contain}``; a value of ``"read"``
     means the header is fine and the damage shows up as ImageReadError on read.
@@ -250,14 +243,12 @@ def write_bad_inputs(folder: Path) -> dict[str, str]:
     expected["empty"] = "empty"
     good = folder / "tmp_good.png"
     write_plain(good, grey((64, 64), 40))
-    data = good.read_bytes()
-    (folder / "half.png").write_bytes(data[: len(data) // 2])
+    (folder / "half.png").write_bytes(truncated(good.read_bytes(), 0.5))
     good.unlink()
     expected["half"] = "read"
     tiled = folder / "tmp_tiled.tif"
     tifffile.imwrite(tiled, grey((256, 256), 41), tile=(64, 64), compression="zlib")
-    data = tiled.read_bytes()
-    (folder / "cut.tif").write_bytes(data[: len(data) // 3])  # the IFD (written last) is cut off
+    (folder / "cut.tif").write_bytes(truncated(tiled.read_bytes(), 1 / 3))  # the IFD (written last) is cut off
     tiled.unlink()
     expected["cut"] = "read"  # the header survives; the missing tiles fail to decode
     (folder / "text.tif").write_text("this is not a TIFF\n")

@@ -5,7 +5,7 @@ truncated PNG and TIFF, text named .tif, 1x1 image, 5-D array without axes metad
 bool and complex pixels). The run must finish with exit status 3, give every input one
 row in images.parquet, the bad ones 'failed' with a specific one-line reason and no
 labels, the good ones 'ok' with labels and nuclei; a re-run leaves failed images alone
-unless --retry-failed. Usage errors exit 2 with one line on stderr. Real files, the real
+unless --retry-failed. (Every other kind of bad input, run once: tests/test_bad_corpus.py.) Usage errors exit 2 with one line on stderr. Real files, the real
 CLI (in-process ``main`` and ``python -m nucleibatch`` subprocesses), nothing mocked.
 """
 
@@ -28,6 +28,7 @@ from nucleibatch.synthetic import synthetic_nuclei
 
 sys.path.insert(0, str(Path(__file__).parent))
 import input_files as files  # noqa: E402
+from bad_corpus import truncated  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = ("good0", "good1", "good2")
@@ -51,12 +52,10 @@ def write_inputs(folder: Path) -> None:
         files.write_plain(folder / f"{name}.png", image)
     (folder / "empty.png").write_bytes(b"")
     files.write_plain(folder / "whole.png", files.grey((128, 128), 40))
-    data = (folder / "whole.png").read_bytes()
-    (folder / "halfpng.png").write_bytes(data[: len(data) // 2])
+    (folder / "halfpng.png").write_bytes(truncated((folder / "whole.png").read_bytes(), 0.5))
     (folder / "whole.png").unlink()
     tifffile.imwrite(folder / "whole.tif", files.grey((256, 256), 41), tile=(64, 64), compression="zlib")
-    data = (folder / "whole.tif").read_bytes()
-    (folder / "halftiff.tif").write_bytes(data[: len(data) // 3])
+    (folder / "halftiff.tif").write_bytes(truncated((folder / "whole.tif").read_bytes(), 1 / 3))
     (folder / "whole.tif").unlink()
     (folder / "text.tif").write_text("this is not a TIFF\n")
     files.write_plain(folder / "dot.png", np.zeros((1, 1), np.uint8))

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
 from ..errors import UsageError
-from .imagefile import PIL_SUFFIXES
+from .imagefile import PIL_SUFFIXES, printable
 from .location import Location, exists, is_remote, to_location
 from .sources import ProbedImage, probe
 
@@ -316,10 +316,15 @@ def _assign_ids(candidates: list[_Candidate], root_dirs: list[Location]) -> None
 
 
 def _records(candidate: _Candidate) -> list[ImageRecord]:
-    """Probe one candidate and make its records."""
+    """Probe one candidate and make its records.
+
+    ``image_id``, ``source`` and ``error`` are made printable on one line (file-name bytes
+    that are not UTF-8 become ``\\xNN``, a newline ``\\n``: :func:`~.imagefile.printable`);
+    ``path`` stays the name the file system knows, to open the file.
+    """
     path = str(candidate.path)
     if candidate.error:
-        return [ImageRecord(candidate.image_id, path, path, candidate.kind, None, None, None, {}, candidate.error)]
+        return [ImageRecord(printable(candidate.image_id), printable(path), path, candidate.kind, None, None, None, {}, printable(candidate.error))]
     probed: list[ProbedImage] = probe(candidate.path, candidate.kind)
     per_node = defaultdict(int)
     for image in probed:
@@ -332,7 +337,8 @@ def _records(candidate: _Candidate) -> list[ImageRecord]:
         if per_node[image.node] > 1 and image.parts:
             image_id += "#" + "-".join(f"{'s' if name == 'series' else name}{value}" for name, value in image.parts)
             source += "#" + ",".join(f"{name}={value}" for name, value in image.parts)
-        records.append(ImageRecord(image_id, source, path, candidate.kind, image.shape, image.channels, image.dtype, image.selector, image.error))
+        error = printable(image.error) if image.error else None
+        records.append(ImageRecord(printable(image_id), printable(source), path, image.kind or candidate.kind, image.shape, image.channels, image.dtype, image.selector, error))
     return records
 
 

@@ -24,11 +24,15 @@ workers and call :func:`open_source` there.
 
 from __future__ import annotations
 
+import io
 import math
+import os
+import re
+import struct
 import threading
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import product
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,7 +40,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import ImageReadError
-from .imagefile import MAX_IN_MEMORY_PIXELS, read_image_file
+from .imagefile import (
+    MAX_IN_MEMORY_PIXELS,
+    pil_bytes_per_pixel,
+    plain_size_error,
+    png_header_error,
+    printable,
+    read_head,
+    read_image_file,
+    sniff_format,
+    too_many_pixels,
+)
 from .location import Location, is_remote, open_binary, to_location, zarr_store
 
 if TYPE_CHECKING:
@@ -46,6 +60,21 @@ if TYPE_CHECKING:
 MIN_SIDE = 8
 # More channels than this means an axis was probably mislabelled as channels.
 MAX_CHANNELS = 256
+# Largest image (H x W) we segment, whatever the format: 10^11 pixels is ~7x the largest
+# whole-slide scans; a header declaring more is damaged or a decompression bomb (a 150-byte
+# TIFF can declare 10^6 x 10^6 pixels of missing tiles, that would take days to "segment").
+MAX_IMAGE_PIXELS = 100_000_000_000
+# A TIFF whose pixels (uncompressed) are more than MAX_TIFF_RATIO times its file size, and
+# more than CHECK_BYTES, is refused as a decompression bomb: real compressed microscopy is
+# < 100:1 (JPEG) and deflate / LZW cannot exceed ~3000:1. (Without it a damaged header can
+# make a 2 kB file a 10^6 x 40 image whose 10^5 missing tiles take minutes to "read".)
+MAX_TIFF_RATIO = 10_000
+# A zarr array of more than CHECK_BYTES with fewer than 1 in MAX_UNWRITTEN_CHUNKS of its
+# chunks stored is refused: a few bytes of zarr.json declaring a huge image of fill values
+# (unfinished or damaged store, or a bomb that would keep a worker busy for hours). Real
+# images store nearly every chunk.
+MAX_UNWRITTEN_CHUNKS = 100
+CHECK_BYTES = 2**24
 # overview(): bytes decoded per block while striding a level with no smaller pyramid level.
 OVERVIEW_BLOCK_BYTES = 4 * 2**20
 DEFAULT_OVERVIEW_PIXELS = 4_000_000
@@ -163,11 +192,17 @@ def check_image(hw: tuple[int, int], channels: int, dtype: np.dtype) -> None:
     """Refuse images we cannot segment.
 
     Raises:
-        ValueError: unsupported pixel type, or smaller than ``MIN_SIDE`` x ``MIN_SIDE``.
+        ValueError: unsupported pixel type, more than ``MAX_IMAGE_PIXELS`` pixels, or
+            smaller than ``MIN_SIDE`` x ``MIN_SIDE``.
     """
     dtype = np.dtype(dtype)
     if dtype.kind not in "uif":
         raise ValueError(f"pixel type {dtype} is not supported; convert to {SUPPORTED_DTYPES}")
+    if hw[0] * hw[1] > MAX_IMAGE_PIXELS:
+        raise ValueError(
+            f"declares {hw[0] * hw[1]:,} pixels ({hw[0]}x{hw[1]}), more than the {MAX_IMAGE_PIXELS:,} segmented per image: "
+            "a damaged header or a decompression bomb (split a real image this large into tiles)"
+        )
     if hw[0] < MIN_SIDE or hw[1] < MIN_SIDE:
         raise ValueError(f"image is {hw[0]}x{hw[1]} pixels; at least {MIN_SIDE}x{MIN_SIDE} is needed to segment it")
     if channels < 1:
@@ -266,9 +301,9 @@ class ImageSource:
     def _checked_read(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         try:
             out = self._read_level(level, y0, y1, x0, x1)
-        except (ImageReadError, ValueError):
+        except ImageReadError:
             raise
-        except Exception as error:  # decoders raise many types; report one line
+        except Exception as error:  # decoders raise many types (ValueError too: a bad compression code); report one line
             raise ImageReadError(f"{self.source}: cannot read region y[{y0}:{y1}] x[{x0}:{x1}] ({type(error).__name__}: {one_line(error)})") from None
         return np.ascontiguousarray(out, dtype=self.dtype)
 
@@ -457,7 +492,9 @@ class ProbedImage:
 
     ``parts``: ``(("series", 1), ("t", 3))``-style position of the image inside the file
     (empty when the file holds one image); ``node``: path of the zarr array or OME-Zarr
-    image group inside the store (``""`` for the store itself, and for files).
+    image group inside the store (``""`` for the store itself, and for files); ``kind``:
+    the reader the file's content asks for (``"plain"`` / ``"tiff"``, which may differ from
+    its extension's: a PNG named ``.tif``), None to keep the extension's.
     """
 
     parts: tuple[tuple[str, int], ...] = ()
@@ -467,19 +504,26 @@ class ProbedImage:
     channels: int | None = None
     dtype: str | None = None
     error: str | None = None
+    kind: str | None = None
 
 
 def probe(path: str | Path | Location, kind: str) -> list[ProbedImage]:
     """List the images of one file or zarr store from its header/metadata (no pixel decoding).
 
     Never raises for a bad file: problems come back as a :class:`ProbedImage` with ``error``.
+    For files (``kind`` ``"plain"`` or ``"tiff"``) the first bytes choose the reader: a TIFF
+    named ``.png`` is probed as a TIFF and its images carry ``kind="tiff"``.
     """
     try:
         path = to_location(path)
-        if kind == "plain":
-            return [_probe_plain(path)]
-        if kind == "tiff":
-            return _probe_tiff(path)
+        if kind in ("plain", "tiff"):
+            error, size, head = read_head(path)
+            if error:
+                return [ProbedImage(error=error)]
+            form = sniff_format(head)
+            actual = "tiff" if form == "tiff" else ("plain" if form is not None else kind)
+            found = [_probe_plain(path, size, head)] if actual == "plain" else _probe_tiff(path, size)
+            return [replace(image, kind=actual) for image in found] if actual != kind else found
         if kind == "zarr":
             return _probe_zarr(path)
         return [ProbedImage(error=f"unknown input kind {kind!r}")]
@@ -487,29 +531,84 @@ def probe(path: str | Path | Location, kind: str) -> list[ProbedImage]:
         return [ProbedImage(error=f"cannot read ({type(error).__name__}: {one_line(error)})")]
 
 
-def _file_error(path: Location) -> str | None:
-    try:
-        size = path.stat().st_size
-    except OSError as error:
-        return f"cannot open ({error.strerror or error})"
-    if size == 0:
-        return "empty file (0 bytes)"
-    try:
-        with open_binary(path) as handle:
-            handle.read(1)
-    except OSError as error:
-        return f"cannot open ({error.strerror or error})"
+class _CappedReader(io.BufferedReader):
+    """A local file whose ``read(n)`` never asks for more than what is left in it.
+
+    A damaged TIFF can declare a strip of 2 GB in a 2 kB file; tifffile then calls
+    ``read(2 GB)``, and a plain file object allocates the 2 GB before finding 2 kB to read.
+    (fsspec files, for object stores, already cap their reads this way.)
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(io.FileIO(path, "rb"))
+        self._size = os.fstat(self.fileno()).st_size
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is not None and size > 0:
+            size = min(size, max(0, self._size - self.tell()))
+        return super().read(size)
+
+
+def _ifd_chain_error(stream: Any) -> str | None:
+    """Why the chain of IFDs (pages) of a TIFF cannot be followed, or None.
+
+    tifffile follows the next-IFD offsets without remembering where it has been: an IFD that
+    points back to itself or to an earlier one (one damaged offset) makes it list pages for
+    ever. We walk the chain first and refuse a loop. Other damage is left to tifffile's own
+    messages. NDPI files (8-byte next-IFD offsets in a classic TIFF) are not checked.
+    """
+    stream.seek(0)
+    head = stream.read(16)
+    order = {b"II": "<", b"MM": ">"}.get(head[:2])
+    if order is None or len(head) < 16:
+        return None
+    version = struct.unpack(order + "H", head[2:4])[0]
+    if version == 42:
+        count_format, count_size, tag_size, offset_format, offset_size = "H", 2, 12, "I", 4
+        offset = struct.unpack(order + "I", head[4:8])[0]
+    elif version == 43:
+        count_format, count_size, tag_size, offset_format, offset_size = "Q", 8, 20, "Q", 8
+        offset = struct.unpack(order + "Q", head[8:16])[0]
+    else:
+        return None
+    seen: set[int] = set()
+    while offset:
+        if offset in seen:
+            return f"its chain of pages (IFDs) loops back to offset {offset} after {len(seen)} page(s): the file is damaged"
+        seen.add(offset)
+        stream.seek(offset)
+        raw = stream.read(count_size)
+        if len(raw) < count_size:
+            break
+        n_tags = struct.unpack(order + count_format, raw)[0]
+        if n_tags > 4096:  # tifffile stops there itself ("suspicious number of tags")
+            break
+        if len(seen) == 1 and version == 42:
+            tags = stream.read(n_tags * tag_size)
+            if any(struct.unpack(order + "H", tags[i : i + 2])[0] == 65420 for i in range(0, len(tags) - 1, tag_size)):
+                break  # Hamamatsu NDPI: offsets are 8 bytes, tifffile knows
+        stream.seek(offset + count_size + n_tags * tag_size)
+        raw = stream.read(offset_size)
+        if len(raw) < offset_size:
+            break
+        offset = struct.unpack(order + offset_format, raw)[0]
     return None
 
 
 def _open_tiff_file(path: Location) -> Any:
-    """A tifffile.TiffFile of a local file or an object-store object (closing it closes the stream)."""
+    """A tifffile.TiffFile of a local file or an object-store object (closing it closes the stream).
+
+    Raises:
+        ValueError: the chain of pages loops (:func:`_ifd_chain_error`).
+    """
     import tifffile
 
-    if not is_remote(path):
-        return tifffile.TiffFile(path)
-    stream = open_binary(path)
+    stream = open_binary(path) if is_remote(path) else _CappedReader(path)
     try:
+        loop = _ifd_chain_error(stream)
+        if loop:
+            raise ValueError(loop)
+        stream.seek(0)
         tif = tifffile.TiffFile(stream, name=path.name)
     except BaseException:
         stream.close()
@@ -524,17 +623,10 @@ def _open_tiff_file(path: Location) -> Any:
     return tif
 
 
-def _too_many_pixels(n_pixels: int) -> str:
-    return (
-        f"declares {n_pixels:,} pixels, more than the {MAX_IN_MEMORY_PIXELS:,} a PNG/JPEG may have (decoded whole into memory); "
-        "convert it to a tiled TIFF or OME-Zarr so it is read lazily"
-    )
-
-
-def _probe_plain(path: Location) -> ProbedImage:
-    error = _file_error(path)
-    if error:
-        return ProbedImage(error=error)
+def _probe_plain(path: Location, size: int, head: bytes) -> ProbedImage:
+    bomb = png_header_error(head, size)
+    if bomb:
+        return ProbedImage(error=bomb)
     from PIL import Image, ImageMode
 
     Image.MAX_IMAGE_PIXELS = MAX_IN_MEMORY_PIXELS  # same limit as read_image_file
@@ -544,12 +636,14 @@ def _probe_plain(path: Location) -> ProbedImage:
             with open_binary(path) as stream, Image.open(stream) as handle:
                 mode, (width, height) = handle.mode, handle.size
                 transparent = "transparency" in handle.info
-    except Image.DecompressionBombError:
-        return ProbedImage(error=_too_many_pixels(_png_header_pixels(path)))
+    except Image.DecompressionBombError as error:  # "Image size (N pixels) exceeds limit of M pixels, ..."
+        declared = re.search(r"\((\d+) pixels\)", str(error))
+        return ProbedImage(error=too_many_pixels(int(declared.group(1)) if declared else MAX_IN_MEMORY_PIXELS + 1))
     except Exception as error:  # PIL raises many types
         return ProbedImage(error=f"cannot decode as an image ({type(error).__name__}: {one_line(error)})")
-    if width * height > MAX_IN_MEMORY_PIXELS:
-        return ProbedImage(error=_too_many_pixels(width * height))
+    refused = plain_size_error(width, height, pil_bytes_per_pixel(mode), size)
+    if refused:
+        return ProbedImage(error=refused)
     if mode == "P":
         channels, dtype = (4 if transparent else 3), np.dtype(np.uint8)
     elif mode.startswith("I;16"):
@@ -567,18 +661,6 @@ def _probe_plain(path: Location) -> ProbedImage:
     return ProbedImage(shape=(height, width), channels=channels, dtype=str(native(dtype)))
 
 
-def _png_header_pixels(path: Location) -> int:
-    """Width x height from a PNG header (for the message about a refused decompression bomb)."""
-    try:
-        with open_binary(path) as handle:
-            head = handle.read(24)
-        if head[:8] == b"\x89PNG\r\n\x1a\n":
-            return int.from_bytes(head[16:20], "big") * int.from_bytes(head[20:24], "big")
-    except OSError:
-        pass
-    return MAX_IN_MEMORY_PIXELS + 1
-
-
 def _is_associated(series: Any) -> bool:
     """A whole-slide file's label / macro / thumbnail picture (not the specimen)."""
     return str(getattr(series, "kind", "")).lower() in WSI_KINDS and str(series.name).lower() in ASSOCIATED_SERIES
@@ -588,10 +670,31 @@ def _tiff_plan(series: Any) -> AxesPlan:
     return plan_axes(tuple(series.axes.lower()), tuple(series.shape))
 
 
-def _probe_tiff(path: Location) -> list[ProbedImage]:
-    error = _file_error(path)
-    if error:
-        return [ProbedImage(error=error)]
+def _tiff_data_error(series: Any, file_size: int) -> str | None:
+    """Why a TIFF series' pixel data cannot be there (checked from the header alone), or None:
+    uncompressed data that would end past the end of the file, no strip/tile offsets at all,
+    or more pixels than a file of this size can hold compressed (a decompression bomb)."""
+    nbytes = int(series.nbytes)
+    if series.dataoffset is not None:
+        end = int(series.dataoffset) + nbytes
+        if end > file_size:
+            return (
+                f"declares {nbytes:,} bytes of uncompressed pixel data, ending past the end of the {file_size:,}-byte file: "
+                "a truncated file or a damaged header"
+            )
+        return None
+    offsets = getattr(series.keyframe, "dataoffsets", ())
+    if len(offsets) == 0 or not any(offsets):
+        return "no strip or tile offsets (missing or unreadable tags): no pixel data to read; the file is damaged"
+    if nbytes > CHECK_BYTES and nbytes > MAX_TIFF_RATIO * file_size:
+        return (
+            f"declares {nbytes:,} bytes of pixels in a file of {file_size:,} bytes (more than {MAX_TIFF_RATIO:,}:1): "
+            "a damaged header or a decompression bomb"
+        )
+    return None
+
+
+def _probe_tiff(path: Location, file_size: int) -> list[ProbedImage]:
     try:
         tif = _open_tiff_file(path)
     except Exception as error:
@@ -611,6 +714,9 @@ def _probe_tiff(path: Location) -> list[ProbedImage]:
             try:
                 plan = _tiff_plan(series)
                 check_image(plan.hw, plan.channels, series.dtype)
+                damage = _tiff_data_error(series, file_size)
+                if damage:
+                    raise ValueError(damage)
                 if series.dataoffset is None:  # not memory-mappable: read by strips/tiles
                     chunk = tuple(series.keyframe.chunks)
                     chunk_pixels = int(np.prod(chunk[:2]))
@@ -676,6 +782,19 @@ def _zarr_image(node_path: str, levels: list[Any], level_paths: list[str], names
             names = _array_axis_names(base) or guess_axes(base.shape)
         plan = plan_axes(names, base.shape)
         check_image(plan.hw, plan.channels, base.dtype)
+        chunk_elements = int(np.prod(base.chunks, dtype=np.float64))
+        if chunk_elements > MAX_IN_MEMORY_PIXELS:  # a read decodes whole chunks
+            raise ValueError(
+                f"stored in chunks of {chunk_elements:,} values (chunk shape {tuple(base.chunks)}), too large to read in pieces; "
+                "rewrite it with smaller chunks (e.g. 1024 x 1024)"
+            )
+        if base.nbytes > CHECK_BYTES:
+            written, total = base.nchunks_initialized, base.nchunks
+            if written * MAX_UNWRITTEN_CHUNKS < total:
+                raise ValueError(
+                    f"declares {base.nbytes:,} bytes of pixels in {total:,} chunks but only {written:,} are stored: "
+                    "an unfinished or damaged store (every missing chunk reads as the fill value)"
+                )
     except Exception as error:
         return [ProbedImage(node=node_path, error=one_line(error))]
     found = []
@@ -814,9 +933,9 @@ def _open_zarr(record: ImageRecord) -> ImageSource:
 
 
 def one_line(error: BaseException) -> str:
-    """The first line of an exception's message, at most 200 characters."""
+    """The first line of an exception's message, printable (:func:`printable`), at most 200 characters."""
     text = str(error).strip().splitlines()
-    return text[0][:200] if text else type(error).__name__
+    return printable(text[0])[:200] if text else type(error).__name__
 
 
 def _as_int(value: Any) -> int:
