@@ -32,6 +32,8 @@ def _add_train(subparsers) -> None:
     p.add_argument("-o", "--output", required=True, metavar="RUN_DIR", help="run folder (checkpoints, metrics, bundle)")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP processes) [1]")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (DDP over nccl); default CPU (gloo)")
+    p.add_argument("--engine", choices=("ray", "local"), default="ray", help="ray: Ray Train workers; local: this process on one device (CPU, or the GPU with --gpu), no Ray [ray]")
+    p.add_argument("--loader-workers", type=int, default=-1, metavar="N", help="DataLoader processes per worker making augmented patches [0 on CPU, 4 with --gpu]")
     p.add_argument("--epochs", type=int, default=40, help="epochs [40]")
     p.add_argument("--batch-size", type=int, default=8, help="patches per worker per step [8]")
     p.add_argument("--patch-size", type=int, default=256, help="patch side in pixels, multiple of 32 [256]")
@@ -140,6 +142,8 @@ def _run_train(args) -> int:
         run_dir=args.output,
         workers=args.workers,
         gpu=args.gpu,
+        engine=args.engine,
+        loader_workers=args.loader_workers,
         epochs=args.epochs,
         batch_size=args.batch_size,
         patch_size=args.patch_size,

@@ -41,7 +41,6 @@ import numpy as np
 
 from .errors import NotSegmentOutputError  # noqa: F401  (raised through check_segment_output; the CLI maps it to exit 2)
 from .io.location import Location, fresh_listing, is_remote, open_binary, write_bytes_atomic
-from .io.store import open_root
 from .io.tables import check_segment_output, read_records
 
 log = logging.getLogger(__name__)
@@ -669,6 +668,8 @@ def _open_store(out: Location):
     path = out / "masks.zarr"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
+    from .io.store import open_root  # here: training draws its overlays with this module and needs no zarr
+
     return open_root(path, mode="r")
 
 

@@ -450,3 +450,38 @@ def test_tensorboard_without_a_writer_library_exits_2(dsb_root, tmp_path, capsys
     assert main(["train", str(dsb_root), "-o", str(tmp_path / "run"), "--epochs", "1", "--tensorboard"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--tensorboard needs tensorboardX" in err[0] and "pip install" in err[0]
+
+
+LOCAL_RUN = ["--engine", "local", "--limit-images", "6", "--patches-per-epoch", "8", "--batch-size", "2", "--patch-size", "128", "--no-tune"]
+
+
+@pytest.mark.slow
+def test_engine_local_trains_resumes_and_exports_without_ray(dsb_root, tmp_path, capfd):
+    import ray
+
+    run_dir = tmp_path / "run"
+    assert main(["train", str(dsb_root), "-o", str(run_dir), *LOCAL_RUN, "--epochs", "2", "--overlay-every", "0"]) == 0
+    assert not ray.is_initialized()  # no Ray was started for it
+    rows = read_metrics(run_dir)
+    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    checkpoints = sorted(p.name for p in (run_dir / "local_train").iterdir())
+    assert checkpoints[-1] == "checkpoint_000001" and len(checkpoints) <= 2  # the latest and the best
+    bundle = nucleibatch.load_model(run_dir / "bundle")
+    assert bundle.config["training"]["engine"] == "local" and bundle.config["metrics"]["epochs"] == 2
+    capfd.readouterr()
+
+    assert main(["train", str(dsb_root), "-o", str(run_dir), *LOCAL_RUN, "--epochs", "3", "--overlay-every", "0"]) == 0
+    assert "resuming from the checkpoint of epoch 1" in capfd.readouterr().out
+    resumed = read_metrics(run_dir)
+    assert [int(r["epoch"]) for r in resumed] == [0, 1, 2] and resumed[:2] == rows
+
+    # the same RUN_DIR under Ray Train would not find these checkpoints: refused
+    assert main(["train", str(dsb_root), "-o", str(run_dir), *LOCAL_RUN[2:], "--epochs", "3"]) == 2
+    err = capfd.readouterr().err
+    assert "engine (local, now ray)" in err and "--overwrite" in err
+
+
+def test_engine_local_takes_one_worker_only(dsb_root, tmp_path, capsys):
+    assert main(["train", str(dsb_root), "-o", str(tmp_path / "run"), *LOCAL_RUN, "--workers", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--engine local" in err[0] and "--workers 1" in err[0]

@@ -9,7 +9,9 @@ from __future__ import annotations
 import csv
 import gc
 import math
+import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +28,8 @@ from .losses import segmentation_loss
 from .overlays import OVERLAY_IMAGES, overlay_panel, overlay_path, write_png
 
 STATE_NAME = "state.pt"
+LOCAL_RUN_NAME = "local_train"  # --engine local: its checkpoints
+LOCAL_METRICS_NAME = "metrics.json"
 METRIC_COLUMNS = ("epoch", "train_loss", "val_map", "val_ap50", "val_ap75", "val_f1_50", "lr", "patches_per_s", "epoch_seconds")
 PROGRESS_EVERY_S = 30.0
 
@@ -115,6 +119,14 @@ def starting_state(network: torch.nn.Module, optimizer: torch.optim.Optimizer, c
     return 0, -1.0, [], "scratch"
 
 
+def optimizer_state_to(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Move the optimizer's state tensors (AdamW moments) to the parameters' device."""
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and key != "step":
+                state[key] = value.to(device)
+
+
 def tensorboard_writer_class():
     """``SummaryWriter`` of tensorboardX (installed with ray[train]), else of
     ``torch.utils.tensorboard`` (needs the ``tensorboard`` package), else None."""
@@ -173,13 +185,13 @@ def write_metrics_files(run_dir: Path, history: list[dict]) -> None:
 
 
 def load_checkpoint_state(checkpoint: Any, announce: bool = True) -> dict | None:
-    """The training state to resume from: that of Ray's latest ``checkpoint``; when its state file
+    """The training state to resume from: that of the latest ``checkpoint`` (Ray's, or a folder); when its state file
     cannot be read (truncated by a full disk, a partial copy), the newest readable one among the
     run's other checkpoints (``checkpoint_<time>`` folders beside it), with a warning. None when
     there is no checkpoint (a new run) or none is readable (the run starts over, with a warning)."""
     if checkpoint is None:
         return None
-    latest = Path(checkpoint.path)
+    latest = Path(getattr(checkpoint, "path", checkpoint))
     candidates = [latest] + sorted((p for p in latest.parent.glob("checkpoint_*") if p.is_dir() and p != latest), reverse=True)  # names hold the time
     for directory in candidates:
         try:
@@ -199,31 +211,123 @@ def load_checkpoint_state(checkpoint: Any, announce: bool = True) -> dict | None
     return None
 
 
+class RayWorkerContext:
+    """What the epoch loop needs from Ray Train, inside a Ray Train worker."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        import ray
+        import ray.train
+        import ray.train.torch
+
+        self._ray, self._train, self._torch = ray, ray.train, ray.train.torch
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.train_examples: list[Example] = ray.get(config["train_ref"])
+        self.val_examples: list[Example] = ray.get(config["val_ref"])
+        self._init_ref = config.get("init_ref")
+
+    def checkpoint_state(self) -> dict | None:
+        return load_checkpoint_state(self._train.get_checkpoint(), announce=self.rank == 0)
+
+    def init_state(self) -> dict | None:
+        return self._ray.get(self._init_ref) if self._init_ref is not None else None
+
+    def prepare_loader(self, loader: torch.utils.data.DataLoader) -> torch.utils.data.DataLoader:
+        return self._torch.prepare_data_loader(loader)
+
+    def prepare_model(self, network: torch.nn.Module) -> torch.nn.Module:
+        return self._torch.prepare_model(network)
+
+    def report(self, metrics: dict, state_dir: Path | None) -> None:
+        checkpoint = self._train.Checkpoint.from_directory(str(state_dir)) if state_dir is not None else None
+        self._train.report(metrics, checkpoint=checkpoint)
+
+
+class DeviceLoader:
+    """A DataLoader whose batches arrive on ``device`` (what Ray's prepare_data_loader does)."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader, device: torch.device) -> None:
+        self.loader, self.device = loader, device
+        self.sampler = loader.sampler
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for x, y in self.loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+class LocalWorkerContext:
+    """The same for ``--engine local``: one process, one device, no Ray.
+
+    Checkpoints go to ``RUN_DIR/local_train/checkpoint_<epoch>/``, each with its metrics
+    (``metrics.json``, written last: it marks the checkpoint finished); the latest and the best
+    by ``score`` are kept, as Ray's CheckpointConfig keeps them.
+    """
+
+    def __init__(self, run_dir: Path, device: torch.device, train_examples: list[Example], val_examples: list[Example], init_state: dict | None) -> None:
+        self.rank, self.world, self.device = 0, 1, device
+        self.train_examples, self.val_examples = train_examples, val_examples
+        self._init_state = init_state
+        self.directory = Path(run_dir) / LOCAL_RUN_NAME
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def checkpoints(self) -> list[Path]:
+        """The finished checkpoints, oldest first."""
+        return sorted(p for p in self.directory.glob("checkpoint_*") if (p / LOCAL_METRICS_NAME).is_file())
+
+    def checkpoint_state(self) -> dict | None:
+        finished = self.checkpoints()
+        return load_checkpoint_state(finished[-1]) if finished else None
+
+    def init_state(self) -> dict | None:
+        return self._init_state
+
+    def prepare_loader(self, loader: torch.utils.data.DataLoader) -> DeviceLoader:
+        return DeviceLoader(loader, self.device)
+
+    def prepare_model(self, network: torch.nn.Module) -> torch.nn.Module:
+        return network.to(self.device)
+
+    def report(self, metrics: dict, state_dir: Path | None) -> None:
+        if state_dir is None:
+            return
+        target = self.directory / f"checkpoint_{int(metrics['epoch']):06d}"
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(state_dir, target)
+        (target / LOCAL_METRICS_NAME).write_text(json.dumps(metrics))
+        finished = self.checkpoints()
+        best = max(finished, key=lambda p: json.loads((p / LOCAL_METRICS_NAME).read_text())["score"])
+        for old in finished[:-1]:
+            if old != best:
+                shutil.rmtree(old, ignore_errors=True)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry: DDP training with per-epoch validation, report and checkpoint.
 
     ``config`` holds ``settings`` (a dict of TrainSettings), ``bundle_config``,
-    ``train_ref`` / ``val_ref`` (Ray object refs of lists of :class:`Example`),
-    ``run_dir`` and ``threads``.
+    ``train_ref`` / ``val_ref`` / ``init_ref`` (Ray object refs: lists of :class:`Example`, the
+    ``--init`` weights or None), ``run_dir`` and ``threads``.
     """
-    import ray
-    import ray.train
-    import ray.train.torch
-
-    settings = config["settings"]
-    bundle_config = config["bundle_config"]
     torch.set_num_threads(int(config["threads"]))
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    train_examples: list[Example] = ray.get(config["train_ref"])
-    val_examples: list[Example] = ray.get(config["val_ref"])[rank::world]
-    device = ray.train.torch.get_device()
+    run_epochs(RayWorkerContext(config), config["settings"], config["bundle_config"], Path(config["run_dir"]))
+
+
+def run_epochs(context: RayWorkerContext | LocalWorkerContext, settings: dict[str, Any], bundle_config: dict[str, Any], run_dir: Path) -> None:
+    """The epoch loop of one worker: train, validate, checkpoint and report each epoch."""
+    rank, world, device = context.rank, context.world, context.device
+    train_examples = context.train_examples
+    val_examples = context.val_examples[rank::world]
     use_amp = device.type == "cuda"
 
     network = build_network(bundle_config)
     optimizer = torch.optim.AdamW(network.parameters(), lr=settings["learning_rate"], weight_decay=1e-4)
-    checkpoint_state = load_checkpoint_state(ray.train.get_checkpoint(), announce=rank == 0)
-    init_state = ray.get(config["init_ref"]) if config.get("init_ref") is not None and checkpoint_state is None else None
+    checkpoint_state = context.checkpoint_state()
+    init_state = context.init_state() if checkpoint_state is None else None
+
     start_epoch, best_map, history, source = starting_state(network, optimizer, checkpoint_state, init_state)
     if rank == 0 and source == "checkpoint":
         print(f"resuming from the checkpoint of epoch {start_epoch - 1} (best validation mAP {best_map:.4f})", flush=True)
@@ -241,8 +345,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         num_workers=settings["loader_workers"],
         drop_last=True,
         persistent_workers=settings["loader_workers"] > 0,
+        pin_memory=device.type == "cuda",
     )
-    loader = ray.train.torch.prepare_data_loader(loader)
+    loader = context.prepare_loader(loader)
     steps_per_epoch = max(1, len(loader))
     total_steps = steps_per_epoch * settings["epochs"]
     warmup = min(steps_per_epoch * 2, max(1, total_steps // 10))
@@ -252,13 +357,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0 and settings.get("tensorboard"):
         writer_class = tensorboard_writer_class()
         if writer_class is not None:
-            writer = writer_class(str(Path(config["run_dir"]) / "tensorboard"))
+            writer = writer_class(str(run_dir / "tensorboard"))
 
     for epoch in range(start_epoch, settings["epochs"]):
         if model is None or (epoch < freeze_epochs) != frozen:  # see wrap_for_phase
             frozen = epoch < freeze_epochs
             model = None  # the old DDP wrapper, with its gradient hooks, goes first
-            model = wrap_for_phase(network, frozen, ray.train.torch.prepare_model)
+            model = wrap_for_phase(network, frozen, context.prepare_model)
+            optimizer_state_to(optimizer, device)  # a resumed state was loaded onto the CPU
             if rank == 0 and freeze_epochs:
                 print(f"epoch {epoch + 1}: encoder {'frozen' if frozen else 'trainable'}", flush=True)
         dataset.set_epoch(epoch)
@@ -325,12 +431,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     {"model": module.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "best_map": best_map, "history": history},
                     Path(tmp) / STATE_NAME,
                 )
-                write_metrics_files(Path(config["run_dir"]), history)
+                write_metrics_files(run_dir, history)
                 overlay = None
                 if kept:
                     shown = val_examples[: len(kept)]
                     overlay = overlay_panel([e.image for e in shown], [e.labels for e in shown], kept)
-                    write_png(overlay, overlay_path(config["run_dir"], epoch))
+                    write_png(overlay, overlay_path(run_dir, epoch))
                 if writer is not None:
                     write_tensorboard(writer, metrics, overlay)
                 print(
@@ -339,8 +445,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     f"{metrics['patches_per_s']:.1f} patches/s, {metrics['epoch_seconds']:.0f} s",
                     flush=True,
                 )
-                report_checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report({**metrics, "score": score}, checkpoint=report_checkpoint)
+                report_checkpoint = Path(tmp)
+            context.report({**metrics, "score": score}, report_checkpoint)
     if writer is not None:
         writer.close()
 

@@ -19,14 +19,15 @@ from ..instances import InstanceParams
 from ..io.annotated import discover_annotated, iter_annotated
 from ..model import CONFIG_NAME, WEIGHTS_NAME, default_config, load_model, save_bundle, sha256_file
 from .data import Example, split_ids, to_example
-from .loop import STATE_NAME, tensorboard_writer_class, threads_for, train_loop_per_worker
+from .loop import LOCAL_METRICS_NAME, STATE_NAME, LocalWorkerContext, load_checkpoint_state, run_epochs, tensorboard_writer_class, threads_for, train_loop_per_worker
 from .tune import tune_postprocess
 
 log = logging.getLogger(__name__)
 SETTINGS_NAME = "train_settings.json"
 RAY_RUN_NAME = "ray_train"
 # Settings that must not change when a run resumes (they change what the checkpoint means).
-FIXED_ON_RESUME = ("encoder", "architecture", "patch_size", "val_fraction", "seed", "data", "limit_images", "init")
+FIXED_ON_RESUME = ("encoder", "architecture", "patch_size", "val_fraction", "seed", "data", "limit_images", "init", "engine")
+DEFAULTS_OF_OLDER_RUNS = {"engine": "ray"}  # settings files written before the setting existed
 SCRATCH_LEARNING_RATE = 2e-3
 FINETUNE_LR_FACTOR = 0.1  # --init: the default peak learning rate is 10x lower (2e-4)
 SCRATCH_ENCODER = "resnet18"
@@ -41,6 +42,7 @@ class TrainSettings:
     run_dir: str
     workers: int = 1
     gpu: bool = False
+    engine: str = "ray"  # "ray": Ray Train workers; "local": this process, one device, no Ray
     epochs: int = 40
     batch_size: int = 8
     patch_size: int = 256
@@ -68,6 +70,9 @@ class TrainSettings:
     def validate(self) -> None:
         checks = [
             (self.workers >= 1, "--workers must be >= 1"),
+            (self.engine in ("ray", "local"), f"--engine must be ray or local, not {self.engine!r}"),
+            (self.engine == "ray" or self.workers == 1, "--engine local trains in this process: it takes --workers 1 only (use --engine ray for more)"),
+            (self.engine == "ray" or not self.address, "--engine local runs no Ray: drop --address"),
             (self.epochs >= 1, "--epochs must be >= 1"),
             (self.batch_size >= 1, "--batch-size must be >= 1"),
             (self.patch_size >= 64 and self.patch_size % 32 == 0, "--patch-size must be a multiple of 32, at least 64"),
@@ -81,7 +86,7 @@ class TrainSettings:
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
-        if self.gpu and not torch.cuda.is_available() and not self.address and not os.environ.get("RAY_ADDRESS"):
+        if self.gpu and not torch.cuda.is_available() and (self.engine == "local" or (not self.address and not os.environ.get("RAY_ADDRESS"))):
             raise UsageError("--gpu asked for, but this machine has no CUDA GPU; drop --gpu or submit to a cluster with GPUs")
         if self.tensorboard and tensorboard_writer_class() is None:
             raise UsageError("--tensorboard needs tensorboardX (installed with ray[train]) or tensorboard: pip install tensorboardX, or drop --tensorboard")
@@ -174,6 +179,7 @@ def _check_resume(run_dir: Path, settings: TrainSettings, overwrite: bool) -> No
     if settings_path.is_file():
         previous = json.loads(settings_path.read_text())
         now = asdict(settings)
+        previous = DEFAULTS_OF_OLDER_RUNS | previous
         changed = [key for key in FIXED_ON_RESUME if previous.get(key) != now.get(key)]
         if changed:
             what = ", ".join(f"{key} ({previous.get(key)}, now {now.get(key)})" for key in changed)
@@ -189,17 +195,12 @@ def _save_settings(run_dir: Path, settings: TrainSettings) -> None:
 
 
 def run_training(settings: TrainSettings, overwrite: bool = False) -> dict[str, Any]:
-    """Train with Ray Train and export the best checkpoint as RUN_DIR/bundle.
+    """Train (Ray Train workers, or this process with ``engine="local"``) and export the best
+    checkpoint as RUN_DIR/bundle.
 
     Resumes from RUN_DIR's latest checkpoint when it holds a run with the same settings.
     Returns a summary dict (best validation metrics, bundle path, throughput).
     """
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from ..engines.ray_runtime import init_ray
-
     settings.validate()
     settings, bundle_config, init_state = resolve_init(settings)
     run_dir = Path(settings.run_dir).resolve()
@@ -211,9 +212,6 @@ def run_training(settings: TrainSettings, overwrite: bool = False) -> dict[str, 
     patches_per_epoch = settings.patches_per_epoch or len(train_examples)
     patches_per_epoch = max(patches_per_epoch, settings.batch_size * settings.workers)
 
-    init_ray(settings.address)
-    cluster_cpus = float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
-    cpus_per_worker = settings.cpus_per_worker or max(1.0, math.floor(cluster_cpus / settings.workers))
     loader_workers = settings.loader_workers if settings.loader_workers >= 0 else (4 if settings.gpu else 0)
     worker_settings = asdict(settings) | {"patches_per_epoch": patches_per_epoch, "loader_workers": loader_workers}
     bundle_config["training"] = {
@@ -229,9 +227,48 @@ def run_training(settings: TrainSettings, overwrite: bool = False) -> dict[str, 
         "seed": settings.seed,
         "workers": settings.workers,
         "gpu": settings.gpu,
+        "engine": settings.engine,
         "init": bundle_config["init"],
         "freeze_encoder_epochs": settings.freeze_encoder_epochs,
     }
+    if settings.engine == "local":
+        state, best_metrics, history = _train_here(settings, worker_settings, bundle_config, run_dir, train_examples, val_examples, init_state)
+    else:
+        state, best_metrics, history = _train_with_ray(settings, worker_settings, bundle_config, run_dir, train_examples, val_examples, init_state)
+    bundle_dir = export_bundle(state["model"], bundle_config, val_examples, run_dir / "bundle", settings.tune_postprocess, best_metrics, history)
+    summary = {
+        "bundle": str(bundle_dir),
+        "best_epoch": int(best_metrics["epoch"]),
+        "best_val_map": best_metrics.get("val_map"),
+        "epochs_run": len(history),
+        "patches_per_s": float(np.median([row["patches_per_s"] for row in history])) if history else None,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "init": bundle_config["init"],
+        "metrics": json.loads((bundle_dir / "config.json").read_text())["metrics"],
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _train_with_ray(
+    settings: TrainSettings,
+    worker_settings: dict[str, Any],
+    bundle_config: dict[str, Any],
+    run_dir: Path,
+    train_examples: list[Example],
+    val_examples: list[Example],
+    init_state: dict | None,
+) -> tuple[dict, dict, list[dict]]:
+    """Ray Train's TorchTrainer over ``settings.workers`` workers; returns (best state, its metrics, history)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ..engines.ray_runtime import init_ray
+
+    init_ray(settings.address)
+    cluster_cpus = float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+    cpus_per_worker = settings.cpus_per_worker or max(1.0, math.floor(cluster_cpus / settings.workers))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -263,19 +300,28 @@ def run_training(settings: TrainSettings, overwrite: bool = False) -> dict[str, 
         state = torch.load(Path(directory) / STATE_NAME, map_location="cpu", weights_only=False)
     with result.checkpoint.as_directory() as directory:
         history = torch.load(Path(directory) / STATE_NAME, map_location="cpu", weights_only=False)["history"]
-    bundle_dir = export_bundle(state["model"], bundle_config, val_examples, run_dir / "bundle", settings.tune_postprocess, best_metrics, history)
-    summary = {
-        "bundle": str(bundle_dir),
-        "best_epoch": int(best_metrics["epoch"]),
-        "best_val_map": best_metrics.get("val_map"),
-        "epochs_run": len(history),
-        "patches_per_s": float(np.median([row["patches_per_s"] for row in history])) if history else None,
-        "wall_seconds": round(time.perf_counter() - started, 1),
-        "init": bundle_config["init"],
-        "metrics": json.loads((bundle_dir / "config.json").read_text())["metrics"],
-    }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return state, best_metrics, history
+
+
+def _train_here(
+    settings: TrainSettings,
+    worker_settings: dict[str, Any],
+    bundle_config: dict[str, Any],
+    run_dir: Path,
+    train_examples: list[Example],
+    val_examples: list[Example],
+    init_state: dict | None,
+) -> tuple[dict, dict, list[dict]]:
+    """``--engine local``: the same epoch loop in this process on one device; returns (best state, its metrics, history)."""
+    device = torch.device("cuda" if settings.gpu else "cpu")
+    context = LocalWorkerContext(run_dir, device, train_examples, val_examples, init_state)
+    run_epochs(context, worker_settings, bundle_config, run_dir)
+    finished = context.checkpoints()
+    metrics = {path: json.loads((path / LOCAL_METRICS_NAME).read_text()) for path in finished}
+    best = max(finished, key=lambda path: metrics[path]["score"])
+    state = load_checkpoint_state(best)
+    history = load_checkpoint_state(finished[-1])["history"]
+    return state, metrics[best], history
 
 
 def export_bundle(

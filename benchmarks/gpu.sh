@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The GPU measurements of the README, as run on a lent GPU machine (one H100, 16 cores) whose
+# image has torch but neither this package's other dependencies nor internet: wheels are
+# carried in WHEELS (pip download ... -d WHEELS, see the commands in the README's performance
+# section) and installed into /tmp/site.
+#
+#   bash benchmarks/gpu.sh bench OUT_DIR WHEELS DSB_IMAGES   # bare model variants, pipeline vs bare (local and Dask)
+#   bash benchmarks/gpu.sh train OUT_DIR WHEELS TRAIN_DATA    # the shipped model's training run (--engine local --gpu)
+#
+# Each step has its own time limit so that one slow step cannot eat the others' time.
+set -uo pipefail
+mode=$1 out=$2 wheels=$3 data=$4
+repo=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheels"/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$repo PYTHONUNBUFFERED=1
+cd "$repo"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/machine.txt"
+python3 -c "import torch, zarr, segmentation_models_pytorch as smp; print('torch', torch.__version__, 'zarr', zarr.__version__, 'smp', smp.__version__, 'cpus', __import__('os').cpu_count())" 2>&1 | tee -a "$out/machine.txt"
+
+if [ "$mode" = bench ]; then
+    timeout 150 python3 benchmarks/bare_model.py --device cuda --batch-sizes 1 8 32 --seconds 2 \
+        --variants fp32 bf16 bf16-cl 2>&1 | tee "$out/bare_model.txt"
+    timeout 240 python3 benchmarks/pipeline.py --device cuda --dsb "$data" --dsb-mpix 16 --big 8192 \
+        --batch-size 16 --engine dask --dask-cpu-workers 14 2>&1 | tee "$out/pipeline.txt"
+    timeout 90 python3 benchmarks/bare_model.py --device cuda --batch-sizes 32 --seconds 2 \
+        --variants bf16-cl-compile 2>&1 | tee "$out/bare_model_compile.txt"
+elif [ "$mode" = train ]; then
+    # the default model's recipe on one GPU: 40 patches of 256 px per training image per epoch
+    timeout 420 python3 -m nucleibatch train "$data" -o /tmp/run-default --engine local --gpu \
+        --epochs 24 --batch-size 32 --patches-per-epoch 19640 --loader-workers 14 --overlay-every 6 \
+        --no-tune --seed 0 2>&1 | tee "$out/train.log"
+    if [ ! -f /tmp/run-default/bundle/model.safetensors ]; then
+        # out of time: export the best of the epochs that finished (same run, fewer epochs)
+        done_epochs=$(($(wc -l < /tmp/run-default/metrics.csv) - 1))
+        echo "timed out: exporting the best of $done_epochs finished epochs" | tee -a "$out/train.log"
+        timeout 60 python3 -m nucleibatch train "$data" -o /tmp/run-default --engine local --gpu \
+            --epochs "$done_epochs" --batch-size 32 --patches-per-epoch 19640 --loader-workers 14 --overlay-every 6 \
+            --no-tune --seed 0 2>&1 | tail -5 | tee -a "$out/train.log"
+    fi
+    cp /tmp/run-default/metrics.csv /tmp/run-default/curves.png /tmp/run-default/train_settings.json "$out/" 2>/dev/null
+    # model.safetensors is larger than one returned file may be: split, joined again here
+    (cd /tmp/run-default/bundle && split -b 15M model.safetensors "$out/model.safetensors.part-" && cp config.json "$out/bundle_config.json")
+fi
