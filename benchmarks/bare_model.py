@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
 
-            def network_only(network=network, x=x) -> None:
+            def network_only(network=network, x=x, bf16=bf16) -> None:
                 with torch.inference_mode(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
                     network(x)
 

@@ -25,9 +25,9 @@ model's idle fraction during the run, and seconds per stage (summed over threads
 from __future__ import annotations
 
 import argparse
-import logging
 import importlib.util
 import json
+import logging
 import os
 import platform
 import shutil

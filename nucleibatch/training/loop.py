@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import csv
 import gc
-import math
 import json
+import math
 import os
 import shutil
 import tempfile

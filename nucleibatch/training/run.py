@@ -19,7 +19,16 @@ from ..instances import InstanceParams
 from ..io.annotated import discover_annotated, iter_annotated
 from ..model import CONFIG_NAME, WEIGHTS_NAME, default_config, load_model, save_bundle, sha256_file
 from .data import Example, split_ids, to_example
-from .loop import LOCAL_METRICS_NAME, STATE_NAME, LocalWorkerContext, load_checkpoint_state, run_epochs, tensorboard_writer_class, threads_for, train_loop_per_worker
+from .loop import (
+    LOCAL_METRICS_NAME,
+    STATE_NAME,
+    LocalWorkerContext,
+    load_checkpoint_state,
+    run_epochs,
+    tensorboard_writer_class,
+    threads_for,
+    train_loop_per_worker,
+)
 from .tune import tune_postprocess
 
 log = logging.getLogger(__name__)
