@@ -19,16 +19,16 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, zarr, segmentation_models_pytorch as smp; print('torch', torch.__version__, 'zarr', zarr.__version__, 'smp', smp.__version__, 'cpus', __import__('os').cpu_count())" 2>&1 | tee -a "$out/machine.txt"
 
 if [ "$mode" = bench ]; then
-    timeout 150 python3 benchmarks/bare_model.py --device cuda --batch-sizes 1 8 32 --seconds 2 \
+    timeout 90 python3 benchmarks/bare_model.py --device cuda --batch-sizes 1 8 32 --seconds 1.5 \
         --variants fp32 bf16 bf16-cl 2>&1 | tee "$out/bare_model.txt"
     timeout 240 python3 benchmarks/pipeline.py --device cuda --dsb "$data" --dsb-mpix 16 --big 8192 \
         --batch-size 16 --engine dask --dask-cpu-workers 14 2>&1 | tee "$out/pipeline.txt"
-    timeout 90 python3 benchmarks/bare_model.py --device cuda --batch-sizes 32 --seconds 2 \
+    timeout 75 python3 benchmarks/bare_model.py --device cuda --batch-sizes 32 --seconds 2 \
         --variants bf16-cl-compile 2>&1 | tee "$out/bare_model_compile.txt"
 elif [ "$mode" = train ]; then
     # the default model's recipe on one GPU: 40 patches of 256 px per training image per epoch
-    timeout 420 python3 -m nucleibatch train "$data" -o /tmp/run-default --engine local --gpu \
-        --epochs 24 --batch-size 32 --patches-per-epoch 19640 --loader-workers 14 --overlay-every 6 \
+    timeout 360 python3 -m nucleibatch train "$data" -o /tmp/run-default --engine local --gpu \
+        --epochs 20 --batch-size 32 --patches-per-epoch 19640 --loader-workers 14 --overlay-every 6 \
         --no-tune --seed 0 2>&1 | tee "$out/train.log"
     if [ ! -f /tmp/run-default/bundle/model.safetensors ]; then
         # out of time: export the best of the epochs that finished (same run, fewer epochs)
