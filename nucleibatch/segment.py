@@ -288,6 +288,8 @@ def run_segment_job(
         n_resumed = len(records) - len(todo)
         if n_resumed:
             log.info("resuming: %d of %d images are already done in %s", n_resumed, len(records), out_dir)
+        import pandas  # noqa: F401 - pyarrow imports it on its first NumPy conversion (~0.5 s): here, not inside the first image's table write
+
         timer = Timer()
         busy_before, tiles_before, shapes_before = loaded.usage.busy_seconds, loaded.usage.tiles, Counter(loaded.usage.batch_shapes)
         engine_started = time.perf_counter()

@@ -33,8 +33,7 @@ Rules for discovery-level oddities (what the expectations in bad_corpus.py encod
   (``x.png/``) is a folder; a folder named ``*.zarr`` without zarr metadata is a failed row.
 * Pixel values: NaN and +-inf are left out of the normalisation statistics; NaN and -inf
   read as background, +inf as the brightest value; an image without any finite value is a
-  failed row "no finite pixel values". (Known gap, marked xfail below: the nuclei table's
-  ``mean_intensity`` of a nucleus with a NaN pixel is NaN.)
+  failed row "no finite pixel values"; a nucleus's ``mean_intensity`` averages its finite pixels.
 * Size limits refused from the header: PNG/JPEG/GIF/BMP over 10^9 pixels, or a PNG
   declaring more decoded bytes than deflate's 1032:1 limit allows for its file size; any
   image over 10^11 pixels; TIFF uncompressed data ending past the end of the file, tiles
@@ -199,11 +198,6 @@ def test_non_finite_pixels_are_background_not_nan(segmented):
     assert "no finite pixel values" in rows.loc["float_all_nan", "error"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="nucleibatch/measure.py averages every pixel of a nucleus: one NaN pixel makes its mean_intensity NaN "
-    "(fix: the mean of the finite pixels); reported, not in the files of this change",
-)
 def test_mean_intensity_ignores_non_finite_pixels(segmented):
     _, _, nuclei, _, _ = segmented
     table = nuclei[nuclei["image_id"].isin(["float_nan", "float_inf"])]

@@ -154,7 +154,12 @@ def test_tiling_oracle_synthetic_is_exact(tmp_path):
 
 @pytest.mark.slow
 def test_tiling_oracle_on_a_mosaic_of_real_images_with_the_default_model(tmp_path, dsb_root):
-    """Small blocks (several per image) give the same nuclei as one block on real DSB images."""
+    """Small blocks (several per image) give the same nuclei as one block on real DSB images.
+
+    Not bit-exact like the synthetic oracle above: a block is predicted on its own grid of
+    network tiles, and the network sees further than a tile's halo, so probabilities differ
+    slightly along tile seams and a watershed seed there may fall differently. Bounded: >= 99 %
+    of nuclei matched at IoU 0.9, at most 1 % split or merged."""
     from PIL import Image
 
     ids = sorted(p.name for p in dsb_root.iterdir())
@@ -174,7 +179,7 @@ def test_tiling_oracle_on_a_mosaic_of_real_images_with_the_default_model(tmp_pat
     assert len(np.unique(whole)) > 100  # a real test: many nuclei, many seams (4 x 5 blocks)
     matched, split, merged = match_fraction(whole, blocks, threshold=0.9)
     assert matched >= 0.99, matched
-    assert split == 0 and merged == 0
+    assert split + merged <= 0.01 * (len(np.unique(whole)) - 1), (split, merged)
 
 
 def test_evaluate_uses_exactly_the_segment_inference(tmp_path, tiny_bundle):

@@ -48,6 +48,7 @@ class DaskExecutor:
         gpu_workers = [w for w in info.values() if w.get("resources", {}).get("GPU")]
         self.resources = {"GPU": 1} if gpu_workers else None
         self.workers = workers or max(1, len(gpu_workers) or len(info))
+        self.finish_slots = max(1, sum(int(w.get("nthreads", 1)) for w in info.values()))
         self.device = device if gpu_workers else ("cpu" if device == "auto" else device)
         log.info("dask engine: %d workers (%d declare GPU)", len(info), len(gpu_workers))
         [self.model] = client.scatter([model], broadcast=True)

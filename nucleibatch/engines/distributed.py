@@ -9,8 +9,8 @@ Work units, per image (functions of :mod:`nucleibatch.pipeline`, run where the s
 4. ``complete`` (CPU task)  paint every block core, nuclei table part, pyramids, completion record.
 
 The driver only passes references between them (block data never goes through it) and bounds
-what is in flight: at most ``2 x workers`` predict units between predict and finish_block, a few
-images planned ahead, so memory stays bounded however large the archive. Images that fit one
+what is in flight: at most ``2 x model workers + CPU slots`` predict units between predict and
+finish_block, a few images planned ahead, so memory stays bounded however large the archive. Images that fit one
 network tile are grouped ``batch_size`` to a predict unit, so that a GPU gets full batches and
 per-call scheduling overhead is paid once per group. Each unit's writes go to
 places only that unit writes, by overwriting or atomic rename: a unit run twice (a retry after
@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 class Executor(Protocol):
     """What the driver needs of a cluster scheduler. Futures are opaque handles."""
 
-    workers: int
+    workers: int  # model workers
+    finish_slots: int  # CPU task slots of the cluster (post-processing runs this many blocks at once)
     batch_size: int  # tiles per network call: also the number of small images grouped per predict unit
     model_config: dict
 
@@ -90,8 +91,10 @@ def run_distributed(
     """
     pending = deque(records)
     group_size = max(1, executor.batch_size)
-    # in flight: 2 predict units per model worker, a unit being one block or a group of small images
-    max_load = max(2, 2 * executor.workers)
+    # in flight: 2 predict units per model worker, a unit being one block or a group of small
+    # images, plus one per CPU slot: post-processing takes far longer than predicting (on a GPU
+    # node, ~20x), so the CPU workers need that many blocks waiting to all be busy
+    max_load = max(2, 2 * executor.workers + executor.finish_slots)
     max_images = max_load * group_size
     images: dict[str, _Image] = {}
     starting: dict[Any, _Image] = {}

@@ -66,6 +66,7 @@ class RayExecutor:
             # actors reserve at most what leaves one, else they would wait on each other forever
             options = {"num_cpus": min(1.0, max(0.0, (cpus - 1) / self.workers))}
             device = "cpu"
+        self.finish_slots = max(1, int(resources.get("CPU", 1)))  # CPU tasks take one CPU each
         log.info("ray engine: %d model worker(s) (%s), cluster %s", self.workers, "GPU" if use_gpu else "CPU", {k: v for k, v in resources.items() if k in ("CPU", "GPU")})
         predictor = ray.remote(max_restarts=RETRIES, max_task_retries=RETRIES)(RayBlockPredictor)
         self.model_ref = ray.put(model)  # held for the whole run: restarted actors read it again

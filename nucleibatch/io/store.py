@@ -82,20 +82,23 @@ def create_image_group(
     """
     if name in root:
         del root[name]
-    group = root.create_group(name)
-    faults.point("store:group")
     levels = pyramid_shapes(shape)
     space = [{"name": "y", "type": "space", "unit": "pixel"}, {"name": "x", "type": "space", "unit": "pixel"}]
     image_axes = [{"name": "c", "type": "channel"}] + space
-    group.attrs["ome"] = {"version": NGFF_VERSION, "multiscales": _multiscales(image_id, image_axes, len(levels))}
-    labels = group.create_group("labels")
-    labels.attrs["ome"] = {"version": NGFF_VERSION, "labels": [LABEL_NAME]}
-    nuclei = labels.create_group(LABEL_NAME)
-    nuclei.attrs["ome"] = {
-        "version": NGFF_VERSION,
-        "multiscales": _multiscales(LABEL_NAME, space, len(levels)),
-        "image-label": {"version": NGFF_VERSION, "source": {"image": "../../"}},
-    }
+    # attributes given at creation: one metadata write per node, not a write and a rewrite
+    group = root.create_group(name, attributes={"ome": {"version": NGFF_VERSION, "multiscales": _multiscales(image_id, image_axes, len(levels))}})
+    faults.point("store:group")
+    labels = group.create_group("labels", attributes={"ome": {"version": NGFF_VERSION, "labels": [LABEL_NAME]}})
+    nuclei = labels.create_group(
+        LABEL_NAME,
+        attributes={
+            "ome": {
+                "version": NGFF_VERSION,
+                "multiscales": _multiscales(LABEL_NAME, space, len(levels)),
+                "image-label": {"version": NGFF_VERSION, "source": {"image": "../../"}},
+            }
+        },
+    )
     for level, (h, w) in enumerate(levels):
         cy, cx = min(chunk, h), min(chunk, w)
         group.create_array(str(level), shape=(channels, h, w), chunks=(1, cy, cx), dtype=dtype, fill_value=0, dimension_names=("c", "y", "x"))
