@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage as ndi
-from skimage.morphology import convex_hull_image
+from scipy.spatial import ConvexHull
 
 NUCLEI_COLUMNS = (
     "image_id", "label", "centroid_y", "centroid_x", "area", "perimeter", "eccentricity", "solidity",
@@ -71,7 +71,7 @@ def measure_labels(labels: np.ndarray, intensity: np.ndarray, origin: tuple[int,
     boxes = ndi.find_objects(labels)
     bbox = np.array([(b[0].start, b[1].start, b[0].stop, b[1].stop) for b in (boxes[i - 1] for i in ids)], dtype=np.int64)
     perimeter = _perimeters(labels, owner, foreground, n_bins)[ids]
-    solidity = np.array([area[k] / _convex_area(labels[boxes[i - 1]] == i) for k, i in enumerate(ids)], dtype=np.float64)
+    solidity = area / _convex_areas(labels, ids, bbox)
     oy, ox = origin
     return {
         "label": (ids + id_offset).astype(np.uint32),
@@ -123,9 +123,48 @@ def _perimeters(labels: np.ndarray, owner: np.ndarray, foreground: np.ndarray, n
     return np.bincount(owner, weights=_PERIMETER_WEIGHTS[code.ravel()[foreground]], minlength=n_bins)
 
 
-def _convex_area(mask: np.ndarray) -> int:
-    """Pixels of ``convex_hull_image(mask)`` (what regionprops' ``area_convex`` counts)."""
-    return int(convex_hull_image(mask).sum())
+def _convex_areas(labels: np.ndarray, ids: np.ndarray, bbox: np.ndarray) -> np.ndarray:
+    """``area_convex`` of regionprops for the objects ``ids``: the pixels (grid points) inside or on
+    the convex hull of the pixel-edge midpoints (each pixel's 4 "diamond" points) of the object.
+
+    Only the pixels that end a run along a row can be hull points, so only their diamond points
+    are collected, for all objects at once; each object's hull (qhull) then gives, row by row, the
+    interval of columns inside it.
+    """
+    h, w = labels.shape
+    padded = np.pad(labels, ((0, 0), (1, 1)))
+    starts_or_ends = (labels != 0) & ((padded[:, :-2] != labels) | (padded[:, 2:] != labels))
+    y, x = np.nonzero(starts_or_ends)
+    owner = labels[y, x].astype(np.int64)
+    # diamond points at doubled coordinates (integers), deduplicated and grouped by object at once
+    yy = (2 * y[:, None] + np.array([-1, 1, 0, 0])).ravel()
+    xx = (2 * x[:, None] + np.array([0, 0, -1, 1])).ravel()
+    span_y, span_x = 2 * h + 2, 2 * w + 2
+    keys = np.unique((np.repeat(owner, 4) * span_y + (yy + 1)) * span_x + (xx + 1))
+    point_owner, rest = np.divmod(keys, span_y * span_x)
+    point_y, point_x = np.divmod(rest, span_x)
+    points = np.stack([(point_y - 1) / 2.0, (point_x - 1) / 2.0], axis=1)
+    bounds = np.searchsorted(point_owner, np.stack([ids, ids + 1]))
+    areas = np.empty(len(ids), dtype=np.float64)
+    for k, (first, last) in enumerate(bounds.T):
+        areas[k] = _hull_grid_points(points[first:last], bbox[k, 0], bbox[k, 2])
+    return areas
+
+
+def _hull_grid_points(points: np.ndarray, row_start: int, row_stop: int) -> int:
+    """Grid points inside or on the convex hull of ``points`` ``(n, 2)`` (y, x), rows [start, stop)."""
+    hull = ConvexHull(points)
+    normal_y, normal_x, offset = hull.equations.T  # inside: normal . (y, x) + offset <= 0
+    rows = np.arange(row_start, row_stop, dtype=np.float64)[:, None]
+    tolerance = 1e-9
+    with np.errstate(divide="ignore", invalid="ignore"):
+        limit = -(offset + normal_y * rows) / normal_x
+    right = np.where(normal_x > tolerance, limit, np.inf).min(axis=1)
+    left = np.where(normal_x < -tolerance, limit, -np.inf).max(axis=1)
+    flat = np.abs(normal_x) <= tolerance  # facets along a row: they bound the rows, not the columns
+    row_inside = ~((normal_y[flat] * rows + offset[flat]) > tolerance).any(axis=1)
+    counts = np.floor(right + tolerance) - np.ceil(left - tolerance) + 1
+    return int(np.where(row_inside, np.clip(counts, 0, None), 0).sum())
 
 
 def empty_columns() -> dict[str, np.ndarray]:

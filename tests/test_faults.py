@@ -89,7 +89,7 @@ def records(out: Path) -> int:
 
 
 def run_killed(cmd: list[str], out: Path, rng: random.Random, log: Path, fail_at: str | None = None) -> tuple[int, str]:
-    """Run ``cmd`` with the fail point ``fail_at`` armed; with none, SIGKILL it a random 0-0.3 s
+    """Run ``cmd`` with the fail point ``fail_at`` armed; with none, SIGKILL it a random 0-0.05 s
     after it has finished 1-2 more images. Returns its exit status (-9 when killed) and how it
     ended: the fail point's name, "random", or "finished"."""
     before, wanted = records(out), (N_IMAGES + 1 if fail_at else rng.randint(1, 2))
@@ -98,7 +98,7 @@ def run_killed(cmd: list[str], out: Path, rng: random.Random, log: Path, fail_at
         deadline = time.monotonic() + 240
         while proc.poll() is None and records(out) < before + wanted and time.monotonic() < deadline:
             time.sleep(0.01)
-        time.sleep(rng.uniform(0, 0.3))
+        time.sleep(rng.uniform(0, 0.05))  # short: an image takes ~0.1 s, and every kill should land mid-run
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
         status = proc.wait(timeout=60)

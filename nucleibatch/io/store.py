@@ -15,9 +15,12 @@ import hashlib
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.group import GroupMetadata
+from zarr.storage import MemoryStore
 
 from .. import faults
 from .location import Location, to_location, zarr_store
@@ -85,25 +88,34 @@ def create_image_group(
     levels = pyramid_shapes(shape)
     space = [{"name": "y", "type": "space", "unit": "pixel"}, {"name": "x", "type": "space", "unit": "pixel"}]
     image_axes = [{"name": "c", "type": "channel"}] + space
-    # attributes given at creation: one metadata write per node, not a write and a rewrite
-    group = root.create_group(name, attributes={"ome": {"version": NGFF_VERSION, "multiscales": _multiscales(image_id, image_axes, len(levels))}})
-    faults.point("store:group")
-    labels = group.create_group("labels", attributes={"ome": {"version": NGFF_VERSION, "labels": [LABEL_NAME]}})
-    nuclei = labels.create_group(
-        LABEL_NAME,
-        attributes={
-            "ome": {
-                "version": NGFF_VERSION,
-                "multiscales": _multiscales(LABEL_NAME, space, len(levels)),
-                "image-label": {"version": NGFF_VERSION, "source": {"image": "../../"}},
-            }
-        },
-    )
+    nodes: dict[str, Any] = {
+        name: GroupMetadata(attributes={"ome": {"version": NGFF_VERSION, "multiscales": _multiscales(image_id, image_axes, len(levels))}}, zarr_format=3),
+        f"{name}/labels": GroupMetadata(attributes={"ome": {"version": NGFF_VERSION, "labels": [LABEL_NAME]}}, zarr_format=3),
+        f"{name}/labels/{LABEL_NAME}": GroupMetadata(
+            attributes={
+                "ome": {
+                    "version": NGFF_VERSION,
+                    "multiscales": _multiscales(LABEL_NAME, space, len(levels)),
+                    "image-label": {"version": NGFF_VERSION, "source": {"image": "../../"}},
+                }
+            },
+            zarr_format=3,
+        ),
+    }
     for level, (h, w) in enumerate(levels):
         cy, cx = min(chunk, h), min(chunk, w)
-        group.create_array(str(level), shape=(channels, h, w), chunks=(1, cy, cx), dtype=dtype, fill_value=0, dimension_names=("c", "y", "x"))
-        nuclei.create_array(str(level), shape=(h, w), chunks=(cy, cx), dtype=np.uint32, fill_value=0, dimension_names=("y", "x"))
+        nodes[f"{name}/{level}"] = _array_metadata((channels, h, w), (1, cy, cx), np.dtype(dtype), ("c", "y", "x"))
+        nodes[f"{name}/labels/{LABEL_NAME}/{level}"] = _array_metadata((h, w), (cy, cx), np.dtype(np.uint32), ("y", "x"))
+    # every node's metadata written at once (concurrently, one round trip), not node by node
+    list(root.create_hierarchy(nodes))
+    faults.point("store:group")
+    group = root[name]
     return group
+
+
+def _array_metadata(shape: tuple[int, ...], chunks: tuple[int, ...], dtype: np.dtype, dimension_names: tuple[str, ...]):
+    """The v3 metadata ``Group.create_array`` would write for an empty array (fill 0, default codecs)."""
+    return zarr.create_array(store=MemoryStore(), shape=shape, chunks=chunks, dtype=dtype, fill_value=0, dimension_names=dimension_names).metadata
 
 
 def label_array(group: zarr.Group, level: int = 0) -> zarr.Array:
