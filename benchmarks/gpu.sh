@@ -7,6 +7,9 @@
 #   bash benchmarks/gpu.sh bench OUT_DIR WHEELS DSB_IMAGES   # bare model variants, pipeline vs bare (local and Dask)
 #   bash benchmarks/gpu.sh train OUT_DIR WHEELS TRAIN_DATA    # the shipped model's training run (--engine local --gpu)
 #
+# TRAIN_DATA was made by benchmarks/pack_grey.py; the returned bundle was tuned by
+# benchmarks/retune_bundle.py (post-processing thresholds, on the CPU).
+#
 # Each step has its own time limit so that one slow step cannot eat the others' time.
 set -uo pipefail
 mode=$1 out=$2 wheels=$3 data=$4
