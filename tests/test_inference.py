@@ -30,7 +30,11 @@ def test_bf16_channels_last_path_agrees_with_float32_on_the_cpu():
         fast = predict_image(fast_network, image, tile_size=256, halo=32, fast=True, usage=usage)
         assert fast.dtype == np.float32 and fast.shape == reference.shape
         assert not np.array_equal(fast, reference)  # bf16 really ran
-        assert np.abs(fast - reference).mean() < 0.01 and np.abs(fast - reference).max() < 0.25
+        # bf16 rounds the logits: probabilities move a little everywhere and more at the few pixels
+        # where a sharp model's sigmoid is steep (the shipped model: up to 0.33 at 1 pixel in 4,000);
+        # what matters is that almost all agree closely and the nuclei come out the same
+        difference = np.abs(fast - reference)
+        assert difference.mean() < 0.01 and np.quantile(difference, 0.999) < 0.1 and (difference > 0.1).mean() < 1e-3
         a, b = probabilities_to_labels(reference, model.postprocess), probabilities_to_labels(fast, model.postprocess)
         assert a.max() > 5 and image_scores(a, b)["map"] >= 0.9
         assert usage.tiles > 0 and usage.busy_seconds > 0 and sum(n * c for (n, _, _), c in usage.batch_shapes.items()) == usage.tiles
