@@ -49,11 +49,13 @@ def measure_labels(labels: np.ndarray, intensity: np.ndarray, origin: tuple[int,
     def per_object(weights: np.ndarray) -> np.ndarray:
         return np.bincount(owner, weights=weights, minlength=n_bins)[ids]
 
-    centroid_y = per_object(y) / area
-    centroid_x = per_object(x) / area
+    sum_y = np.bincount(owner, weights=y, minlength=n_bins)
+    sum_x = np.bincount(owner, weights=x, minlength=n_bins)
+    centroid_y = sum_y[ids] / area
+    centroid_x = sum_x[ids] / area
     # central moments from per-pixel offsets (no large-sum cancellation)
-    dy = y - np.bincount(owner, weights=y, minlength=n_bins)[owner] / area_all[owner]
-    dx = x - np.bincount(owner, weights=x, minlength=n_bins)[owner] / area_all[owner]
+    dy = y - sum_y[owner] / area_all[owner]
+    dx = x - sum_x[owner] / area_all[owner]
     mu20, mu02, mu11 = per_object(dy * dy), per_object(dx * dx), per_object(dy * dx)
     # inertia tensor [[mu02, -mu11], [-mu11, mu20]] / area (skimage), its eigenvalues in closed form
     half_trace = (mu02 + mu20) / (2 * area)

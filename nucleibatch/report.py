@@ -668,9 +668,8 @@ def _open_store(out: Location):
     path = out / "masks.zarr"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
-    from .io.store import (
-        open_root,  # here: training draws its overlays with this module and needs no zarr
-    )
+    # imported here: training draws its overlays with this module and needs no zarr
+    from .io.store import open_root
 
     return open_root(path, mode="r")
 

@@ -10,9 +10,9 @@ Work units, per image (functions of :mod:`nucleibatch.pipeline`, run where the s
 
 The driver only passes references between them (block data never goes through it) and bounds
 what is in flight: at most ``2 x model workers + CPU slots`` predict units between predict and
-finish_block, a few images planned ahead, so memory stays bounded however large the archive. Images that fit one
-network tile are grouped ``batch_size`` to a predict unit, so that a GPU gets full batches and
-per-call scheduling overhead is paid once per group. Each unit's writes go to
+finish_block, a few images planned ahead, so memory stays bounded however large the archive.
+Images that fit one network tile are grouped ``batch_size`` to a predict unit, so that a GPU
+gets full batches and per-call scheduling overhead is paid once per group. Each unit's writes go to
 places only that unit writes, by overwriting or atomic rename: a unit run twice (a retry after
 its worker died) leaves the same outputs and no duplicate rows.
 

@@ -107,10 +107,9 @@ def create_image_group(
         nodes[f"{name}/{level}"] = _array_metadata((channels, h, w), (1, cy, cx), np.dtype(dtype), ("c", "y", "x"))
         nodes[f"{name}/labels/{LABEL_NAME}/{level}"] = _array_metadata((h, w), (cy, cx), np.dtype(np.uint32), ("y", "x"))
     # every node's metadata written at once (concurrently, one round trip), not node by node
-    list(root.create_hierarchy(nodes))
+    created = dict(root.create_hierarchy(nodes))
     faults.point("store:group")
-    group = root[name]
-    return group
+    return created[name]
 
 
 def _array_metadata(shape: tuple[int, ...], chunks: tuple[int, ...], dtype: np.dtype, dimension_names: tuple[str, ...]):

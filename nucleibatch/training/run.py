@@ -329,8 +329,8 @@ def _train_here(
     metrics = {path: json.loads((path / LOCAL_METRICS_NAME).read_text()) for path in finished}
     best = max(finished, key=lambda path: metrics[path]["score"])
     state = load_checkpoint_state(best)
-    history = load_checkpoint_state(finished[-1])["history"]
-    return state, metrics[best], history
+    latest = state if best == finished[-1] else load_checkpoint_state(finished[-1])
+    return state, metrics[best], latest["history"]
 
 
 def export_bundle(
