@@ -227,3 +227,22 @@ def test_an_input_changed_since_it_was_processed_is_redone(archive, tiny_bundle,
     fresh = run_segment_job([str(inputs)], tmp_path / "fresh", model=str(tiny_bundle), settings=SETTINGS, progress=False)
     assert fresh.n_nuclei == second.n_nuclei
     assert_same_outputs(tmp_path / "fresh", out)
+
+
+@pytest.mark.parametrize("leftover", ["metadata without the group", "chunks without the group"])
+def test_recreating_an_image_group_replaces_the_leftovers_of_a_killed_attempt(tmp_path, leftover):
+    """A run killed while it created (or deleted) an image group can leave array metadata or
+    chunks under the group's path without the group's own zarr.json; the next attempt must
+    start from an empty group, not fail on what is there."""
+    from nucleibatch.io.store import create_image_group, label_array, open_root
+
+    root = open_root(tmp_path / "masks.zarr")
+    group = create_image_group(root, "img", "img", (64, 80), 1, np.uint8, chunk=32)
+    if leftover == "chunks without the group":
+        label_array(group)[:, :] = 7
+    (tmp_path / "masks.zarr" / "img" / "zarr.json").unlink()
+    assert "img" not in open_root(tmp_path / "masks.zarr")
+
+    again = create_image_group(open_root(tmp_path / "masks.zarr"), "img", "img", (64, 80), 1, np.uint8, chunk=32)
+    assert label_array(again).shape == (64, 80) and not label_array(again)[:, :].any()
+    assert not list((tmp_path / "masks.zarr" / "img").rglob("c"))  # no chunk of the earlier attempt

@@ -81,10 +81,13 @@ def create_image_group(
 ) -> zarr.Group:
     """(Re)create the OME-Zarr group of one image with empty image and label levels.
 
-    Any previous content of the group (an unfinished earlier attempt) is replaced.
+    Any previous content under the group's path is removed first: an unfinished earlier
+    attempt may have left a whole group, or only some of its nodes and chunks (a run killed
+    while the nodes were being written, or while an old group was being deleted, leaves nodes
+    without the group's own metadata, which ``name in root`` would not see).
     """
-    if name in root:
-        del root[name]
+    prefix = f"{root.path}/{name}" if root.path else name
+    zarr.core.sync.sync(root.store.delete_dir(prefix))
     levels = pyramid_shapes(shape)
     space = [{"name": "y", "type": "space", "unit": "pixel"}, {"name": "x", "type": "space", "unit": "pixel"}]
     image_axes = [{"name": "c", "type": "channel"}] + space
