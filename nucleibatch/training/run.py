@@ -304,12 +304,26 @@ def _train_with_ray(
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda item: item[1].get("score", -math.inf))
-    with best_checkpoint.as_directory() as directory:
-        state = torch.load(Path(directory) / STATE_NAME, map_location="cpu", weights_only=False)
-    with result.checkpoint.as_directory() as directory:
-        history = torch.load(Path(directory) / STATE_NAME, map_location="cpu", weights_only=False)["history"]
-    return state, best_metrics, history
+    state, best_metrics = load_best_state(result.best_checkpoints)
+    return state, best_metrics, load_checkpoint_state(result.checkpoint)["history"]
+
+
+def load_best_state(scored: list[tuple[Any, dict]]) -> tuple[dict, dict]:
+    """The training state of the best-scoring checkpoint that can be read, and its metrics.
+
+    ``scored``: ``(checkpoint, metrics)`` pairs, a checkpoint being a Ray ``Checkpoint`` or a
+    folder. A checkpoint whose state file is unreadable (truncated by a full disk, a partial
+    copy) is skipped for the next best, with a warning, as resuming skips it.
+    """
+    for checkpoint, metrics in sorted(scored, key=lambda item: item[1].get("score", -math.inf), reverse=True):
+        try:
+            if isinstance(checkpoint, Path):
+                return torch.load(checkpoint / STATE_NAME, map_location="cpu", weights_only=False), metrics
+            with checkpoint.as_directory() as directory:
+                return torch.load(Path(directory) / STATE_NAME, map_location="cpu", weights_only=False), metrics
+        except Exception as error:
+            log.warning("checkpoint of epoch %s is unreadable (%s: %s); exporting the next best", metrics.get("epoch"), type(error).__name__, str(error).strip()[:120])
+    raise RuntimeError("no checkpoint of this run can be read; run again with --overwrite to start over")
 
 
 def _train_here(
@@ -326,11 +340,10 @@ def _train_here(
     context = LocalWorkerContext(run_dir, device, train_examples, val_examples, init_state)
     run_epochs(context, worker_settings, bundle_config, run_dir)
     finished = context.checkpoints()
-    metrics = {path: json.loads((path / LOCAL_METRICS_NAME).read_text()) for path in finished}
-    best = max(finished, key=lambda path: metrics[path]["score"])
-    state = load_checkpoint_state(best)
-    latest = state if best == finished[-1] else load_checkpoint_state(finished[-1])
-    return state, metrics[best], latest["history"]
+    scored = [(path, json.loads((path / LOCAL_METRICS_NAME).read_text())) for path in finished]
+    state, best_metrics = load_best_state(scored)
+    latest = state if best_metrics is scored[-1][1] else load_checkpoint_state(finished[-1])
+    return state, best_metrics, latest["history"]
 
 
 def export_bundle(
