@@ -42,6 +42,24 @@ class RayBlockPredictor(distributed.BlockPredictor):
         return predictions[0] if len(predictions) == 1 else tuple(predictions)  # num_returns objects
 
 
+def spread_over_nodes(nodes: list[dict], resource: str, amount: float, count: int) -> list[Any]:
+    """Scheduling strategies that deal ``count`` model workers round-robin over the alive nodes
+    of ``ray.nodes()`` that have ``amount`` of ``resource`` in total.
+
+    Ray's ``"SPREAD"`` only considers nodes with the resource free at that moment, so a node busy
+    for a second (a previous job's workers exiting) got no model worker at all. A soft node
+    affinity waits for the chosen node instead, and still goes elsewhere if that node dies
+    (restarted actors) or cannot hold the worker. No such node yet (GPU nodes still booting or
+    started on demand): ``"SPREAD"``, whose pending actors make the autoscaler add nodes.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    fitting = sorted(node["NodeID"] for node in nodes if node.get("Alive") and node.get("Resources", {}).get(resource, 0) >= max(amount, 1e-9))
+    if not fitting:
+        return ["SPREAD"] * count
+    return [NodeAffinitySchedulingStrategy(fitting[i % len(fitting)], soft=True) for i in range(count)]
+
+
 class RayExecutor:
     """:class:`.distributed.Executor` on Ray."""
 
@@ -70,9 +88,10 @@ class RayExecutor:
         log.info("ray engine: %d model worker(s) (%s), cluster %s", self.workers, "GPU" if use_gpu else "CPU", {k: v for k, v in resources.items() if k in ("CPU", "GPU")})
         predictor = ray.remote(max_restarts=RETRIES, max_task_retries=RETRIES)(RayBlockPredictor)
         self.model_ref = ray.put(model)  # held for the whole run: restarted actors read it again
+        placements = spread_over_nodes(ray.nodes(), "GPU" if use_gpu else "CPU", options["num_gpus" if use_gpu else "num_cpus"], self.workers)
         self.predictors = [
-            predictor.options(**options, scheduling_strategy="SPREAD").remote([self.model_ref], device, settings, batch_size)
-            for _ in range(self.workers)
+            predictor.options(**options, scheduling_strategy=placement).remote([self.model_ref], device, settings, batch_size)
+            for placement in placements
         ]
         self.next_predictor = 0
         task = ray.remote(num_cpus=1, max_retries=RETRIES)
