@@ -3,12 +3,14 @@
     .venv/bin/python benchmarks/bare_model.py [--device cuda] [--batch-sizes 1 8 32] [--seconds 3]
                                               [--variants fp32 bf16 bf16-cl bf16-cl-compile]
 
-For the default model on one input tile (tile size + 2 x halo from the bundle, 640 x 640 for
-the default model) it times, per batch size:
+For the default model on one input tile (the bundle's tile size, halo included: 512 x 512 for
+the default model, the windows ``segment`` runs on large images; ``--side`` for others) it
+times, per batch size:
 
 * ``network``: the forward pass alone on device-resident random input (what the chip can do);
 * ``forward``: ``nucleibatch.model._forward`` as ``segment`` calls it (NumPy in, host-to-device
-  copy, network, sigmoid, device-to-host copy, NumPy out).
+  copy, network, sigmoid, the tiles' cores cut out without the halo, device-to-host copy (float16
+  on the fast path), NumPy out).
 
 Variants: ``fp32`` (float32, contiguous), ``bf16`` (bf16 autocast), ``bf16-cl`` (bf16 autocast
 and channels-last: what ``segment`` runs on CUDA), ``bf16-cl-compile`` (the same under
@@ -25,10 +27,14 @@ import platform
 import sys
 import time
 
-import numpy as np
-import torch
+from nucleibatch.allocator import tune_allocator
 
-from nucleibatch.model import _forward, load_model
+tune_allocator()  # before any thread: the network runs with segment's allocator settings (NUCLEIBATCH_DEFAULT_MALLOC=1: glibc's)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from nucleibatch.model import _forward, load_model  # noqa: E402
 
 VARIANTS = ("fp32", "bf16", "bf16-cl", "bf16-cl-compile")
 
@@ -54,13 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="default")
     parser.add_argument("--device", default="cpu", help="cpu | cuda [cpu]")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--side", type=int, default=None, help="tile side in pixels [the bundle's tile_size]")
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per measurement [3]")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     args = parser.parse_args(argv)
 
     model = load_model(args.model, device="cpu")
     device = torch.device(args.device)
-    side = int(model.config["tile_size"]) + 2 * int(model.config["halo"])
+    side = args.side or int(model.config["tile_size"])
+    halo = int(model.config["halo"])
+    core = (halo, side - halo, halo, side - halo)  # what segment copies back of each tile
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     print(f"machine: {platform.node()}, {os.cpu_count()} CPUs, device {device} ({name}), torch {torch.__version__}, tile {side} x {side}")
@@ -94,9 +103,9 @@ def main(argv: list[str] | None = None) -> int:
             seconds, calls = timed(network_only, args.seconds, synchronize)
             network_rate = calls * batch_size / seconds
             if bf16 and channels_last:
-                forward_seconds, forward_calls = timed(lambda network=network, host=host: _forward(network, host, device, tta=False, fast=True), args.seconds, synchronize)
+                forward_seconds, forward_calls = timed(lambda network=network, host=host: _forward(network, host, device, tta=False, fast=True, crop=core), args.seconds, synchronize)
             elif not bf16 and not channels_last:
-                forward_seconds, forward_calls = timed(lambda network=network, host=host: _forward(network, host, device, tta=False, fast=False), args.seconds, synchronize)
+                forward_seconds, forward_calls = timed(lambda network=network, host=host: _forward(network, host, device, tta=False, fast=False, crop=core), args.seconds, synchronize)
             else:
                 forward_seconds, forward_calls = 0.0, 0  # _forward has no such mode
             forward_rate = forward_calls * batch_size / forward_seconds if forward_calls else float("nan")

@@ -37,7 +37,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+from nucleibatch.allocator import tune_allocator
+
+tune_allocator()  # before any thread: the network runs with segment's allocator settings (NUCLEIBATCH_DEFAULT_MALLOC=1: glibc's)
+
+import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DSB = REPO.parent / "shared" / "data" / "dsb2018" / "stage1_train"

@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from distributed import Client
 
+    from nucleibatch.allocator import ALLOCATOR_ENV
     from nucleibatch.errors import NucleibatchError
     from nucleibatch.segment import closing_summary, run_segment_job
 
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         interface=args.interface,
         job_extra_directives=["--gres=gpu:1"],
         worker_extra_args=["--resources", "GPU=1"],
-        job_script_prologue=args.prologue,
+        job_script_prologue=[*(f"export {key}={value}" for key, value in ALLOCATOR_ENV.items()), *args.prologue],  # see nucleibatch/allocator.py
     )
     client = Client(cluster)
     try:

@@ -1,27 +1,47 @@
-"""Keep a long run's memory flat: hand freed heap memory back to the OS between blocks (glibc).
+"""Keep the network fast and a long run's memory flat (glibc's allocator).
 
-glibc serves allocations below its mmap threshold (which it raises up to 32 MiB as large
-blocks are freed) from per-thread heap arenas. Block-sized arrays (a few to tens of MiB)
-then live in arenas that fragment and, without a trim, keep their freed pages: measured with
-benchmarks/memory.py, an 8k x 8k image peaked at 1,663 MB, rising block after block.
-Fixing the threshold low (every array above 1 MiB mmapped) cured that but made each forward
-pass of the network 30-40 % slower on the CPU (its activations were mmapped and page-faulted
-afresh on every call), so instead the freed pages are released with ``malloc_trim`` after
-each block, and allocation itself is left alone.
+Two findings, measured on the CPU (2 cores, 95 DSB images, ``benchmarks/pipeline.py``):
+
+* **Speed.** By default glibc serves allocations above its mmap threshold (at most 32 MiB)
+  with fresh ``mmap``s, and deletes a thread arena's 64 MiB heaps once they are free. The
+  network's activations (tens to hundreds of MiB) were therefore page-faulted afresh on every
+  forward pass: 9 million page faults and 17 s of kernel time in a 29 s run. One arena, no
+  ``mmap`` and no automatic trimming (:data:`ALLOCATOR_ENV`, :func:`tune_allocator`) keep the
+  freed pages for the next pass: 0.33 million faults, the run 29 -> 20 s. All three are
+  needed: without any one of them the faults come back (measured one by one).
+* **Memory.** Freed pages kept in the heap would then pile up over a long run (fragmentation):
+  :func:`release_free_memory` hands them back when the heap's free share exceeds a budget,
+  which keeps a 16k x 16k image's peak close to a 2k one's (``benchmarks/memory.py``).
+
+The settings take full effect only before a process starts threads (the arena count is fixed
+when the second arena is made), hence the environment variables for worker processes and
+:func:`tune_allocator` as the first step of the command line.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import time
+import os
+
+# mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
+
+_NEVER_TRIM = 2**31 - 1  # mallopt takes an int; automatic trimming off: release_free_memory decides
+ALLOCATOR_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(_NEVER_TRIM)}
+"""The same settings as environment variables, for worker processes (Ray actors, Dask nannies)."""
+
+FREE_BUDGET_BYTES = 512 << 20
+"""Free heap memory kept for reuse; above it, :func:`release_free_memory` trims."""
 
 _libc = None
-_last_trim = -float("inf")
-# A trim walks every arena (a few ms); small images finish many blocks a second, and trimming
-# after each cost ~10 % of their post-processing. Once a second still returns the pages of a
-# large image's blocks (seconds each) as before.
-MIN_TRIM_INTERVAL_S = 1.0
+_tuned = False
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
 def _load_libc():
@@ -30,22 +50,53 @@ def _load_libc():
         try:
             _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
             _libc.malloc_trim  # noqa: B018 - glibc only
+            _libc.mallopt  # noqa: B018
         except (OSError, AttributeError):  # musl, macOS: no malloc_trim; their allocators behave otherwise
             _libc = False
     return _libc
 
 
-def release_free_memory() -> bool:
-    """Return the freed pages of every glibc heap arena to the OS (``malloc_trim(0)``).
+def tune_allocator() -> bool:
+    """Apply :data:`ALLOCATOR_ENV`'s settings to this process with ``mallopt``.
 
-    Call it after a block's arrays are dropped; it trims at most once per
-    :data:`MIN_TRIM_INTERVAL_S`. Returns whether it trimmed (False where not glibc).
+    Call it before the process starts threads (the command line does, first thing). It is
+    idempotent. Returns whether the settings apply (False where not glibc). Setting
+    ``NUCLEIBATCH_DEFAULT_MALLOC=1`` leaves glibc's defaults alone.
     """
-    global _last_trim
+    global _tuned
     libc = _load_libc()
-    now = time.monotonic()
-    if not libc or now - _last_trim < MIN_TRIM_INTERVAL_S:
+    if not libc or os.environ.get("NUCLEIBATCH_DEFAULT_MALLOC") == "1":
         return False
-    _last_trim = now
+    if not _tuned:
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        # order matters: a fixed trim threshold also fixes the mmap threshold (128 KiB), so mmap goes off first
+        ok = libc.mallopt(_M_ARENA_MAX, 1) and libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM)
+        _tuned = bool(ok)
+    return _tuned
+
+
+def free_heap_bytes() -> int | None:
+    """Bytes free inside glibc's heaps (``mallinfo2().fordblks``); None where unknown."""
+    libc = _load_libc()
+    if not libc or not hasattr(libc, "mallinfo2"):
+        return None
+    libc.mallinfo2.restype = _Mallinfo2
+    return int(libc.mallinfo2().fordblks)
+
+
+def release_free_memory(budget_bytes: int = FREE_BUDGET_BYTES) -> bool:
+    """Return freed heap pages to the OS (``malloc_trim(0)``) when more than ``budget_bytes`` are free.
+
+    Call it after a block's arrays are dropped. Below the budget the free pages stay for the
+    next block and forward pass (trimming them would page-fault them in again). Returns whether
+    it trimmed (False where not glibc).
+    """
+    libc = _load_libc()
+    if not libc:
+        return False
+    free = free_heap_bytes()
+    if free is not None and free <= budget_bytes:
+        return False
     libc.malloc_trim(0)
     return True
+

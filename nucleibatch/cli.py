@@ -194,6 +194,9 @@ def _run_evaluate(args) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `nucleibatch` console script; returns the exit status."""
+    from .allocator import tune_allocator
+
+    tune_allocator()  # before any thread starts: see nucleibatch/allocator.py
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ..allocator import ALLOCATOR_ENV
 from ..io.discover import ImageRecord
 from ..io.location import Location
 from ..model import NucleiModel
@@ -114,7 +115,7 @@ def run_engine(
         import os
 
         n_workers = workers or max(1, min(4, (os.cpu_count() or 2)))
-        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0")
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0", env=ALLOCATOR_ENV)
         client = Client(cluster)
     try:
         executor = DaskExecutor(client, model, device, settings, batch_size, out_dir, workers)

@@ -211,9 +211,10 @@ class BlockPredictor:
     """Unit 2, on a model worker: holds the model (loaded once) and the images it reads from."""
 
     def __init__(self, model, device: str, settings: SegmentSettings, batch_size: int) -> None:
-
+        from ..allocator import tune_allocator
         from ..model import prepare_network, resolve_device
 
+        tune_allocator()  # in full where the worker was started with ALLOCATOR_ENV (the engines' own workers are)
         self.device = resolve_device(device)
         model.network = prepare_network(model.network, self.device)
         model.device = self.device

@@ -18,6 +18,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ..allocator import ALLOCATOR_ENV
 from ..io.discover import ImageRecord
 from ..io.location import Location
 from ..model import NucleiModel
@@ -90,7 +91,7 @@ class RayExecutor:
         self.model_ref = ray.put(model)  # held for the whole run: restarted actors read it again
         placements = spread_over_nodes(ray.nodes(), "GPU" if use_gpu else "CPU", options["num_gpus" if use_gpu else "num_cpus"], self.workers)
         self.predictors = [
-            predictor.options(**options, scheduling_strategy=placement).remote([self.model_ref], device, settings, batch_size)
+            predictor.options(**options, scheduling_strategy=placement, runtime_env={"env_vars": ALLOCATOR_ENV}).remote([self.model_ref], device, settings, batch_size)
             for placement in placements
         ]
         self.next_predictor = 0
