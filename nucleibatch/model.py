@@ -288,11 +288,16 @@ def prepare_network(network: torch.nn.Module, device: torch.device, fast: bool |
     return network
 
 
-def _forward(network: torch.nn.Module, batch: np.ndarray, device: torch.device, tta: bool, fast: bool | None = None) -> np.ndarray:
-    """Sigmoid probabilities of a batch ``(N, 1, h, w)`` float32 -> ``(N, K, h, w)`` float32.
+def _forward(network: torch.nn.Module, batch: np.ndarray, device: torch.device, tta: bool, fast: bool | None = None, crop: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """Sigmoid probabilities of a batch ``(N, 1, h, w)`` float32 -> ``(N, K, h, w)``.
 
-    ``fast`` (default: on CUDA) runs under bf16 autocast with channels-last input; the same code
-    runs on the CPU when asked (tests check it there: no GPU is needed to exercise it).
+    ``fast`` (default: on CUDA) runs under bf16 autocast with channels-last input, and returns
+    float16: the network computed in bf16, so float16 (10-bit mantissa) loses nothing, and the
+    device-to-host copy halves. Otherwise float32. The same code runs on the CPU when asked
+    (tests check it there: no GPU is needed to exercise it).
+
+    ``crop`` = ``(y0, y1, x0, x1)``: return only this window of every tile, cut on the device
+    before the copy (the halo that the caller drops is not copied back).
     """
     fast = fast_inference(device) if fast is None else fast
     x = torch.from_numpy(batch).to(device, non_blocking=True)
@@ -309,6 +314,10 @@ def _forward(network: torch.nn.Module, batch: np.ndarray, device: torch.device, 
                 yi = torch.flip(yi, dims) if dims else yi
                 total = yi if total is None else total + yi
             out = total / 4.0
+        if crop is not None:
+            out = out[:, :, crop[0] : crop[1], crop[2] : crop[3]]
+        if fast:
+            out = out.to(torch.float16)
     return out.cpu().numpy()
 
 
@@ -395,21 +404,34 @@ def predict_images(
             for k, (number, tile) in enumerate(chunk):
                 ry0, ry1, rx0, rx1 = tile.read
                 batch[k, 0] = _pad_to(images[number][ry0:ry1, rx0:rx1], window)
+            # per tile, the part kept: its core inside its image's output box (image coordinates)
+            kept = [_kept_window(tile.core, boxes[number]) for number, tile in chunk]
+            reads = [(tile.read[0], tile.read[2]) for _, tile in chunk]
+            # one window of the tiles (tile coordinates) holding every tile's kept part: only it is copied back
+            crop = (
+                min(y0 - ry for (y0, _, _, _), (ry, _) in zip(kept, reads)),
+                max(y1 - ry for (_, y1, _, _), (ry, _) in zip(kept, reads)),
+                min(x0 - rx for (_, _, x0, _), (_, rx) in zip(kept, reads)),
+                max(x1 - rx for (_, _, _, x1), (_, rx) in zip(kept, reads)),
+            )
             if usage is None:
-                probabilities = _forward(network, batch, device, tta, fast)
+                probabilities = _forward(network, batch, device, tta, fast, crop)
             else:
                 with usage.running((len(chunk), *window)):
-                    probabilities = _forward(network, batch, device, tta, fast)
-            for k, (number, tile) in enumerate(chunk):
+                    probabilities = _forward(network, batch, device, tta, fast, crop)
+            for k, ((number, _), (y0, y1, x0, x1), (ry, rx)) in enumerate(zip(chunk, kept, reads)):
                 oy0, oy1, ox0, ox1 = boxes[number]
                 if outputs[number] is None:
                     outputs[number] = np.empty((probabilities.shape[1], oy1 - oy0, ox1 - ox0), dtype=np.float32)
-                cy0, cy1, cx0, cx1 = tile.core
-                y0, y1, x0, x1 = max(cy0, oy0), min(cy1, oy1), max(cx0, ox0), min(cx1, ox1)
-                ry, rx = tile.read[0], tile.read[2]
-                outputs[number][:, y0 - oy0 : y1 - oy0, x0 - ox0 : x1 - ox0] = probabilities[k, :, y0 - ry : y1 - ry, x0 - rx : x1 - rx]
+                ty, tx = ry + crop[0], rx + crop[2]  # image coordinates of the copied window's corner
+                outputs[number][:, y0 - oy0 : y1 - oy0, x0 - ox0 : x1 - ox0] = probabilities[k, :, y0 - ty : y1 - ty, x0 - tx : x1 - tx]
     assert all(output is not None for output in outputs)
     return outputs  # type: ignore[return-value]
+
+
+def _kept_window(core: tuple[int, int, int, int], box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """The part of a tile's core inside an output box, ``(y0, y1, x0, x1)`` in image coordinates."""
+    return max(core[0], box[0]), min(core[1], box[1]), max(core[2], box[2]), min(core[3], box[3])
 
 
 def _pad_to(tile: np.ndarray, window: tuple[int, int]) -> np.ndarray:

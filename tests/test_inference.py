@@ -53,3 +53,46 @@ def test_tiles_of_several_images_batched_together_give_each_image_alone():
     for image, box, batched in zip(images, boxes, together, strict=True):
         alone = predict_image(model.network, image, tile_size=512, halo=64, batch_size=4, output_box=box)
         np.testing.assert_array_equal(batched, alone)
+
+
+class _Pointwise(torch.nn.Module):
+    """A network whose output at a pixel depends on that pixel only: a tiled prediction of it
+    must equal the whole image's, pixel for pixel, whatever tiles and crops were used."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 3, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([4.0, -3.0, 8.0]).reshape(3, 1, 1, 1))
+            self.conv.bias.copy_(torch.tensor([-2.0, 1.0, -4.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def test_tiles_are_cropped_and_placed_exactly_oracle():
+    """Only each batch's kept window is copied back from the device (``_forward``'s crop); the
+    assembled probabilities equal the pointwise oracle on the whole image, for image borders,
+    output boxes and tiles of several images sharing a batch; the fast path returns float16."""
+    from nucleibatch.model import _forward
+
+    network = _Pointwise().eval()
+    rng = np.random.default_rng(1)
+    images = [rng.random(shape, dtype=np.float32) for shape in [(700, 900), (200, 150), (256, 256), (391, 517)]]
+    boxes = [(100, 650, 33, 871), None, (5, 250, 17, 200), (0, 391, 300, 517)]
+    with torch.no_grad():
+        oracles = [torch.sigmoid(network(torch.from_numpy(image)[None, None]))[0].numpy() for image in images]
+    for batch_size in (1, 3):
+        outputs = predict_images(network, images, boxes, tile_size=256, halo=32, batch_size=batch_size)
+        for output, oracle, box in zip(outputs, oracles, boxes, strict=True):
+            y0, y1, x0, x1 = box or (0, oracle.shape[1], 0, oracle.shape[2])
+            assert output.dtype == np.float32
+            np.testing.assert_allclose(output, oracle[:, y0:y1, x0:x1], rtol=0, atol=1e-6)
+    fast = predict_images(prepare_network(copy.deepcopy(network), torch.device("cpu"), fast=True), images, boxes, tile_size=256, halo=32, batch_size=3, fast=True)
+    for output, oracle, box in zip(fast, oracles, boxes, strict=True):
+        y0, y1, x0, x1 = box or (0, oracle.shape[1], 0, oracle.shape[2])
+        np.testing.assert_allclose(output, oracle[:, y0:y1, x0:x1], rtol=0, atol=0.02)  # bf16 network, float16 copy
+    batch = images[0][None, None, :256, :256].copy()
+    full = _forward(network, batch, torch.device("cpu"), tta=False)
+    np.testing.assert_array_equal(_forward(network, batch, torch.device("cpu"), tta=False, crop=(32, 224, 10, 256)), full[:, :, 32:224, 10:256])
+    assert _forward(network, batch, torch.device("cpu"), tta=False, fast=True).dtype == np.float16
