@@ -37,6 +37,7 @@ from nucleibatch.report import (
     display_range,
     draw_box,
     draw_outlines,
+    encode_jpeg,
     histogram_svg,
     sample_ids,
     sample_nuclei,
@@ -425,3 +426,14 @@ def test_report_in_headless_chromium(report, tmp_path):
     assert "noSuchFunction" in console
     assert int(body["data-images-decoded"]) == n_images - 1
 
+
+
+def test_a_busy_full_colour_picture_still_encodes():
+    """Pillow's optimised JPEG encoder gets a buffer of one byte per pixel; a picture busier
+    than that (an overview with thousands of coloured outlines; here noise) failed with
+    'broken data stream' and the image's report entry was lost. It is now encoded unoptimised."""
+    rgb = np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    url = encode_jpeg(rgb)
+    decoded = np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))))
+    assert decoded.shape == rgb.shape
+    assert np.abs(decoded.astype(int) - rgb).mean() < 40  # a JPEG of noise, not a blank picture
