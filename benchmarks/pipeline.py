@@ -1,7 +1,7 @@
 """Pipeline vs bare model: does `segment` keep the network busy? (issue: performance)
 
     .venv/bin/python benchmarks/pipeline.py [--dsb-mpix 16] [--big 8192] [--model default] [--device cpu]
-        [--dsb DIR] [--batch-size 4] [--engine local|dask] [--dask-cpu-workers N]
+        [--dsb DIR] [--batch-size 4] [--precision auto|float32|bf16] [--engine local|dask] [--dask-cpu-workers N]
 
 Two workloads, each segmented by ``python -m nucleibatch segment`` in a child process (local
 engine, default settings):
@@ -17,7 +17,8 @@ single-threaded CPU workers (post-processing), as on a GPU node.
 
 The run records every network call's batch shape (run.json ``model_batches``). The bare
 model then replays exactly those calls on random input (same batch sizes and tile shapes,
-same device and precision, after a warm-up) in this process. Printed per workload: bare
+same device, precision and allocator settings (nucleibatch/allocator.py; NUCLEIBATCH_DEFAULT_MALLOC=1
+for glibc's defaults in both), after a warm-up) in this process. Printed per workload: bare
 and pipeline MPix/s (image megapixels / seconds), their ratio (target >= 0.85 on CPU), the
 model's idle fraction during the run, and seconds per stage (summed over threads).
 """
@@ -93,23 +94,23 @@ def gpu_node_cluster(cpu_workers: int):
     return SpecCluster(scheduler=scheduler, workers=workers, silence_logs=logging.WARNING)
 
 
-def bare_seconds(model_name: str, device: str, batches: list[list[int]], tta: bool) -> float:
+def bare_seconds(model_name: str, device: str, batches: list[list[int]], tta: bool, precision: str = "auto") -> float:
     """Seconds the bare network takes for exactly these calls ``[n, h, w, count]`` on random input."""
     import torch
 
     from nucleibatch.model import _forward, load_model
 
-    model = load_model(model_name, device=device)
+    model = load_model(model_name, device=device, precision=precision)
     rng = np.random.default_rng(0)
     inputs = {(n, h, w): rng.random((n, 1, h, w), dtype=np.float32) for n, h, w, _ in batches}
     for key in inputs:  # warm-up: allocator, kernels, autotuning
-        _forward(model.network, inputs[key], model.device, tta)
+        _forward(model.network, inputs[key], model.device, tta, fast=model.fast)
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
     for n, h, w, count in batches:
         for _ in range(count):
-            _forward(model.network, inputs[(n, h, w)], model.device, tta)
+            _forward(model.network, inputs[(n, h, w)], model.device, tta, fast=model.fast)
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - started
@@ -133,9 +134,9 @@ def report(name: str, run: dict, bare: float) -> float:
 def workload(name: str, inputs: Path, out: Path, args, dask_extra: list[str] | None) -> list[float]:
     """Segment ``inputs`` with the local engine (whose network calls the bare model replays), and
     on the Dask cluster too when ``dask_extra``; returns the ratios."""
-    local_extra = ["--batch-size", str(args.batch_size)]
+    local_extra = ["--batch-size", str(args.batch_size), "--precision", args.precision]
     run = segment(inputs, out, args.model, args.device, local_extra)
-    bare = bare_seconds(args.model, args.device, run["model_batches"], bool(run["settings"].get("tta")))
+    bare = bare_seconds(args.model, args.device, run["model_batches"], bool(run["settings"].get("tta")), args.precision)
     ratios = [report(f"{name}, local engine", run, bare)]
     if dask_extra is not None:
         run = segment(inputs, out, args.model, args.device, [*local_extra, *dask_extra])
@@ -149,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--big", type=int, default=8192, help="side of the image of workload (b) [8192]; 0 skips it")
     parser.add_argument("--model", default="default")
     parser.add_argument("--device", default="cpu", help="cpu | cuda [cpu]")
+    parser.add_argument("--precision", default="auto", choices=("auto", "float32", "bf16"), help="segment --precision, and the bare model's [auto]")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--dsb", type=Path, default=DSB, help="folder of DSB images for workload (a) [../shared/data/dsb2018/stage1_train]")
     parser.add_argument("--batch-size", type=int, default=4, help="segment --batch-size [4]")

@@ -66,6 +66,7 @@ def _add_evaluate(subparsers) -> None:
     p.add_argument("data", nargs="+", metavar="DATA", help="annotated folder(s): DSB layout or images/ + labels/")
     p.add_argument("--model", default="default", help="'default' or a bundle folder [default]")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda [auto]")
+    p.add_argument("--precision", default="auto", choices=("auto", "float32", "bf16"), help="network arithmetic, as segment's [auto: bf16 on CUDA and on CPUs with native bf16]")
     p.add_argument("--channel", type=int, default=None, help="nuclear-stain channel index [mean of colours]")
     p.add_argument("--csv", default=None, help="write per-image scores to this CSV file")
     p.add_argument("--limit-images", type=int, default=0, help="evaluate only the first K images")
@@ -173,7 +174,7 @@ def _run_evaluate(args) -> int:
     from .evaluate import evaluate_model, write_rows_csv
     from .model import load_model
 
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, device=args.device, precision=args.precision)
     if args.tta != "auto":
         model.config["tta"] = args.tta == "on"
     image_ids = model.config.get("training", {}).get("val_image_ids") if args.ids_from_bundle else None

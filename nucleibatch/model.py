@@ -175,6 +175,12 @@ class NucleiModel:
     path: Path | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     usage: ModelUsage = field(default_factory=ModelUsage, repr=False, compare=False)
+    precision: str = "auto"  # see PRECISIONS; resolved for the device where the network runs
+
+    @property
+    def fast(self) -> bool:
+        """Whether the network runs in bf16 (see :func:`uses_bf16`)."""
+        return uses_bf16(self.precision, self.device)
 
     @property
     def name(self) -> str:
@@ -206,6 +212,7 @@ class NucleiModel:
             device=self.device,
             tta=bool(self.config.get("tta", False)) if tta is None else tta,
             usage=self.usage,
+            fast=self.fast,
         )
 
 
@@ -226,13 +233,15 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def load_model(spec: str | Path = "default", device: str | torch.device = "cpu") -> NucleiModel:
+def load_model(spec: str | Path = "default", device: str | torch.device = "cpu", precision: str = "auto") -> NucleiModel:
     """Load a model bundle.
 
     Args:
         spec: ``"default"`` (the bundle shipped in the package) or a bundle folder
             (or its ``config.json``).
         device: ``"cpu"``, ``"cuda"``, ``"auto"`` or a ``torch.device``.
+        precision: ``"auto"`` (bf16 on CUDA and on CPUs with native bf16, else float32),
+            ``"float32"`` or ``"bf16"``.
 
     Returns:
         :class:`NucleiModel` whose ``network`` is in eval mode on ``device``.
@@ -271,13 +280,35 @@ def load_model(spec: str | Path = "default", device: str | torch.device = "cpu")
     except Exception as error:
         raise ModelBundleError(f"{weights_path}: weights do not fit the network in {CONFIG_NAME} ({type(error).__name__}: {' '.join(str(error).split())[:300]})") from None
     torch_device = resolve_device(device) if isinstance(device, str) else device
-    network = prepare_network(network, torch_device)
-    return NucleiModel(network=network, config=config, path=path, device=torch_device)
+    network = prepare_network(network, torch_device, fast=uses_bf16(precision, torch_device))
+    return NucleiModel(network=network, config=config, path=path, device=torch_device, precision=precision)
+
+
+PRECISIONS = ("auto", "float32", "bf16")
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): there bf16 runs the network
+    2.4x faster than float32 (measured on an AMD EPYC with AVX512-BF16, benchmarks/bare_model.py)
+    with the same validation mAP (0.635); without it bf16 is emulated and slower."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these probes
+        return False
+
+
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Resolve ``--precision``: ``auto`` is bf16 on CUDA (tensor cores) and on CPUs with native bf16."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        return precision == "bf16"
+    return fast_inference(device)
 
 
 def fast_inference(device: torch.device) -> bool:
-    """bf16 autocast + channels-last memory layout: on CUDA (tensor cores), not on the CPU."""
-    return device.type == "cuda"
+    """bf16 autocast + channels-last memory layout by default: on CUDA and on CPUs with native bf16."""
+    return device.type == "cuda" or (device.type == "cpu" and native_bf16_cpu())
 
 
 def prepare_network(network: torch.nn.Module, device: torch.device, fast: bool | None = None) -> torch.nn.Module:
@@ -291,7 +322,7 @@ def prepare_network(network: torch.nn.Module, device: torch.device, fast: bool |
 def _forward(network: torch.nn.Module, batch: np.ndarray, device: torch.device, tta: bool, fast: bool | None = None, crop: tuple[int, int, int, int] | None = None) -> np.ndarray:
     """Sigmoid probabilities of a batch ``(N, 1, h, w)`` float32 -> ``(N, K, h, w)``.
 
-    ``fast`` (default: on CUDA) runs under bf16 autocast with channels-last input, and returns
+    ``fast`` (default: :func:`fast_inference`) runs under bf16 autocast with channels-last input, and returns
     float16: the network computed in bf16, so float16 (10-bit mantissa) loses nothing, and the
     device-to-host copy halves. Otherwise float32. The same code runs on the CPU when asked
     (tests check it there: no GPU is needed to exercise it).
@@ -344,7 +375,7 @@ def predict_image(
         output_box: ``(y0, y1, x0, x1)``: return probabilities of this part of the image only
             (the rest is context; tiles whose core misses the box are not run). Default: all.
         usage: counts the tiles and the seconds the network ran.
-        fast: bf16 autocast + channels-last (default: on CUDA); see :func:`_forward`.
+        fast: bf16 autocast + channels-last (default: :func:`fast_inference`); see :func:`_forward`.
 
     Returns:
         ``(K, h, w)`` float32 probabilities (K = number of classes) of ``output_box``.
@@ -408,18 +439,14 @@ def predict_images(
             kept = [_kept_window(tile.core, boxes[number]) for number, tile in chunk]
             reads = [(tile.read[0], tile.read[2]) for _, tile in chunk]
             # one window of the tiles (tile coordinates) holding every tile's kept part: only it is copied back
-            crop = (
-                min(y0 - ry for (y0, _, _, _), (ry, _) in zip(kept, reads)),
-                max(y1 - ry for (_, y1, _, _), (ry, _) in zip(kept, reads)),
-                min(x0 - rx for (_, _, x0, _), (_, rx) in zip(kept, reads)),
-                max(x1 - rx for (_, _, _, x1), (_, rx) in zip(kept, reads)),
-            )
+            in_tile = [(y0 - ry, y1 - ry, x0 - rx, x1 - rx) for (y0, y1, x0, x1), (ry, rx) in zip(kept, reads, strict=True)]
+            crop = (min(w[0] for w in in_tile), max(w[1] for w in in_tile), min(w[2] for w in in_tile), max(w[3] for w in in_tile))
             if usage is None:
                 probabilities = _forward(network, batch, device, tta, fast, crop)
             else:
                 with usage.running((len(chunk), *window)):
                     probabilities = _forward(network, batch, device, tta, fast, crop)
-            for k, ((number, _), (y0, y1, x0, x1), (ry, rx)) in enumerate(zip(chunk, kept, reads)):
+            for k, ((number, _), (y0, y1, x0, x1), (ry, rx)) in enumerate(zip(chunk, kept, reads, strict=True)):
                 oy0, oy1, ox0, ox1 = boxes[number]
                 if outputs[number] is None:
                     outputs[number] = np.empty((probabilities.shape[1], oy1 - oy0, ox1 - ox0), dtype=np.float32)

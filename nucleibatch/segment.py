@@ -245,6 +245,7 @@ def run_segment_job(
     device: str = "auto",
     settings: SegmentSettings | None = None,
     batch_size: int = 4,
+    precision: str = "auto",
     overwrite: bool = False,
     retry_failed: bool = False,
     verify: bool = False,
@@ -273,7 +274,7 @@ def run_segment_job(
     driver_device = device if engine == "local" else "cpu"
     if engine != "local" and device != "auto":
         resolve_device_name(device)
-    loaded = model if isinstance(model, NucleiModel) else load_model(model, device=driver_device)
+    loaded = model if isinstance(model, NucleiModel) else load_model(model, device=driver_device, precision=precision)
     records = discover_inputs(inputs, channel=settings.channel)
     make_dirs(out_dir)
     with Lock(out_dir):
@@ -332,6 +333,8 @@ def run_segment_job(
             "inputs": [str(i) for i in inputs],
             "engine": engine,
             "device": str(loaded.device) if engine == "local" else device,
+            # distributed: "auto" is resolved by each model worker for its own device
+            "precision": ("bf16" if loaded.fast else "float32") if engine == "local" else loaded.precision,
             "settings": settings.to_dict() | {"batch_size": batch_size},
             "postprocess": settings.postprocess or loaded.postprocess.to_dict(),
             "model": {"name": loaded.name, "sha256": loaded.sha256, "path": str(loaded.path)},

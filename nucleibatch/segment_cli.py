@@ -23,6 +23,7 @@ def add_segment(subparsers) -> None:
     p.add_argument("--workers", type=int, default=0, help="model workers for ray/dask [ray: one per GPU, else half the CPUs; dask: the workers declaring GPU, else all]")
     p.add_argument("--gpus-per-worker", type=float, default=1.0, help="GPUs per Ray model worker (0.5: two workers share a GPU) [1]")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda [auto: CUDA when present]")
+    p.add_argument("--precision", default="auto", choices=("auto", "float32", "bf16"), help="network arithmetic [auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), else float32]")
     p.add_argument("--channel", type=int, default=None, help="index of the nuclear-stain channel [mean of colours]")
     p.add_argument("--invert", default=None, choices=("auto", "never", "always"), help="invert intensities (bright background) [the model's: auto]")
     p.add_argument("--batch-size", type=int, default=4, help="tiles per model call [4]")
@@ -57,6 +58,7 @@ def run_segment(args) -> int:
         model=args.model,
         engine=args.engine,
         device=args.device,
+        precision=args.precision,
         settings=settings,
         batch_size=args.batch_size,
         overwrite=args.overwrite,

@@ -83,7 +83,7 @@ def test_tiles_are_cropped_and_placed_exactly_oracle():
     with torch.no_grad():
         oracles = [torch.sigmoid(network(torch.from_numpy(image)[None, None]))[0].numpy() for image in images]
     for batch_size in (1, 3):
-        outputs = predict_images(network, images, boxes, tile_size=256, halo=32, batch_size=batch_size)
+        outputs = predict_images(network, images, boxes, tile_size=256, halo=32, batch_size=batch_size, fast=False)
         for output, oracle, box in zip(outputs, oracles, boxes, strict=True):
             y0, y1, x0, x1 = box or (0, oracle.shape[1], 0, oracle.shape[2])
             assert output.dtype == np.float32
@@ -96,3 +96,19 @@ def test_tiles_are_cropped_and_placed_exactly_oracle():
     full = _forward(network, batch, torch.device("cpu"), tta=False)
     np.testing.assert_array_equal(_forward(network, batch, torch.device("cpu"), tta=False, crop=(32, 224, 10, 256)), full[:, :, 32:224, 10:256])
     assert _forward(network, batch, torch.device("cpu"), tta=False, fast=True).dtype == np.float16
+
+
+def test_precision_resolves_per_device_and_bad_values_are_refused():
+    import pytest
+
+    from nucleibatch.errors import UsageError
+    from nucleibatch.model import native_bf16_cpu, uses_bf16
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert uses_bf16("bf16", cpu) and not uses_bf16("float32", cuda)
+    assert uses_bf16("auto", cuda) and uses_bf16("auto", cpu) == native_bf16_cpu()
+    with pytest.raises(UsageError, match="--precision must be one of auto, float32, bf16"):
+        uses_bf16("fp8", cpu)
+    model = load_model("default", precision="float32")
+    assert not model.fast and model.network.encoder.conv1.weight.is_contiguous()  # float32: no channels-last
+    assert load_model("default", precision="bf16").fast

@@ -116,6 +116,11 @@ def test_cli_with_a_model_bundle_writes_the_contract(tmp_path, tiny_bundle, caps
     check_contract(tmp_path / "out")
     printed = capsys.readouterr().out
     assert "napari" in printed and "read_parquet" in printed and str(tmp_path / "out") in printed
+    from nucleibatch.model import native_bf16_cpu
+
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["precision"] == ("bf16" if native_bf16_cpu() else "float32")
+    code = main(["segment", str(tmp_path / "in"), "-o", str(tmp_path / "f32"), "--model", str(tiny_bundle), "--device", "cpu", "--precision", "float32"])
+    assert code == 0 and json.loads((tmp_path / "f32" / "run.json").read_text())["precision"] == "float32"
 
 
 def match_fraction(reference: np.ndarray, candidate: np.ndarray, threshold: float = 0.9) -> tuple[float, int, int]:

@@ -212,11 +212,11 @@ class BlockPredictor:
 
     def __init__(self, model, device: str, settings: SegmentSettings, batch_size: int) -> None:
         from ..allocator import tune_allocator
-        from ..model import prepare_network, resolve_device
+        from ..model import prepare_network, resolve_device, uses_bf16
 
         tune_allocator()  # in full where the worker was started with ALLOCATOR_ENV (the engines' own workers are)
         self.device = resolve_device(device)
-        model.network = prepare_network(model.network, self.device)
+        model.network = prepare_network(model.network, self.device, fast=uses_bf16(model.precision, self.device))
         model.device = self.device
         self.model, self.settings, self.batch_size = model, settings, batch_size
         self.sources: dict[str, Any] = {}  # the last images read (a slide is opened once, not per block)
