@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     args = parser.parse_args(argv)
 
-    model = load_model(args.model, device="cpu")
+    model = load_model(args.model, device="cpu", precision="float32")  # standard layout: each variant sets its own
     device = torch.device(args.device)
     side = args.side or int(model.config["tile_size"])
     halo = int(model.config["halo"])

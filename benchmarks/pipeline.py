@@ -91,7 +91,10 @@ def gpu_node_cluster(cpu_workers: int):
     workers = {"gpu": {"cls": Nanny, "options": {**options, "resources": {"GPU": 1}}}}
     workers |= {f"cpu-{i}": {"cls": Nanny, "options": dict(options)} for i in range(cpu_workers)}
     scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}}
-    return SpecCluster(scheduler=scheduler, workers=workers, silence_logs=logging.WARNING)
+    from nucleibatch.engines.dask_engine import worker_allocator_config
+
+    with worker_allocator_config():  # as the dask engine's own LocalCluster
+        return SpecCluster(scheduler=scheduler, workers=workers, silence_logs=logging.WARNING)
 
 
 def bare_seconds(model_name: str, device: str, batches: list[list[int]], tta: bool, precision: str = "auto") -> float:

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from distributed import Client
 
-    from nucleibatch.allocator import ALLOCATOR_ENV
+    from nucleibatch.allocator import worker_environment
     from nucleibatch.errors import NucleibatchError
     from nucleibatch.segment import closing_summary, run_segment_job
 
@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         interface=args.interface,
         job_extra_directives=["--gres=gpu:1"],
         worker_extra_args=["--resources", "GPU=1"],
-        job_script_prologue=[*(f"export {key}={value}" for key, value in ALLOCATOR_ENV.items()), *args.prologue],  # see nucleibatch/allocator.py
+        # the nanny's pre-spawn variables reach the worker process at its start (glibc reads them then): nucleibatch/allocator.py
+        job_script_prologue=[f"export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON=\"{worker_environment()!r}\"", *args.prologue],
     )
     client = Client(cluster)
     try:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import time
 
 # mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -32,12 +33,15 @@ _M_ARENA_MAX = -8
 _NEVER_TRIM = 2**31 - 1  # mallopt takes an int; automatic trimming off: release_free_memory decides
 ALLOCATOR_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(_NEVER_TRIM)}
 """The same settings as environment variables, for worker processes (Ray actors, Dask nannies)."""
+MIN_TRIM_INTERVAL_S = 1.0
+"""Where glibc cannot say how much is free (before 2.33: no ``mallinfo2``): trim at most this often."""
 
 FREE_BUDGET_BYTES = 512 << 20
 """Free heap memory kept for reuse; above it, :func:`release_free_memory` trims."""
 
 _libc = None
 _tuned = False
+_last_trim = -float("inf")
 
 
 class _Mallinfo2(ctypes.Structure):
@@ -56,6 +60,18 @@ def _load_libc():
     return _libc
 
 
+def default_malloc() -> bool:
+    """``NUCLEIBATCH_DEFAULT_MALLOC=1``: leave glibc's defaults alone, here and in the workers."""
+    return os.environ.get("NUCLEIBATCH_DEFAULT_MALLOC") == "1"
+
+
+def worker_environment() -> dict[str, str]:
+    """Environment variables for worker processes that run the network: :data:`ALLOCATOR_ENV`
+    (empty under ``NUCLEIBATCH_DEFAULT_MALLOC=1``). They must be in the environment the process
+    starts with: glibc reads them once, at start-up."""
+    return {} if default_malloc() else dict(ALLOCATOR_ENV)
+
+
 def tune_allocator() -> bool:
     """Apply :data:`ALLOCATOR_ENV`'s settings to this process with ``mallopt``.
 
@@ -65,11 +81,11 @@ def tune_allocator() -> bool:
     """
     global _tuned
     libc = _load_libc()
-    if not libc or os.environ.get("NUCLEIBATCH_DEFAULT_MALLOC") == "1":
+    if not libc or default_malloc():
         return False
     if not _tuned:
         libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-        # order matters: a fixed trim threshold also fixes the mmap threshold (128 KiB), so mmap goes off first
+        # all three: a fixed trim threshold also fixes the mmap threshold (at 128 KiB), harmless only with mmap off
         ok = libc.mallopt(_M_ARENA_MAX, 1) and libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM)
         _tuned = bool(ok)
     return _tuned
@@ -88,15 +104,22 @@ def release_free_memory(budget_bytes: int = FREE_BUDGET_BYTES) -> bool:
     """Return freed heap pages to the OS (``malloc_trim(0)``) when more than ``budget_bytes`` are free.
 
     Call it after a block's arrays are dropped. Below the budget the free pages stay for the
-    next block and forward pass (trimming them would page-fault them in again). Returns whether
-    it trimmed (False where not glibc).
+    next block and forward pass (trimming them would page-fault them in again). Where the free
+    size is unknown (glibc < 2.33), it trims at most every :data:`MIN_TRIM_INTERVAL_S`. Returns
+    whether it trimmed (False where not glibc).
     """
+    global _last_trim
     libc = _load_libc()
     if not libc:
         return False
     free = free_heap_bytes()
-    if free is not None and free <= budget_bytes:
+    now = time.monotonic()
+    if free is None:
+        if now - _last_trim < MIN_TRIM_INTERVAL_S:
+            return False
+    elif free <= budget_bytes:
         return False
+    _last_trim = now
     libc.malloc_trim(0)
     return True
 

@@ -288,9 +288,10 @@ PRECISIONS = ("auto", "float32", "bf16")
 
 
 def native_bf16_cpu() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): there bf16 runs the network
-    2.4x faster than float32 (measured on an AMD EPYC with AVX512-BF16, benchmarks/bare_model.py)
-    with the same validation mAP (0.635); without it bf16 is emulated and slower."""
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): there bf16 + channels-last
+    runs the network 2.3-2.6x faster than float32 (an AMD EPYC with AVX512-BF16,
+    benchmarks/bare_model.py) with the same validation mAP (0.635); elsewhere bf16 is emulated
+    and slower."""
     try:
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except AttributeError:  # a torch without these probes
@@ -312,19 +313,20 @@ def fast_inference(device: torch.device) -> bool:
 
 
 def prepare_network(network: torch.nn.Module, device: torch.device, fast: bool | None = None) -> torch.nn.Module:
-    """Move a network to ``device`` in eval mode; channels-last weights where inference is fast."""
+    """Move a network to ``device`` in eval mode; channels-last weights where inference is fast,
+    the standard layout otherwise (a network prepared for bf16 elsewhere, e.g. on the driver of
+    a distributed run, is turned back)."""
     network = network.to(device).eval()
-    if fast_inference(device) if fast is None else fast:
-        network = network.to(memory_format=torch.channels_last)
-    return network
+    fast = fast_inference(device) if fast is None else fast
+    return network.to(memory_format=torch.channels_last if fast else torch.contiguous_format)
 
 
 def _forward(network: torch.nn.Module, batch: np.ndarray, device: torch.device, tta: bool, fast: bool | None = None, crop: tuple[int, int, int, int] | None = None) -> np.ndarray:
     """Sigmoid probabilities of a batch ``(N, 1, h, w)`` float32 -> ``(N, K, h, w)``.
 
     ``fast`` (default: :func:`fast_inference`) runs under bf16 autocast with channels-last input, and returns
-    float16: the network computed in bf16, so float16 (10-bit mantissa) loses nothing, and the
-    device-to-host copy halves. Otherwise float32. The same code runs on the CPU when asked
+    float16: finer than the bf16 network's own rounding (a step of at most 4.9e-4 in [0, 1]),
+    and the device-to-host copy halves. Otherwise float32. The same code runs on the CPU when asked
     (tests check it there: no GPU is needed to exercise it).
 
     ``crop`` = ``(y0, y1, x0, x1)``: return only this window of every tile, cut on the device

@@ -131,18 +131,22 @@ def test_a_bad_read_in_a_group_of_small_images_fails_only_its_own_block(tmp_path
 
 def test_model_workers_are_dealt_over_the_nodes_that_can_hold_them():
     """Ray's SPREAD skips a node whose CPUs are busy for a moment; the model workers are dealt
-    round-robin over every alive node with the resource instead (soft: a dead node is left)."""
+    round-robin over every alive node with the resource instead (soft: a dead node is left),
+    never more to a node than it holds (a soft affinity to a full node would wait forever)."""
     from nucleibatch.engines.ray_engine import spread_over_nodes
 
     a, b = "aa" * 28, "bb" * 28
     nodes = [
-        {"NodeID": b, "Alive": True, "Resources": {"CPU": 2.0}},
+        {"NodeID": b, "Alive": True, "Resources": {"CPU": 2.0, "GPU": 3.0}},
         {"NodeID": a, "Alive": True, "Resources": {"CPU": 2.0, "GPU": 1.0}},
         {"NodeID": "cc" * 28, "Alive": True, "Resources": {}},  # a head without CPUs for work
         {"NodeID": "dd" * 28, "Alive": False, "Resources": {"CPU": 8.0}},
     ]
     placements = spread_over_nodes(nodes, "CPU", 1.0, 3)
     assert [p.node_id for p in placements] == [a, b, a] and all(p.soft for p in placements)
-    assert [p.node_id for p in spread_over_nodes(nodes, "GPU", 0.5, 2)] == [a, a]
-    assert spread_over_nodes(nodes, "GPU", 2.0, 2) == ["SPREAD", "SPREAD"]  # no GPU node yet: pending actors
-    assert spread_over_nodes(nodes, "CPU", 0.0, 1)[0].node_id == a  # a zero reservation still needs CPUs
+    assert [p.node_id for p in spread_over_nodes(nodes, "GPU", 1.0, 4)] == [a, b, b, b]  # a holds one GPU worker
+    assert [p.node_id for p in spread_over_nodes(nodes, "GPU", 0.5, 3)] == [a, b, a]
+    beyond = spread_over_nodes(nodes, "CPU", 1.0, 6)
+    assert [getattr(p, "node_id", p) for p in beyond] == [a, b, a, b, "SPREAD", "SPREAD"]  # more than the nodes hold: pending
+    assert spread_over_nodes(nodes, "GPU", 4.0, 2) == ["SPREAD", "SPREAD"]  # no GPU node big enough yet
+    assert [p.node_id for p in spread_over_nodes(nodes, "CPU", 0.0, 3)] == [a, b, a]  # a zero reservation still needs CPUs

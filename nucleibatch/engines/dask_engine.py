@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..allocator import ALLOCATOR_ENV
+from ..allocator import worker_environment
 from ..io.discover import ImageRecord
 from ..io.location import Location
 from ..model import NucleiModel
@@ -24,8 +24,28 @@ from ..pipeline import ImagePlan, SegmentSettings, Timer, instance_params
 from . import distributed
 
 log = logging.getLogger(__name__)
+PRE_SPAWN_ENVIRON = "distributed.nanny.pre-spawn-environ"
 _PREDICTORS: dict[str, distributed.BlockPredictor] = {}  # per worker process, by model sha256 + settings
 _LOCK = threading.Lock()
+
+
+def worker_allocator_config():
+    """Dask config under which the nannies made now start their workers with
+    :func:`~nucleibatch.allocator.worker_environment` (on top of Dask's own pre-spawn variables,
+    whose ``MALLOC_TRIM_THRESHOLD_`` it replaces). A nanny's ``env=`` would come too late: it is
+    applied after the worker process started, when glibc has read its variables already."""
+    import dask
+
+    return dask.config.set({PRE_SPAWN_ENVIRON: {**dask.config.get(PRE_SPAWN_ENVIRON, default={}), **worker_environment()}})
+
+
+def start_local_cluster(n_workers: int):
+    """A LocalCluster of ``n_workers`` single-threaded worker processes on 127.0.0.1, started
+    with the allocator settings (:func:`worker_allocator_config`)."""
+    from distributed import LocalCluster
+
+    with worker_allocator_config():
+        return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0")
 
 
 def predict_unit(model, device: str, settings: SegmentSettings, batch_size: int, units: list[tuple[ImagePlan, int]]):
@@ -106,7 +126,7 @@ def run_engine(
     gpus_per_worker: float = 1.0,
 ) -> None:
     """Segment ``records`` on the Dask scheduler at ``address``, else on a LocalCluster on 127.0.0.1."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     cluster = None
     if address:
@@ -114,8 +134,7 @@ def run_engine(
     else:
         import os
 
-        n_workers = workers or max(1, min(4, (os.cpu_count() or 2)))
-        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0", env=ALLOCATOR_ENV)
+        cluster = start_local_cluster(workers or max(1, min(4, (os.cpu_count() or 2))))
         client = Client(cluster)
     try:
         executor = DaskExecutor(client, model, device, settings, batch_size, out_dir, workers)

@@ -214,7 +214,9 @@ class BlockPredictor:
         from ..allocator import tune_allocator
         from ..model import prepare_network, resolve_device, uses_bf16
 
-        tune_allocator()  # in full where the worker was started with ALLOCATOR_ENV (the engines' own workers are)
+        # in full only where the worker process started with ALLOCATOR_ENV (the workers the engines
+        # start do); elsewhere the arena count is fixed already, and mmap and trimming still go off
+        tune_allocator()
         self.device = resolve_device(device)
         model.network = prepare_network(model.network, self.device, fast=uses_bf16(model.precision, self.device))
         model.device = self.device

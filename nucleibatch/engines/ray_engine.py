@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..allocator import ALLOCATOR_ENV
+from ..allocator import worker_environment
 from ..io.discover import ImageRecord
 from ..io.location import Location
 from ..model import NucleiModel
@@ -45,20 +45,30 @@ class RayBlockPredictor(distributed.BlockPredictor):
 
 def spread_over_nodes(nodes: list[dict], resource: str, amount: float, count: int) -> list[Any]:
     """Scheduling strategies that deal ``count`` model workers round-robin over the alive nodes
-    of ``ray.nodes()`` that have ``amount`` of ``resource`` in total.
+    of ``ray.nodes()``, each node taking at most as many as its total ``resource`` holds at
+    ``amount`` per worker.
 
     Ray's ``"SPREAD"`` only considers nodes with the resource free at that moment, so a node busy
     for a second (a previous job's workers exiting) got no model worker at all. A soft node
     affinity waits for the chosen node instead, and still goes elsewhere if that node dies
-    (restarted actors) or cannot hold the worker. No such node yet (GPU nodes still booting or
-    started on demand): ``"SPREAD"``, whose pending actors make the autoscaler add nodes.
+    (restarted actors). Workers beyond what the nodes hold, or all of them while no node has
+    the resource (GPU nodes still booting or started on demand), get ``"SPREAD"``: pending, they
+    make the autoscaler add nodes.
     """
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    fitting = sorted(node["NodeID"] for node in nodes if node.get("Alive") and node.get("Resources", {}).get(resource, 0) >= max(amount, 1e-9))
-    if not fitting:
-        return ["SPREAD"] * count
-    return [NodeAffinitySchedulingStrategy(fitting[i % len(fitting)], soft=True) for i in range(count)]
+    capacity = {}
+    for node in nodes:
+        total = node.get("Resources", {}).get(resource, 0) if node.get("Alive") else 0
+        if total > 0 and total >= amount:
+            capacity[node["NodeID"]] = int(total // amount + 1e-9) if amount > 0 else count
+    placements: list[Any] = []
+    while len(placements) < count and any(capacity.values()):
+        for node_id in sorted(capacity):
+            if capacity[node_id] and len(placements) < count:
+                placements.append(NodeAffinitySchedulingStrategy(node_id, soft=True))
+                capacity[node_id] -= 1
+    return placements + ["SPREAD"] * (count - len(placements))
 
 
 class RayExecutor:
@@ -91,7 +101,7 @@ class RayExecutor:
         self.model_ref = ray.put(model)  # held for the whole run: restarted actors read it again
         placements = spread_over_nodes(ray.nodes(), "GPU" if use_gpu else "CPU", options["num_gpus" if use_gpu else "num_cpus"], self.workers)
         self.predictors = [
-            predictor.options(**options, scheduling_strategy=placement, runtime_env={"env_vars": ALLOCATOR_ENV}).remote([self.model_ref], device, settings, batch_size)
+            predictor.options(**options, scheduling_strategy=placement, runtime_env={"env_vars": worker_environment()}).remote([self.model_ref], device, settings, batch_size)
             for placement in placements
         ]
         self.next_predictor = 0

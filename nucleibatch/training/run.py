@@ -134,7 +134,7 @@ def resolve_init(settings: TrainSettings) -> tuple[TrainSettings, dict[str, Any]
         )
         return resolved, config, None
     try:
-        model = load_model(settings.init)
+        model = load_model(settings.init, precision="float32")  # only its weights are used: standard layout
     except ModelBundleError as error:
         raise UsageError(f"--init {settings.init}: {error}") from None
     source = model.config
