@@ -54,7 +54,9 @@ def _load_libc():
         try:
             _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
             _libc.malloc_trim  # noqa: B018 - glibc only
-            _libc.mallopt  # noqa: B018
+            _libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+            if hasattr(_libc, "mallinfo2"):  # glibc >= 2.33
+                _libc.mallinfo2.restype = _Mallinfo2
         except (OSError, AttributeError):  # musl, macOS: no malloc_trim; their allocators behave otherwise
             _libc = False
     return _libc
@@ -84,7 +86,6 @@ def tune_allocator() -> bool:
     if not libc or default_malloc():
         return False
     if not _tuned:
-        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
         # all three: a fixed trim threshold also fixes the mmap threshold (at 128 KiB), harmless only with mmap off
         ok = libc.mallopt(_M_ARENA_MAX, 1) and libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM)
         _tuned = bool(ok)
@@ -96,7 +97,6 @@ def free_heap_bytes() -> int | None:
     libc = _load_libc()
     if not libc or not hasattr(libc, "mallinfo2"):
         return None
-    libc.mallinfo2.restype = _Mallinfo2
     return int(libc.mallinfo2().fordblks)
 
 

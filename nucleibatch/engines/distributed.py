@@ -212,14 +212,14 @@ class BlockPredictor:
 
     def __init__(self, model, device: str, settings: SegmentSettings, batch_size: int) -> None:
         from ..allocator import tune_allocator
-        from ..model import prepare_network, resolve_device, uses_bf16
+        from ..model import prepare_network, resolve_device
 
         # in full only where the worker process started with ALLOCATOR_ENV (the workers the engines
         # start do); elsewhere the arena count is fixed already, and mmap and trimming still go off
         tune_allocator()
         self.device = resolve_device(device)
-        model.network = prepare_network(model.network, self.device, fast=uses_bf16(model.precision, self.device))
         model.device = self.device
+        model.network = prepare_network(model.network, self.device, fast=model.fast)  # precision resolved for this worker's device
         self.model, self.settings, self.batch_size = model, settings, batch_size
         self.sources: dict[str, Any] = {}  # the last images read (a slide is opened once, not per block)
 
