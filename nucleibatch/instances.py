@@ -45,13 +45,16 @@ def probabilities_to_labels(probabilities: np.ndarray, params: InstanceParams = 
     seed_threshold``; a watershed on ``-body`` grows them inside ``body >
     mask_threshold``. Mask components that received no seed become nuclei of their own.
 
+    A mask component holding at most one seed is one nucleus (the watershed would flood it
+    whole), so the watershed runs only on the components that hold several: most nuclei touch
+    no other.
+
     Args:
         probabilities: ``(3, H, W)`` float in [0, 1] (body, contour, contact).
         params: thresholds and sizes.
 
     Returns:
-        ``(H, W)`` int32 labels, 0 = background, 1..N in raster order of the seeds (unseeded
-        mask components last).
+        ``(H, W)`` int32 labels, 0 = background, 1..N in raster order of their first pixel.
     """
     if probabilities.ndim != 3 or probabilities.shape[0] < 3:
         raise ValueError(f"expected (3, H, W) probabilities, got {probabilities.shape}")
@@ -65,22 +68,24 @@ def probabilities_to_labels(probabilities: np.ndarray, params: InstanceParams = 
     seed_score *= body
     seeds, n_seeds = ndi.label((seed_score > params.seed_threshold) & mask)
     del seed_score
+    seed_sizes = np.bincount(seeds.ravel(), minlength=n_seeds + 1)
     if n_seeds and params.min_seed_size > 1:
-        sizes = np.bincount(seeds.ravel(), minlength=n_seeds + 1)
-        small = sizes < params.min_seed_size
+        small = seed_sizes < params.min_seed_size
         small[0] = False
         seeds[small[seeds]] = 0
-    # mask components without any seed still are nuclei (faint, small ones)
-    components, n_components = ndi.label(mask)
-    if n_components:
-        seeded = np.zeros(n_components + 1, dtype=bool)
-        seeded[np.unique(components[seeds > 0])] = True
-        orphan = ~seeded[components] & mask
-        if orphan.any():
-            seeds[orphan] = components[orphan] + seeds.max()
-        del components, orphan
-    labels = watershed(-body, markers=seeds, mask=mask)
-    del seeds
+        seed_sizes[small] = 0
+    labels, n_components = ndi.label(mask)
+    seeded = seeds > 0
+    component_of_seed = np.zeros(n_seeds + 1, dtype=np.int64)
+    component_of_seed[seeds[seeded]] = labels[seeded]
+    seeds_per_component = np.bincount(component_of_seed[1:][seed_sizes[1:] > 0], minlength=n_components + 1)
+    crowded = (seeds_per_component >= 2)[labels]
+    del seeded
+    if crowded.any():
+        flooded = watershed(-body, markers=np.where(crowded, seeds, 0), mask=crowded)
+        labels[crowded] = flooded[crowded] + n_components  # ids apart from the components'
+        del flooded
+    del seeds, crowded
     labels = remove_small(labels, params.min_size)
     return relabel_sequential(labels)
 

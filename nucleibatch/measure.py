@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage as ndi
-from scipy.spatial import ConvexHull
 
 NUCLEI_COLUMNS = (
     "image_id", "label", "centroid_y", "centroid_x", "area", "perimeter", "eccentricity", "solidity",
@@ -129,44 +128,59 @@ def _convex_areas(labels: np.ndarray, ids: np.ndarray, bbox: np.ndarray) -> np.n
     """``area_convex`` of regionprops for the objects ``ids``: the pixels (grid points) inside or on
     the convex hull of the pixel-edge midpoints (each pixel's 4 "diamond" points) of the object.
 
-    Only the pixels that end a run along a row can be hull points, so only their diamond points
-    are collected, for all objects at once; each object's hull (qhull) then gives, row by row, the
-    interval of columns inside it.
+    For all objects at once, in exact integer arithmetic on doubled coordinates: a convex hull's
+    rows are intervals whose right end, as a function of the row, is the concave majorant of the
+    objects' rightmost diamond points (the left end likewise, mirrored), and only the pixels that
+    end a run along a row can give those points.
     """
-    h, w = labels.shape
+    h = labels.shape[0]
+    row_obj, row_y, left, right = _row_extremes(labels, ids)
+    # every row of every box, for the objects whose rows have gaps too (a nucleus cut at a seam)
+    heights = bbox[:, 2] - bbox[:, 0]
+    eval_obj = np.repeat(np.arange(ids.size), heights)
+    eval_y = bbox[eval_obj, 0] + np.arange(eval_obj.size) - np.repeat(np.cumsum(heights) - heights, heights)
+    kmax = _envelope_floor(row_obj, row_y, right, eval_obj, eval_y, h)
+    kmin = -_envelope_floor(row_obj, row_y, -left, eval_obj, eval_y, h)
+    return np.bincount(eval_obj, weights=np.clip(kmax - kmin + 1, 0, None), minlength=ids.size)
+
+
+def _row_extremes(labels: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per object row: ``(object index, y, leftmost x, rightmost x)``, int64, sorted by (object, y)."""
+    h = labels.shape[0]
     padded = np.pad(labels, ((0, 0), (1, 1)))
-    starts_or_ends = (labels != 0) & ((padded[:, :-2] != labels) | (padded[:, 2:] != labels))
-    y, x = np.nonzero(starts_or_ends)
-    owner = labels[y, x].astype(np.int64)
-    # diamond points at doubled coordinates (integers), deduplicated and grouped by object at once
-    yy = (2 * y[:, None] + np.array([-1, 1, 0, 0])).ravel()
-    xx = (2 * x[:, None] + np.array([0, 0, -1, 1])).ravel()
-    span_y, span_x = 2 * h + 2, 2 * w + 2
-    keys = np.unique((np.repeat(owner, 4) * span_y + (yy + 1)) * span_x + (xx + 1))
-    point_owner, rest = np.divmod(keys, span_y * span_x)
-    point_y, point_x = np.divmod(rest, span_x)
-    points = np.stack([(point_y - 1) / 2.0, (point_x - 1) / 2.0], axis=1)
-    bounds = np.searchsorted(point_owner, np.stack([ids, ids + 1]))
-    areas = np.empty(len(ids), dtype=np.float64)
-    for k, (first, last) in enumerate(bounds.T):
-        areas[k] = _hull_grid_points(points[first:last], bbox[k, 0], bbox[k, 2])
-    return areas
+    inside = labels != 0
+    ys, xs = np.nonzero(inside & (padded[:, :-2] != labels))  # run starts, in raster order
+    _, xe = np.nonzero(inside & (padded[:, 2:] != labels))  # run ends: the same runs, in the same order
+    index = np.zeros(int(ids.max()) + 1, dtype=np.int64)
+    index[ids] = np.arange(ids.size)
+    keys = index[labels[ys, xs]] * h + ys
+    order = np.argsort(keys, kind="stable")  # runs of a row stay in x order
+    keys = keys[order]
+    first = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    last = np.r_[first[1:], keys.size] - 1
+    row_obj, row_y = np.divmod(keys[first], h)
+    return row_obj, row_y, xs[order][first].astype(np.int64), xe[order][last].astype(np.int64)
 
 
-def _hull_grid_points(points: np.ndarray, row_start: int, row_stop: int) -> int:
-    """Grid points inside or on the convex hull of ``points`` ``(n, 2)`` (y, x), rows [start, stop)."""
-    hull = ConvexHull(points)
-    normal_y, normal_x, offset = hull.equations.T  # inside: normal . (y, x) + offset <= 0
-    rows = np.arange(row_start, row_stop, dtype=np.float64)[:, None]
-    tolerance = 1e-9
-    with np.errstate(divide="ignore", invalid="ignore"):
-        limit = -(offset + normal_y * rows) / normal_x
-    right = np.where(normal_x > tolerance, limit, np.inf).min(axis=1)
-    left = np.where(normal_x < -tolerance, limit, -np.inf).max(axis=1)
-    flat = np.abs(normal_x) <= tolerance  # facets along a row: they bound the rows, not the columns
-    row_inside = ~((normal_y[flat] * rows + offset[flat]) > tolerance).any(axis=1)
-    counts = np.floor(right + tolerance) - np.ceil(left - tolerance) + 1
-    return int(np.where(row_inside, np.clip(counts, 0, None), 0).sum())
+def _envelope_floor(row_obj: np.ndarray, row_y: np.ndarray, extreme: np.ndarray, eval_obj: np.ndarray, eval_y: np.ndarray, h: int) -> np.ndarray:
+    """``floor(X(y))`` at the rows ``eval_y`` of the objects ``eval_obj``, where X is the concave
+    majorant of each object's diamond points ``(y, extreme)``, ``(y, extreme + 1/2)``, ``(y +- 1/2, extreme)``."""
+    # doubled coordinates, shifted so that t >= 0: a pixel row y is t = 2y + 1, its edges 2y and 2y + 2
+    t = (2 * row_y[:, None] + np.array([0, 1, 2])).ravel()
+    x = (2 * extreme[:, None] + np.array([0, 1, 0])).ravel()
+    obj = np.repeat(row_obj, 3)
+    while t.size >= 3:  # drop every point on or under the chord of its neighbours until none is
+        t0, t1, t2 = t[:-2], t[1:-1], t[2:]
+        under = (obj[:-2] == obj[2:]) & (x[1:-1] * (t2 - t0) <= x[:-2] * (t2 - t1) + x[2:] * (t1 - t0))
+        if not under.any():
+            break
+        keep = np.r_[True, ~under, True]
+        obj, t, x = obj[keep], t[keep], x[keep]
+    span = 2 * h + 3
+    query_t = 2 * eval_y + 1
+    a = np.searchsorted(obj * span + t, eval_obj * span + query_t, side="right") - 1  # t[a] < query_t < t[a + 1]
+    dt = t[a + 1] - t[a]
+    return (x[a] * dt + (x[a + 1] - x[a]) * (query_t - t[a])) // (2 * dt)
 
 
 def empty_columns() -> dict[str, np.ndarray]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -212,29 +214,36 @@ class BlockPrediction:
     predict_group: int = 1  # blocks predicted in the same model call (small images are grouped)
 
 
-def predict_block(
-    plan: ImagePlan, block: Block, raw: np.ndarray, region: tuple[int, int, int, int], model: NucleiModel, settings: SegmentSettings, batch_size: int = 4
-) -> BlockPrediction:
-    """Normalise the block's prediction region and run the model on it.
-
-    Args:
-        raw: ``(h, w, C)`` pixels of ``region`` (from :func:`read_block`).
-    """
-    return predict_blocks([(plan, block, raw, region)], model, settings, batch_size)[0]
+def normalise_region(plan: ImagePlan, raw: np.ndarray, settings: SegmentSettings) -> np.ndarray:
+    """The network's input for raw pixels ``(h, w, C)`` of an image: ``(h, w)`` float32."""
+    return apply_stats(to_grey(raw, settings.channel), plan.stats)
 
 
 def predict_blocks(
-    items: list[tuple[ImagePlan, Block, np.ndarray, tuple[int, int, int, int]]], model: NucleiModel, settings: SegmentSettings, batch_size: int = 4
+    items: list[tuple[ImagePlan, Block, np.ndarray, tuple[int, int, int, int]]],
+    model: NucleiModel,
+    settings: SegmentSettings,
+    batch_size: int = 4,
+    normalised: list[np.ndarray] | None = None,
 ) -> list[BlockPrediction]:
-    """:func:`predict_block` of several blocks (of one image or of several small ones) with their
-    tiles batched together; each prediction's stage seconds are its share by pixels."""
+    """Normalise the blocks' prediction regions and run the model on them: the tiles of several
+    blocks (of one image or of several small ones) are batched together. Each prediction's
+    stage seconds are its share by pixels.
+
+    Args:
+        items: ``(plan, block, raw, region)``: ``raw`` the ``(h, w, C)`` pixels of ``region``
+            (from :func:`read_block`).
+
+    ``normalised``: the items' :func:`normalise_region` already computed (by a reader thread).
+    """
     timer = Timer()
-    inners, normalised = [], []
-    with timer("normalise"):
-        for plan, block, raw, region in items:
-            ry0, ry1, rx0, rx1 = block.read
-            inners.append((ry0 - region[0], ry1 - region[0], rx0 - region[2], rx1 - region[2]))
-            normalised.append(apply_stats(to_grey(raw, settings.channel), plan.stats))
+    inners = []
+    for _, block, _, region in items:
+        ry0, ry1, rx0, rx1 = block.read
+        inners.append((ry0 - region[0], ry1 - region[0], rx0 - region[2], rx1 - region[2]))
+    if normalised is None:
+        with timer("normalise"):
+            normalised = [normalise_region(plan, raw, settings) for plan, _, raw, _ in items]
     with timer("predict"):
         probabilities = model.predict_many(normalised, batch_size=batch_size, tta=settings.tta, output_boxes=inners)
     del normalised
@@ -270,23 +279,6 @@ def finish_block(plan: ImagePlan, block: Block, prediction: BlockPrediction, set
             cy0, cy1, cx0, cx1 = block.core_in_read
             image_group["0"][:, block.core[0] : block.core[1], block.core[2] : block.core[3]] = np.moveaxis(prediction.pixels[cy0:cy1, cx0:cx1], -1, 0)
     return BlockResult(block.index, owned, columns, dict(timer.seconds))
-
-
-def process_block(
-    plan: ImagePlan,
-    block: Block,
-    raw: np.ndarray,
-    region: tuple[int, int, int, int],
-    model: NucleiModel,
-    settings: SegmentSettings,
-    params: InstanceParams,
-    image_group=None,
-    batch_size: int = 4,
-) -> BlockResult:
-    """:func:`predict_block` then :func:`finish_block` in one go (the local engine)."""
-    prediction = predict_block(plan, block, raw, region, model, settings, batch_size)
-    del raw
-    return finish_block(plan, block, prediction, settings, params, image_group)
 
 
 def neighbours(plan: ImagePlan, block: Block) -> list[Block]:
@@ -402,6 +394,11 @@ def segment_record(
 ) -> dict[str, Any]:
     """Segment one image completely in this process and write all its outputs; returns its row.
 
+    The calling thread runs the model only: blocks are read and normalised ahead by ``prefetch``
+    (an iterator factory like :func:`read_blocks`, which it defaults to), and each block is
+    post-processed and painted in a second thread while the model predicts the next one (one
+    block in flight, so memory stays bounded by a few blocks).
+
     The row is written last as the image's completion record. Errors that concern this
     image (unreadable, too small, nucleus larger than the margin) raise; the caller turns
     them into a 'failed' row.
@@ -414,45 +411,84 @@ def segment_record(
     try:
         plan = start_image(record, settings, model.config, out_dir, timer, source=source)
         group = open_root(out_dir / "masks.zarr")[plan.name]
-        results: dict[int, BlockResult] = {}
-        offsets = np.zeros(0, dtype=np.int64)
-        painted: set[int] = set()
-        lost: dict[int, int] = {}
-        reads = prefetch(plan, source, halo) if prefetch else ((b, *_timed_read(plan, b, source, halo, timer)) for b in plan.blocks)
-        by_index = {b.index: b for b in plan.blocks}
-        pending_neighbours = {b.index: {n.index for n in neighbours(plan, b)} for b in plan.blocks}
-        needed_by: dict[int, set[int]] = defaultdict(set)
-        for b, ns in pending_neighbours.items():
-            for n in ns:
-                needed_by[n].add(b)
-        for block, raw, region in reads:
-            result = process_block(plan, block, raw, region, model, settings, params, group, batch_size)
-            del raw
-            release_free_memory()  # the block's arrays are gone: their pages go back to the OS
-            timer.add(result.seconds)
-            results[block.index] = result
-            offsets = block_offsets(results[i].owned.count for i in range(len(results)))
-            # paint every core whose neighbours are all done (blocks finish in raster order), then
-            # free the nuclei no core still needs: memory stays bounded by a few block rows
-            with timer("stitch"):
-                for index in sorted(needed_by[block.index]):  # only these may have become ready
-                    if pending_neighbours[index] <= results.keys() and index not in painted:
-                        lost.update(paint_block(plan, by_index[index], results, offsets, group))
-                        painted.add(index)
-                for index in list(results):
-                    if needed_by[index] <= painted and results[index].owned.masks:
-                        results[index].owned.masks = []
+        stitcher = ImageStitcher(plan, group, timer)
+        reads = (prefetch or read_blocks(timer))(plan, source, halo, settings)
+        if len(plan.blocks) == 1:  # nothing to overlap with
+            for block, raw, region, normalised in reads:
+                prediction = predict_blocks([(plan, block, raw, region)], model, settings, batch_size, [normalised])[0]
+                del raw, normalised
+                stitcher.add(finish_block(plan, block, prediction, settings, params, group))
+        else:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nb-finish") as finisher:
+                pending: Future | None = None
+                for block, raw, region, normalised in reads:
+                    prediction = predict_blocks([(plan, block, raw, region)], model, settings, batch_size, [normalised])[0]
+                    del raw, normalised
+                    if pending is not None:
+                        pending.result()
+                    pending = finisher.submit(lambda b, p: stitcher.add(finish_block(plan, b, p, settings, params, group)), block, prediction)
+                    del prediction
+                if pending is not None:
+                    pending.result()
     finally:
         source.close()
-    row = complete_image(plan, results, offsets, lost, group, settings, out_dir, timer)
+    row = complete_image(plan, stitcher.results, stitcher.offsets, stitcher.lost, group, settings, out_dir, timer)
     row["seconds"] = round(time.perf_counter() - started, 4)
     write_record(out_dir, plan.name, row)
     return row
 
 
-def _timed_read(plan: ImagePlan, block: Block, source: ImageSource, halo: int, timer: Timer):
+class ImageStitcher:
+    """Paints an image's block cores as the block results arrive (in raster order): each core as
+    soon as all its neighbours are done, then frees the nuclei no core still needs, so memory stays
+    bounded by a few block rows."""
+
+    def __init__(self, plan: ImagePlan, group, timer: Timer) -> None:
+        self.plan, self.group, self.timer = plan, group, timer
+        self.results: dict[int, BlockResult] = {}
+        self.offsets = np.zeros(0, dtype=np.int64)
+        self.lost: dict[int, int] = {}
+        self.painted: set[int] = set()
+        self.by_index = {b.index: b for b in plan.blocks}
+        self.waits_for = {b.index: {n.index for n in neighbours(plan, b)} for b in plan.blocks}
+        self.needed_by: dict[int, set[int]] = defaultdict(set)
+        for index, waits in self.waits_for.items():
+            for neighbour in waits:
+                self.needed_by[neighbour].add(index)
+
+    def add(self, result: BlockResult) -> None:
+        """Take one block's result; paint what it completes."""
+        release_free_memory()  # the block's arrays are gone: their pages go back to the OS
+        self.timer.add(result.seconds)
+        self.results[result.block_index] = result
+        self.offsets = block_offsets(self.results[i].owned.count for i in range(len(self.results)))
+        with self.timer("stitch"):
+            for index in sorted(self.needed_by[result.block_index]):  # only these may have become ready
+                if self.waits_for[index] <= self.results.keys() and index not in self.painted:
+                    self.lost.update(paint_block(self.plan, self.by_index[index], self.results, self.offsets, self.group))
+                    self.painted.add(index)
+            for index, done in self.results.items():
+                if self.needed_by[index] <= self.painted and done.owned.masks:
+                    done.owned.masks = []
+
+
+def read_blocks(timer: Timer) -> Callable:
+    """The default block reader of :func:`segment_record`: reads and normalises each block in turn,
+    yielding ``(block, raw, region, normalised)``."""
+
+    def reads(plan: ImagePlan, source: ImageSource, halo: int, settings: SegmentSettings) -> Iterator:
+        for block in plan.blocks:
+            yield (block, *read_and_normalise(plan, block, source, halo, settings, timer))
+
+    return reads
+
+
+def read_and_normalise(plan: ImagePlan, block: Block, source: ImageSource, halo: int, settings: SegmentSettings, timer: Timer) -> tuple:
+    """``(raw, region, normalised)`` of one block: its prediction region's pixels, box and network input."""
     with timer("read"):
-        return read_block(plan, block, source, halo)
+        raw, region = read_block(plan, block, source, halo)
+    with timer("normalise"):
+        return raw, region, normalise_region(plan, raw, settings)
 
 
 def input_fingerprint(record: ImageRecord) -> str | None:

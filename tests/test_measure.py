@@ -73,6 +73,20 @@ def test_awkward_shapes_match_regionprops():
     assert assert_matches_regionprops(labels, intensity) == 8
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_scattered_objects_with_row_gaps_match_regionprops(seed):
+    """Labels made of scattered pieces (a nucleus split at a seam): hull rows between the pieces count."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros((60, 70), np.int32)
+    for value in (2, 5, 9, 14):
+        pieces = rng.random(labels.shape) < 0.004
+        labels[pieces & (labels == 0)] = value
+    labels[40:44, 3:6] = 17  # two blocks of one label, rows 44..49 empty between them
+    labels[50:53, 8:12] = 17
+    intensity = rng.random(labels.shape) * 100
+    assert assert_matches_regionprops(labels, intensity) == 5
+
+
 def test_origin_and_id_offset_shift_positions_boxes_and_labels():
     image, labels = synthetic_nuclei((128, 128), n_nuclei=12, seed=3)
     plain = measure_labels(labels, image)

@@ -17,7 +17,7 @@ from ..pipeline import (
     ImagePlan,
     SegmentSettings,
     Timer,
-    read_block,
+    read_and_normalise,
     record_failed_image,
     segment_record,
 )
@@ -35,17 +35,14 @@ def is_fatal(error: BaseException) -> bool:
 
 
 def prefetching_reader(timer: Timer, depth: int = 1) -> Callable:
-    """A block reader that reads ``depth`` blocks ahead in a background thread."""
+    """A block reader for :func:`segment_record` that reads and normalises ``depth`` blocks ahead
+    in a background thread, while the model runs."""
 
-    def timed_read(plan: ImagePlan, block, source, halo: int):
-        with timer("read"):
-            return read_block(plan, block, source, halo)
-
-    def reads(plan: ImagePlan, source, halo: int) -> Iterator:
+    def reads(plan: ImagePlan, source, halo: int, settings: SegmentSettings) -> Iterator:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nb-read") as pool:
             ahead: deque = deque()
             for block in plan.blocks:
-                ahead.append((block, pool.submit(timed_read, plan, block, source, halo)))
+                ahead.append((block, pool.submit(read_and_normalise, plan, block, source, halo, settings, timer)))
                 if len(ahead) > depth:
                     done_block, future = ahead.popleft()
                     yield (done_block, *future.result())
