@@ -167,7 +167,11 @@ def start_image(
 
     ``source``: the image already open (kept open); else it is opened and closed here.
     """
-    timer = timer or Timer()
+    return _start_image(record, settings, model_config, out_dir, timer or Timer(), source)[0]
+
+
+def _start_image(record: ImageRecord, settings: SegmentSettings, model_config: dict, out_dir: Location, timer: Timer, source: ImageSource | None):
+    """:func:`start_image`, also returning the image's new zarr group."""
     name = store_name(record.image_id)
     remove_image_outputs(out_dir, name)
     fingerprint = input_fingerprint(record)  # before reading: a change while it runs is seen next time
@@ -182,8 +186,8 @@ def start_image(
             source.close()
     with timer("write"):
         chunk = chunk_for_blocks(settings.block_size)
-        create_image_group(open_root(out_dir / "masks.zarr"), name, record.image_id, plan.shape, plan.channels, plan.dtype, chunk=chunk)
-    return plan
+        group = create_image_group(open_root(out_dir / "masks.zarr"), name, record.image_id, plan.shape, plan.channels, plan.dtype, chunk=chunk)
+    return plan, group
 
 
 def prediction_region(block: Block, shape: tuple[int, int], halo: int) -> tuple[int, int, int, int]:
@@ -409,8 +413,7 @@ def segment_record(
     halo = context_pixels(settings, model.config)
     source = open_image(record, timer)
     try:
-        plan = start_image(record, settings, model.config, out_dir, timer, source=source)
-        group = open_root(out_dir / "masks.zarr")[plan.name]
+        plan, group = _start_image(record, settings, model.config, out_dir, timer, source)
         stitcher = ImageStitcher(plan, group, timer)
         reads = (prefetch or read_blocks(timer))(plan, source, halo, settings)
         if len(plan.blocks) == 1:  # nothing to overlap with

@@ -11,6 +11,7 @@ Layout of one image group at ``store_path``::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -30,6 +31,8 @@ LABEL_NAME = "nuclei"
 CHUNK = 1024
 # Pyramid levels are added (each half the previous) until the image fits this size.
 PYRAMID_MIN_SIDE = 1024
+# Images with at most this many channels keep all of them in each chunk of the image copy.
+CHANNELS_PER_CHUNK = 4
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -105,9 +108,11 @@ def create_image_group(
             zarr_format=3,
         ),
     }
+    # a chunk holds every colour of a pixel (one file, not one per channel) unless there are many
+    channel_chunk = channels if channels <= CHANNELS_PER_CHUNK else 1
     for level, (h, w) in enumerate(levels):
         cy, cx = min(chunk, h), min(chunk, w)
-        nodes[f"{name}/{level}"] = _array_metadata((channels, h, w), (1, cy, cx), np.dtype(dtype), ("c", "y", "x"))
+        nodes[f"{name}/{level}"] = _array_metadata((channels, h, w), (channel_chunk, cy, cx), np.dtype(dtype), ("c", "y", "x"))
         nodes[f"{name}/labels/{LABEL_NAME}/{level}"] = _array_metadata((h, w), (cy, cx), np.dtype(np.uint32), ("y", "x"))
     # every node's metadata written at once (concurrently, one round trip), not node by node
     created = dict(root.create_hierarchy(nodes))
@@ -115,6 +120,7 @@ def create_image_group(
     return created[name]
 
 
+@functools.lru_cache(maxsize=256)  # images of an archive share a few shapes; building one costs ~0.4 ms
 def _array_metadata(shape: tuple[int, ...], chunks: tuple[int, ...], dtype: np.dtype, dimension_names: tuple[str, ...]):
     """The v3 metadata ``Group.create_array`` would write for an empty array (fill 0, default codecs)."""
     return zarr.create_array(store=MemoryStore(), shape=shape, chunks=chunks, dtype=dtype, fill_value=0, dimension_names=dimension_names).metadata
@@ -126,16 +132,15 @@ def label_array(group: zarr.Group, level: int = 0) -> zarr.Array:
 
 def write_pyramids(group: zarr.Group, chunk: int = CHUNK) -> None:
     """Fill levels 1.. of the image and labels from level 0 by striding (nearest neighbour), chunk by chunk."""
-    labels = group[f"labels/{LABEL_NAME}"]
-    level = 1
-    while str(level) in group:
+    image = group["0"]
+    levels = len(pyramid_shapes(image.shape[-2:]))  # as create_image_group made them
+    for level in range(1, levels):
         faults.point("store:pyramid")
         factor = 2**level
-        for source, target in ((group["0"], group[str(level)]), (labels["0"], labels[str(level)])):
+        for source, target in ((image, group[str(level)]), (label_array(group), label_array(group, level))):
             height, width = target.shape[-2:]
             for y in range(0, height, chunk):
                 for x in range(0, width, chunk):
                     y1, x1 = min(height, y + chunk), min(width, x + chunk)
                     region = source[..., y * factor : y1 * factor : factor, x * factor : x1 * factor : factor]
                     target[..., y:y1, x:x1] = region
-        level += 1
