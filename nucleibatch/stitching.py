@@ -61,51 +61,77 @@ def select_owned(labels: np.ndarray, block: Block, image_shape: tuple[int, int],
     n = int(labels.max()) if labels.size else 0
     if n == 0:
         return np.zeros(labels.shape, np.int32), OwnedObjects(block.index, np.zeros(0, np.int64), np.zeros((0, 4), np.int64), [])
-    # per-object crops, not whole-region float64 temporaries (those bound segment's memory)
-    boxes_in_read = ndi.find_objects(labels, max_label=n)
-    present = np.zeros(n, dtype=bool)
-    cy = np.zeros(n, dtype=np.int64)
-    cx = np.zeros(n, dtype=np.int64)
-    for i, box in enumerate(boxes_in_read):
-        if box is None:
-            continue
-        ys, xs = np.nonzero(labels[box] == i + 1)
-        present[i] = True
-        # floor of the centroid in exact integer arithmetic: neighbouring blocks must agree on it
-        cy[i] = (int(ys.sum()) + box[0].start * ys.size) // ys.size
-        cx[i] = (int(xs.sum()) + box[1].start * xs.size) // xs.size
-    index = np.arange(1, n + 1)
+    count, sum_y, sum_x = _label_sums(labels, n)
+    # floor of the centroid in exact integer arithmetic: neighbouring blocks must agree on it
+    present = count[1:] > 0
+    area = np.maximum(count[1:], 1)
+    cy = sum_y[1:] // area
+    cx = sum_x[1:] // area
     owned = present & (cy >= cy0) & (cy < cy1) & (cx >= cx0) & (cx < cx1)
-    owned_ids = index[owned]
+    owned_ids = np.flatnonzero(owned) + 1
     order = np.lexsort((cx[owned], cy[owned]))
     owned_ids = owned_ids[order]
     lut = np.zeros(n + 1, dtype=np.int32)
     lut[owned_ids] = np.arange(1, owned_ids.size + 1, dtype=np.int32)
     owned_labels = lut[labels]
-    boxes, masks = [], []
-    slices = ndi.find_objects(owned_labels)
+    slices = ndi.find_objects(owned_labels, max_label=owned_ids.size)
+    # (n, 4) y0, y1, x0, x1 in read coordinates (every owned id is present: no None)
+    bounds = np.array([(ys.start, ys.stop, xs.start, xs.stop) for ys, xs in slices], dtype=np.int64).reshape(-1, 4)
     h, w = labels.shape
-    for local_id, box in enumerate(slices, start=1):
-        ys, xs = box
-        touches = (
-            (ys.start == 0 and ry0 > 0)
-            or (ys.stop == h and ry1 < image_shape[0])
-            or (xs.start == 0 and rx0 > 0)
-            or (xs.stop == w and rx1 < image_shape[1])
+    touches = (
+        ((bounds[:, 0] == 0) & (ry0 > 0))
+        | ((bounds[:, 1] == h) & (ry1 < image_shape[0]))
+        | ((bounds[:, 2] == 0) & (rx0 > 0))
+        | ((bounds[:, 3] == w) & (rx1 < image_shape[1]))
+    )
+    if touches.any():
+        y0, _, x0, _ = (int(v) for v in bounds[np.argmax(touches)])  # the first in local id order
+        raise ObjectTooLargeError(
+            f"a nucleus near (y={ry0 + y0}, x={rx0 + x0}) reaches more than the block margin "
+            f"({margin} px) beyond its block; raise --block-margin (e.g. to {2 * margin}) or --block-size"
         )
-        if touches:
-            raise ObjectTooLargeError(
-                f"a nucleus near (y={ry0 + ys.start}, x={rx0 + xs.start}) reaches more than the block margin "
-                f"({margin} px) beyond its block; raise --block-margin (e.g. to {2 * margin}) or --block-size"
-            )
-        boxes.append((ry0 + ys.start, ry0 + ys.stop, rx0 + xs.start, rx0 + xs.stop))
-        masks.append(owned_labels[box] == local_id)
+    masks = [owned_labels[box] == local_id for local_id, box in enumerate(slices, start=1)]
     return owned_labels, OwnedObjects(
         block.index,
-        np.arange(1, len(boxes) + 1, dtype=np.int64),
-        np.asarray(boxes, dtype=np.int64).reshape(-1, 4),
+        np.arange(1, owned_ids.size + 1, dtype=np.int64),
+        bounds + np.array([ry0, ry0, rx0, rx0], dtype=np.int64),
         masks,
     )
+
+
+# pixels per chunk of rows in _label_sums: bounds its temporaries to a few MB, not whole-region
+# int64/float64 arrays (those would bound segment's memory)
+_SUM_CHUNK_PIXELS = 1 << 18
+
+
+def _label_sums(labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pixel count and sums of the row and column indices of every label.
+
+    Args:
+        labels: ``(h, w)`` int labels (values <= 0 are background).
+        n: the largest label.
+
+    Returns:
+        ``count``, ``sum_y``, ``sum_x``: ``(n + 1,)`` int64, indexed by label (index 0 unused).
+    """
+    h, w = labels.shape
+    count = np.zeros(n + 1, dtype=np.int64)
+    sum_y = np.zeros(n + 1, dtype=np.int64)
+    sum_x = np.zeros(n + 1, dtype=np.int64)
+    # at least n pixels per chunk, so the per-chunk (n + 1,) bincounts cost no more than the pixels
+    rows = max(1, max(_SUM_CHUNK_PIXELS, n) // max(w, 1))
+    for r0 in range(0, h, rows):
+        chunk = labels[r0 : r0 + rows]
+        flat = np.flatnonzero(chunk > 0)
+        ids = chunk.ravel()[flat].astype(np.intp, copy=False)
+        y, x = np.divmod(flat, w)
+        chunk_count = np.bincount(ids, minlength=n + 1)
+        count += chunk_count
+        # bincount sums weights in float64: still exact integers, as a chunk's sums stay below
+        # h * w * max(h, w) < 2**53 for read regions under 200,000 px a side
+        sum_y += np.bincount(ids, weights=y, minlength=n + 1).astype(np.int64) + r0 * chunk_count
+        sum_x += np.bincount(ids, weights=x, minlength=n + 1).astype(np.int64)
+    return count, sum_y, sum_x
 
 
 def block_offsets(counts: Iterable[int]) -> np.ndarray:
@@ -127,21 +153,48 @@ def paint_region(region: tuple[int, int, int, int], objects: Iterable[tuple[Owne
     """
     y0, y1, x0, x1 = region
     out = np.zeros((y1 - y0, x1 - x0), dtype=dtype)
-    claims: list[tuple[int, tuple[slice, slice], np.ndarray]] = []
-    for owned, offset in objects:
-        for local_id, box, mask in zip(owned.ids, owned.boxes, owned.masks, strict=True):
-            by0, by1, bx0, bx1 = (int(v) for v in box)
-            iy0, iy1, ix0, ix1 = max(y0, by0), min(y1, by1), max(x0, bx0), min(x1, bx1)
-            if iy0 >= iy1 or ix0 >= ix1:
-                continue
-            piece = mask[iy0 - by0 : iy1 - by0, ix0 - bx0 : ix1 - bx0]
-            claims.append((int(offset + local_id), (slice(iy0 - y0, iy1 - y0), slice(ix0 - x0, ix1 - x0)), piece))
+    claims, masks = _claims(region, objects)
+    # ascending global id (stable: equal ids, a block passed twice, keep the order of ``objects``)
+    claims = claims[np.argsort(claims[:, 0], kind="stable")]
     lost: dict[int, int] = {}
-    for global_id, where, piece in sorted(claims, key=lambda c: c[0]):
-        target = out[where]
+    for global_id, k, i, oy0, oy1, ox0, ox1, my0, my1, mx0, mx1 in claims.tolist():
+        piece = masks[k][i][my0:my1, mx0:mx1]
+        target = out[oy0:oy1, ox0:ox1]
         free = piece & (target == 0)
-        taken = int(piece.sum() - free.sum())
+        taken = int(np.count_nonzero(piece)) - int(np.count_nonzero(free))
         if taken:
             lost[global_id] = lost.get(global_id, 0) + taken
         target[free] = global_id
     return out, lost
+
+
+def _claims(region: tuple[int, int, int, int], objects: Iterable[tuple[OwnedObjects, int]]) -> tuple[np.ndarray, list[list[np.ndarray]]]:
+    """Every object that meets the region, as one row of int64 numbers.
+
+    Returns:
+        ``(m, 11)`` int64 rows ``(global_id, k, i, oy0, oy1, ox0, ox1, my0, my1, mx0, mx1)``: object
+        ``i`` of the ``k``-th pair of ``objects``, its box in region coordinates and the same box in
+        its mask's coordinates; and the masks of every pair (``masks[k][i]``).
+    """
+    y0, y1, x0, x1 = region
+    tables, masks = [], []
+    for k, (owned, offset) in enumerate(objects):
+        masks.append(owned.masks)
+        boxes = np.asarray(owned.boxes, dtype=np.int64).reshape(-1, 4)
+        if not boxes.shape[0] == owned.ids.size == len(owned.masks):
+            raise ValueError(f"block {owned.block_index}: {owned.ids.size} ids, {boxes.shape[0]} boxes and {len(owned.masks)} masks")
+        # most objects of a neighbouring block lie outside the region: select with array operations
+        iy0, iy1 = np.maximum(boxes[:, 0], y0), np.minimum(boxes[:, 1], y1)
+        ix0, ix1 = np.maximum(boxes[:, 2], x0), np.minimum(boxes[:, 3], x1)
+        hit = np.flatnonzero((iy0 < iy1) & (ix0 < ix1))
+        if hit.size == 0:
+            continue
+        iy0, iy1, ix0, ix1 = iy0[hit], iy1[hit], ix0[hit], ix1[hit]
+        by0, bx0 = boxes[hit, 0], boxes[hit, 2]
+        tables.append(
+            np.stack(
+                [offset + owned.ids[hit].astype(np.int64), np.full(hit.size, k), hit, iy0 - y0, iy1 - y0, ix0 - x0, ix1 - x0, iy0 - by0, iy1 - by0, ix0 - bx0, ix1 - bx0],
+                axis=1,
+            )
+        )
+    return (np.concatenate(tables) if tables else np.zeros((0, 11), dtype=np.int64)), masks

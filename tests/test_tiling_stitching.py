@@ -111,3 +111,74 @@ def test_overlapping_claims_go_to_the_smaller_id_whatever_the_order():
     assert np.array_equal(first, second)
     assert first[3, 3] == 1 and first[5, 5] == 2
     assert lost_first == lost_second == {2: 4}
+
+
+def test_select_owned_floors_centroids_exactly_with_gaps_in_the_labels():
+    _, truth = synthetic_nuclei((300, 300), n_nuclei=400, radius=(3, 9), seed=5)
+    block = block_grid(truth.shape, 128, 40)[4]  # the middle block: cut on every side
+    ry0, ry1, rx0, rx1 = block.read
+    labels = truth[ry0:ry1, rx0:rx1].astype(np.int64) * 3  # sparse ids, most absent
+    owned_labels, owned = select_owned(labels, block, truth.shape, 40)
+    cy0, cy1, cx0, cx1 = block.core_in_read
+    expected = []
+    for value in np.unique(labels[labels > 0]):
+        ys, xs = np.nonzero(labels == value)
+        cy, cx = int(ys.sum()) // ys.size, int(xs.sum()) // xs.size
+        if cy0 <= cy < cy1 and cx0 <= cx < cx1:
+            expected.append((cy, cx, value))
+    expected.sort()
+    assert owned.count == len(expected) > 0
+    for local_id, (_, _, value) in enumerate(expected, start=1):
+        assert np.array_equal(owned_labels == local_id, labels == value)
+        y0, y1, x0, x1 = (int(v) for v in owned.boxes[local_id - 1])
+        ys, xs = np.nonzero(labels == value)
+        assert (y0, y1, x0, x1) == (ry0 + ys.min(), ry0 + ys.max() + 1, rx0 + xs.min(), rx0 + xs.max() + 1)
+        assert np.array_equal(owned.masks[local_id - 1], (labels == value)[y0 - ry0 : y1 - ry0, x0 - rx0 : x1 - rx0])
+
+
+def paint_reference(region, objects):
+    """Pixelwise: each pixel gets the smallest global id claiming it; every other claim loses it."""
+    from collections import Counter
+
+    y0, y1, x0, x1 = region
+    best = np.full((y1 - y0, x1 - x0), np.iinfo(np.int64).max)
+    claimed = Counter()
+    for owned, offset in objects:
+        for local_id, (by0, by1, bx0, bx1), mask in zip(owned.ids, owned.boxes, owned.masks, strict=True):
+            canvas = np.zeros((y1 - y0, x1 - x0), dtype=bool)
+            sy0, sx0 = max(by0, y0), max(bx0, x0)
+            sy1, sx1 = min(by1, y1), min(bx1, x1)
+            if sy0 >= sy1 or sx0 >= sx1:
+                continue
+            canvas[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = mask[sy0 - by0 : sy1 - by0, sx0 - bx0 : sx1 - bx0]
+            global_id = int(offset + local_id)
+            best[canvas] = np.minimum(best[canvas], global_id)
+            claimed[global_id] += int(canvas.sum())
+    out = np.where(best == np.iinfo(np.int64).max, 0, best).astype(np.uint32)
+    lost = {g: n - int((out == g).sum()) for g, n in sorted(claimed.items()) if n - int((out == g).sum())}
+    return out, lost
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_paint_region_overlaps_match_a_pixelwise_reference_in_any_order(seed):
+    from nucleibatch.stitching import OwnedObjects
+
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for block_index, offset in enumerate([0, 20, 40]):
+        boxes, masks = [], []
+        for _ in range(20):
+            y0, x0 = (int(v) for v in rng.integers(-8, 40, size=2))
+            h, w = (int(v) for v in rng.integers(1, 12, size=2))
+            boxes.append((y0, y0 + h, x0, x0 + w))
+            masks.append(rng.random((h, w)) < 0.7)
+        pairs.append((OwnedObjects(block_index, np.arange(1, 21, dtype=np.int64), np.array(boxes, dtype=np.int64), masks), offset))
+    if seed % 2:
+        pairs.append(pairs[0])  # the same block twice: its copies lose every pixel to the first
+    region = (2, 34, 3, 30)
+    expected_out, expected_lost = paint_reference(region, pairs)
+    assert expected_lost  # the case is meant to have overlaps
+    for order in [range(len(pairs)), *(rng.permutation(len(pairs)) for _ in range(3))]:
+        out, lost = paint_region(region, [pairs[i] for i in order])
+        assert out.dtype == np.uint32 and np.array_equal(out, expected_out)
+        assert lost == expected_lost
