@@ -65,9 +65,11 @@ def test_a_rerun_on_the_dask_engine_resumes(local_reference, tmp_path):
     assert third.n_resumed == third.n_images == 7 and third.n_nuclei == again.n_nuclei
 
 
-def test_a_failing_block_fails_only_its_image_on_dask(tmp_path):
-    """A nucleus wider than the block margin fails its image (in a finish_block unit on a worker);
-    the error reaches images.parquet with its advice, other images finish."""
+@pytest.mark.parametrize("engine", ["local", "dask"])
+def test_a_failing_block_fails_only_its_image(tmp_path, engine):
+    """A nucleus wider than the block margin fails its image (in a finish_block unit on a worker, or
+    in the local engine's finisher thread while the model goes on); the error reaches
+    images.parquet with its advice, other images finish."""
     import numpy as np
 
     from nucleibatch.synthetic import threshold_model
@@ -77,7 +79,7 @@ def test_a_failing_block_fails_only_its_image_on_dask(tmp_path):
     files.write_tiff(tmp_path / "in" / "big.tif", big)
     files.write_plate_tree(tmp_path / "in" / "plates")
     settings = SegmentSettings(block_size=128, block_margin=16, context=0)
-    summary = run_segment_job([str(tmp_path / "in")], tmp_path / "out", model=threshold_model(), settings=settings, engine="dask", workers=2, progress=False)
+    summary = run_segment_job([str(tmp_path / "in")], tmp_path / "out", model=threshold_model(), settings=settings, engine=engine, workers=2, progress=False)
     assert summary.exit_code == 3 and summary.n_failed == 1 and summary.n_ok >= 4
     images = __import__("pandas").read_parquet(tmp_path / "out" / "images.parquet").set_index("image_id")
     assert "raise --block-margin" in images.loc["big", "error"] and __import__("pandas").isna(images.loc["big", "store_path"])
