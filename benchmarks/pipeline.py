@@ -1,7 +1,8 @@
 """Pipeline vs bare model: does `segment` keep the network busy? (issue: performance)
 
     .venv/bin/python benchmarks/pipeline.py [--dsb-mpix 16] [--big 8192] [--model default] [--device cpu]
-        [--dsb DIR] [--batch-size 4] [--precision auto|float32|bf16] [--engine local|dask] [--dask-cpu-workers N]
+        [--dsb DIR] [--batch-size 4] [--precision auto|float32|bf16] [--post-workers N]
+        [--engine local|dask] [--dask-cpu-workers N]
 
 Two workloads, each segmented by ``python -m nucleibatch segment`` in a child process (local
 engine, default settings):
@@ -138,6 +139,8 @@ def workload(name: str, inputs: Path, out: Path, args, dask_extra: list[str] | N
     """Segment ``inputs`` with the local engine (whose network calls the bare model replays), and
     on the Dask cluster too when ``dask_extra``; returns the ratios."""
     local_extra = ["--batch-size", str(args.batch_size), "--precision", args.precision]
+    if args.post_workers is not None:
+        local_extra += ["--post-workers", str(args.post_workers)]
     run = segment(inputs, out, args.model, args.device, local_extra)
     bare = bare_seconds(args.model, args.device, run["model_batches"], bool(run["settings"].get("tta")), args.precision)
     ratios = [report(f"{name}, local engine", run, bare)]
@@ -157,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--dsb", type=Path, default=DSB, help="folder of DSB images for workload (a) [../shared/data/dsb2018/stage1_train]")
     parser.add_argument("--batch-size", type=int, default=4, help="segment --batch-size [4]")
+    parser.add_argument("--post-workers", type=int, default=None, help="segment --post-workers (local engine) [segment's default]")
     parser.add_argument("--engine", default="local", choices=("local", "dask"))
     parser.add_argument("--dask-cpu-workers", type=int, default=2, help="with --engine dask: CPU workers beside the one GPU worker [2]")
     args = parser.parse_args(argv)

@@ -253,14 +253,21 @@ def run_segment_job(
     workers: int = 0,
     gpus_per_worker: float = 1.0,
     progress: bool | None = None,
+    post_workers: int | None = None,
 ) -> RunSummary:
-    """Segment every image of ``inputs`` into ``out`` (resuming what a previous run left)."""
+    """Segment every image of ``inputs`` into ``out`` (resuming what a previous run left).
+
+    ``post_workers`` (local engine): processes that post-process while this process runs the
+    model (None: :func:`~nucleibatch.engines.process_pool.default_post_workers`; 0: threads here).
+    """
     if engine not in ENGINES:
         raise UsageError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
     if workers < 0 or gpus_per_worker <= 0:
         raise UsageError("--workers must be >= 0 (0: automatic) and --gpus-per-worker > 0")
+    if post_workers is not None and post_workers < 0:
+        raise UsageError(f"--post-workers must be >= 0 (0: post-process in the model's process), got {post_workers}")
     settings = settings or SegmentSettings()
     settings.validate()
     inputs = [str(to_location(i)) for i in inputs]
@@ -275,6 +282,10 @@ def run_segment_job(
     if engine != "local" and device != "auto":
         resolve_device_name(device)
     loaded = model if isinstance(model, NucleiModel) else load_model(model, device=driver_device, precision=precision)
+    if engine == "local" and post_workers is None:
+        from .engines.process_pool import default_post_workers
+
+        post_workers = default_post_workers(loaded.device.type)
     records = discover_inputs(inputs, channel=settings.channel)
     make_dirs(out_dir)
     with Lock(out_dir):
@@ -297,7 +308,11 @@ def run_segment_job(
         placement: list[dict[str, Any]] = []
         bar = Progress(len(records), n_resumed, progress)
         try:
-            if engine == "local":
+            if engine == "local" and post_workers:
+                from .engines.process_pool import run_pool
+
+                run_pool(todo, loaded, settings, out_dir, batch_size, timer, bar.update, placement, post_workers)
+            elif engine == "local":
                 from .engines.local import run_local
 
                 run_local(todo, loaded, settings, out_dir, batch_size, timer, bar.update)
@@ -336,6 +351,7 @@ def run_segment_job(
             # distributed: "auto" is resolved by each model worker for its own device
             "precision": ("bf16" if loaded.fast else "float32") if engine == "local" else loaded.precision,
             "settings": settings.to_dict() | {"batch_size": batch_size},
+            "post_workers": post_workers if engine == "local" else None,
             "postprocess": settings.postprocess or loaded.postprocess.to_dict(),
             "model": {"name": loaded.name, "sha256": loaded.sha256, "path": str(loaded.path)},
             "versions": _versions(),
@@ -354,7 +370,7 @@ def run_segment_job(
             "model_batches": [[*shape, count] for shape, count in sorted((loaded.usage.batch_shapes - shapes_before).items())] if engine == "local" else None,
             "stage_seconds_note": "summed over the threads/workers that ran each stage",
         }
-        if engine != "local":
+        if engine != "local" or placement:
             summary.run["placement"] = placement_summary(placement)
             if placement:
                 _append_placement(out_dir, placement)

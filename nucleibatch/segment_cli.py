@@ -21,6 +21,7 @@ def add_segment(subparsers) -> None:
     p.add_argument("--engine", default="local", choices=("local", "ray", "dask"), help="scheduler [local]")
     p.add_argument("--address", default=None, help="Ray or Dask scheduler address (ray/dask engines)")
     p.add_argument("--workers", type=int, default=0, help="model workers for ray/dask [ray: one per GPU, else half the CPUs; dask: the workers declaring GPU, else all]")
+    p.add_argument("--post-workers", type=int, default=None, metavar="N", help="local engine: processes that post-process (watershed, measurements, writes) while this one runs the model; 0: threads of this process [on a GPU: the CPUs but two; on a CPU: 0]")
     p.add_argument("--gpus-per-worker", type=float, default=1.0, help="GPUs per Ray model worker (0.5: two workers share a GPU) [1]")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda [auto: CUDA when present]")
     p.add_argument("--precision", default="auto", choices=("auto", "float32", "bf16"), help="network arithmetic [auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), else float32]")
@@ -66,6 +67,7 @@ def run_segment(args) -> int:
         verify=args.verify,
         address=args.address,
         workers=args.workers,
+        post_workers=args.post_workers,
         gpus_per_worker=args.gpus_per_worker,
         progress={"auto": None, "bar": True, "log": False}[args.progress],
     )

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -133,6 +134,11 @@ def _startup_environment() -> dict[str, str]:
     return {key.decode(): value.decode() for key, value in pairs}
 
 
+def _pid_and_startup_environment() -> tuple[int, dict[str, str]]:
+    time.sleep(0.2)  # long enough for the tasks to spread over the pool's processes
+    return os.getpid(), _startup_environment()
+
+
 def test_the_dask_engines_workers_start_with_the_settings():
     """A nanny's ``env=`` is applied after its worker started; the engine's LocalCluster passes
     the settings as Dask's pre-spawn environment instead, so glibc reads them at start-up (and
@@ -149,3 +155,24 @@ def test_the_dask_engines_workers_start_with_the_settings():
     finally:
         cluster.close()
     assert {key: environment.get(key) for key in ALLOCATOR_ENV} == ALLOCATOR_ENV
+
+
+def test_the_post_processing_processes_start_with_the_settings(monkeypatch):
+    """`segment --post-workers N` starts its processes with the settings in their environment
+    (this process's own environment is left as it was)."""
+    from nucleibatch.allocator import ALLOCATOR_ENV
+    from nucleibatch.engines.process_pool import PoolExecutor
+    from nucleibatch.pipeline import SegmentSettings
+    from nucleibatch.synthetic import threshold_model
+
+    for key in ALLOCATOR_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.delenv("NUCLEIBATCH_DEFAULT_MALLOC", raising=False)
+    executor = PoolExecutor(threshold_model(), SegmentSettings(), 4, None, post_workers=2)
+    try:
+        answers = [future.result() for future in [executor.pool.submit(_pid_and_startup_environment) for _ in range(6)]]
+    finally:
+        executor.close()
+    assert len({pid for pid, _ in answers}) == 2  # both processes answered
+    assert all({key: env.get(key) for key in ALLOCATOR_ENV} == ALLOCATOR_ENV for _, env in answers)
+    assert not any(key in os.environ for key in ALLOCATOR_ENV)

@@ -36,6 +36,28 @@ def _own_processes() -> set[str]:
     return {line.strip() for line in listing.splitlines() if line.strip() and "resource_tracker" not in line and " ps " not in f" {line} "}
 
 
+def test_post_processing_processes_give_the_local_engines_outputs(local_reference, tmp_path):
+    """`--post-workers 2`: the model here, plan/finish/complete units in two processes (the GPU
+    set-up, run on the CPU): the same labels and tables, the processes gone afterwards."""
+    before = _own_processes()
+    out = tmp_path / "pool"
+    summary = run_segment_job([str(local_reference / "in")], out, model="default", device="cpu", settings=SETTINGS, post_workers=2, progress=False)
+    assert summary.exit_code == 3 and summary.n_failed == 1
+    assert_same_outputs(local_reference / "local", out)
+    run = json.loads((out / "run.json").read_text())
+    assert run["engine"] == "local" and run["post_workers"] == 2 and run["model_busy_seconds"] > 0
+    finishers = [w for w, units in run["placement"]["workers"].items() if units["finish"]]
+    assert len(finishers) == 2 and f":{os.getpid()}" not in " ".join(finishers)  # other processes than this one
+    assert not (_own_processes() - before), "the post-processing processes outlived the run"
+
+
+def test_post_workers_default_to_none_on_the_cpu_and_the_spare_cores_on_a_gpu():
+    from nucleibatch.engines.process_pool import default_post_workers
+
+    assert default_post_workers("cpu", cpus=16) == 0
+    assert default_post_workers("cuda", cpus=16) == 14 and default_post_workers("cuda", cpus=2) == 1
+
+
 def test_dask_engine_on_a_local_cluster_matches_the_local_engine(local_reference, tmp_path):
     before = _own_processes()
     out = tmp_path / "dask"
@@ -65,11 +87,11 @@ def test_a_rerun_on_the_dask_engine_resumes(local_reference, tmp_path):
     assert third.n_resumed == third.n_images == 7 and third.n_nuclei == again.n_nuclei
 
 
-@pytest.mark.parametrize("engine", ["local", "dask"])
-def test_a_failing_block_fails_only_its_image(tmp_path, engine):
-    """A nucleus wider than the block margin fails its image (in a finish_block unit on a worker, or
-    in the local engine's finisher thread while the model goes on); the error reaches
-    images.parquet with its advice, other images finish."""
+@pytest.mark.parametrize("engine, post_workers", [("local", 0), ("local", 2), ("dask", None)])
+def test_a_failing_block_fails_only_its_image(tmp_path, engine, post_workers):
+    """A nucleus wider than the block margin fails its image (in a finish_block unit on a worker or
+    a post-processing process, or in the local engine's finisher thread while the model goes on);
+    the error reaches images.parquet with its advice, other images finish."""
     import numpy as np
 
     from nucleibatch.synthetic import threshold_model
@@ -79,7 +101,7 @@ def test_a_failing_block_fails_only_its_image(tmp_path, engine):
     files.write_tiff(tmp_path / "in" / "big.tif", big)
     files.write_plate_tree(tmp_path / "in" / "plates")
     settings = SegmentSettings(block_size=128, block_margin=16, context=0)
-    summary = run_segment_job([str(tmp_path / "in")], tmp_path / "out", model=threshold_model(), settings=settings, engine=engine, workers=2, progress=False)
+    summary = run_segment_job([str(tmp_path / "in")], tmp_path / "out", model=threshold_model(), settings=settings, engine=engine, workers=2, post_workers=post_workers, progress=False)
     assert summary.exit_code == 3 and summary.n_failed == 1 and summary.n_ok >= 4
     images = __import__("pandas").read_parquet(tmp_path / "out" / "images.parquet").set_index("image_id")
     assert "raise --block-margin" in images.loc["big", "error"] and __import__("pandas").isna(images.loc["big", "store_path"])

@@ -229,36 +229,50 @@ class BlockPredictor:
         :class:`~nucleibatch.pipeline.BlockPrediction` per unit. In a group, a block whose read
         fails gets its exception in its place (its finish_block unit raises it): one bad image
         never fails the others of its group."""
-        from ..allocator import release_free_memory
-        from ..pipeline import context_pixels, predict_blocks, read_block
+        return self.predict_read(units, self.read(units))
+
+    def read(self, units: list[tuple[ImagePlan, int]]) -> tuple[list, dict[int, BaseException], Timer]:
+        """The reading half of :meth:`predict` (a thread of its own can run it ahead of the model):
+        ``(items, failed, timer)``, items ``(plan, block, raw, region, normalised)``."""
+        from ..pipeline import context_pixels, read_and_normalise
 
         timer = Timer()
         items, failed = [], {}
-        with timer("read"):
-            for number, (plan, block_index) in enumerate(units):
-                block = plan.blocks[block_index]
-                try:
-                    raw, region = read_block(plan, block, self._source(plan), context_pixels(self.settings, self.model.config))
-                except Exception as error:
-                    if len(units) == 1 or is_fatal(error):
-                        raise
-                    failed[number] = error  # fails its own image only, not the others of the group
-                    continue
-                items.append((plan, block, raw, region))
-        predictions: list[Any] = predict_blocks(items, self.model, self.settings, self.batch_size) if items else []
-        del items
+        for number, (plan, block_index) in enumerate(units):
+            block = plan.blocks[block_index]
+            try:
+                raw, region, normalised = read_and_normalise(plan, block, self._source(plan), context_pixels(self.settings, self.model.config), self.settings, timer)
+            except Exception as error:
+                if len(units) == 1 or is_fatal(error):
+                    raise
+                failed[number] = error  # fails its own image only, not the others of the group
+                continue
+            finally:
+                if len(plan.blocks) == block_index + 1:  # the image's last block: let go of its file
+                    source = self.sources.pop(plan.record.image_id, None)
+                    if source is not None:
+                        source.close()
+            items.append((plan, block, raw, region, normalised))
+        return items, failed, timer
+
+    def predict_read(self, units: list[tuple[ImagePlan, int]], read: tuple[list, dict[int, BaseException], Timer]) -> list[Any]:
+        """The model half of :meth:`predict`, on what :meth:`read` returned for ``units``."""
+        from ..allocator import release_free_memory
+        from ..pipeline import predict_blocks
+
+        items, failed, timer = read
+        predictions: list[Any] = []
+        if items:
+            predictions = predict_blocks([item[:4] for item in items], self.model, self.settings, self.batch_size, [item[4] for item in items])
+        del items, read
         worker = current_worker()
         for prediction in predictions:
-            prediction.seconds["read"] = prediction.seconds.get("read", 0.0) + timer.seconds["read"] / len(units)
+            for stage in ("read", "normalise"):
+                prediction.seconds[stage] = prediction.seconds.get(stage, 0.0) + timer.seconds[stage] / len(units)
             prediction.worker = worker
             prediction.predict_group = len(units)
         for number in sorted(failed):
             predictions.insert(number, failed[number])
-        for plan, block_index in units:
-            if len(plan.blocks) == block_index + 1:  # the image's last block: let go of its file
-                source = self.sources.pop(plan.record.image_id, None)
-                if source is not None:
-                    source.close()
         release_free_memory()
         return predictions
 
