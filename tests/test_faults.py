@@ -172,7 +172,7 @@ def test_a_full_disk_stops_the_run_with_status_1_and_the_rerun_completes(archive
         first = subprocess.run(command(archive, out, tiny_bundle), cwd=REPO, env=environment(fail_at), capture_output=True, text=True, timeout=300)
         assert first.returncode == 1, first.stderr[-3000:]
         last_line = first.stderr.strip().splitlines()[-1]
-        assert "stopped" in last_line and "No space left on device" in last_line and "finished work is kept" in last_line
+        assert "stopped" in last_line and "No space left on device" in last_line and "finished work is kept" in last_line, first.stderr[-3000:]
         done = records(out)
         assert 0 < done < N_SMALL + len(LARGE) + 1, f"the disk should fill mid-run ({done} images recorded)"
         report = verify_output(out)
@@ -246,3 +246,30 @@ def test_recreating_an_image_group_replaces_the_leftovers_of_a_killed_attempt(tm
     again = create_image_group(open_root(tmp_path / "masks.zarr"), "img", "img", (64, 80), 1, np.uint8, chunk=32)
     assert label_array(again).shape == (64, 80) and not label_array(again)[:, :].any()
     assert not list((tmp_path / "masks.zarr" / "img").rglob("c"))  # no chunk of the earlier attempt
+
+
+def test_a_full_disk_while_creating_an_image_group_is_reported_once(tmp_path, monkeypatch, caplog):
+    """zarr writes an image group's metadata documents as concurrent tasks and raises the first
+    failure; on a full disk the others fail too. Their errors must not be logged afterwards
+    ("Task exception was never retrieved"): the run's one-line stop message stays the last word."""
+    import errno
+    import gc
+    import logging
+
+    import zarr.storage._local as local_store
+
+    from nucleibatch.io.store import create_image_group, open_root
+
+    root = open_root(tmp_path / "masks.zarr")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(local_store, "_put", disk_full)
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        with pytest.raises(OSError, match="No space left"):
+            create_image_group(root, "img", "img", (64, 80), 1, np.uint8, chunk=32)
+        time.sleep(0.5)  # the other writes finish (and fail) on zarr's event loop
+        gc.collect()  # their tasks are collected: asyncio would log them now
+        time.sleep(0.1)
+    assert not [r.getMessage() for r in caplog.records if r.name == "asyncio"]

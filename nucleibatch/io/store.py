@@ -11,6 +11,7 @@ Layout of one image group at ``store_path``::
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import math
@@ -115,9 +116,43 @@ def create_image_group(
         nodes[f"{name}/{level}"] = _array_metadata((channels, h, w), (channel_chunk, cy, cx), np.dtype(dtype), ("c", "y", "x"))
         nodes[f"{name}/labels/{LABEL_NAME}/{level}"] = _array_metadata((h, w), (cy, cx), np.dtype(np.uint32), ("y", "x"))
     # every node's metadata written at once (concurrently, one round trip), not node by node
+    _quiet_sibling_write_errors()
     created = dict(root.create_hierarchy(nodes))
     faults.point("store:group")
     return created[name]
+
+
+# the coroutine zarr's create_hierarchy wraps each metadata write in (zarr.core.group.create_nodes)
+_NODE_WRITE = "_set_return_key"
+
+
+@functools.cache  # once per process: zarr runs one event loop
+def _quiet_sibling_write_errors() -> None:
+    """Keep the errors of a failed :func:`create_image_group`'s other metadata writes off stderr.
+
+    zarr writes the nodes as concurrent tasks and raises the first failure; when the disk is
+    full the others fail too, and as nobody retrieves their exceptions asyncio logs each one
+    ("Task exception was never retrieved") when it is collected, after the run has stopped with
+    the first. Only those are dropped, on zarr's event loop; anything else is logged as before.
+    """
+
+    async def install() -> None:
+        loop = asyncio.get_running_loop()
+        previous = loop.get_exception_handler()
+
+        def handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+            task = context.get("future")
+            coroutine = task.get_coro() if isinstance(task, asyncio.Task) else None
+            if isinstance(context.get("exception"), OSError) and getattr(coroutine, "__name__", "") == _NODE_WRITE:
+                return
+            if previous is not None:
+                previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+
+        loop.set_exception_handler(handler)
+
+    zarr.core.sync.sync(install())
 
 
 @functools.lru_cache(maxsize=256)  # images of an archive share a few shapes; building one costs ~0.4 ms
