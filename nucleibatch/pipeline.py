@@ -15,6 +15,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -398,8 +399,9 @@ def segment_record(
 ) -> dict[str, Any]:
     """Segment one image completely in this process and write all its outputs; returns its row.
 
-    The calling thread runs the model only: blocks are read and normalised ahead by ``prefetch``
-    (an iterator factory like :func:`read_blocks`, which it defaults to), and each block is
+    The calling thread runs the model only: blocks are read and normalised by ``prefetch`` (an
+    iterator factory like :func:`read_blocks`, the default; the local engine's reads ahead in a
+    thread of its own), and each block of a multi-block image is
     post-processed and painted in a second thread while the model predicts the next one (one
     block in flight, so memory stays bounded by a few blocks).
 
@@ -416,23 +418,25 @@ def segment_record(
         plan, group = _start_image(record, settings, model.config, out_dir, timer, source)
         stitcher = ImageStitcher(plan, group, timer)
         reads = (prefetch or read_blocks(timer))(plan, source, halo, settings)
-        if len(plan.blocks) == 1:  # nothing to overlap with
+
+        def finish(block: Block, prediction: BlockPrediction) -> None:
+            stitcher.add(finish_block(plan, block, prediction, settings, params, group))
+
+        # one block: nothing to overlap with, it is finished in this thread
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nb-finish") if len(plan.blocks) > 1 else nullcontext() as finisher:
+            pending: Future | None = None
             for block, raw, region, normalised in reads:
                 prediction = predict_blocks([(plan, block, raw, region)], model, settings, batch_size, [normalised])[0]
                 del raw, normalised
-                stitcher.add(finish_block(plan, block, prediction, settings, params, group))
-        else:
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nb-finish") as finisher:
-                pending: Future | None = None
-                for block, raw, region, normalised in reads:
-                    prediction = predict_blocks([(plan, block, raw, region)], model, settings, batch_size, [normalised])[0]
-                    del raw, normalised
-                    if pending is not None:
-                        pending.result()
-                    pending = finisher.submit(lambda b, p: stitcher.add(finish_block(plan, b, p, settings, params, group)), block, prediction)
-                    del prediction
+                if finisher is None:
+                    finish(block, prediction)
+                    continue
                 if pending is not None:
                     pending.result()
+                pending = finisher.submit(finish, block, prediction)
+                del prediction
+            if pending is not None:
+                pending.result()
     finally:
         source.close()
     row = complete_image(plan, stitcher.results, stitcher.offsets, stitcher.lost, group, settings, out_dir, timer)

@@ -167,12 +167,12 @@ def label_array(group: zarr.Group, level: int = 0) -> zarr.Array:
 
 def write_pyramids(group: zarr.Group, chunk: int = CHUNK) -> None:
     """Fill levels 1.. of the image and labels from level 0 by striding (nearest neighbour), chunk by chunk."""
-    image = group["0"]
+    image, labels = group["0"], label_array(group)
     levels = len(pyramid_shapes(image.shape[-2:]))  # as create_image_group made them
     for level in range(1, levels):
         faults.point("store:pyramid")
         factor = 2**level
-        for source, target in ((image, group[str(level)]), (label_array(group), label_array(group, level))):
+        for source, target in ((image, group[str(level)]), (labels, label_array(group, level))):
             height, width = target.shape[-2:]
             for y in range(0, height, chunk):
                 for x in range(0, width, chunk):
