@@ -4,7 +4,7 @@
 # carried in WHEELS (pip download ... -d WHEELS, see the commands in the README's performance
 # section) and installed into /tmp/site.
 #
-#   bash benchmarks/gpu.sh bench OUT_DIR WHEELS DSB_IMAGES   # bare model variants, pipeline vs bare (local and Dask)
+#   bash benchmarks/gpu.sh bench OUT_DIR WHEELS DSB_IMAGES   # bare model (bf16, channels-last), pipeline vs bare (post-processing processes, threads)
 #   bash benchmarks/gpu.sh train OUT_DIR WHEELS TRAIN_DATA    # the shipped model's training run (--engine local --gpu)
 #
 # TRAIN_DATA was made by benchmarks/pack_grey.py; the returned bundle was tuned by
@@ -22,12 +22,16 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, zarr, segmentation_models_pytorch as smp; print('torch', torch.__version__, 'zarr', zarr.__version__, 'smp', smp.__version__, 'cpus', __import__('os').cpu_count())" 2>&1 | tee -a "$out/machine.txt"
 
 if [ "$mode" = bench ]; then
-    timeout 90 python3 benchmarks/bare_model.py --device cuda --batch-sizes 1 8 32 --seconds 1.5 \
-        --variants fp32 bf16 bf16-cl 2>&1 | tee "$out/bare_model.txt"
-    timeout 240 python3 benchmarks/pipeline.py --device cuda --dsb "$data" --dsb-mpix 16 --big 8192 \
-        --batch-size 16 --engine dask --dask-cpu-workers 14 2>&1 | tee "$out/pipeline.txt"
-    timeout 75 python3 benchmarks/bare_model.py --device cuda --batch-sizes 32 --seconds 2 \
-        --variants bf16-cl-compile 2>&1 | tee "$out/bare_model_compile.txt"
+    timeout 60 python3 benchmarks/bare_model.py --device cuda --batch-sizes 16 32 --seconds 1.5 \
+        --variants bf16-cl 2>&1 | tee "$out/bare_model.txt"
+    # segment's default on CUDA: post-processing in the cores but two (processes)
+    timeout 200 python3 benchmarks/pipeline.py --device cuda --dsb "$data" --dsb-mpix 16 --big 8192 \
+        --batch-size 16 --workdir /tmp/pipeline 2>&1 | tee "$out/pipeline_processes.txt"
+    cp /tmp/pipeline/out-dsb/run.json "$out/processes_dsb_run.json"; cp /tmp/pipeline/out-big/run.json "$out/processes_big_run.json"
+    # the same with threads of the model's process (--post-workers 0), as on a CPU
+    timeout 150 python3 benchmarks/pipeline.py --device cuda --dsb "$data" --dsb-mpix 16 --big 8192 \
+        --batch-size 16 --post-workers 0 --workdir /tmp/pipeline 2>&1 | tee "$out/pipeline_threads.txt"
+    cp /tmp/pipeline/out-dsb/run.json "$out/threads_dsb_run.json"; cp /tmp/pipeline/out-big/run.json "$out/threads_big_run.json"
 elif [ "$mode" = train ]; then
     # the default model's recipe on one GPU: 40 patches of 256 px per training image per epoch
     timeout 360 python3 -m nucleibatch train "$data" -o /tmp/run-default --engine local --gpu \
