@@ -6,6 +6,8 @@
 #
 #   bash benchmarks/gpu.sh bench OUT_DIR WHEELS DSB_IMAGES   # bare model (bf16, channels-last), pipeline vs bare (post-processing processes, threads)
 #   bash benchmarks/gpu.sh train OUT_DIR WHEELS TRAIN_DATA    # the shipped model's training run (--engine local --gpu)
+#   bash benchmarks/gpu.sh profile OUT_DIR WHEELS DSB_IMAGES  # after bench: py-spy profiles of segment (WHEELS with py-spy),
+#                                                              # and the 8k image in blocks of 1024 (more blocks than cores)
 #
 # TRAIN_DATA was made by benchmarks/pack_grey.py; the returned bundle was tuned by
 # benchmarks/retune_bundle.py (post-processing thresholds, on the CPU).
@@ -22,16 +24,27 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, zarr, segmentation_models_pytorch as smp; print('torch', torch.__version__, 'zarr', zarr.__version__, 'smp', smp.__version__, 'cpus', __import__('os').cpu_count())" 2>&1 | tee -a "$out/machine.txt"
 
 if [ "$mode" = bench ]; then
-    timeout 60 python3 benchmarks/bare_model.py --device cuda --batch-sizes 16 32 --seconds 1.5 \
+    timeout 50 python3 benchmarks/bare_model.py --device cuda --batch-sizes 16 32 --seconds 1 \
         --variants bf16-cl 2>&1 | tee "$out/bare_model.txt"
     # segment's default on CUDA: post-processing in the cores but two (processes)
-    timeout 200 python3 benchmarks/pipeline.py --device cuda --dsb "$data" --dsb-mpix 16 --big 8192 \
+    timeout 150 python3 benchmarks/pipeline.py --device cuda --dsb "$data" --dsb-mpix 16 --big 8192 \
         --batch-size 16 --workdir /tmp/pipeline 2>&1 | tee "$out/pipeline_processes.txt"
-    cp /tmp/pipeline/out-dsb/run.json "$out/processes_dsb_run.json"; cp /tmp/pipeline/out-big/run.json "$out/processes_big_run.json"
+    mkdir -p /tmp/runs/processes /tmp/runs/threads
+    cp /tmp/pipeline/out-*/run.json --parents /tmp/runs/processes/ 2>/dev/null
     # the same with threads of the model's process (--post-workers 0), as on a CPU
     timeout 150 python3 benchmarks/pipeline.py --device cuda --dsb "$data" --dsb-mpix 16 --big 8192 \
         --batch-size 16 --post-workers 0 --workdir /tmp/pipeline 2>&1 | tee "$out/pipeline_threads.txt"
-    cp /tmp/pipeline/out-dsb/run.json "$out/threads_dsb_run.json"; cp /tmp/pipeline/out-big/run.json "$out/threads_big_run.json"
+    cp /tmp/pipeline/out-*/run.json --parents /tmp/runs/threads/ 2>/dev/null
+    tar czf "$out/runs.tgz" -C /tmp runs  # the run.json of each run
+elif [ "$mode" = profile ]; then
+    # where the time of a run goes, per process and thread (benchmarks/spy_summary.py reads it)
+    for workload in big dsb; do
+        timeout 75 /tmp/site/bin/py-spy record --subprocesses --threads --idle --format raw --rate 200 -o "$out/spy_$workload.txt" -- \
+            python3 -m nucleibatch segment /tmp/pipeline/$workload -o /tmp/spy-$workload --device cuda --batch-size 16 --progress log \
+            >> "$out/spy.log" 2>&1
+    done
+    timeout 45 python3 -m nucleibatch segment /tmp/pipeline/big -o /tmp/blocks-1024 --device cuda --batch-size 16 --block-size 1024 --progress log 2>&1 | tail -3 | tee "$out/blocks_1024.txt"
+    python3 -c "import json; r = json.load(open('/tmp/blocks-1024/run.json')); print('block 1024: engine', r['engine_seconds'], 's', r['processed_megapixels'] / r['engine_seconds'], 'MPix/s', r['stage_seconds'])" | tee -a "$out/blocks_1024.txt"
 elif [ "$mode" = train ]; then
     # the default model's recipe on one GPU: 40 patches of 256 px per training image per epoch
     timeout 360 python3 -m nucleibatch train "$data" -o /tmp/run-default --engine local --gpu \

@@ -38,6 +38,17 @@ class InstanceParams:
         return cls(**values)
 
 
+# every float16 value as float32: a table lookup converts 3x faster than numpy's cast (segment's
+# probabilities are float16 where the network ran in bf16)
+_FLOAT16_AS_FLOAT32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+
+
+def _as_float32(channel: np.ndarray) -> np.ndarray:
+    if channel.dtype == np.float16:
+        return _FLOAT16_AS_FLOAT32[channel.view(np.uint16)]
+    return np.asarray(channel, dtype=np.float32)
+
+
 def probabilities_to_labels(probabilities: np.ndarray, params: InstanceParams = InstanceParams()) -> np.ndarray:
     """Instance labels from the model's body / contour / contact probabilities.
 
@@ -58,7 +69,7 @@ def probabilities_to_labels(probabilities: np.ndarray, params: InstanceParams = 
     """
     if probabilities.ndim != 3 or probabilities.shape[0] < 3:
         raise ValueError(f"expected (3, H, W) probabilities, got {probabilities.shape}")
-    body, contour, contact = (np.asarray(p, dtype=np.float32) for p in probabilities[:3])
+    body, contour, contact = (_as_float32(p) for p in probabilities[:3])
     mask = body > params.mask_threshold
     if not mask.any():
         return np.zeros(body.shape, dtype=np.int32)

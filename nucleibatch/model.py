@@ -20,14 +20,13 @@ import torch
 from .errors import ModelBundleError, UsageError
 from .instances import InstanceParams
 from .targets import TARGET_CLASSES
-from .tiling import block_grid, padded_size
+from .tiling import PAD_MULTIPLE, block_grid, small_image_window
 
 BUNDLE_FORMAT = "nucleibatch-bundle/1"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 DEFAULT_BUNDLE = Path(__file__).parent / "models" / "default"
 ARCHITECTURES = ("Unet", "UnetPlusPlus", "FPN", "Linknet")
-PAD_MULTIPLE = 32
 
 CLASS_MEANING = {
     "body": "probability that the pixel belongs to a nucleus",
@@ -154,15 +153,16 @@ class ModelUsage:
         self.__init__()
 
     @contextmanager
-    def running(self, batch_shape: tuple[int, int, int]):
-        """Hold the network for one call of ``batch_shape`` = ``(n, h, w)``."""
+    def running(self, batch_shape: tuple[int, int, int], tiles: int | None = None):
+        """Hold the network for one call of ``batch_shape`` = ``(n, h, w)`` holding ``tiles``
+        tiles of images (default ``n``; fewer when the batch was padded)."""
         with self._one_at_a_time:
             started = time.perf_counter()
             try:
                 yield
             finally:
                 self.busy_seconds += time.perf_counter() - started
-                self.tiles += batch_shape[0]
+                self.tiles += batch_shape[0] if tiles is None else tiles
                 self.batch_shapes[batch_shape] += 1
 
 
@@ -199,7 +199,12 @@ class NucleiModel:
         return self.predict_many([image], batch_size, tta, [output_box])[0]
 
     def predict_many(
-        self, images: Sequence[np.ndarray], batch_size: int = 4, tta: bool | None = None, output_boxes: Sequence[tuple[int, int, int, int] | None] | None = None
+        self,
+        images: Sequence[np.ndarray],
+        batch_size: int = 4,
+        tta: bool | None = None,
+        output_boxes: Sequence[tuple[int, int, int, int] | None] | None = None,
+        keep_half: bool = False,
     ) -> list[np.ndarray]:
         """:meth:`predict` of several images, their tiles batched together (see :func:`predict_images`)."""
         return predict_images(
@@ -213,6 +218,7 @@ class NucleiModel:
             tta=bool(self.config.get("tta", False)) if tta is None else tta,
             usage=self.usage,
             fast=self.fast,
+            keep_half=keep_half,
         )
 
 
@@ -396,6 +402,8 @@ def predict_images(
     tta: bool = False,
     usage: ModelUsage | None = None,
     fast: bool | None = None,
+    keep_half: bool = False,
+    pad_batches: bool | None = None,
 ) -> list[np.ndarray]:
     """:func:`predict_image` of several images at once: tiles of the same shape share network calls.
 
@@ -407,10 +415,19 @@ def predict_images(
         images: ``(H_i, W_i)`` float32 normalised to [0, 1].
         output_boxes: per image, as ``output_box`` of :func:`predict_image` (None: all).
 
+        keep_half: return float16 where the network's calls do (the ``fast`` path): the same
+            values in half the memory (segment's blocks, sent to post-processing processes).
+        pad_batches: fill every call up to ``batch_size`` tiles (zeros, whose outputs are
+            dropped). Default: on CUDA, where the padding costs next to nothing and each new
+            batch shape costs cuDNN's set-up of every convolution again: a run then makes a
+            few shapes (one per window), not one per number of tiles left in a group.
+
     Returns:
-        Per image, ``(K, h_i, w_i)`` float32 probabilities of its output box.
+        Per image, ``(K, h_i, w_i)`` float32 probabilities of its output box (float16 with
+        ``keep_half`` on the fast path).
     """
     device = torch.device(device)
+    pad_batches = device.type == "cuda" if pad_batches is None else pad_batches
     core = tile_size - 2 * halo
     if core <= 0:
         raise UsageError(f"tile size {tile_size} leaves no core with halo {halo}; use tile >= 2 * halo + 32")
@@ -423,8 +440,8 @@ def predict_images(
         if not (0 <= oy0 < oy1 <= height and 0 <= ox0 < ox1 <= width):
             raise ValueError(f"output_box {output_box} is not inside the image {image.shape}")
         boxes.append((oy0, oy1, ox0, ox1))
-        if height <= tile_size and width <= tile_size:
-            window = (padded_size(height, PAD_MULTIPLE), padded_size(width, PAD_MULTIPLE))
+        window = small_image_window((height, width), tile_size)
+        if window is not None:
             tiles = block_grid((height, width), max(height, width), 0)
         else:
             window = (tile_size, tile_size)
@@ -433,7 +450,8 @@ def predict_images(
     outputs: list[np.ndarray | None] = [None] * len(images)
     for window, tiles in tiles_by_window.items():
         for chunk in _chunks(tiles, batch_size):
-            batch = np.empty((len(chunk), 1) + window, dtype=np.float32)
+            batch = np.empty((batch_size if pad_batches else len(chunk), 1) + window, dtype=np.float32)
+            batch[len(chunk) :] = 0.0
             for k, (number, tile) in enumerate(chunk):
                 ry0, ry1, rx0, rx1 = tile.read
                 batch[k, 0] = _pad_to(images[number][ry0:ry1, rx0:rx1], window)
@@ -446,12 +464,12 @@ def predict_images(
             if usage is None:
                 probabilities = _forward(network, batch, device, tta, fast, crop)
             else:
-                with usage.running((len(chunk), *window)):
+                with usage.running(batch.shape[:1] + window, tiles=len(chunk)):
                     probabilities = _forward(network, batch, device, tta, fast, crop)
             for k, ((number, _), (y0, y1, x0, x1), (ry, rx)) in enumerate(zip(chunk, kept, reads, strict=True)):
                 oy0, oy1, ox0, ox1 = boxes[number]
                 if outputs[number] is None:
-                    outputs[number] = np.empty((probabilities.shape[1], oy1 - oy0, ox1 - ox0), dtype=np.float32)
+                    outputs[number] = np.empty((probabilities.shape[1], oy1 - oy0, ox1 - ox0), dtype=probabilities.dtype if keep_half else np.float32)
                 ty, tx = ry + crop[0], rx + crop[2]  # image coordinates of the copied window's corner
                 outputs[number][:, y0 - oy0 : y1 - oy0, x0 - ox0 : x1 - ox0] = probabilities[k, :, y0 - ty : y1 - ty, x0 - tx : x1 - tx]
     assert all(output is not None for output in outputs)

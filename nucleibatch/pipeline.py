@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -37,10 +37,12 @@ from .io.store import (
 )
 from .io.tables import output_manifest, remove_image_outputs, write_nuclei_part, write_record
 from .measure import concat_columns, measure_labels
-from .model import NucleiModel
 from .normalize import NormStats, apply_stats, stats_for_bundle, to_grey
 from .stitching import OwnedObjects, block_offsets, paint_region, select_owned
 from .tiling import Block, block_grid
+
+if TYPE_CHECKING:  # post-processing processes import this module: they need no torch
+    from .model import NucleiModel
 
 log = logging.getLogger(__name__)
 MIN_SIDE = 8
@@ -207,7 +209,7 @@ def read_block(plan: ImagePlan, block: Block, source: ImageSource, halo: int) ->
 class BlockPrediction:
     """The model's output for one block: what the post-processing of the block needs.
 
-    probabilities: ``(K, h, w)`` float32 over ``block.read``.
+    probabilities: ``(K, h, w)`` over ``block.read``, float16 where the network ran in bf16, else float32.
     pixels: ``(h, w, C)`` the image's raw pixels over ``block.read`` (for intensities and the image copy).
     """
 
@@ -250,7 +252,7 @@ def predict_blocks(
         with timer("normalise"):
             normalised = [normalise_region(plan, raw, settings) for plan, _, raw, _ in items]
     with timer("predict"):
-        probabilities = model.predict_many(normalised, batch_size=batch_size, tta=settings.tta, output_boxes=inners)
+        probabilities = model.predict_many(normalised, batch_size=batch_size, tta=settings.tta, output_boxes=inners, keep_half=True)
     del normalised
     pixels = [raw[y0:y1, x0:x1] for (_, _, raw, _), (y0, y1, x0, x1) in zip(items, inners, strict=True)]
     total = sum(p.shape[0] * p.shape[1] for p in pixels)

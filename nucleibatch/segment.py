@@ -39,7 +39,7 @@ from .io.tables import (
     remove_stale_temporaries,
     write_images_table,
 )
-from .model import NucleiModel, load_model, resolve_device_name
+from .model import NucleiModel, load_model, resolve_device, resolve_device_name
 from .pipeline import STAGES, SegmentSettings, Timer, input_fingerprint
 from .verify import verify_records
 
@@ -281,102 +281,110 @@ def run_segment_job(
     driver_device = device if engine == "local" else "cpu"
     if engine != "local" and device != "auto":
         resolve_device_name(device)
-    loaded = model if isinstance(model, NucleiModel) else load_model(model, device=driver_device, precision=precision)
-    if engine == "local" and post_workers is None:
-        from .engines.process_pool import default_post_workers
+    post_pool = None
+    if engine == "local":
+        from .engines.process_pool import default_post_workers, start_post_pool
 
-        post_workers = default_post_workers(loaded.device.type)
-    records = discover_inputs(inputs, channel=settings.channel)
-    make_dirs(out_dir)
-    with Lock(out_dir):
-        if overwrite:
-            clear_outputs(out_dir)
-        _check_settings(out_dir, {"model_sha256": loaded.sha256, "settings": settings.to_dict()})
-        remove_stale_temporaries(out_dir)
-        open_root(out_dir / "masks.zarr")  # once, here: units running at once then only add groups
-        finished = read_records(out_dir)
-        redo = images_to_redo(out_dir, records, finished, retry_failed, verify)
-        todo = [r for r in records if r.image_id not in finished or r.image_id in redo]
-        n_resumed = len(records) - len(todo)
-        if n_resumed:
-            log.info("resuming: %d of %d images are already done in %s", n_resumed, len(records), out_dir)
-        import pandas  # noqa: F401 - pyarrow imports it on its first NumPy conversion (~0.5 s): here, not inside the first image's table write
+        if post_workers is None:
+            post_workers = default_post_workers(model.device.type if isinstance(model, NucleiModel) else resolve_device(driver_device).type)
+        if post_workers:
+            post_pool = start_post_pool(post_workers)  # the processes start while the model loads
+    try:
+        loaded = model if isinstance(model, NucleiModel) else load_model(model, device=driver_device, precision=precision)
+        records = discover_inputs(inputs, channel=settings.channel)
+        make_dirs(out_dir)
+        with Lock(out_dir):
+            if overwrite:
+                clear_outputs(out_dir)
+            _check_settings(out_dir, {"model_sha256": loaded.sha256, "settings": settings.to_dict()})
+            remove_stale_temporaries(out_dir)
+            open_root(out_dir / "masks.zarr")  # once, here: units running at once then only add groups
+            finished = read_records(out_dir)
+            redo = images_to_redo(out_dir, records, finished, retry_failed, verify)
+            todo = [r for r in records if r.image_id not in finished or r.image_id in redo]
+            n_resumed = len(records) - len(todo)
+            if n_resumed:
+                log.info("resuming: %d of %d images are already done in %s", n_resumed, len(records), out_dir)
+            import pandas  # noqa: F401 - pyarrow imports it on its first NumPy conversion (~0.5 s): here, not inside the first image's table write
 
-        timer = Timer()
-        busy_before, tiles_before, shapes_before = loaded.usage.busy_seconds, loaded.usage.tiles, Counter(loaded.usage.batch_shapes)
-        engine_started = time.perf_counter()
-        placement: list[dict[str, Any]] = []
-        bar = Progress(len(records), n_resumed, progress)
-        try:
-            if engine == "local" and post_workers:
-                from .engines.process_pool import run_pool
+            timer = Timer()
+            busy_before, tiles_before, shapes_before = loaded.usage.busy_seconds, loaded.usage.tiles, Counter(loaded.usage.batch_shapes)
+            engine_started = time.perf_counter()
+            placement: list[dict[str, Any]] = []
+            bar = Progress(len(records), n_resumed, progress)
+            try:
+                if post_pool is not None:
+                    from .engines.process_pool import run_pool
 
-                run_pool(todo, loaded, settings, out_dir, batch_size, timer, bar.update, placement, post_workers)
-            elif engine == "local":
-                from .engines.local import run_local
+                    run_pool(todo, loaded, settings, out_dir, batch_size, timer, bar.update, placement, post_pool, post_workers)
+                elif engine == "local":
+                    from .engines.local import run_local
 
-                run_local(todo, loaded, settings, out_dir, batch_size, timer, bar.update)
-            else:
-                from importlib import import_module
+                    run_local(todo, loaded, settings, out_dir, batch_size, timer, bar.update)
+                else:
+                    from importlib import import_module
 
-                run_engine = import_module(f".engines.{engine}_engine", __package__).run_engine
-                run_engine(todo, loaded, device, settings, out_dir, batch_size, timer, bar.update, placement, address=address, workers=workers, gpus_per_worker=gpus_per_worker)
-        finally:
-            bar.close()
-        engine_seconds = time.perf_counter() - engine_started
-        faults.point("consolidate")
-        rows = read_records(out_dir)
-        write_images_table(out_dir, list(rows.values()))
-        finish_nuclei_dataset(out_dir)
-        current = [rows[r.image_id] for r in records if r.image_id in rows]
-        wall = time.perf_counter() - started
-        megapixels = sum((r.get("height") or 0) * (r.get("width") or 0) for r in current if r["status"] == "ok") / 1e6
-        processed_mpix = bar.pixels / 1e6
-        summary = RunSummary(
-            out_dir=out_dir,
-            n_images=len(current),
-            n_ok=sum(r["status"] == "ok" for r in current),
-            n_failed=sum(r["status"] != "ok" for r in current),
-            n_nuclei=sum(int(r["n_nuclei"] or 0) for r in current),
-            n_resumed=n_resumed,
-            wall_seconds=round(wall, 3),
-            megapixels=round(megapixels, 4),
-        )
-        summary.run = {
-            "nucleibatch_version": __version__,
-            "command": sys.argv,
-            "inputs": [str(i) for i in inputs],
-            "engine": engine,
-            "device": str(loaded.device) if engine == "local" else device,
-            # distributed: "auto" is resolved by each model worker for its own device
-            "precision": ("bf16" if loaded.fast else "float32") if engine == "local" else loaded.precision,
-            "settings": settings.to_dict() | {"batch_size": batch_size},
-            "post_workers": post_workers if engine == "local" else None,
-            "postprocess": settings.postprocess or loaded.postprocess.to_dict(),
-            "model": {"name": loaded.name, "sha256": loaded.sha256, "path": str(loaded.path)},
-            "versions": _versions(),
-            "units": "pixels (positions, lengths and areas in nuclei.parquet are in pixels of the full-resolution image)",
-            "counts": {"images": summary.n_images, "ok": summary.n_ok, "failed": summary.n_failed, "nuclei": summary.n_nuclei, "resumed": n_resumed},
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started_at)),
-            "wall_seconds": summary.wall_seconds,
-            "processed_megapixels": round(processed_mpix, 4),
-            "mpix_per_s": round(processed_mpix / wall, 4) if wall > 0 else None,
-            "stage_seconds": {stage: round(timer.seconds.get(stage, 0.0), 3) for stage in STAGES},
-            # local engine: the one model's own count (distributed engines: the model workers' predict seconds are in stage_seconds)
-            "model_busy_seconds": round(loaded.usage.busy_seconds - busy_before, 3) if engine == "local" else None,
-            "engine_seconds": round(engine_seconds, 3),  # the images' processing, without model load and discovery
-            "model_idle_fraction": round(max(0.0, 1 - (loaded.usage.busy_seconds - busy_before) / engine_seconds), 4) if engine == "local" and engine_seconds > 0 else None,
-            "model_tiles": loaded.usage.tiles - tiles_before if engine == "local" else None,
-            "model_batches": [[*shape, count] for shape, count in sorted((loaded.usage.batch_shapes - shapes_before).items())] if engine == "local" else None,
-            "stage_seconds_note": "summed over the threads/workers that ran each stage",
-        }
-        if engine != "local" or placement:
-            summary.run["placement"] = placement_summary(placement)
-            if placement:
-                _append_placement(out_dir, placement)
-        atomic_write_bytes(out_dir / "run.json", (json.dumps(summary.run, indent=2) + "\n").encode())
-        _write_report(out_dir)
-    return summary
+                    run_engine = import_module(f".engines.{engine}_engine", __package__).run_engine
+                    run_engine(todo, loaded, device, settings, out_dir, batch_size, timer, bar.update, placement, address=address, workers=workers, gpus_per_worker=gpus_per_worker)
+            finally:
+                bar.close()
+            engine_seconds = time.perf_counter() - engine_started
+            faults.point("consolidate")
+            rows = read_records(out_dir)
+            write_images_table(out_dir, list(rows.values()))
+            finish_nuclei_dataset(out_dir)
+            current = [rows[r.image_id] for r in records if r.image_id in rows]
+            wall = time.perf_counter() - started
+            megapixels = sum((r.get("height") or 0) * (r.get("width") or 0) for r in current if r["status"] == "ok") / 1e6
+            processed_mpix = bar.pixels / 1e6
+            summary = RunSummary(
+                out_dir=out_dir,
+                n_images=len(current),
+                n_ok=sum(r["status"] == "ok" for r in current),
+                n_failed=sum(r["status"] != "ok" for r in current),
+                n_nuclei=sum(int(r["n_nuclei"] or 0) for r in current),
+                n_resumed=n_resumed,
+                wall_seconds=round(wall, 3),
+                megapixels=round(megapixels, 4),
+            )
+            summary.run = {
+                "nucleibatch_version": __version__,
+                "command": sys.argv,
+                "inputs": [str(i) for i in inputs],
+                "engine": engine,
+                "device": str(loaded.device) if engine == "local" else device,
+                # distributed: "auto" is resolved by each model worker for its own device
+                "precision": ("bf16" if loaded.fast else "float32") if engine == "local" else loaded.precision,
+                "settings": settings.to_dict() | {"batch_size": batch_size},
+                "post_workers": post_workers if engine == "local" else None,
+                "postprocess": settings.postprocess or loaded.postprocess.to_dict(),
+                "model": {"name": loaded.name, "sha256": loaded.sha256, "path": str(loaded.path)},
+                "versions": _versions(),
+                "units": "pixels (positions, lengths and areas in nuclei.parquet are in pixels of the full-resolution image)",
+                "counts": {"images": summary.n_images, "ok": summary.n_ok, "failed": summary.n_failed, "nuclei": summary.n_nuclei, "resumed": n_resumed},
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started_at)),
+                "wall_seconds": summary.wall_seconds,
+                "processed_megapixels": round(processed_mpix, 4),
+                "mpix_per_s": round(processed_mpix / wall, 4) if wall > 0 else None,
+                "stage_seconds": {stage: round(timer.seconds.get(stage, 0.0), 3) for stage in STAGES},
+                # local engine: the one model's own count (distributed engines: the model workers' predict seconds are in stage_seconds)
+                "model_busy_seconds": round(loaded.usage.busy_seconds - busy_before, 3) if engine == "local" else None,
+                "engine_seconds": round(engine_seconds, 3),  # the images' processing, without model load and discovery
+                "model_idle_fraction": round(max(0.0, 1 - (loaded.usage.busy_seconds - busy_before) / engine_seconds), 4) if engine == "local" and engine_seconds > 0 else None,
+                "model_tiles": loaded.usage.tiles - tiles_before if engine == "local" else None,
+                "model_batches": [[*shape, count] for shape, count in sorted((loaded.usage.batch_shapes - shapes_before).items())] if engine == "local" else None,
+                "stage_seconds_note": "summed over the threads/workers that ran each stage",
+            }
+            if engine != "local" or placement:
+                summary.run["placement"] = placement_summary(placement)
+                if placement:
+                    _append_placement(out_dir, placement)
+            atomic_write_bytes(out_dir / "run.json", (json.dumps(summary.run, indent=2) + "\n").encode())
+            _write_report(out_dir)
+        return summary
+    finally:
+        if post_pool is not None:
+            post_pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _write_report(out_dir: Location) -> None:

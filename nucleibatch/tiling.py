@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 from .errors import UsageError
 
+# U-Nets take sides that are multiples of 32 (five halvings)
+PAD_MULTIPLE = 32
+
 
 @dataclass(frozen=True)
 class Block:
@@ -65,6 +68,15 @@ def block_grid(shape: tuple[int, int], core: int, margin: int) -> list[Block]:
         for j, (cx0, cx1, rx0, rx1) in enumerate(cols):
             blocks.append(Block(len(blocks), (i, j), (cy0, cy1, cx0, cx1), (ry0, ry1, rx0, rx1)))
     return blocks
+
+
+def small_image_window(shape: tuple[int, int], tile_size: int) -> tuple[int, int] | None:
+    """The network's input window for an image that is one tile (its sides rounded up to
+    multiples of :data:`PAD_MULTIPLE`), or None for a larger image (tiled in ``tile_size`` windows)."""
+    height, width = shape
+    if height > tile_size or width > tile_size:
+        return None
+    return padded_size(height, PAD_MULTIPLE), padded_size(width, PAD_MULTIPLE)
 
 
 def padded_size(length: int, multiple: int) -> int:

@@ -161,18 +161,16 @@ def test_the_post_processing_processes_start_with_the_settings(monkeypatch):
     """`segment --post-workers N` starts its processes with the settings in their environment
     (this process's own environment is left as it was)."""
     from nucleibatch.allocator import ALLOCATOR_ENV
-    from nucleibatch.engines.process_pool import PoolExecutor
-    from nucleibatch.pipeline import SegmentSettings
-    from nucleibatch.synthetic import threshold_model
+    from nucleibatch.engines.process_pool import start_post_pool
 
     for key in ALLOCATOR_ENV:
         monkeypatch.delenv(key, raising=False)
     monkeypatch.delenv("NUCLEIBATCH_DEFAULT_MALLOC", raising=False)
-    executor = PoolExecutor(threshold_model(), SegmentSettings(), 4, None, post_workers=2)
+    pool = start_post_pool(2)
     try:
-        answers = [future.result() for future in [executor.pool.submit(_pid_and_startup_environment) for _ in range(6)]]
+        answers = [future.result() for future in [pool.submit(_pid_and_startup_environment) for _ in range(6)]]
     finally:
-        executor.close()
+        pool.shutdown()
     assert len({pid for pid, _ in answers}) == 2  # both processes answered
     assert all({key: env.get(key) for key in ALLOCATOR_ENV} == ALLOCATOR_ENV for _, env in answers)
     assert not any(key in os.environ for key in ALLOCATOR_ENV)

@@ -11,6 +11,7 @@ import subprocess
 
 import pytest
 
+from nucleibatch.errors import ModelBundleError
 from nucleibatch.pipeline import SegmentSettings
 from nucleibatch.segment import run_segment_job
 from tests import input_files as files
@@ -49,6 +50,29 @@ def test_post_processing_processes_give_the_local_engines_outputs(local_referenc
     finishers = [w for w, units in run["placement"]["workers"].items() if units["finish"]]
     assert len(finishers) == 2 and f":{os.getpid()}" not in " ".join(finishers)  # other processes than this one
     assert not (_own_processes() - before), "the post-processing processes outlived the run"
+
+
+def test_post_processing_processes_start_ready_and_without_torch():
+    """The processes import the units' modules as they start (while the model loads), and not
+    torch: its import is most of a process's start-up, and they never run the network."""
+    from nucleibatch.engines.process_pool import start_post_pool
+
+    pool = start_post_pool(1)
+    try:
+        # a builtin: a function of this module would import it, and torch with it, in the process
+        loaded = pool.submit(eval, "[name in __import__('sys').modules for name in ('torch', 'nucleibatch.pipeline')]")
+        assert loaded.result() == [False, True]
+    finally:
+        pool.shutdown()
+
+
+def test_a_model_that_fails_to_load_leaves_no_post_processing_process(tmp_path):
+    """The processes start before the model loads: a bad --model must not leave them behind."""
+    (tmp_path / "in").mkdir()
+    before = _own_processes()
+    with pytest.raises(ModelBundleError):
+        run_segment_job([str(tmp_path / "in")], tmp_path / "out", model=str(tmp_path / "no-such-bundle"), device="cpu", post_workers=2, progress=False)
+    assert not (_own_processes() - before), "the post-processing processes outlived the failed run"
 
 
 def test_post_workers_default_to_none_on_the_cpu_and_the_spare_cores_on_a_gpu():
@@ -174,3 +198,16 @@ def test_model_workers_are_dealt_over_the_nodes_that_can_hold_them():
     assert [getattr(p, "node_id", p) for p in beyond] == [a, b, a, b, "SPREAD", "SPREAD"]  # more than the nodes hold: pending
     assert spread_over_nodes(nodes, "GPU", 4.0, 2) == ["SPREAD", "SPREAD"]  # no GPU node big enough yet
     assert [p.node_id for p in spread_over_nodes(nodes, "CPU", 0.0, 3)] == [a, b, a]  # a zero reservation still needs CPUs
+
+
+def test_small_images_are_batched_by_network_window():
+    """The distributed driver groups one-tile images by window (a model call then holds one
+    shape); larger and unreadable images keep their order, first."""
+    from nucleibatch.engines.distributed import batching_order
+    from nucleibatch.io.discover import ImageRecord
+
+    shapes = {"a": (256, 320), "big1": (2000, 3000), "b": (250, 250), "c": (256, 300), "bad": None, "d": (256, 256), "big2": (513, 100)}
+    records = [ImageRecord(name, name, name, "plain", shape, 1 if shape else None, "uint8" if shape else None, error=None if shape else "unreadable") for name, shape in shapes.items()]
+    ordered = [record.image_id for record in batching_order(records, tile_size=512)]
+    assert ordered == ["big1", "bad", "big2", "b", "d", "a", "c"]  # windows 256x256 (b, d), then 256x320 (a, c)
+    assert sorted(ordered) == sorted(shapes)

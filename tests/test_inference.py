@@ -82,16 +82,30 @@ def test_tiles_are_cropped_and_placed_exactly_oracle():
     boxes = [(100, 650, 33, 871), None, (5, 250, 17, 200), (0, 391, 300, 517)]
     with torch.no_grad():
         oracles = [torch.sigmoid(network(torch.from_numpy(image)[None, None]))[0].numpy() for image in images]
-    for batch_size in (1, 3):
-        outputs = predict_images(network, images, boxes, tile_size=256, halo=32, batch_size=batch_size, fast=False)
+    tiles_counted = set()
+    for batch_size, pad_batches in ((1, False), (3, False), (3, True), (16, True)):
+        usage = ModelUsage()
+        outputs = predict_images(network, images, boxes, tile_size=256, halo=32, batch_size=batch_size, fast=False, usage=usage, pad_batches=pad_batches)
+        if pad_batches:  # every call has batch_size tiles (CUDA's default): the padding's outputs are dropped
+            assert {shape[0] for shape in usage.batch_shapes} == {batch_size} and usage.tiles < sum(usage.batch_shapes.values()) * batch_size
+        tiles_counted.add(usage.tiles)
         for output, oracle, box in zip(outputs, oracles, boxes, strict=True):
             y0, y1, x0, x1 = box or (0, oracle.shape[1], 0, oracle.shape[2])
             assert output.dtype == np.float32
             np.testing.assert_allclose(output, oracle[:, y0:y1, x0:x1], rtol=0, atol=1e-6)
-    fast = predict_images(prepare_network(copy.deepcopy(network), torch.device("cpu"), fast=True), images, boxes, tile_size=256, halo=32, batch_size=3, fast=True)
+    assert len(tiles_counted) == 1  # the images' tiles, not the padding
+    fast_network = prepare_network(copy.deepcopy(network), torch.device("cpu"), fast=True)
+    fast = predict_images(fast_network, images, boxes, tile_size=256, halo=32, batch_size=3, fast=True)
     for output, oracle, box in zip(fast, oracles, boxes, strict=True):
         y0, y1, x0, x1 = box or (0, oracle.shape[1], 0, oracle.shape[2])
+        assert output.dtype == np.float32
         np.testing.assert_allclose(output, oracle[:, y0:y1, x0:x1], rtol=0, atol=0.02)  # bf16 network, float16 copy
+    # keep_half (segment's blocks): the very same values, in float16
+    half = predict_images(fast_network, images, boxes, tile_size=256, halo=32, batch_size=3, fast=True, keep_half=True)
+    for output, reference in zip(half, fast, strict=True):
+        assert output.dtype == np.float16
+        np.testing.assert_array_equal(output.astype(np.float32), reference)
+    assert predict_images(network, images[:1], tile_size=256, halo=32, fast=False, keep_half=True)[0].dtype == np.float32
     batch = images[0][None, None, :256, :256].copy()
     full = _forward(network, batch, torch.device("cpu"), tta=False)
     np.testing.assert_array_equal(_forward(network, batch, torch.device("cpu"), tta=False, crop=(32, 224, 10, 256)), full[:, :, 32:224, 10:256])

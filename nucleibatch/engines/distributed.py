@@ -33,6 +33,7 @@ from ..io.location import Location
 from ..io.store import open_root, store_name
 from ..io.tables import write_record
 from ..pipeline import ImagePlan, SegmentSettings, Timer, fits_one_tile, record_failed_image
+from ..tiling import small_image_window
 from .local import is_fatal
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,18 @@ class _Image:
     blocks_done: int = 0
 
 
+def batching_order(records: Sequence[ImageRecord], tile_size: int) -> list[ImageRecord]:
+    """``records`` with the one-tile images grouped by network window (their order kept within a
+    window; larger images first, in their order): the small images batched together then share
+    window shapes, so a model call holds one shape instead of several partial batches."""
+
+    def key(record: ImageRecord) -> tuple[int, int]:
+        window = small_image_window(record.shape, tile_size) if record.shape else None
+        return window or (0, 0)
+
+    return sorted(records, key=key)
+
+
 def run_distributed(
     executor: Executor,
     records: Sequence[ImageRecord],
@@ -89,7 +102,7 @@ def run_distributed(
     A block unit's error reaches the driver through the image's ``complete`` unit, which depends
     on it (Ray and Dask both fail a task whose inputs failed, with the original exception).
     """
-    pending = deque(records)
+    pending = deque(batching_order(records, int(executor.model_config.get("tile_size", 512))))
     group_size = max(1, executor.batch_size)
     # in flight: 2 predict units per model worker, a unit being one block or a group of small
     # images, plus one per CPU slot: post-processing takes far longer than predicting (on a GPU

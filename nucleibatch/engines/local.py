@@ -8,11 +8,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..io.discover import ImageRecord
 from ..io.location import Location
-from ..model import NucleiModel
 from ..pipeline import (
     ImagePlan,
     SegmentSettings,
@@ -21,6 +20,9 @@ from ..pipeline import (
     record_failed_image,
     segment_record,
 )
+
+if TYPE_CHECKING:
+    from ..model import NucleiModel
 
 log = logging.getLogger(__name__)
 # Images in flight at once: while one image is on the model, the other is read or post-processed.

@@ -22,14 +22,16 @@ from concurrent.futures import (
     ThreadPoolExecutor,
     wait,
 )
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..allocator import tune_allocator, worker_environment
 from ..io.discover import ImageRecord
 from ..io.location import Location
-from ..model import NucleiModel
 from ..pipeline import ImagePlan, SegmentSettings, Timer, instance_params
 from . import distributed
+
+if TYPE_CHECKING:  # the processes import this module (their initializer): they need no torch
+    from ..model import NucleiModel
 
 
 def default_post_workers(device_type: str, cpus: int | None = None) -> int:
@@ -40,13 +42,43 @@ def default_post_workers(device_type: str, cpus: int | None = None) -> int:
     return max(1, cpus - 2) if device_type == "cuda" else 0
 
 
+def start_post_pool(post_workers: int) -> ProcessPoolExecutor:
+    """Start ``post_workers`` post-processing processes and return at once: they need a second or
+    more to start, which the caller spends loading the model. The caller shuts the pool down.
+
+    The processes are spawned (a fork of a process running torch threads can deadlock) with the
+    allocator settings in their environment (glibc reads them at start), and import the units'
+    modules before their first unit.
+    """
+    if post_workers < 1:
+        raise ValueError(f"post_workers must be >= 1, got {post_workers}")
+    environment = worker_environment()
+    saved = {key: os.environ.get(key) for key in environment}
+    os.environ.update(environment)
+    try:
+        pool = ProcessPoolExecutor(max_workers=post_workers, mp_context=multiprocessing.get_context("spawn"), initializer=_prepare_worker)
+        # a pool starts a process per task submitted while none is idle: these start them all now
+        for _ in range(post_workers):
+            pool.submit(os.getpid)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return pool
+
+
+def _prepare_worker() -> None:
+    tune_allocator()
+    from .. import pipeline  # noqa: F401 - the units' modules (not torch), imported before the first unit arrives
+
+
 class PoolExecutor:
     """:class:`.distributed.Executor` on this machine: predict units in one thread of this
-    process (with ``model``), CPU units in a pool of ``post_workers`` processes."""
+    process (with ``model``), CPU units in the processes of ``pool``."""
 
-    def __init__(self, model: NucleiModel, settings: SegmentSettings, batch_size: int, out_dir: Location, post_workers: int) -> None:
-        if post_workers < 1:
-            raise ValueError(f"post_workers must be >= 1, got {post_workers}")
+    def __init__(self, model: NucleiModel, settings: SegmentSettings, batch_size: int, out_dir: Location, pool: ProcessPoolExecutor, post_workers: int) -> None:
         self.settings, self.batch_size, self.out_dir = settings, batch_size, out_dir
         self.params = instance_params(settings, model)
         self.model_config = model.config
@@ -55,23 +87,7 @@ class PoolExecutor:
         self.predictor = distributed.BlockPredictor(model, str(model.device), settings, batch_size)
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nb-model")
         self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nb-read")
-        # spawn: a fork of a process running torch threads can deadlock; the workers start with
-        # the allocator settings in their environment (glibc reads them at start)
-        environment = worker_environment()
-        saved = {key: os.environ.get(key) for key in environment}
-        os.environ.update(environment)
-        try:
-            self.pool = ProcessPoolExecutor(max_workers=post_workers, mp_context=multiprocessing.get_context("spawn"), initializer=tune_allocator)
-            # a pool starts a process per task submitted while none is idle: these start them all
-            # now, under these variables (they need seconds to start; no waiting for them here)
-            for _ in range(post_workers):
-                self.pool.submit(os.getpid)
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+        self.pool = pool
 
     def start(self, record: ImageRecord) -> Future:
         return self.pool.submit(distributed.start_unit, record, self.settings, self.model_config, self.out_dir)
@@ -101,7 +117,6 @@ class PoolExecutor:
     def close(self) -> None:
         self.reader.shutdown(wait=True, cancel_futures=True)
         self.model_thread.shutdown(wait=True, cancel_futures=True)
-        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _done(value: Any) -> Future:
@@ -165,10 +180,12 @@ def run_pool(
     timer: Timer,
     on_row: Callable[[dict[str, Any]], None],
     placement: list[dict[str, Any]],
+    pool: ProcessPoolExecutor,
     post_workers: int,
 ) -> None:
-    """Segment ``records`` with the model here and ``post_workers`` post-processing processes."""
-    executor = PoolExecutor(model, settings, batch_size, out_dir, post_workers)
+    """Segment ``records`` with the model here and the ``post_workers`` processes of ``pool``
+    (from :func:`start_post_pool`; the caller shuts it down)."""
+    executor = PoolExecutor(model, settings, batch_size, out_dir, pool, post_workers)
     try:
         distributed.run_distributed(executor, records, out_dir, timer, on_row, placement)
     finally:
