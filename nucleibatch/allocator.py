@@ -20,10 +20,12 @@ when the second arena is made), hence the environment variables for worker proce
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
 import time
+from collections.abc import Iterator
 
 # mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -72,6 +74,24 @@ def worker_environment() -> dict[str, str]:
     (empty under ``NUCLEIBATCH_DEFAULT_MALLOC=1``). They must be in the environment the process
     starts with: glibc reads them once, at start-up."""
     return {} if default_malloc() else dict(ALLOCATOR_ENV)
+
+
+@contextlib.contextmanager
+def environment_for_children(variables: dict[str, str]) -> Iterator[None]:
+    """``variables`` in this process's environment while processes are started in the block,
+    then the environment as it was, also undoing what the block's own code set (Dask's nannies
+    put their pre-spawn variables there): they are for those children, not for whatever this
+    process starts later."""
+    saved = dict(os.environ)
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(saved):
+            del os.environ[key]
+        for key, value in saved.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
 
 
 def tune_allocator() -> bool:

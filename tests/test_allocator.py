@@ -139,16 +139,20 @@ def _pid_and_startup_environment() -> tuple[int, dict[str, str]]:
     return os.getpid(), _startup_environment()
 
 
-def test_the_dask_engines_workers_start_with_the_settings():
+def test_the_dask_engines_workers_start_with_the_settings(monkeypatch):
     """A nanny's ``env=`` is applied after its worker started; the engine's LocalCluster passes
     the settings as Dask's pre-spawn environment instead, so glibc reads them at start-up (and
-    Dask's own MALLOC_TRIM_THRESHOLD_=65536 does not)."""
+    Dask's own MALLOC_TRIM_THRESHOLD_=65536 does not). The nannies set them in this process's
+    environment to spawn: they are taken out again (children started later get glibc's defaults)."""
     from distributed import Client
 
     from nucleibatch.allocator import ALLOCATOR_ENV
     from nucleibatch.engines.dask_engine import start_local_cluster
 
+    for key in ALLOCATOR_ENV:
+        monkeypatch.delenv(key, raising=False)
     cluster = start_local_cluster(1)
+    assert not any(key in os.environ for key in ALLOCATOR_ENV)
     try:
         with Client(cluster) as client:
             [environment] = client.run(_startup_environment).values()

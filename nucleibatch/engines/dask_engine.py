@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..allocator import worker_environment
+from ..allocator import environment_for_children, worker_environment
 from ..io.discover import ImageRecord
 from ..io.location import Location
 from ..model import NucleiModel
@@ -44,7 +44,8 @@ def start_local_cluster(n_workers: int):
     with the allocator settings (:func:`worker_allocator_config`)."""
     from distributed import LocalCluster
 
-    with worker_allocator_config():
+    # Dask's nannies put the pre-spawn variables into this process's environment
+    with worker_allocator_config(), environment_for_children({}):
         return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0")
 
 

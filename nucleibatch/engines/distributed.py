@@ -1,10 +1,13 @@
-"""The driver of the distributed engines (Ray, Dask): the same work units, scheduled on a cluster.
+"""The driver of the distributed engines (Ray, Dask, and the local engine's post-processing
+processes): the same work units, scheduled on a cluster or a process pool.
 
 Work units, per image (functions of :mod:`nucleibatch.pipeline`, run where the scheduler puts them):
 
 1. ``start``   (CPU task)   plan the image (statistics, block grid), create its empty OME-Zarr group;
 2. ``predict`` (model worker, one per GPU or CPU slot; it loads the model once)
-               read one block with its context, normalise, run the model -> probabilities;
+               read one block with its context, normalise, run the model -> probabilities
+               (``segment --post-workers``: a ``read`` CPU task reads and normalises, the
+               model's thread only predicts);
 3. ``finish_block`` (CPU task) instances, owned nuclei, measurements, the block's image copy;
 4. ``complete`` (CPU task)  paint every block core, nuclei table part, pyramids, completion record.
 
@@ -299,6 +302,25 @@ class BlockPredictor:
                 self.sources.pop(next(iter(self.sources))).close()
             source = self.sources[key] = open_source(plan.record)
         return source
+
+
+def read_unit(plan: ImagePlan, block_index: int, settings: SegmentSettings, halo: int) -> tuple | BaseException:
+    """Unit 2a, where the model's process hands reading off (``segment --post-workers``): one
+    block's ``(raw, region, normalised, stage seconds)``, or the exception that reading raised,
+    returned, not raised (in a group of small images it fails its own image only)."""
+    from ..io.sources import open_source
+    from ..pipeline import read_and_normalise
+
+    timer = Timer()
+    try:
+        source = open_source(plan.record)
+        try:
+            raw, region, normalised = read_and_normalise(plan, plan.blocks[block_index], source, halo, settings, timer)
+        finally:
+            source.close()
+    except Exception as error:
+        return error
+    return raw, region, normalised, dict(timer.seconds)
 
 
 def finish_block_unit(plan: ImagePlan, block_index: int, prediction, settings: SegmentSettings, params, out_dir: Location):

@@ -1,9 +1,10 @@
 """The local engine with post-processing in worker processes (``segment --post-workers N``).
 
-The model stays in this process, in one thread that reads, normalises and predicts block after
-block; the CPU units of :mod:`.distributed` (plan an image, finish a block: instances,
+The model stays in this process, in one thread that only predicts; the CPU units of
+:mod:`.distributed` (plan an image, read and normalise a block, finish a block: instances,
 measurements, image copy; complete an image: paint, tables, pyramids) run in ``N`` worker
-processes, so that post-processing uses every core without the GIL and keeps up with a GPU.
+processes, so that the work around the network uses every core without the GIL and keeps up
+with a GPU.
 The driver (:func:`.distributed.run_distributed`) is the one of the Ray and Dask engines: the
 same units, the same bounds on what is in flight, the same outputs.
 """
@@ -24,11 +25,12 @@ from concurrent.futures import (
 )
 from typing import TYPE_CHECKING, Any
 
-from ..allocator import tune_allocator, worker_environment
+from ..allocator import environment_for_children, tune_allocator, worker_environment
 from ..io.discover import ImageRecord
 from ..io.location import Location
-from ..pipeline import ImagePlan, SegmentSettings, Timer, instance_params
+from ..pipeline import ImagePlan, SegmentSettings, Timer, context_pixels, instance_params
 from . import distributed
+from .local import is_fatal
 
 if TYPE_CHECKING:  # the processes import this module (their initializer): they need no torch
     from ..model import NucleiModel
@@ -52,20 +54,11 @@ def start_post_pool(post_workers: int) -> ProcessPoolExecutor:
     """
     if post_workers < 1:
         raise ValueError(f"post_workers must be >= 1, got {post_workers}")
-    environment = worker_environment()
-    saved = {key: os.environ.get(key) for key in environment}
-    os.environ.update(environment)
-    try:
+    with environment_for_children(worker_environment()):
         pool = ProcessPoolExecutor(max_workers=post_workers, mp_context=multiprocessing.get_context("spawn"), initializer=_prepare_worker)
         # a pool starts a process per task submitted while none is idle: these start them all now
         for _ in range(post_workers):
             pool.submit(os.getpid)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     return pool
 
 
@@ -85,17 +78,33 @@ class PoolExecutor:
         self.workers = 1
         self.finish_slots = post_workers
         self.predictor = distributed.BlockPredictor(model, str(model.device), settings, batch_size)
+        self.halo = context_pixels(settings, model.config)
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nb-model")
-        self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nb-read")
         self.pool = pool
 
     def start(self, record: ImageRecord) -> Future:
         return self.pool.submit(distributed.start_unit, record, self.settings, self.model_config, self.out_dir)
 
     def predict(self, units: list[tuple[ImagePlan, int]]) -> list[Future]:
-        read = self.reader.submit(self.predictor.read, units)  # ahead of the model, in its own thread
-        group = _then(read, lambda value: self.model_thread.submit(self.predictor.predict_read, units, value))
+        # the processes read and normalise the blocks (in parallel, and off this process's GIL,
+        # which the model thread needs between its kernel launches)
+        reads = [self.pool.submit(distributed.read_unit, plan, index, self.settings, self.halo) for plan, index in units]
+        group = _after_all(reads, lambda values: self.model_thread.submit(self._predict_reads, units, values))
         return [_then(group, lambda predictions, k=k: _done(predictions[k])) for k in range(len(units))]
+
+    def _predict_reads(self, units: list[tuple[ImagePlan, int]], values: list[Any]) -> list[Any]:
+        """:meth:`.distributed.BlockPredictor.predict_read` on what the read units returned."""
+        items, failed, timer = [], {}, Timer()
+        for number, ((plan, index), value) in enumerate(zip(units, values, strict=True)):
+            if isinstance(value, BaseException):
+                if len(units) == 1 or is_fatal(value):
+                    raise value
+                failed[number] = value  # fails its own image only, not the others of the group
+                continue
+            raw, region, normalised, seconds = value
+            timer.add(seconds)
+            items.append((plan, plan.blocks[index], raw, region, normalised))
+        return self.predictor.predict_read(units, (items, failed, timer))
 
     def finish_block(self, plan: ImagePlan, block_index: int, prediction: Future) -> Future:
         return _then(prediction, lambda value: self.pool.submit(distributed.finish_block_unit, plan, block_index, value, self.settings, self.params, self.out_dir))
@@ -115,7 +124,6 @@ class PoolExecutor:
             future.cancel()
 
     def close(self) -> None:
-        self.reader.shutdown(wait=True, cancel_futures=True)
         self.model_thread.shutdown(wait=True, cancel_futures=True)
 
 
