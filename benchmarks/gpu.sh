@@ -6,8 +6,8 @@
 #
 #   bash benchmarks/gpu.sh bench OUT_DIR WHEELS DSB_IMAGES   # bare model (bf16, channels-last), pipeline vs bare (post-processing processes, threads)
 #   bash benchmarks/gpu.sh train OUT_DIR WHEELS TRAIN_DATA    # the shipped model's training run (--engine local --gpu)
-#   bash benchmarks/gpu.sh profile OUT_DIR WHEELS DSB_IMAGES  # after bench: py-spy profiles of segment (WHEELS with py-spy),
-#                                                              # and the 8k image in blocks of 1024 (more blocks than cores)
+#   bash benchmarks/gpu.sh profile OUT_DIR WHEELS DSB_IMAGES  # after bench: py-spy profiles of segment on both workloads
+#                                                              # (WHEELS with py-spy), and their summaries
 #
 # TRAIN_DATA was made by benchmarks/pack_grey.py; the returned bundle was tuned by
 # benchmarks/retune_bundle.py (post-processing thresholds, on the CPU).
@@ -24,8 +24,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, zarr, segmentation_models_pytorch as smp; print('torch', torch.__version__, 'zarr', zarr.__version__, 'smp', smp.__version__, 'cpus', __import__('os').cpu_count())" 2>&1 | tee -a "$out/machine.txt"
 
 if [ "$mode" = bench ]; then
-    timeout 50 python3 benchmarks/bare_model.py --device cuda --batch-sizes 16 32 --seconds 1 \
-        --variants bf16-cl 2>&1 | tee "$out/bare_model.txt"
+    if [ "${BARE:-1}" = 1 ]; then  # BARE=0 skips the bare network's variants
+        timeout 50 python3 benchmarks/bare_model.py --device cuda --batch-sizes 16 32 --seconds 1 \
+            --variants bf16-cl 2>&1 | tee "$out/bare_model.txt"
+    fi
     # segment's default on CUDA: post-processing in the cores but two (processes)
     timeout 150 python3 benchmarks/pipeline.py --device cuda --dsb "$data" --dsb-mpix 16 --big 8192 \
         --batch-size 16 --workdir /tmp/pipeline 2>&1 | tee "$out/pipeline_processes.txt"
@@ -39,12 +41,12 @@ if [ "$mode" = bench ]; then
 elif [ "$mode" = profile ]; then
     # where the time of a run goes, per process and thread (benchmarks/spy_summary.py reads it)
     for workload in big dsb; do
-        timeout 75 /tmp/site/bin/py-spy record --subprocesses --threads --idle --format raw --rate 200 -o "$out/spy_$workload.txt" -- \
+        timeout 60 /tmp/site/bin/py-spy record --subprocesses --threads --idle --format raw --rate 100 -o "/tmp/spy_$workload.txt" -- \
             python3 -m nucleibatch segment /tmp/pipeline/$workload -o /tmp/spy-$workload --device cuda --batch-size 16 --progress log \
-            >> "$out/spy.log" 2>&1
+            >> /tmp/spy.log 2>&1
+        gzip -c "/tmp/spy_$workload.txt" > "$out/spy_$workload.txt.gz"
+        python3 benchmarks/spy_summary.py "/tmp/spy_$workload.txt" --top 6 > "$out/spy_${workload}_summary.txt" 2>&1
     done
-    timeout 45 python3 -m nucleibatch segment /tmp/pipeline/big -o /tmp/blocks-1024 --device cuda --batch-size 16 --block-size 1024 --progress log 2>&1 | tail -3 | tee "$out/blocks_1024.txt"
-    python3 -c "import json; r = json.load(open('/tmp/blocks-1024/run.json')); print('block 1024: engine', r['engine_seconds'], 's', r['processed_megapixels'] / r['engine_seconds'], 'MPix/s', r['stage_seconds'])" | tee -a "$out/blocks_1024.txt"
 elif [ "$mode" = train ]; then
     # the default model's recipe on one GPU: 40 patches of 256 px per training image per epoch
     timeout 360 python3 -m nucleibatch train "$data" -o /tmp/run-default --engine local --gpu \

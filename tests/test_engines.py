@@ -60,8 +60,8 @@ def test_post_processing_processes_start_ready_and_without_torch():
     pool = start_post_pool(1)
     try:
         # a builtin: a function of this module would import it, and torch with it, in the process
-        loaded = pool.submit(eval, "[name in __import__('sys').modules for name in ('torch', 'nucleibatch.pipeline')]")
-        assert loaded.result() == [False, True]
+        loaded = pool.submit(eval, "[name in __import__('sys').modules for name in ('torch', 'nucleibatch.pipeline', 'pandas')]")
+        assert loaded.result() == [False, True, True]
     finally:
         pool.shutdown()
 

@@ -222,3 +222,24 @@ def test_file_urls_are_paths_and_unreachable_stores_a_usage_error(tmp_path, caps
     assert not (tmp_path / "s3").exists()
     code = main(["segment", "nosuchscheme://bucket/plate", "-o", str(tmp_path / "x")])
     assert code == 2 and "no filesystem driver for nosuchscheme://" in capsys.readouterr().err
+
+
+def test_pyramid_levels_are_level_zero_strided(tmp_path, monkeypatch):
+    """Each level is built from the one before it; every level k must still equal level 0
+    sampled every 2**k pixels (odd sizes: partial chunks at the edges)."""
+    from nucleibatch.io import store
+
+    monkeypatch.setattr(store, "PYRAMID_MIN_SIDE", 16)
+    rng = np.random.default_rng(3)
+    group = store.create_image_group(store.open_root(tmp_path / "masks.zarr"), "img", "img", (150, 91), 2, np.uint16, chunk=32)
+    image = rng.integers(0, 60000, (2, 150, 91), dtype=np.uint16)
+    labels = rng.integers(0, 1 << 31, (150, 91), dtype=np.uint32)
+    group["0"][:] = image
+    store.label_array(group)[:] = labels
+    store.write_pyramids(group, chunk=32)
+    levels = len(store.pyramid_shapes((150, 91)))
+    assert levels == 5
+    for level in range(levels):
+        step = 2**level
+        np.testing.assert_array_equal(group[str(level)][:], image[:, ::step, ::step])
+        np.testing.assert_array_equal(store.label_array(group, level)[:], labels[::step, ::step])

@@ -64,7 +64,11 @@ def start_post_pool(post_workers: int) -> ProcessPoolExecutor:
 
 def _prepare_worker() -> None:
     tune_allocator()
-    from .. import pipeline  # noqa: F401 - the units' modules (not torch), imported before the first unit arrives
+    # what the units import, before the first unit arrives (torch is not among them): the
+    # modules, and pandas, which pyarrow imports on its first table written (~0.5 s)
+    import pandas  # noqa: F401
+
+    from .. import pipeline  # noqa: F401
 
 
 class PoolExecutor:

@@ -166,16 +166,15 @@ def label_array(group: zarr.Group, level: int = 0) -> zarr.Array:
 
 
 def write_pyramids(group: zarr.Group, chunk: int = CHUNK) -> None:
-    """Fill levels 1.. of the image and labels from level 0 by striding (nearest neighbour), chunk by chunk."""
-    image, labels = group["0"], label_array(group)
-    levels = len(pyramid_shapes(image.shape[-2:]))  # as create_image_group made them
+    """Fill levels 1.. of the image and labels by striding (nearest neighbour: level k's pixel
+    ``(y, x)`` is level 0's ``(y * 2**k, x * 2**k)``), chunk by chunk, each level from the one
+    before it: level 0 is read once, not once per level."""
+    levels = len(pyramid_shapes(group["0"].shape[-2:]))  # as create_image_group made them
     for level in range(1, levels):
         faults.point("store:pyramid")
-        factor = 2**level
-        for source, target in ((image, group[str(level)]), (labels, label_array(group, level))):
+        for source, target in ((group[str(level - 1)], group[str(level)]), (label_array(group, level - 1), label_array(group, level))):
             height, width = target.shape[-2:]
             for y in range(0, height, chunk):
                 for x in range(0, width, chunk):
                     y1, x1 = min(height, y + chunk), min(width, x + chunk)
-                    region = source[..., y * factor : y1 * factor : factor, x * factor : x1 * factor : factor]
-                    target[..., y:y1, x:x1] = region
+                    target[..., y:y1, x:x1] = source[..., 2 * y : 2 * y1 : 2, 2 * x : 2 * x1 : 2]
