@@ -27,6 +27,8 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 DEFAULT_BUNDLE = Path(__file__).parent / "models" / "default"
 ARCHITECTURES = ("Unet", "UnetPlusPlus", "FPN", "Linknet")
+# --batch-size counts pixels in tiles of this area: a call's memory does not depend on the window
+REFERENCE_TILE_AREA = 512 * 512
 
 CLASS_MEANING = {
     "body": "probability that the pixel belongs to a nucleus",
@@ -35,7 +37,7 @@ CLASS_MEANING = {
 }
 
 
-def default_config(encoder: str = "resnet18", architecture: str = "Unet", tile_size: int = 512, halo: int = 64) -> dict[str, Any]:
+def default_config(encoder: str = "resnet18", architecture: str = "Unet", tile_size: int = 1024, halo: int = 64) -> dict[str, Any]:
     """A complete bundle config for a fresh network (see the README's model bundle section)."""
     return {
         "format": BUNDLE_FORMAT,
@@ -407,8 +409,11 @@ def predict_images(
 ) -> list[np.ndarray]:
     """:func:`predict_image` of several images at once: tiles of the same shape share network calls.
 
-    Small images (one tile each, e.g. 256 x 320 DSB fields) are batched across images, so a
-    GPU gets ``batch_size`` tiles per call instead of one. A tile's probabilities do not depend
+    ``batch_size`` counts pixels, in 512 x 512 tiles' worth (:func:`windows_per_call`): a call
+    holds ``batch_size`` windows of 512², a quarter as many of 1024² (at least one), four times
+    as many small 256² images, so that the network's memory per call does not depend on the
+    window. Small images (one tile each, e.g. 256 x 320 DSB fields) are batched across images,
+    so a GPU gets full calls instead of one image per call. A tile's probabilities do not depend
     on which tiles share its batch (the network is in eval mode; on the CPU they are bit-identical).
 
     Args:
@@ -417,10 +422,10 @@ def predict_images(
 
         keep_half: return float16 where the network's calls do (the ``fast`` path): the same
             values in half the memory (segment's blocks, sent to post-processing processes).
-        pad_batches: fill every call up to ``batch_size`` tiles (zeros, whose outputs are
-            dropped). Default: on CUDA, where the padding costs next to nothing and each new
-            batch shape costs cuDNN's set-up of every convolution again: a run then makes a
-            few shapes (one per window), not one per number of tiles left in a group.
+        pad_batches: fill a call up to the next power of two windows (at most the call's
+            size; zeros, whose outputs are dropped). Default: on CUDA, where the padding costs
+            next to nothing and each new batch shape costs cuDNN's set-up of every convolution
+            again: a run makes a few shapes per window, not one per number of tiles left in a group.
 
     Returns:
         Per image, ``(K, h_i, w_i)`` float32 probabilities of its output box (float16 with
@@ -449,8 +454,10 @@ def predict_images(
         tiles_by_window[window].extend((number, t) for t in tiles if t.core[0] < oy1 and t.core[1] > oy0 and t.core[2] < ox1 and t.core[3] > ox0)
     outputs: list[np.ndarray | None] = [None] * len(images)
     for window, tiles in tiles_by_window.items():
-        for chunk in _chunks(tiles, batch_size):
-            batch = np.empty((batch_size if pad_batches else len(chunk), 1) + window, dtype=np.float32)
+        per_call = windows_per_call(batch_size, window)
+        for chunk in _chunks(tiles, per_call):
+            padded = min(per_call, 1 << (len(chunk) - 1).bit_length()) if pad_batches else len(chunk)
+            batch = np.empty((padded, 1) + window, dtype=np.float32)
             batch[len(chunk) :] = 0.0
             for k, (number, tile) in enumerate(chunk):
                 ry0, ry1, rx0, rx1 = tile.read
@@ -474,6 +481,11 @@ def predict_images(
                 outputs[number][:, y0 - oy0 : y1 - oy0, x0 - ox0 : x1 - ox0] = probabilities[k, :, y0 - ty : y1 - ty, x0 - tx : x1 - tx]
     assert all(output is not None for output in outputs)
     return outputs  # type: ignore[return-value]
+
+
+def windows_per_call(batch_size: int, window: tuple[int, int]) -> int:
+    """Network windows of shape ``window`` in one call of ``batch_size`` 512² tiles' worth of pixels (at least 1)."""
+    return max(1, batch_size * REFERENCE_TILE_AREA // (window[0] * window[1]))
 
 
 def _kept_window(core: tuple[int, int, int, int], box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:

@@ -27,7 +27,7 @@ def add_segment(subparsers) -> None:
     p.add_argument("--precision", default="auto", choices=("auto", "float32", "bf16"), help="network arithmetic [auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), else float32]")
     p.add_argument("--channel", type=int, default=None, help="index of the nuclear-stain channel [mean of colours]")
     p.add_argument("--invert", default=None, choices=("auto", "never", "always"), help="invert intensities (bright background) [the model's: auto]")
-    p.add_argument("--batch-size", type=int, default=4, help="tiles per model call [4]")
+    p.add_argument("--batch-size", type=int, default=4, help="network input per model call, in 512x512 tiles (a quarter as many 1024x1024 windows) [4]")
     p.add_argument("--tta", default="auto", choices=("auto", "on", "off"), help="average predictions over 4 flips (4x slower) [the model's setting]")
     p.add_argument("--block-size", type=int, default=2048, help="side of the blocks an image is processed in [2048]")
     p.add_argument("--block-margin", type=int, default=128, help="context around each block; must exceed a nucleus' size [128]")

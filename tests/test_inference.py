@@ -12,7 +12,13 @@ from nucleibatch import load_model
 from nucleibatch.instances import probabilities_to_labels
 from nucleibatch.io.annotated import discover_annotated, load_annotated
 from nucleibatch.metrics import image_scores
-from nucleibatch.model import ModelUsage, predict_image, predict_images, prepare_network
+from nucleibatch.model import (
+    ModelUsage,
+    predict_image,
+    predict_images,
+    prepare_network,
+    windows_per_call,
+)
 from nucleibatch.normalize import normalize_image
 
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "dsb_demo"
@@ -38,6 +44,15 @@ def test_bf16_channels_last_path_agrees_with_float32_on_the_cpu():
         a, b = probabilities_to_labels(reference, model.postprocess), probabilities_to_labels(fast, model.postprocess)
         assert a.max() > 5 and image_scores(a, b)["map"] >= 0.9
         assert usage.tiles > 0 and usage.busy_seconds > 0 and sum(n * c for (n, _, _), c in usage.batch_shapes.items()) == usage.tiles
+
+
+def test_batch_size_counts_pixels_in_512_tiles():
+    """--batch-size N: N windows of 512², fewer larger ones (at least one), more small ones, so a
+    call's memory does not depend on the window (the default window is 1024²)."""
+    assert windows_per_call(4, (512, 512)) == 4 and windows_per_call(16, (512, 512)) == 16
+    assert windows_per_call(4, (1024, 1024)) == 1 and windows_per_call(16, (1024, 1024)) == 4
+    assert windows_per_call(1, (1024, 1024)) == 1 and windows_per_call(4, (256, 256)) == 16
+    assert load_model("default").config["tile_size"] == 1024
 
 
 def test_tiles_of_several_images_batched_together_give_each_image_alone():
@@ -86,8 +101,12 @@ def test_tiles_are_cropped_and_placed_exactly_oracle():
     for batch_size, pad_batches in ((1, False), (3, False), (3, True), (16, True)):
         usage = ModelUsage()
         outputs = predict_images(network, images, boxes, tile_size=256, halo=32, batch_size=batch_size, fast=False, usage=usage, pad_batches=pad_batches)
-        if pad_batches:  # every call has batch_size tiles (CUDA's default): the padding's outputs are dropped
-            assert {shape[0] for shape in usage.batch_shapes} == {batch_size} and usage.tiles < sum(usage.batch_shapes.values()) * batch_size
+        for n, h, w in usage.batch_shapes:  # at most batch_size 512² tiles' worth of pixels a call
+            assert n <= windows_per_call(batch_size, (h, w))
+            if pad_batches:  # CUDA's default: full calls, or padded to a power of two (the padding's outputs dropped)
+                assert n == windows_per_call(batch_size, (h, w)) or n & (n - 1) == 0
+        if pad_batches:
+            assert usage.tiles < sum(n * c for (n, _, _), c in usage.batch_shapes.items())
         tiles_counted.add(usage.tiles)
         for output, oracle, box in zip(outputs, oracles, boxes, strict=True):
             y0, y1, x0, x1 = box or (0, oracle.shape[1], 0, oracle.shape[2])

@@ -68,7 +68,7 @@ class TrainSettings:
     max_failures: int = 3
     tune_postprocess: bool = True
     address: str | None = None
-    tile_size: int = 512
+    tile_size: int = 1024
     halo: int = 64
     init: str | None = None  # "default" or a bundle folder: start from its weights (fine-tuning)
     freeze_encoder_epochs: int = 0  # with init: keep the encoder frozen for the first N epochs
