@@ -312,9 +312,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ``train_ref`` / ``val_ref`` / ``init_ref`` (Ray object refs: lists of :class:`Example`, the
     ``--init`` weights or None), ``run_dir`` and ``threads``.
     """
-    from ..allocator import tune_allocator
-
-    tune_allocator()  # in full where the process started with the settings (the trainer's worker_runtime_env)
     torch.set_num_threads(int(config["threads"]))
     run_epochs(RayWorkerContext(config), config["settings"], config["bundle_config"], Path(config["run_dir"]))
 

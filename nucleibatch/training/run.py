@@ -270,7 +270,7 @@ def _train_with_ray(
 ) -> tuple[dict, dict, list[dict]]:
     """Ray Train's TorchTrainer over ``settings.workers`` workers; returns (best state, its metrics, history)."""
     import ray
-    from ray.train import ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from ..engines.ray_runtime import init_ray
@@ -294,31 +294,18 @@ def _train_with_ray(
             use_gpu=settings.gpu,
             resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if settings.gpu else {})},
         ),
-        run_config=ray_run_config(run_dir, settings.max_failures),
+        run_config=RunConfig(
+            name=RAY_RUN_NAME,
+            storage_path=str(run_dir),
+            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="score", checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=settings.max_failures),
+        ),
     )
     result = trainer.fit()
     if result.error is not None:
         raise result.error
     state, best_metrics = load_best_state(result.best_checkpoints)
     return state, best_metrics, load_checkpoint_state(result.checkpoint)["history"]
-
-
-def ray_run_config(run_dir: Path, max_failures: int):
-    """Ray Train's ``RunConfig`` of a run: its storage, best-two checkpoints, retries, and the
-    workers' start-up environment: the allocator settings, which glibc reads as a process starts
-    (nucleibatch/allocator.py), so that the workers keep the network's freed activations instead
-    of page-faulting them back every step (1.6-1.8x the patches/s of one worker on 2 CPUs)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-
-    from ..allocator import worker_environment
-
-    return RunConfig(
-        name=RAY_RUN_NAME,
-        storage_path=str(run_dir),
-        checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="score", checkpoint_score_order="max"),
-        failure_config=FailureConfig(max_failures=max_failures),
-        worker_runtime_env={"env_vars": worker_environment()},
-    )
 
 
 def load_best_state(scored: list[tuple[Any, dict]]) -> tuple[dict, dict]:
