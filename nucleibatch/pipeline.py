@@ -39,7 +39,7 @@ from .io.tables import output_manifest, remove_image_outputs, write_nuclei_part,
 from .measure import concat_columns, measure_labels
 from .normalize import NormStats, apply_stats, stats_for_bundle, to_grey
 from .stitching import OwnedObjects, block_offsets, paint_region, select_owned
-from .tiling import Block, block_grid
+from .tiling import Block, block_grid, small_image_window
 
 if TYPE_CHECKING:  # post-processing processes import this module: they need no torch
     from .model import NucleiModel
@@ -267,7 +267,7 @@ def predict_blocks(
 def fits_one_tile(plan: ImagePlan, model_config: dict) -> bool:
     """An image small enough to be one tile of the network (most DSB fields): engines batch the
     blocks of several such images into one model call."""
-    return len(plan.blocks) == 1 and max(plan.shape) <= int(model_config.get("tile_size", 512))
+    return len(plan.blocks) == 1 and small_image_window(plan.shape, int(model_config.get("tile_size", 512))) is not None
 
 
 def finish_block(plan: ImagePlan, block: Block, prediction: BlockPrediction, settings: SegmentSettings, params: InstanceParams, image_group=None) -> BlockResult:
