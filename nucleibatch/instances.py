@@ -41,12 +41,22 @@ class InstanceParams:
 # every float16 value as float32: a table lookup converts 3x faster than numpy's cast (segment's
 # probabilities are float16 where the network ran in bf16)
 _FLOAT16_AS_FLOAT32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+# and ``1 - value`` of each, rounded to float32 as the float32 subtraction rounds it
+with np.errstate(invalid="ignore"):  # inf - inf: NaN, as the subtraction gives
+    _ONE_MINUS_FLOAT16 = np.subtract(1.0, _FLOAT16_AS_FLOAT32, dtype=np.float32)
 
 
 def _as_float32(channel: np.ndarray) -> np.ndarray:
     if channel.dtype == np.float16:
         return _FLOAT16_AS_FLOAT32[channel.view(np.uint16)]
     return np.asarray(channel, dtype=np.float32)
+
+
+def _one_minus(channel: np.ndarray) -> np.ndarray:
+    """``1 - channel`` as float32, a new array: ``(H, W)`` float16 or float -> float32."""
+    if channel.dtype == np.float16:
+        return _ONE_MINUS_FLOAT16[channel.view(np.uint16)]
+    return np.subtract(1.0, channel, dtype=np.float32)
 
 
 def probabilities_to_labels(probabilities: np.ndarray, params: InstanceParams = InstanceParams()) -> np.ndarray:
@@ -69,29 +79,32 @@ def probabilities_to_labels(probabilities: np.ndarray, params: InstanceParams = 
     """
     if probabilities.ndim != 3 or probabilities.shape[0] < 3:
         raise ValueError(f"expected (3, H, W) probabilities, got {probabilities.shape}")
-    body, contour, contact = (_as_float32(p) for p in probabilities[:3])
+    body = _as_float32(probabilities[0])
     mask = body > params.mask_threshold
     if not mask.any():
         return np.zeros(body.shape, dtype=np.int32)
     # in place: a block's post-processing temporaries are what bounds segment's memory
-    seed_score = np.subtract(1.0, contour, dtype=np.float32)
-    seed_score *= 1.0 - contact
+    seed_score = _one_minus(probabilities[1])
+    seed_score *= _one_minus(probabilities[2])
     seed_score *= body
     seeds, n_seeds = ndi.label((seed_score > params.seed_threshold) & mask)
     del seed_score
-    seed_sizes = np.bincount(seeds.ravel(), minlength=n_seeds + 1)
+    # the seeds' pixels by flat index: the counts below touch them, not the whole block
+    seed_pixels = np.flatnonzero(seeds)
+    seed_ids = seeds.ravel()[seed_pixels]
+    seed_sizes = np.bincount(seed_ids, minlength=n_seeds + 1)
     if n_seeds and params.min_seed_size > 1:
         small = seed_sizes < params.min_seed_size
-        small[0] = False
-        seeds[small[seeds]] = 0
+        dropped = small[seed_ids]
+        seeds.ravel()[seed_pixels[dropped]] = 0
+        seed_pixels, seed_ids = seed_pixels[~dropped], seed_ids[~dropped]
         seed_sizes[small] = 0
     labels, n_components = ndi.label(mask)
-    seeded = seeds > 0
     component_of_seed = np.zeros(n_seeds + 1, dtype=np.int64)
-    component_of_seed[seeds[seeded]] = labels[seeded]
+    component_of_seed[seed_ids] = labels.ravel()[seed_pixels]
     seeds_per_component = np.bincount(component_of_seed[1:][seed_sizes[1:] > 0], minlength=n_components + 1)
     crowded = (seeds_per_component >= 2)[labels]
-    del seeded
+    del seed_pixels, seed_ids
     if crowded.any():
         flooded = watershed(-body, markers=np.where(crowded, seeds, 0), mask=crowded)
         labels[crowded] = flooded[crowded] + n_components  # ids apart from the components'

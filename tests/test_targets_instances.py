@@ -151,6 +151,19 @@ def test_blurred_targets_still_beat_connected_components():
     assert np.mean(maps) > np.mean(naive_maps) + 0.2
 
 
+@pytest.mark.parametrize("params", [InstanceParams(), InstanceParams(0.3, 0.7, min_seed_size=20, min_size=30), InstanceParams(min_seed_size=1, min_size=1)])
+def test_float16_probabilities_give_the_labels_of_their_float32_values(params):
+    """segment's probabilities are float16 (bf16 network): their table lookups (widening, ``1 - p``)
+    must give exactly the labels of the same values in float32 and float64."""
+    _, labels = synthetic_nuclei((192, 224), n_nuclei=45, seed=7)
+    probabilities = np.stack([ndi.gaussian_filter(t, 1.0) for t in make_targets(labels)]).astype(np.float16)
+    probabilities[0, :4, :4] = np.nan  # NaN stays outside every mask and seed
+    half = probabilities_to_labels(probabilities, params)
+    assert half.max() >= 30
+    for dtype in (np.float32, np.float64):
+        np.testing.assert_array_equal(half, probabilities_to_labels(probabilities.astype(dtype), params))
+
+
 def test_small_nucleus_without_a_big_enough_seed_is_kept():
     # a 5x5 nucleus: its seed (body minus a 2-px contour) is 1 px < min_seed_size 4, but the
     # unseeded mask component still becomes a nucleus (25 px >= min_size 8)
