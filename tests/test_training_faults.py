@@ -12,6 +12,7 @@ Real `python -m nucleibatch train` processes (2 DDP workers on the CPU, a privat
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -42,6 +43,17 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in (run_dir / "ray_train").glob("checkpoint_*") if p.is_dir())
 
 
+def registered_checkpoints(run_dir: Path) -> list[str]:
+    """The checkpoints Ray Train's controller has registered (its manager's snapshot, written as it
+    takes each one): only these are restored when a worker group restarts. A checkpoint folder
+    alone is not one of them yet: the controller polls the workers' reports every few seconds."""
+    try:
+        snapshot = json.loads((run_dir / "ray_train" / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return []
+    return [result["checkpoint_dir_name"] for result in snapshot.get("checkpoint_results", [])]
+
+
 def descendants(pid: int) -> dict[int, str]:
     """``{pid: command line}`` of every process below ``pid`` (from /proc)."""
     parent_of, commands = {}, {}
@@ -69,8 +81,7 @@ def test_a_training_worker_killed_mid_run_resumes_from_the_last_checkpoint(dsb_r
     with open(tmp_path / "train.log", "w") as log:
         proc = subprocess.Popen(train_command(dsb_root, run_dir, 6), cwd=REPO, env=environment(), stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 400
-        # the second checkpoint folder: by then the first is registered with Ray Train for sure
-        while proc.poll() is None and len(checkpoints(run_dir)) < 2 and time.monotonic() < deadline:
+        while proc.poll() is None and not registered_checkpoints(run_dir) and time.monotonic() < deadline:
             time.sleep(0.1)
         workers = sorted(pid for pid, cmd in descendants(proc.pid).items() if cmd.startswith("ray::RayTrainWorker"))
         assert proc.poll() is None and workers, f"no training worker to kill:\n{(tmp_path / 'train.log').read_text()[-3000:]}"
