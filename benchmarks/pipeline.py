@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 from nucleibatch.allocator import tune_allocator
+from nucleibatch.options import PRECISIONS
 
 tune_allocator()  # before any thread: the network runs with segment's allocator settings (NUCLEIBATCH_DEFAULT_MALLOC=1: glibc's)
 
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--big", type=int, default=8192, help="side of the image of workload (b) [8192]; 0 skips it")
     parser.add_argument("--model", default="default")
     parser.add_argument("--device", default="cpu", help="cpu | cuda [cpu]")
-    parser.add_argument("--precision", default="auto", choices=("auto", "float32", "bf16"), help="segment --precision, and the bare model's [auto]")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="segment --precision, and the bare model's [auto]")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--dsb", type=Path, default=DSB, help="folder of DSB images for workload (a) [../shared/data/dsb2018/stage1_train]")
     parser.add_argument("--batch-size", type=int, default=4, help="segment --batch-size [4]")

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from .errors import NucleibatchError, UsageError
+from .options import PRECISIONS, TTA_CHOICES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,13 +67,13 @@ def _add_evaluate(subparsers) -> None:
     p.add_argument("data", nargs="+", metavar="DATA", help="annotated folder(s): DSB layout or images/ + labels/")
     p.add_argument("--model", default="default", help="'default' or a bundle folder [default]")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda [auto]")
-    p.add_argument("--precision", default="auto", choices=("auto", "float32", "bf16"), help="network arithmetic, as segment's [auto: bf16 on CUDA and on CPUs with native bf16]")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="network arithmetic, as segment's [auto: bf16 on CUDA and on CPUs with native bf16]")
     p.add_argument("--channel", type=int, default=None, help="nuclear-stain channel index [mean of colours]")
     p.add_argument("--csv", default=None, help="write per-image scores to this CSV file")
     p.add_argument("--limit-images", type=int, default=0, help="evaluate only the first K images")
     p.add_argument("--ids-from-bundle", action="store_true", help="evaluate only the validation images recorded in the bundle's config")
     p.add_argument("--skip-bad", action="store_true", help="skip bad annotations with a warning")
-    p.add_argument("--tta", default="auto", choices=("auto", "on", "off"), help="average predictions over 4 flips [the model's setting]")
+    p.add_argument("--tta", default="auto", choices=TTA_CHOICES, help="average predictions over 4 flips [the model's setting]")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 

@@ -19,6 +19,7 @@ import torch
 
 from .errors import ModelBundleError, UsageError
 from .instances import InstanceParams
+from .options import PRECISIONS
 from .targets import TARGET_CLASSES
 from .tiling import PAD_MULTIPLE, block_grid, small_image_window
 
@@ -290,9 +291,6 @@ def load_model(spec: str | Path = "default", device: str | torch.device = "cpu",
     torch_device = resolve_device(device) if isinstance(device, str) else device
     network = prepare_network(network, torch_device, fast=uses_bf16(precision, torch_device))
     return NucleiModel(network=network, config=config, path=path, device=torch_device, precision=precision)
-
-
-PRECISIONS = ("auto", "float32", "bf16")
 
 
 def native_bf16_cpu() -> bool:

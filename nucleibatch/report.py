@@ -32,6 +32,7 @@ import io
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -280,27 +281,34 @@ def _number(value: float) -> str:
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int = JPEG_QUALITY, max_bytes: int | None = None) -> str:
-    """``(H, W, 3)`` uint8 as a ``data:image/jpeg;base64,...`` URL (no chroma subsampling, so
-    one-pixel coloured outlines stay sharp). With ``max_bytes``, lower qualities (down to 40)
-    are tried until the JPEG fits."""
+    """``(H, W, 3)`` uint8 as a ``data:image/jpeg;base64,...`` URL (optimised Huffman tables, no
+    chroma subsampling, so one-pixel coloured outlines stay sharp). With ``max_bytes``, lower
+    qualities (down to 40) are tried until the JPEG fits."""
     from PIL import Image
 
     picture = Image.fromarray(np.ascontiguousarray(rgb))
     data = b""
     for q in [quality] + [q for q in (75, 65, 50, 40) if q < quality]:
-        data = _jpeg_bytes(picture, q, optimize=False)
-        # optimised (a few % smaller) only where it fits Pillow's one-shot buffer of a byte per
-        # pixel: busier pictures (thousands of coloured outlines) failed with 'broken data stream'
-        if len(data) < picture.width * picture.height * 0.9:
-            data = _jpeg_bytes(picture, q, optimize=True)
+        data = _jpeg_bytes(picture, q)
         if max_bytes is None or len(data) <= max_bytes:
             break
     return "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii")
 
 
-def _jpeg_bytes(picture, quality: int, optimize: bool) -> bytes:
+_PILLOW_BUFFER_LOCK = threading.Lock()
+
+
+def _jpeg_bytes(picture, quality: int) -> bytes:
+    from PIL import ImageFile
+
     buffer = io.BytesIO()
-    picture.save(buffer, "JPEG", quality=quality, subsampling=0, optimize=optimize)
+    # Pillow writes an optimised JPEG from one buffer of max(ImageFile.MAXBLOCK, a byte per pixel):
+    # busier pictures (thousands of coloured outlines) failed with 'broken data stream'. Room for
+    # any JPEG of the picture (at most its raw pixels plus headers); the lock keeps another thread
+    # from lowering it mid-save.
+    with _PILLOW_BUFFER_LOCK:
+        ImageFile.MAXBLOCK = max(ImageFile.MAXBLOCK, 4 * picture.width * picture.height + (1 << 16))
+        picture.save(buffer, "JPEG", quality=quality, subsampling=0, optimize=True)
     return buffer.getvalue()
 
 

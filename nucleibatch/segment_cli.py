@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from .options import PRECISIONS, TTA_CHOICES
+
 
 def add_segment(subparsers) -> None:
     p = subparsers.add_parser(
@@ -24,11 +26,11 @@ def add_segment(subparsers) -> None:
     p.add_argument("--post-workers", type=int, default=None, metavar="N", help="local engine: processes that post-process (watershed, measurements, writes) while this one runs the model; 0: threads of this process [on a GPU: the CPUs but two; on a CPU: 0]")
     p.add_argument("--gpus-per-worker", type=float, default=1.0, help="GPUs per Ray model worker (0.5: two workers share a GPU) [1]")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda [auto: CUDA when present]")
-    p.add_argument("--precision", default="auto", choices=("auto", "float32", "bf16"), help="network arithmetic [auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), else float32]")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="network arithmetic [auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), else float32]")
     p.add_argument("--channel", type=int, default=None, help="index of the nuclear-stain channel [mean of colours]")
     p.add_argument("--invert", default=None, choices=("auto", "never", "always"), help="invert intensities (bright background) [the model's: auto]")
     p.add_argument("--batch-size", type=int, default=4, help="network input per model call, in 512x512 tiles (a quarter as many 1024x1024 windows) [4]")
-    p.add_argument("--tta", default="auto", choices=("auto", "on", "off"), help="average predictions over 4 flips (4x slower) [the model's setting]")
+    p.add_argument("--tta", default="auto", choices=TTA_CHOICES, help="average predictions over 4 flips (4x slower) [the model's setting]")
     p.add_argument("--block-size", type=int, default=2048, help="side of the blocks an image is processed in [2048]")
     p.add_argument("--block-margin", type=int, default=128, help="context around each block; must exceed a nucleus' size [128]")
     p.add_argument("--context", type=int, default=192, help="image context read around each block for the network [192]")
