@@ -177,6 +177,84 @@ def test_a_bad_read_in_a_group_of_small_images_fails_only_its_own_block(tmp_path
         BlockPredictor(model, "cpu", settings, batch_size=4).predict([(plans[1], 0)])
 
 
+def test_a_group_of_reads_fails_the_block_that_failed_unless_alone_or_fatal():
+    """The one rule both reading paths (the model worker's, the post-processing processes')
+    follow: a failed read in a group fails its own image; alone, or fatal (the output side), it
+    is raised, and a lazy group is read no further."""
+    import errno
+
+    import numpy as np
+
+    from nucleibatch.engines.distributed import gather_reads
+    from nucleibatch.errors import ImageReadError
+    from nucleibatch.tiling import block_grid
+
+    class Plan:  # what gather_reads uses of an ImagePlan
+        blocks = block_grid((64, 64), 64, 0)
+
+    def read():
+        return np.zeros((64, 64, 1)), (0, 64, 0, 64), np.zeros((64, 64)), {"read": 0.5, "normalise": 0.25}
+
+    units = [(Plan(), 0)] * 3
+    bad = ImageReadError("gone")
+    items, failed, timer = gather_reads(units, [read(), bad, read()])
+    assert len(items) == 2 and failed == {1: bad} and timer.seconds == {"read": 1.0, "normalise": 0.5}
+    with pytest.raises(ImageReadError):
+        gather_reads(units[:1], [bad])
+    asked = []
+
+    def lazily():
+        for k, outcome in enumerate([read(), OSError(errno.ENOSPC, "disk full"), read()]):
+            asked.append(k)
+            yield outcome
+
+    with pytest.raises(OSError, match="disk full"):
+        gather_reads(units, lazily())
+    assert asked == [0, 1]
+
+
+def test_read_units_open_an_image_once_for_its_blocks(tmp_path, monkeypatch):
+    """The post-processing processes' read units keep an image open for its next blocks (a
+    remote slide is not opened once per block) and close it after its last; the blocks read are
+    those of a freshly opened image."""
+    import numpy as np
+
+    from nucleibatch.engines import distributed
+    from nucleibatch.io import sources
+    from nucleibatch.io.discover import discover_inputs
+    from nucleibatch.io.store import open_root
+    from nucleibatch.pipeline import start_image
+    from nucleibatch.synthetic import synthetic_nuclei, threshold_model
+
+    files.write_plain(tmp_path / "in" / "big.png", synthetic_nuclei((600, 520), n_nuclei=40, seed=3)[0])
+    model = threshold_model()
+    open_root(tmp_path / "out" / "masks.zarr")
+    (record,) = discover_inputs([str(tmp_path / "in")])
+    plan = start_image(record, SETTINGS, model.config, tmp_path / "out")
+    assert len(plan.blocks) >= 4
+    opened, closed, real_open = [], [], sources.open_source
+
+    def counting_open(image_record):
+        source = real_open(image_record)
+        real_close = source.close
+        source.close = lambda: (closed.append(source), real_close())
+        opened.append(source)
+        return source
+
+    monkeypatch.setattr(sources, "open_source", counting_open)
+    outcomes = [distributed.read_unit(plan, index, SETTINGS, 64) for index in range(len(plan.blocks))]
+    assert len(opened) == 1 and closed == opened and record.image_id not in distributed._UNIT_SOURCES
+    monkeypatch.setattr(sources, "open_source", real_open)
+    for index, outcome in enumerate(outcomes):
+        fresh = real_open(record)
+        try:
+            expected = distributed.read_block_outcome(plan, index, fresh, SETTINGS, 64)
+        finally:
+            fresh.close()
+        for got, want in zip(outcome[:3], expected[:3], strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
 def test_model_workers_are_dealt_over_the_nodes_that_can_hold_them():
     """Ray's SPREAD skips a node whose CPUs are busy for a moment; the model workers are dealt
     round-robin over every alive node with the resource instead (soft: a dead node is left),

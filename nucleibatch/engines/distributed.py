@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -248,28 +248,25 @@ class BlockPredictor:
         return self.predict_read(units, self.read(units))
 
     def read(self, units: list[tuple[ImagePlan, int]]) -> tuple[list, dict[int, BaseException], Timer]:
-        """The reading half of :meth:`predict` (a thread of its own can run it ahead of the model):
-        ``(items, failed, timer)``, items ``(plan, block, raw, region, normalised)``."""
-        from ..pipeline import context_pixels, read_and_normalise
+        """The reading half of :meth:`predict`: :func:`gather_reads` of the units' blocks, read
+        one after the other (an error that fails the group stops the reading at once)."""
+        from ..pipeline import context_pixels
 
-        timer = Timer()
-        items, failed = [], {}
-        for number, (plan, block_index) in enumerate(units):
-            block = plan.blocks[block_index]
-            try:
-                raw, region, normalised = read_and_normalise(plan, block, self._source(plan), context_pixels(self.settings, self.model.config), self.settings, timer)
-            except Exception as error:
-                if len(units) == 1 or is_fatal(error):
-                    raise
-                failed[number] = error  # fails its own image only, not the others of the group
-                continue
-            finally:
-                if len(plan.blocks) == block_index + 1:  # the image's last block: let go of its file
-                    source = self.sources.pop(plan.record.image_id, None)
-                    if source is not None:
-                        source.close()
-            items.append((plan, block, raw, region, normalised))
-        return items, failed, timer
+        halo = context_pixels(self.settings, self.model.config)
+        return gather_reads(units, (self._read_block(plan, block_index, halo) for plan, block_index in units))
+
+    def _read_block(self, plan: ImagePlan, block_index: int, halo: int) -> tuple | BaseException:
+        try:
+            source = self._source(plan)
+        except Exception as error:  # unreadable: as a failed read (gather_reads decides)
+            return error
+        try:
+            return read_block_outcome(plan, block_index, source, self.settings, halo)
+        finally:
+            if len(plan.blocks) == block_index + 1:  # the image's last block: let go of its file
+                source = self.sources.pop(plan.record.image_id, None)
+                if source is not None:
+                    source.close()
 
     def predict_read(self, units: list[tuple[ImagePlan, int]], read: tuple[list, dict[int, BaseException], Timer]) -> list[Any]:
         """The model half of :meth:`predict`, on what :meth:`read` returned for ``units``."""
@@ -304,23 +301,70 @@ class BlockPredictor:
         return source
 
 
-def read_unit(plan: ImagePlan, block_index: int, settings: SegmentSettings, halo: int) -> tuple | BaseException:
-    """Unit 2a, where the model's process hands reading off (``segment --post-workers``): one
-    block's ``(raw, region, normalised, stage seconds)``, or the exception that reading raised,
-    returned, not raised (in a group of small images it fails its own image only)."""
-    from ..io.sources import open_source
+def gather_reads(units: list[tuple[ImagePlan, int]], outcomes: Iterable[tuple | BaseException]) -> tuple[list, dict[int, BaseException], Timer]:
+    """What a model call gets from the reads of a group of blocks: ``(items, failed, timer)``,
+    items ``(plan, block, raw, region, normalised)`` of the blocks read, ``failed`` ``{position
+    in units: error}``. A failed read fails its own image only, unless it is the group's only
+    block or the error is fatal (the output side): then it is raised, and ``outcomes`` (lazy:
+    each read as it is asked for) is read no further.
+
+    Args:
+        outcomes: per unit, in order, what :func:`read_block_outcome` returned.
+    """
+    timer = Timer()
+    items, failed = [], {}
+    for number, ((plan, block_index), outcome) in enumerate(zip(units, outcomes, strict=True)):
+        if isinstance(outcome, BaseException):
+            if len(units) == 1 or is_fatal(outcome):
+                raise outcome
+            failed[number] = outcome
+            continue
+        raw, region, normalised, seconds = outcome
+        timer.add(seconds)
+        items.append((plan, plan.blocks[block_index], raw, region, normalised))
+    return items, failed, timer
+
+
+def read_block_outcome(plan: ImagePlan, block_index: int, source, settings: SegmentSettings, halo: int) -> tuple | BaseException:
+    """One block's ``(raw, region, normalised, stage seconds)``, or the exception that reading it
+    raised, returned (see :func:`gather_reads`)."""
     from ..pipeline import read_and_normalise
 
     timer = Timer()
     try:
-        source = open_source(plan.record)
-        try:
-            raw, region, normalised = read_and_normalise(plan, plan.blocks[block_index], source, halo, settings, timer)
-        finally:
-            source.close()
+        raw, region, normalised = read_and_normalise(plan, plan.blocks[block_index], source, halo, settings, timer)
     except Exception as error:
         return error
     return raw, region, normalised, dict(timer.seconds)
+
+
+# read_unit's open images in this process: the blocks of a slide that come here open it once
+_UNIT_SOURCES: OrderedDict[str, Any] = OrderedDict()
+_UNIT_SOURCES_KEPT = 2
+
+
+def read_unit(plan: ImagePlan, block_index: int, settings: SegmentSettings, halo: int) -> tuple | BaseException:
+    """Unit 2a, where the model's process hands reading off (``segment --post-workers``):
+    :func:`read_block_outcome` in a post-processing process. The image stays open in the process
+    for its next blocks (the last two images; closed after the image's last block)."""
+    from ..io.sources import open_source
+
+    key = plan.record.image_id
+    source = _UNIT_SOURCES.pop(key, None)
+    if source is None:
+        try:
+            source = open_source(plan.record)
+        except Exception as error:
+            return error
+    try:
+        return read_block_outcome(plan, block_index, source, settings, halo)
+    finally:
+        if block_index + 1 == len(plan.blocks):
+            source.close()
+        else:
+            _UNIT_SOURCES[key] = source
+            while len(_UNIT_SOURCES) > _UNIT_SOURCES_KEPT:
+                _UNIT_SOURCES.popitem(last=False)[1].close()
 
 
 def finish_block_unit(plan: ImagePlan, block_index: int, prediction, settings: SegmentSettings, params, out_dir: Location):

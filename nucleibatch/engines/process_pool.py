@@ -30,7 +30,6 @@ from ..io.discover import ImageRecord
 from ..io.location import Location
 from ..pipeline import ImagePlan, SegmentSettings, Timer, context_pixels, instance_params
 from . import distributed
-from .local import is_fatal
 
 if TYPE_CHECKING:  # the processes import this module (their initializer): they need no torch
     from ..model import NucleiModel
@@ -96,19 +95,9 @@ class PoolExecutor:
         group = _after_all(reads, lambda values: self.model_thread.submit(self._predict_reads, units, values))
         return [_then(group, lambda predictions, k=k: _done(predictions[k])) for k in range(len(units))]
 
-    def _predict_reads(self, units: list[tuple[ImagePlan, int]], values: list[Any]) -> list[Any]:
+    def _predict_reads(self, units: list[tuple[ImagePlan, int]], outcomes: list[Any]) -> list[Any]:
         """:meth:`.distributed.BlockPredictor.predict_read` on what the read units returned."""
-        items, failed, timer = [], {}, Timer()
-        for number, ((plan, index), value) in enumerate(zip(units, values, strict=True)):
-            if isinstance(value, BaseException):
-                if len(units) == 1 or is_fatal(value):
-                    raise value
-                failed[number] = value  # fails its own image only, not the others of the group
-                continue
-            raw, region, normalised, seconds = value
-            timer.add(seconds)
-            items.append((plan, plan.blocks[index], raw, region, normalised))
-        return self.predictor.predict_read(units, (items, failed, timer))
+        return self.predictor.predict_read(units, distributed.gather_reads(units, outcomes))
 
     def finish_block(self, plan: ImagePlan, block_index: int, prediction: Future) -> Future:
         return _then(prediction, lambda value: self.pool.submit(distributed.finish_block_unit, plan, block_index, value, self.settings, self.params, self.out_dir))
