@@ -63,8 +63,12 @@ def test_tiles_of_several_images_batched_together_give_each_image_alone():
     boxes = [None, None, (10, 200, 20, 250), (100, 600, 50, 800), None]
     usage = ModelUsage()
     together = predict_images(model.network, images, boxes, tile_size=512, halo=64, batch_size=4, usage=usage)
-    # the two 256 x 256 images share one call; the 6 tiles of the 700 x 900 image's box fill their own
-    assert usage.batch_shapes[(2, 256, 256)] == 1 and sum(n for (n, h, _), c in usage.batch_shapes.items() if h == 512) == 6
+    # the two 256 x 256 images share one call; the 6 tiles of the 700 x 900 image's box have their
+    # own calls, in windows of at most 512², smaller at the image's edges (tiles cut there)
+    assert usage.batch_shapes[(2, 256, 256)] == 1 and usage.batch_shapes[(1, 256, 320)] == 1 and usage.batch_shapes[(1, 128, 64)] == 1
+    large = {(h, w): n * calls for (n, h, w), calls in usage.batch_shapes.items() if (h, w) not in ((256, 256), (256, 320), (128, 64))}
+    assert sum(large.values()) == 6 and min(h * w for h, w in large) < 512 * 512
+    assert all(h <= 512 and w <= 512 and h % 32 == 0 and w % 32 == 0 for h, w in large)
     for image, box, batched in zip(images, boxes, together, strict=True):
         alone = predict_image(model.network, image, tile_size=512, halo=64, batch_size=4, output_box=box)
         np.testing.assert_array_equal(batched, alone)
