@@ -21,7 +21,7 @@ from .errors import ModelBundleError, UsageError
 from .instances import InstanceParams
 from .options import PRECISIONS
 from .targets import TARGET_CLASSES
-from .tiling import PAD_MULTIPLE, block_grid, padded_size, small_image_window
+from .tiling import PAD_MULTIPLE, block_grid, padded_size, small_image_window, tiles_over_box
 
 BUNDLE_FORMAT = "nucleibatch-bundle/1"
 CONFIG_NAME = "config.json"
@@ -444,10 +444,11 @@ def predict_images(
             raise ValueError(f"output_box {output_box} is not inside the image {image.shape}")
         boxes.append((oy0, oy1, ox0, ox1))
         window = small_image_window((height, width), tile_size)
-        tiles = block_grid((height, width), max(height, width), 0) if window is not None else block_grid((height, width), core, halo)
-        for tile in tiles:
-            if tile.core[0] < oy1 and tile.core[1] > oy0 and tile.core[2] < ox1 and tile.core[3] > ox0:
-                tiles_by_window[window or _tile_window(tile)].append((number, tile))
+        if window is not None:
+            tiles_by_window[window].extend((number, tile) for tile in block_grid((height, width), max(height, width), 0))
+        else:  # only the output box is tiled: the image around it is the tiles' context
+            for tile in tiles_over_box((height, width), (oy0, oy1, ox0, ox1), core, halo):
+                tiles_by_window[_tile_window(tile)].append((number, tile))
     outputs: list[np.ndarray | None] = [None] * len(images)
     for window, tiles in tiles_by_window.items():
         per_call = windows_per_call(batch_size, window)
@@ -486,9 +487,9 @@ def windows_per_call(batch_size: int, window: tuple[int, int]) -> int:
 
 def _tile_window(tile) -> tuple[int, int]:
     """The network window of one tile of a larger image: its read region (core and halo, cut at
-    the image's edges) rounded up to multiples of PAD_MULTIPLE. Tiles at an edge get smaller
-    windows than ``tile_size``: the network computes no padding beyond the halo (a 2048² image
-    costs 5.3 MPix of windows instead of 9.4 with 1024² windows)."""
+    the image's edges) rounded up to multiples of PAD_MULTIPLE. The last tiles of a row or
+    column get smaller windows than ``tile_size``: the network computes no padding beyond the
+    halo (with 1024² windows, a 2048² image costs 5.3 MPix of windows instead of 9.4)."""
     ry0, ry1, rx0, rx1 = tile.read
     return padded_size(ry1 - ry0, PAD_MULTIPLE), padded_size(rx1 - rx0, PAD_MULTIPLE)
 

@@ -70,6 +70,27 @@ def block_grid(shape: tuple[int, int], core: int, margin: int) -> list[Block]:
     return blocks
 
 
+def tiles_over_box(shape: tuple[int, int], box: tuple[int, int, int, int], core: int, halo: int) -> list[Block]:
+    """Network tiles for the part ``box`` of an image: their cores (at most ``core`` square, the
+    last of a row or column smaller) partition ``box``; each reads ``halo`` pixels of context
+    around its core, cut at the image's edges (not at the box's: the image around the box is
+    context). Image coordinates, raster order.
+
+    Args:
+        shape: ``(H, W)`` of the image.
+        box: ``(y0, y1, x0, x1)`` inside the image, not empty.
+    """
+    oy0, oy1, ox0, ox1 = box
+    if not (0 <= oy0 < oy1 <= shape[0] and 0 <= ox0 < ox1 <= shape[1]):
+        raise UsageError(f"box {box} is not a non-empty part of an image of shape {shape}")
+    tiles = []
+    for cell in block_grid((oy1 - oy0, ox1 - ox0), core, 0):
+        cy0, cy1, cx0, cx1 = cell.core[0] + oy0, cell.core[1] + oy0, cell.core[2] + ox0, cell.core[3] + ox0
+        read = (max(0, cy0 - halo), min(shape[0], cy1 + halo), max(0, cx0 - halo), min(shape[1], cx1 + halo))
+        tiles.append(Block(cell.index, cell.grid_position, (cy0, cy1, cx0, cx1), read))
+    return tiles
+
+
 def small_image_window(shape: tuple[int, int], tile_size: int) -> tuple[int, int] | None:
     """The network's input window for an image that is one tile (its sides rounded up to
     multiples of :data:`PAD_MULTIPLE`), or None for a larger image (tiled in ``tile_size`` windows)."""

@@ -182,3 +182,36 @@ def test_paint_region_overlaps_match_a_pixelwise_reference_in_any_order(seed):
         out, lost = paint_region(region, [pairs[i] for i in order])
         assert out.dtype == np.uint32 and np.array_equal(out, expected_out)
         assert lost == expected_lost
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_tiles_over_a_box_partition_it_and_read_their_halo_inside_the_image(seed):
+    """Oracle: every pixel of the box lies in exactly one tile core, no core leaves the box or
+    exceeds ``core``, and each tile reads ``halo`` pixels around its core, cut only at the image's
+    edges (the image around the box is context)."""
+    from nucleibatch.tiling import tiles_over_box
+
+    rng = np.random.default_rng(seed)
+    shape = (int(rng.integers(40, 900)), int(rng.integers(40, 900)))
+    y0, x0 = int(rng.integers(0, shape[0] - 1)), int(rng.integers(0, shape[1] - 1))
+    box = (y0, int(rng.integers(y0 + 1, shape[0] + 1)), x0, int(rng.integers(x0 + 1, shape[1] + 1)))
+    core, halo = int(rng.integers(16, 400)), int(rng.integers(0, 80))
+    covered = np.zeros(shape, dtype=np.int32)
+    for tile in tiles_over_box(shape, box, core, halo):
+        cy0, cy1, cx0, cx1 = tile.core
+        assert box[0] <= cy0 < cy1 <= box[1] and box[2] <= cx0 < cx1 <= box[3]
+        assert cy1 - cy0 <= core and cx1 - cx0 <= core
+        assert tile.read == (max(0, cy0 - halo), min(shape[0], cy1 + halo), max(0, cx0 - halo), min(shape[1], cx1 + halo))
+        covered[cy0:cy1, cx0:cx1] += 1
+    inside = np.zeros(shape, dtype=bool)
+    inside[box[0] : box[1], box[2] : box[3]] = True
+    assert (covered[inside] == 1).all() and (covered[~inside] == 0).all()
+
+
+def test_tiles_over_a_box_outside_the_image_are_refused():
+    from nucleibatch.tiling import tiles_over_box
+
+    with pytest.raises(UsageError, match="not a non-empty part"):
+        tiles_over_box((100, 100), (50, 50, 0, 10), 32, 8)
+    with pytest.raises(UsageError, match="not a non-empty part"):
+        tiles_over_box((100, 100), (0, 120, 0, 10), 32, 8)
