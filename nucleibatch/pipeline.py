@@ -60,7 +60,9 @@ class SegmentSettings:
     store_image: bool = True
     postprocess: dict | None = None  # None: the model's tuned values
     tta: bool | None = None  # None: the model's setting (flip test-time augmentation)
-    context: int = 192  # pixels of image read around a block's margin for the network to see
+    # no longer used (the network reads the model's halo around a block, see context_pixels);
+    # kept so that settings saved by earlier versions, and their command lines, still match
+    context: int = 192
 
     def validate(self) -> None:
         if self.block_size < 64 or self.block_size % 32:
@@ -131,13 +133,11 @@ def instance_params(settings: SegmentSettings, model: NucleiModel) -> InstancePa
     return InstanceParams.from_dict(settings.postprocess) if settings.postprocess else model.postprocess
 
 
-def context_pixels(settings: SegmentSettings, model_config: dict) -> int:
-    """Pixels of image read around a block's read region for the network to see.
-
-    The network sees further than its tiles' halo: blocks read more context so that their
-    probabilities near a seam agree with the whole image's (measured on real DSB mosaics).
-    """
-    return max(settings.context, int(model_config.get("halo", 64)))
+def context_pixels(model_config: dict) -> int:
+    """Pixels of image read around a block's read region: the model's halo. The network's tiles
+    cover the read region (the block's output, :func:`nucleibatch.tiling.tiles_over_box`) and
+    each sees this halo around its core, at a seam as inside a block."""
+    return int(model_config.get("halo", 64))
 
 
 def plan_image(record: ImageRecord, source: ImageSource, settings: SegmentSettings, model_config: dict, timer: Timer) -> ImagePlan:
@@ -414,7 +414,7 @@ def segment_record(
     timer = timer or Timer()
     started = time.perf_counter()
     params = instance_params(settings, model)
-    halo = context_pixels(settings, model.config)
+    halo = context_pixels(model.config)
     source = open_image(record, timer)
     try:
         plan, group = _start_image(record, settings, model.config, out_dir, timer, source)

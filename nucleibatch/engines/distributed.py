@@ -252,7 +252,7 @@ class BlockPredictor:
         one after the other (an error that fails the group stops the reading at once)."""
         from ..pipeline import context_pixels
 
-        halo = context_pixels(self.settings, self.model.config)
+        halo = context_pixels(self.model.config)
         return gather_reads(units, (self._read_block(plan, block_index, halo) for plan, block_index in units))
 
     def _read_block(self, plan: ImagePlan, block_index: int, halo: int) -> tuple | BaseException:

@@ -81,7 +81,7 @@ class PoolExecutor:
         self.workers = 1
         self.finish_slots = post_workers
         self.predictor = distributed.BlockPredictor(model, str(model.device), settings, batch_size)
-        self.halo = context_pixels(settings, model.config)
+        self.halo = context_pixels(model.config)
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nb-model")
         self.pool = pool
 
