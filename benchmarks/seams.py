@@ -1,12 +1,16 @@
-"""Do block seams change the result? One image segmented in small blocks against the same image as one block.
+"""Do tile and block seams change the result? One image segmented in tiles and blocks against the same image in one network window.
 
-    .venv/bin/python benchmarks/seams.py [--fields 8] [--block-size 512] [--model default]
+    .venv/bin/python benchmarks/seams.py [--fields 8] [--offsets 0 64 128 192] [--block-size 512] [--halo H] [--model default]
 
 The image is a mosaic of ``fields x fields`` DSB 2018 stage1_train fluorescence fields of
-256 x 256 (../shared/data, in id order, grey). It is segmented by ``run_segment_job`` twice on
-the CPU: with ``--block-size`` (several blocks, seams between them) and with one block covering
-it. Printed: the nuclei found each way and the DSB metric of the blocked labels against the
-one-block labels (mAP@[.5:.95], AP@0.5, AP@0.75; 1.0 means seams changed nothing).
+256 x 256 (../shared/data, in id order, grey), cut from a mosaic one field larger at each of
+``--offsets`` (pixels, down and right): where a seam falls on a border between fields it costs
+nothing, so the figures are averaged over the offsets, which move the borders under the seams. It is segmented by ``run_segment_job`` on the
+CPU three ways: the reference, one block in one network window (the model's ``tile_size``
+raised to the image's size: no seam at all); one block in the model's windows (tile seams);
+blocks of ``--block-size`` (block and tile seams). Printed: the nuclei found each way and the
+DSB metric of the last two against the reference (mAP@[.5:.95], AP@0.5, AP@0.75; 1.0 means
+the seams changed nothing).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ DSB = Path(__file__).resolve().parents[2] / "shared" / "data" / "dsb2018" / "sta
 
 
 def dsb_mosaic(fields: int, source: Path = DSB) -> np.ndarray:
-    """``(fields * 256, fields * 256)`` uint8: dark-background 256² DSB fields in id order, grey."""
+    """``(fields * 256, fields * 256)`` uint8: ``fields**2`` dark-background 256² DSB fields in id order, grey."""
     from PIL import Image
 
     tiles = []
@@ -45,34 +49,54 @@ def dsb_mosaic(fields: int, source: Path = DSB) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fields", type=int, default=8, help="the mosaic is fields x fields DSB fields of 256² [8]")
+    parser.add_argument("--offsets", type=int, nargs="+", default=[0, 64, 128, 192], help="where the image is cut from the larger mosaic [0 64 128 192]")
     parser.add_argument("--block-size", type=int, default=512, help="block size of the blocked run [512]")
+    parser.add_argument("--halo", type=int, default=None, help="the tiles' halo in the tiled runs [the model's]")
     parser.add_argument("--model", default="default")
     parser.add_argument("--dsb", type=Path, default=DSB)
     args = parser.parse_args()
 
+    from nucleibatch.metrics import image_scores
+    from nucleibatch.model import load_model
+
+    larger = dsb_mosaic(args.fields + 1, args.dsb)
+    side = args.fields * 256
+    print(f"machine: {platform.node()}, {os.cpu_count()} CPUs; images {side} x {side} of DSB fields, offsets {args.offsets}")
+    one_block = side // 32 * 32 + 32
+    whole = load_model(args.model, device="cpu")
+    whole.config["tile_size"] = one_block  # one network window: no seam
+    tiled = load_model(args.model, device="cpu")
+    if args.halo is not None:
+        tiled.config["halo"] = args.halo
+    print(f"tiles: {tiled.config['tile_size']}² windows, halo {tiled.config.get('halo', 64)}")
+    ways = {"one block, tiles": (tiled, one_block), f"blocks of {args.block_size}, tiles": (tiled, args.block_size)}
+    scores: dict[str, list[dict]] = {way: [] for way in ways}
+    for offset in args.offsets:
+        image = larger[offset : offset + side, offset : offset + side]
+        reference = segment_labels(image, whole, one_block)
+        for way, (model, block_size) in ways.items():
+            scores[way].append(image_scores(reference, segment_labels(image, model, block_size)))
+        print(f"offset {offset}: reference (one window) {int(reference.max())} nuclei; " + "; ".join(f"{way} mAP {found[-1]['map']:.4f}" for way, found in scores.items()))
+    for way, found in scores.items():
+        mean = {key: float(np.mean([f[key] for f in found])) for key in ("map", "ap50", "ap75")}
+        print(f"{way}, against one window, mean over the offsets: mAP@[.5:.95] {mean['map']:.4f}  AP@0.5 {mean['ap50']:.4f}  AP@0.75 {mean['ap75']:.4f}")
+
+
+def segment_labels(image: np.ndarray, model, block_size: int) -> np.ndarray:
+    """``run_segment_job`` of one image on the CPU: its ``(H, W)`` labels."""
     import tifffile
     import zarr
 
-    from nucleibatch.metrics import image_scores
     from nucleibatch.pipeline import SegmentSettings
     from nucleibatch.segment import run_segment_job
 
-    mosaic = dsb_mosaic(args.fields, args.dsb)
-    print(f"machine: {platform.node()}, {os.cpu_count()} CPUs; mosaic {mosaic.shape[0]} x {mosaic.shape[1]} of {args.fields ** 2} DSB fields")
-    labels = {}
     with tempfile.TemporaryDirectory() as work:
         (Path(work) / "in").mkdir()
-        tifffile.imwrite(Path(work) / "in" / "mosaic.tif", mosaic, tile=(256, 256))
-        for block_size in (max(mosaic.shape) // 32 * 32 + 32, args.block_size):
-            out = Path(work) / f"out{block_size}"
-            run_segment_job([str(Path(work) / "in")], out, model=args.model, device="cpu", settings=SegmentSettings(block_size=block_size), progress=False)
-            root = zarr.open_group(str(out / "masks.zarr"), mode="r")
-            (name,) = list(root.group_keys())
-            labels[block_size] = np.asarray(root[f"{name}/labels/nuclei/0"])
-    (one, one_labels), (blocked, blocked_labels) = labels.items()
-    scores = image_scores(one_labels, blocked_labels)
-    print(f"one block ({one}²): {int(scores['n_true'])} nuclei; blocks of {blocked}²: {int(scores['n_pred'])} nuclei")
-    print(f"blocked against one block: mAP@[.5:.95] {scores['map']:.4f}  AP@0.5 {scores['ap50']:.4f}  AP@0.75 {scores['ap75']:.4f}")
+        tifffile.imwrite(Path(work) / "in" / "mosaic.tif", image, tile=(256, 256))
+        run_segment_job([str(Path(work) / "in")], Path(work) / "out", model=model, device="cpu", settings=SegmentSettings(block_size=block_size), progress=False)
+        root = zarr.open_group(str(Path(work) / "out" / "masks.zarr"), mode="r")
+        (name,) = list(root.group_keys())
+        return np.asarray(root[f"{name}/labels/nuclei/0"])
 
 
 if __name__ == "__main__":

@@ -64,10 +64,12 @@ def test_tiles_of_several_images_batched_together_give_each_image_alone():
     usage = ModelUsage()
     together = predict_images(model.network, images, boxes, tile_size=512, halo=64, batch_size=4, usage=usage)
     # the two 256 x 256 images share one call; the 700 x 900 image's 500 x 750 box is tiled alone
-    # (its surroundings are context): 2 x 2 tiles of core 384, the second column's core 366 wide
-    # in a window of 366 + 2 * 64 rounded to 512, the second row's 116 high in one of 256
+    # (its surroundings are context): 2 x 3 tiles cut at multiples of 32 (rows at 320, columns
+    # at 288 and 544), each read with its 64 px halo from a multiple of 32, in windows of
+    # 352 or 416 by 352 or 384
     assert usage.batch_shapes[(2, 256, 256)] == 1 and usage.batch_shapes[(1, 256, 320)] == 1 and usage.batch_shapes[(1, 128, 64)] == 1
-    assert usage.batch_shapes[(2, 512, 512)] == 1 and usage.batch_shapes[(2, 256, 512)] == 1 and usage.tiles == 4 + 4
+    large = {shape: count for shape, count in usage.batch_shapes.items() if shape[1:] not in ((256, 256), (256, 320), (128, 64))}
+    assert large == {(1, 352, 352): 1, (2, 352, 384): 1, (1, 416, 352): 1, (2, 416, 384): 1} and usage.tiles == 4 + 6
     for image, box, batched in zip(images, boxes, together, strict=True):
         alone = predict_image(model.network, image, tile_size=512, halo=64, batch_size=4, output_box=box)
         np.testing.assert_array_equal(batched, alone)
@@ -97,7 +99,7 @@ def test_tiles_are_cropped_and_placed_exactly_oracle():
     network = _Pointwise().eval()
     rng = np.random.default_rng(1)
     images = [rng.random(shape, dtype=np.float32) for shape in [(700, 900), (200, 150), (256, 256), (391, 517)]]
-    boxes = [(100, 650, 33, 871), None, (5, 250, 17, 200), (0, 391, 300, 517)]
+    boxes = [(100, 650, 33, 700), None, (5, 250, 17, 200), (0, 391, 300, 517)]
     with torch.no_grad():
         oracles = [torch.sigmoid(network(torch.from_numpy(image)[None, None]))[0].numpy() for image in images]
     tiles_counted = set()
@@ -108,7 +110,7 @@ def test_tiles_are_cropped_and_placed_exactly_oracle():
             assert n <= windows_per_call(batch_size, (h, w))
             if pad_batches:  # CUDA's default: full calls, or padded to a power of two (the padding's outputs dropped)
                 assert n == windows_per_call(batch_size, (h, w)) or n & (n - 1) == 0
-        if pad_batches:
+        if pad_batches and batch_size == 16:  # 12 tiles of 256² in a call of 16
             assert usage.tiles < sum(n * c for (n, _, _), c in usage.batch_shapes.items())
         tiles_counted.add(usage.tiles)
         for output, oracle, box in zip(outputs, oracles, boxes, strict=True):

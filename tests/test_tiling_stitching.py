@@ -184,24 +184,34 @@ def test_paint_region_overlaps_match_a_pixelwise_reference_in_any_order(seed):
         assert lost == expected_lost
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_tiles_over_a_box_partition_it_and_read_their_halo_inside_the_image(seed):
-    """Oracle: every pixel of the box lies in exactly one tile core, no core leaves the box or
-    exceeds ``core``, and each tile reads ``halo`` pixels around its core, cut only at the image's
-    edges (the image around the box is context)."""
+@pytest.mark.parametrize("seed", range(8))
+def test_tiles_over_a_box_partition_it_on_the_32_pixel_grid_and_read_their_halo_inside_the_image(seed):
+    """Oracle: every pixel of the box lies in exactly one tile core; no core leaves the box or
+    exceeds ``core``; the cuts inside the box lie on multiples of 32, and so does every read's
+    start (the network's pixel grid, as for the whole image in one window); each tile reads at
+    least ``halo`` pixels around its core, cut only at the image's edges (the image around the
+    box is context), and at most 31 more before it."""
     from nucleibatch.tiling import tiles_over_box
 
     rng = np.random.default_rng(seed)
-    shape = (int(rng.integers(40, 900)), int(rng.integers(40, 900)))
+    shape = (int(rng.integers(40, 1500)), int(rng.integers(40, 1500)))
     y0, x0 = int(rng.integers(0, shape[0] - 1)), int(rng.integers(0, shape[1] - 1))
     box = (y0, int(rng.integers(y0 + 1, shape[0] + 1)), x0, int(rng.integers(x0 + 1, shape[1] + 1)))
-    core, halo = int(rng.integers(16, 400)), int(rng.integers(0, 80))
+    core, halo = int(rng.integers(33, 500)), int(rng.integers(0, 80))
     covered = np.zeros(shape, dtype=np.int32)
-    for tile in tiles_over_box(shape, box, core, halo):
+    tiles = tiles_over_box(shape, box, core, halo)
+    rows = sorted({(t.core[0], t.core[1]) for t in tiles})
+    cols = sorted({(t.core[2], t.core[3]) for t in tiles})
+    assert len(tiles) == len(rows) * len(cols) and len(rows) == -(-(box[1] - box[0]) // (core - 32))
+    for tile in tiles:
         cy0, cy1, cx0, cx1 = tile.core
         assert box[0] <= cy0 < cy1 <= box[1] and box[2] <= cx0 < cx1 <= box[3]
         assert cy1 - cy0 <= core and cx1 - cx0 <= core
-        assert tile.read == (max(0, cy0 - halo), min(shape[0], cy1 + halo), max(0, cx0 - halo), min(shape[1], cx1 + halo))
+        assert (cy0 == box[0] or cy0 % 32 == 0) and (cx0 == box[2] or cx0 % 32 == 0)
+        ry0, ry1, rx0, rx1 = tile.read
+        assert ry0 % 32 == 0 and rx0 % 32 == 0
+        assert max(0, cy0 - halo - 31) <= ry0 <= max(0, cy0 - halo) and max(0, cx0 - halo - 31) <= rx0 <= max(0, cx0 - halo)
+        assert ry1 == min(shape[0], cy1 + halo) and rx1 == min(shape[1], cx1 + halo)
         covered[cy0:cy1, cx0:cx1] += 1
     inside = np.zeros(shape, dtype=bool)
     inside[box[0] : box[1], box[2] : box[3]] = True
