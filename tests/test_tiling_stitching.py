@@ -225,3 +225,19 @@ def test_tiles_over_a_box_outside_the_image_are_refused():
         tiles_over_box((100, 100), (50, 50, 0, 10), 32, 8)
     with pytest.raises(UsageError, match="not a non-empty part"):
         tiles_over_box((100, 100), (0, 120, 0, 10), 32, 8)
+
+
+@pytest.mark.parametrize("margin", [0, 40, 128])
+def test_prediction_regions_start_on_the_network_grid(margin):
+    """A block's prediction region holds its read region and ``halo`` pixels around it (cut at the
+    image's edges) and starts on a multiple of 32, whatever the margin: the tiles laid from its
+    corner are then on the whole image's pixel grid."""
+    from nucleibatch.pipeline import prediction_region
+
+    shape, halo = (1000, 900), 64
+    for block in block_grid(shape, 256, margin):
+        y0, y1, x0, x1 = prediction_region(block, shape, halo)
+        ry0, ry1, rx0, rx1 = block.read
+        assert y0 % 32 == 0 and x0 % 32 == 0
+        assert max(0, ry0 - halo - 31) <= y0 <= max(0, ry0 - halo) and max(0, rx0 - halo - 31) <= x0 <= max(0, rx0 - halo)
+        assert y1 == min(shape[0], ry1 + halo) and x1 == min(shape[1], rx1 + halo)
