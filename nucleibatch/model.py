@@ -487,9 +487,10 @@ def windows_per_call(batch_size: int, window: tuple[int, int]) -> int:
 
 def _tile_window(tile) -> tuple[int, int]:
     """The network window of one tile of a larger image: its read region (core and halo, cut at
-    the image's edges) rounded up to multiples of PAD_MULTIPLE. The last tiles of a row or
-    column get smaller windows than ``tile_size``: the network computes no padding beyond the
-    halo (with 1024² windows, a 2048² image costs 5.3 MPix of windows instead of 9.4)."""
+    the image's edges) rounded up to multiples of PAD_MULTIPLE; not above ``tile_size`` where
+    the halo is a multiple of 32, as the bundles' is. The network computes no padding beyond
+    that rounding (with 1024² windows, a 2048² image costs
+    5.3 MPix of windows instead of the 9.4 of full windows)."""
     ry0, ry1, rx0, rx1 = tile.read
     return padded_size(ry1 - ry0, PAD_MULTIPLE), padded_size(rx1 - rx0, PAD_MULTIPLE)
 

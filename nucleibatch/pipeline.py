@@ -39,7 +39,7 @@ from .io.tables import output_manifest, remove_image_outputs, write_nuclei_part,
 from .measure import concat_columns, measure_labels
 from .normalize import NormStats, apply_stats, stats_for_bundle, to_grey
 from .stitching import OwnedObjects, block_offsets, paint_region, select_owned
-from .tiling import PAD_MULTIPLE, Block, block_grid, small_image_window
+from .tiling import PAD_MULTIPLE, Block, block_grid, floor_to, small_image_window
 
 if TYPE_CHECKING:  # post-processing processes import this module: they need no torch
     from .model import NucleiModel
@@ -198,7 +198,7 @@ def prediction_region(block: Block, shape: tuple[int, int], halo: int) -> tuple[
     the image; it starts on a multiple of PAD_MULTIPLE, so that the tiles laid from its corner
     are on the network's pixel grid of the whole image (:func:`nucleibatch.tiling.tiles_over_box`)."""
     y0, y1, x0, x1 = block.read
-    return (max(0, (y0 - halo) // PAD_MULTIPLE * PAD_MULTIPLE), min(shape[0], y1 + halo), max(0, (x0 - halo) // PAD_MULTIPLE * PAD_MULTIPLE), min(shape[1], x1 + halo))
+    return (max(0, floor_to(y0 - halo, PAD_MULTIPLE)), min(shape[0], y1 + halo), max(0, floor_to(x0 - halo, PAD_MULTIPLE)), min(shape[1], x1 + halo))
 
 
 def read_block(plan: ImagePlan, block: Block, source: ImageSource, halo: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:

@@ -98,7 +98,7 @@ def tiles_over_box(shape: tuple[int, int], box: tuple[int, int, int, int], core:
     tiles = []
     for i, (cy0, cy1) in enumerate(rows):
         for j, (cx0, cx1) in enumerate(cols):
-            read = (max(0, (cy0 - halo) // align * align), min(shape[0], cy1 + halo), max(0, (cx0 - halo) // align * align), min(shape[1], cx1 + halo))
+            read = (max(0, floor_to(cy0 - halo, align)), min(shape[0], cy1 + halo), max(0, floor_to(cx0 - halo, align)), min(shape[1], cx1 + halo))
             tiles.append(Block(len(tiles), (i, j), (cy0, cy1, cx0, cx1), read))
     return tiles
 
@@ -110,7 +110,7 @@ def _aligned_cuts(start: int, stop: int, longest: int, align: int) -> list[tuple
     pieces = -(-(stop - start) // step)
     edges = [start]
     for k in range(1, pieces):
-        cut = (start + (stop - start) * k // pieces) // align * align
+        cut = floor_to(start + (stop - start) * k // pieces, align)
         if cut > edges[-1]:
             edges.append(cut)
     edges.append(stop)
@@ -124,6 +124,11 @@ def small_image_window(shape: tuple[int, int], tile_size: int) -> tuple[int, int
     if height > tile_size or width > tile_size:
         return None
     return padded_size(height, PAD_MULTIPLE), padded_size(width, PAD_MULTIPLE)
+
+
+def floor_to(value: int, multiple: int) -> int:
+    """Largest multiple of ``multiple`` that is <= ``value`` (the start of a read on the network's pixel grid)."""
+    return value // multiple * multiple
 
 
 def padded_size(length: int, multiple: int) -> int:

@@ -243,7 +243,7 @@ def test_read_units_open_an_image_once_for_its_blocks(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sources, "open_source", counting_open)
     outcomes = [distributed.read_unit(plan, index, SETTINGS, 64) for index in range(len(plan.blocks))]
-    assert len(opened) == 1 and closed == opened and record.image_id not in distributed._UNIT_SOURCES
+    assert len(opened) == 1 and closed == opened and record.image_id not in distributed._UNIT_IMAGES.open
     monkeypatch.setattr(sources, "open_source", real_open)
     for index, outcome in enumerate(outcomes):
         fresh = real_open(record)

@@ -237,7 +237,7 @@ class BlockPredictor:
         model.device = self.device
         model.network = prepare_network(model.network, self.device, fast=model.fast)  # precision resolved for this worker's device
         self.model, self.settings, self.batch_size = model, settings, batch_size
-        self.sources: dict[str, Any] = {}  # the last images read (a slide is opened once, not per block)
+        self.images = OpenImages(keep=max(2, batch_size))
 
     def predict(self, units: list[tuple[ImagePlan, int]]) -> list[Any]:
         """Read and predict the blocks ``[(plan, block index), ...]`` (one block, or the blocks
@@ -253,20 +253,7 @@ class BlockPredictor:
         from ..pipeline import context_pixels
 
         halo = context_pixels(self.model.config)
-        return gather_reads(units, (self._read_block(plan, block_index, halo) for plan, block_index in units))
-
-    def _read_block(self, plan: ImagePlan, block_index: int, halo: int) -> tuple | BaseException:
-        try:
-            source = self._source(plan)
-        except Exception as error:  # unreadable: as a failed read (gather_reads decides)
-            return error
-        try:
-            return read_block_outcome(plan, block_index, source, self.settings, halo)
-        finally:
-            if len(plan.blocks) == block_index + 1:  # the image's last block: let go of its file
-                source = self.sources.pop(plan.record.image_id, None)
-                if source is not None:
-                    source.close()
+        return gather_reads(units, (self.images.read(plan, block_index, self.settings, halo) for plan, block_index in units))
 
     def predict_read(self, units: list[tuple[ImagePlan, int]], read: tuple[list, dict[int, BaseException], Timer]) -> list[Any]:
         """The model half of :meth:`predict`, on what :meth:`read` returned for ``units``."""
@@ -288,17 +275,6 @@ class BlockPredictor:
             predictions.insert(number, failed[number])
         release_free_memory()
         return predictions
-
-    def _source(self, plan: ImagePlan) -> Any:
-        from ..io.sources import open_source
-
-        key = plan.record.image_id
-        source = self.sources.get(key)
-        if source is None:
-            while len(self.sources) >= max(2, self.batch_size):
-                self.sources.pop(next(iter(self.sources))).close()
-            source = self.sources[key] = open_source(plan.record)
-        return source
 
 
 def gather_reads(units: list[tuple[ImagePlan, int]], outcomes: Iterable[tuple | BaseException]) -> tuple[list, dict[int, BaseException], Timer]:
@@ -338,33 +314,45 @@ def read_block_outcome(plan: ImagePlan, block_index: int, source, settings: Segm
     return raw, region, normalised, dict(timer.seconds)
 
 
-# read_unit's open images in this process: the blocks of a slide that come here open it once
-_UNIT_SOURCES: OrderedDict[str, Any] = OrderedDict()
-_UNIT_SOURCES_KEPT = 2
+class OpenImages:
+    """The images a process reads blocks from, kept open for their next blocks (a slide is
+    opened once, not once per block): the last ``keep``, each closed after its last block."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.open: OrderedDict[str, Any] = OrderedDict()  # image_id -> source, oldest first
+
+    def read(self, plan: ImagePlan, block_index: int, settings: SegmentSettings, halo: int) -> tuple | BaseException:
+        """:func:`read_block_outcome` of one block (an image that cannot be opened: its error, returned)."""
+        from ..io.sources import open_source
+
+        key = plan.record.image_id
+        source = self.open.pop(key, None)
+        if source is None:
+            try:
+                source = open_source(plan.record)
+            except Exception as error:
+                return error
+        try:
+            return read_block_outcome(plan, block_index, source, settings, halo)
+        finally:
+            if block_index + 1 == len(plan.blocks):
+                source.close()
+            else:
+                self.open[key] = source
+                while len(self.open) > self.keep:
+                    self.open.popitem(last=False)[1].close()
+
+
+# read_unit's open images in this process
+_UNIT_IMAGES = OpenImages(keep=2)
 
 
 def read_unit(plan: ImagePlan, block_index: int, settings: SegmentSettings, halo: int) -> tuple | BaseException:
     """Unit 2a, where the model's process hands reading off (``segment --post-workers``):
-    :func:`read_block_outcome` in a post-processing process. The image stays open in the process
-    for its next blocks (the last two images; closed after the image's last block)."""
-    from ..io.sources import open_source
-
-    key = plan.record.image_id
-    source = _UNIT_SOURCES.pop(key, None)
-    if source is None:
-        try:
-            source = open_source(plan.record)
-        except Exception as error:
-            return error
-    try:
-        return read_block_outcome(plan, block_index, source, settings, halo)
-    finally:
-        if block_index + 1 == len(plan.blocks):
-            source.close()
-        else:
-            _UNIT_SOURCES[key] = source
-            while len(_UNIT_SOURCES) > _UNIT_SOURCES_KEPT:
-                _UNIT_SOURCES.popitem(last=False)[1].close()
+    :func:`read_block_outcome` in a post-processing process, the image kept open there for its
+    next blocks (:class:`OpenImages`)."""
+    return _UNIT_IMAGES.read(plan, block_index, settings, halo)
 
 
 def finish_block_unit(plan: ImagePlan, block_index: int, prediction, settings: SegmentSettings, params, out_dir: Location):
