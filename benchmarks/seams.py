@@ -58,11 +58,12 @@ def main() -> None:
 
     from nucleibatch.metrics import image_scores
     from nucleibatch.model import load_model
+    from nucleibatch.tiling import PAD_MULTIPLE, padded_size
 
     larger = dsb_mosaic(args.fields + 1, args.dsb)
     side = args.fields * 256
     print(f"machine: {platform.node()}, {os.cpu_count()} CPUs; images {side} x {side} of DSB fields, offsets {args.offsets}")
-    one_block = side // 32 * 32 + 32
+    one_block = padded_size(side, PAD_MULTIPLE)  # one block, and as a window one that holds the image
     whole = load_model(args.model, device="cpu")
     whole.config["tile_size"] = one_block  # one network window: no seam
     tiled = load_model(args.model, device="cpu")
