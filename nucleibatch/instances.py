@@ -60,7 +60,24 @@ def _one_minus(channel: np.ndarray) -> np.ndarray:
 
 
 def probabilities_to_labels(probabilities: np.ndarray, params: InstanceParams = InstanceParams()) -> np.ndarray:
-    """Instance labels from the model's body / contour / contact probabilities.
+    """Instance labels from the model's body / contour / contact probabilities: the nuclei of
+    :func:`instance_labels` of at least ``params.min_size`` pixels, numbered 1..N in raster order
+    of their first pixel.
+
+    Args:
+        probabilities: ``(3, H, W)`` float in [0, 1] (body, contour, contact).
+        params: thresholds and sizes.
+
+    Returns:
+        ``(H, W)`` int32 labels, 0 = background.
+    """
+    return relabel_sequential(remove_small(instance_labels(probabilities, params), params.min_size))
+
+
+def instance_labels(probabilities: np.ndarray, params: InstanceParams = InstanceParams()) -> np.ndarray:
+    """The nuclei of the model's body / contour / contact probabilities, before ``params.min_size``
+    and renumbering (:func:`probabilities_to_labels` does both; segment leaves them to
+    :func:`nucleibatch.stitching.select_owned`, which counts every object's pixels anyway).
 
     Seeds are connected components of ``body * (1 - contour) * (1 - contact) >
     seed_threshold``; a watershed on ``-body`` grows them inside ``body >
@@ -75,7 +92,8 @@ def probabilities_to_labels(probabilities: np.ndarray, params: InstanceParams = 
         params: thresholds and sizes.
 
     Returns:
-        ``(H, W)`` int32 labels, 0 = background, 1..N in raster order of their first pixel.
+        ``(H, W)`` int32 labels, 0 = background; ids are distinct but neither consecutive nor in
+        any documented order, and objects of any size are kept.
     """
     if probabilities.ndim != 3 or probabilities.shape[0] < 3:
         raise ValueError(f"expected (3, H, W) probabilities, got {probabilities.shape}")
@@ -83,14 +101,18 @@ def probabilities_to_labels(probabilities: np.ndarray, params: InstanceParams = 
     mask = body > params.mask_threshold
     if not mask.any():
         return np.zeros(body.shape, dtype=np.int32)
-    # in place: a block's post-processing temporaries are what bounds segment's memory
-    seed_score = _one_minus(probabilities[1])
-    seed_score *= _one_minus(probabilities[2])
-    seed_score *= body
-    seeds, n_seeds = ndi.label((seed_score > params.seed_threshold) & mask)
+    # the scores, components and flooding below touch the mask's pixels (by flat index), not the
+    # whole block: nuclei cover a fraction of it
+    inside = np.flatnonzero(mask)
+    seed_score = _one_minus(probabilities[1].ravel()[inside])
+    seed_score *= _one_minus(probabilities[2].ravel()[inside])
+    seed_score *= body.ravel()[inside]
+    seed_pixels = inside[seed_score > params.seed_threshold]
     del seed_score
-    # the seeds' pixels by flat index: the counts below touch them, not the whole block
-    seed_pixels = np.flatnonzero(seeds)
+    seed_mask = np.zeros(mask.shape, dtype=bool)
+    seed_mask.ravel()[seed_pixels] = True
+    seeds, n_seeds = ndi.label(seed_mask)
+    del seed_mask
     seed_ids = seeds.ravel()[seed_pixels]
     seed_sizes = np.bincount(seed_ids, minlength=n_seeds + 1)
     if n_seeds and params.min_seed_size > 1:
@@ -103,15 +125,15 @@ def probabilities_to_labels(probabilities: np.ndarray, params: InstanceParams = 
     component_of_seed = np.zeros(n_seeds + 1, dtype=np.int64)
     component_of_seed[seed_ids] = labels.ravel()[seed_pixels]
     seeds_per_component = np.bincount(component_of_seed[1:][seed_sizes[1:] > 0], minlength=n_components + 1)
-    crowded = (seeds_per_component >= 2)[labels]
     del seed_pixels, seed_ids
-    if crowded.any():
+    crowded_pixels = inside[(seeds_per_component >= 2)[labels.ravel()[inside]]]
+    del inside
+    if crowded_pixels.size:
+        crowded = np.zeros(mask.shape, dtype=bool)
+        crowded.ravel()[crowded_pixels] = True
         flooded = watershed(-body, markers=np.where(crowded, seeds, 0), mask=crowded)
-        labels[crowded] = flooded[crowded] + n_components  # ids apart from the components'
-        del flooded
-    del seeds, crowded
-    labels = remove_small(labels, params.min_size)
-    return relabel_sequential(labels)
+        labels.ravel()[crowded_pixels] = flooded.ravel()[crowded_pixels] + n_components  # ids apart from the components'
+    return labels
 
 
 def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage as ndi
 
 NUCLEI_COLUMNS = (
     "image_id", "label", "centroid_y", "centroid_x", "area", "perimeter", "eccentricity", "solidity",
@@ -64,15 +63,19 @@ def measure_labels(labels: np.ndarray, intensity: np.ndarray, origin: tuple[int,
     with np.errstate(divide="ignore", invalid="ignore"):
         eccentricity = np.where(l1 == 0, 0.0, np.sqrt(np.clip(1 - l2 / np.where(l1 == 0, 1, l1), 0, None)))
 
-    values = np.asarray(intensity, dtype=np.float64).ravel()[foreground]
+    values = np.asarray(intensity).ravel()[foreground].astype(np.float64)
     finite = np.isfinite(values)
     with np.errstate(divide="ignore", invalid="ignore"):
         mean_intensity = per_object(np.where(finite, values, 0.0)) / per_object(finite.astype(np.float64))
 
-    boxes = ndi.find_objects(labels)
-    bbox = np.array([(b[0].start, b[1].start, b[0].stop, b[1].stop) for b in (boxes[i - 1] for i in ids)], dtype=np.int64)
-    perimeter = _perimeters(labels, owner, foreground, n_bins)[ids]
-    solidity = area / _convex_areas(labels, ids, bbox)
+    # where a pixel's right / lower neighbour is another object (or background): the runs along
+    # rows and the objects' borders both come from these two comparisons
+    differs_right = labels[:, 1:] != labels[:, :-1]
+    differs_below = labels[1:] != labels[:-1]
+    rows = _row_extremes(labels, ids, differs_right)
+    bbox = _boxes(rows, ids.size)
+    perimeter = _perimeters(labels, differs_right, differs_below, n_bins)[ids]
+    solidity = area / _convex_areas(labels.shape[0], rows, ids.size, bbox)
     oy, ox = origin
     return {
         "label": (ids + id_offset).astype(np.uint32),
@@ -98,59 +101,78 @@ _PERIMETER_WEIGHTS[[21, 33]] = np.sqrt(2)
 _PERIMETER_WEIGHTS[[13, 23]] = (1 + np.sqrt(2)) / 2
 
 
-def _perimeters(labels: np.ndarray, owner: np.ndarray, foreground: np.ndarray, n_bins: int) -> np.ndarray:
-    """``skimage.measure.perimeter(neighborhood=4)`` of every object at once: per label (index)."""
-    padded = np.pad(labels, 1)
+# neighbour offsets (dy, dx) and their weights in the pattern code below
+_CODE_NEIGHBOURS = tuple((2, offset) for offset in ((-1, 0), (1, 0), (0, -1), (0, 1))) + tuple(
+    (10, offset) for offset in ((-1, -1), (-1, 1), (1, -1), (1, 1))
+)
+
+
+def _perimeters(labels: np.ndarray, differs_right: np.ndarray, differs_below: np.ndarray, n_bins: int) -> np.ndarray:
+    """``skimage.measure.perimeter(neighborhood=4)`` of every object at once: per label (index).
+
+    ``differs_right`` / ``differs_below``: ``(h, w - 1)`` / ``(h - 1, w)`` bool, whether a pixel's
+    right / lower neighbour holds another label. Only border pixels are coded (a few percent of
+    the pixels), by gathering their neighbours.
+    """
     h, w = labels.shape
-    centre = padded[1:-1, 1:-1]
+    # border: an object pixel with a 4-neighbour outside its object (the image's edge included)
+    border = np.zeros((h, w), dtype=bool)
+    border[:, 1:] |= differs_right
+    border[:, :-1] |= differs_right
+    border[1:] |= differs_below
+    border[:-1] |= differs_below
+    border[[0, -1]] = True
+    border[:, [0, -1]] = True
+    border &= labels != 0
+    width = w + 2  # flat indices in the labels padded by one pixel of background
+    padded = np.pad(labels, 1).ravel()
+    padded_border = np.pad(border, 1).ravel()
+    at = np.flatnonzero(border)
+    y, x = np.divmod(at, w)
+    at = (y + 1) * width + (x + 1)
+    own = padded[at]
+    code = np.ones(at.size, dtype=np.uint8)
+    for weight, (dy, dx) in _CODE_NEIGHBOURS:
+        neighbour = at + (dy * width + dx)
+        code += ((padded[neighbour] == own) & padded_border[neighbour]).view(np.uint8) * np.uint8(weight)
+    # border pixels in raster order: the sums are those over every object pixel with weight 0 off the border
+    return np.bincount(own, weights=_PERIMETER_WEIGHTS[code], minlength=n_bins)
 
-    def shifted(dy: int, dx: int) -> np.ndarray:
-        return padded[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
 
-    # border: a pixel with a 4-neighbour outside its own object (erosion with the 4-cross)
-    interior = centre != 0
-    for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
-        interior &= shifted(dy, dx) == centre
-    border = (centre != 0) & ~interior
-    padded_border = np.pad(border, 1)
-
-    def border_of_same_object(dy: int, dx: int) -> np.ndarray:
-        return padded_border[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] & (shifted(dy, dx) == centre)
-
-    code = border.astype(np.uint8)
-    for weight, offsets in ((2, ((-1, 0), (1, 0), (0, -1), (0, 1))), (10, ((-1, -1), (-1, 1), (1, -1), (1, 1)))):
-        for dy, dx in offsets:
-            code += border_of_same_object(dy, dx).view(np.uint8) * np.uint8(weight)
-    return np.bincount(owner, weights=_PERIMETER_WEIGHTS[code.ravel()[foreground]], minlength=n_bins)
-
-
-def _convex_areas(labels: np.ndarray, ids: np.ndarray, bbox: np.ndarray) -> np.ndarray:
-    """``area_convex`` of regionprops for the objects ``ids``: the pixels (grid points) inside or on
-    the convex hull of the pixel-edge midpoints (each pixel's 4 "diamond" points) of the object.
+def _convex_areas(h: int, rows: tuple[np.ndarray, ...], n: int, bbox: np.ndarray) -> np.ndarray:
+    """``area_convex`` of regionprops for the ``n`` objects of ``rows`` (:func:`_row_extremes`): the
+    pixels (grid points) inside or on the convex hull of the pixel-edge midpoints (each pixel's 4
+    "diamond" points) of the object. ``h``: the label image's height; ``bbox``: ``(n, 4)`` boxes.
 
     For all objects at once, in exact integer arithmetic on doubled coordinates: a convex hull's
     rows are intervals whose right end, as a function of the row, is the concave majorant of the
     objects' rightmost diamond points (the left end likewise, mirrored), and only the pixels that
     end a run along a row can give those points.
     """
-    h = labels.shape[0]
-    row_obj, row_y, left, right = _row_extremes(labels, ids)
+    row_obj, row_y, left, right = rows
     # every row of every box, for the objects whose rows have gaps too (a nucleus cut at a seam)
     heights = bbox[:, 2] - bbox[:, 0]
-    eval_obj = np.repeat(np.arange(ids.size), heights)
+    eval_obj = np.repeat(np.arange(n), heights)
     eval_y = bbox[eval_obj, 0] + np.arange(eval_obj.size) - np.repeat(np.cumsum(heights) - heights, heights)
     kmax = _envelope_floor(row_obj, row_y, right, eval_obj, eval_y, h)
     kmin = -_envelope_floor(row_obj, row_y, -left, eval_obj, eval_y, h)
-    return np.bincount(eval_obj, weights=np.clip(kmax - kmin + 1, 0, None), minlength=ids.size)
+    return np.bincount(eval_obj, weights=np.clip(kmax - kmin + 1, 0, None), minlength=n)
 
 
-def _row_extremes(labels: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per object row: ``(object index, y, leftmost x, rightmost x)``, int64, sorted by (object, y)."""
-    h = labels.shape[0]
-    padded = np.pad(labels, ((0, 0), (1, 1)))
+def _row_extremes(labels: np.ndarray, ids: np.ndarray, differs_right: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per object row: ``(object index, y, leftmost x, rightmost x)``, int64, sorted by (object, y).
+
+    ``ids``: the objects' labels, ascending (object index i is label ``ids[i]``);
+    ``differs_right``: ``(h, w - 1)`` bool, a pixel's right neighbour holds another label.
+    """
+    h, w = labels.shape
     inside = labels != 0
-    ys, xs = np.nonzero(inside & (padded[:, :-2] != labels))  # run starts, in raster order
-    _, xe = np.nonzero(inside & (padded[:, 2:] != labels))  # run ends: the same runs, in the same order
+    starts = inside.copy()
+    starts[:, 1:] &= differs_right
+    ends = inside
+    ends[:, :-1] &= differs_right
+    ys, xs = np.divmod(np.flatnonzero(starts), w)  # run starts, in raster order
+    xe = np.flatnonzero(ends) % w  # run ends: the same runs, in the same order
     index = np.zeros(int(ids.max()) + 1, dtype=np.int64)
     index[ids] = np.arange(ids.size)
     keys = index[labels[ys, xs]] * h + ys
@@ -160,6 +182,15 @@ def _row_extremes(labels: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.n
     last = np.r_[first[1:], keys.size] - 1
     row_obj, row_y = np.divmod(keys[first], h)
     return row_obj, row_y, xs[order][first].astype(np.int64), xe[order][last].astype(np.int64)
+
+
+def _boxes(rows: tuple[np.ndarray, ...], n: int) -> np.ndarray:
+    """``(n, 4)`` int64 half-open boxes ``(y0, x0, y1, x1)`` of the ``n`` objects of ``rows``
+    (:func:`_row_extremes`; every object has a row)."""
+    row_obj, row_y, left, right = rows
+    first = np.searchsorted(row_obj, np.arange(n))
+    last = np.r_[first[1:], row_obj.size] - 1
+    return np.stack([row_y[first], np.minimum.reduceat(left, first), row_y[last] + 1, np.maximum.reduceat(right, first) + 1], axis=1)
 
 
 def _envelope_floor(row_obj: np.ndarray, row_y: np.ndarray, extreme: np.ndarray, eval_obj: np.ndarray, eval_y: np.ndarray, h: int) -> np.ndarray:

@@ -23,7 +23,7 @@ import numpy as np
 
 from .allocator import release_free_memory
 from .errors import ImageReadError, UsageError
-from .instances import InstanceParams, probabilities_to_labels
+from .instances import InstanceParams, instance_labels
 from .io.discover import ImageRecord
 from .io.location import Location, fingerprint, to_location
 from .io.sources import ImageSource, open_source
@@ -278,8 +278,8 @@ def finish_block(plan: ImagePlan, block: Block, prediction: BlockPrediction, set
     timer.add(prediction.seconds)
     ry0, ry1, rx0, rx1 = block.read
     with timer("instances"):
-        labels = probabilities_to_labels(prediction.probabilities, params)
-        owned_labels, owned = select_owned(labels, block, plan.shape, settings.block_margin)
+        labels = instance_labels(prediction.probabilities, params)
+        owned_labels, owned = select_owned(labels, block, plan.shape, settings.block_margin, params.min_size)
         del labels
     with timer("measure"):
         columns = measure_labels(owned_labels, to_grey(prediction.pixels, settings.channel), origin=(ry0, rx0))

@@ -40,18 +40,22 @@ class OwnedObjects:
         return int(self.ids.size)
 
 
-def select_owned(labels: np.ndarray, block: Block, image_shape: tuple[int, int], margin: int) -> tuple[np.ndarray, OwnedObjects]:
+def select_owned(labels: np.ndarray, block: Block, image_shape: tuple[int, int], margin: int, min_size: int = 1) -> tuple[np.ndarray, OwnedObjects]:
     """Keep the objects of a block's read region whose centroid lies in its core.
 
     Args:
-        labels: ``(h, w)`` int labels of the block's read region (``block.read_shape``).
+        labels: ``(h, w)`` int labels of the block's read region (``block.read_shape``), 0 =
+            background; the ids need not be consecutive.
         block: the block.
         image_shape: ``(H, W)`` of the whole image (edges there are not cuts).
         margin: the block margin (for the error message).
+        min_size: objects of fewer pixels are dropped (not owned).
 
     Returns:
         ``owned_labels`` ``(h, w)`` int32 (only owned objects, renumbered 1..n in raster order of
-        their centroids) and :class:`OwnedObjects` in image coordinates.
+        their centroids, objects with the same centroid pixel in raster order of their first
+        pixel: whatever the input ids, the same labels give the same result) and
+        :class:`OwnedObjects` in image coordinates.
 
     Raises:
         ObjectTooLargeError: an owned object touches the read region's edge inside the image.
@@ -67,10 +71,9 @@ def select_owned(labels: np.ndarray, block: Block, image_shape: tuple[int, int],
     area = np.maximum(count[1:], 1)
     cy = sum_y[1:] // area
     cx = sum_x[1:] // area
-    owned = present & (cy >= cy0) & (cy < cy1) & (cx >= cx0) & (cx < cx1)
+    owned = present & (count[1:] >= min_size) & (cy >= cy0) & (cy < cy1) & (cx >= cx0) & (cx < cx1)
     owned_ids = np.flatnonzero(owned) + 1
-    order = np.lexsort((cx[owned], cy[owned]))
-    owned_ids = owned_ids[order]
+    owned_ids = owned_ids[np.lexsort((_first_pixels_of_ties(labels, owned_ids, cy[owned], cx[owned]), cx[owned], cy[owned]))]
     lut = np.zeros(n + 1, dtype=np.int32)
     lut[owned_ids] = np.arange(1, owned_ids.size + 1, dtype=np.int32)
     owned_labels = lut[labels]
@@ -97,6 +100,17 @@ def select_owned(labels: np.ndarray, block: Block, image_shape: tuple[int, int],
         bounds + np.array([ry0, ry0, rx0, rx0], dtype=np.int64),
         masks,
     )
+
+
+def _first_pixels_of_ties(labels: np.ndarray, ids: np.ndarray, cy: np.ndarray, cx: np.ndarray) -> np.ndarray:
+    """Flat index of the first pixel of each object that shares its centroid pixel ``(cy, cx)``
+    with another (rare: two nuclei cannot share a pixel), 0 for the others: ``(n,)`` int64."""
+    first = np.zeros(ids.size, dtype=np.int64)
+    keys = cy.astype(np.int64) * (labels.shape[1] + 1) + cx
+    unique, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    for i in np.flatnonzero(counts[inverse] > 1):
+        first[i] = np.argmax(labels.ravel() == ids[i])
+    return first
 
 
 # pixels per chunk of rows in _label_sums: bounds its temporaries to a few MB, not whole-region

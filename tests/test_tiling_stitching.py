@@ -6,11 +6,18 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy import ndimage as ndi
 
 from nucleibatch.errors import ObjectTooLargeError, UsageError
-from nucleibatch.instances import relabel_sequential
+from nucleibatch.instances import (
+    InstanceParams,
+    instance_labels,
+    probabilities_to_labels,
+    relabel_sequential,
+)
 from nucleibatch.stitching import block_offsets, paint_region, select_owned
 from nucleibatch.synthetic import synthetic_mosaic, synthetic_nuclei
+from nucleibatch.targets import make_targets
 from nucleibatch.tiling import block_grid, padded_size
 
 
@@ -134,6 +141,37 @@ def test_select_owned_floors_centroids_exactly_with_gaps_in_the_labels():
         ys, xs = np.nonzero(labels == value)
         assert (y0, y1, x0, x1) == (ry0 + ys.min(), ry0 + ys.max() + 1, rx0 + xs.min(), rx0 + xs.max() + 1)
         assert np.array_equal(owned.masks[local_id - 1], (labels == value)[y0 - ry0 : y1 - ry0, x0 - rx0 : x1 - rx0])
+
+
+@pytest.mark.parametrize("params", [InstanceParams(), InstanceParams(0.3, 0.7, min_seed_size=20, min_size=30)])
+def test_select_owned_of_raw_instances_equals_that_of_clean_labels(params):
+    """segment hands select_owned the watershed's raw ids (not consecutive, small objects kept):
+    with ``min_size`` it must own exactly what it owns of probabilities_to_labels' clean labels."""
+    _, truth = synthetic_nuclei((320, 320), n_nuclei=260, radius=(3, 10), seed=11)
+    probabilities = np.stack([ndi.gaussian_filter(t, 1.0) for t in make_targets(truth)]).astype(np.float16)
+    block = block_grid(truth.shape, 128, 48)[4]
+    ry0, ry1, rx0, rx1 = block.read
+    region = probabilities[:, ry0:ry1, rx0:rx1]
+    clean_labels, clean = select_owned(probabilities_to_labels(region, params), block, truth.shape, 48)
+    raw_labels, raw = select_owned(instance_labels(region, params), block, truth.shape, 48, params.min_size)
+    assert clean.count > 10
+    np.testing.assert_array_equal(raw_labels, clean_labels)
+    np.testing.assert_array_equal(raw.boxes, clean.boxes)
+    assert all(np.array_equal(a, b) for a, b in zip(raw.masks, clean.masks, strict=True))
+
+
+def test_select_owned_numbers_objects_with_the_same_centroid_pixel_by_their_first_pixel():
+    labels = np.zeros((40, 40), np.int32)
+    labels[15:26, 15:26] = 9  # a square ring, centroid (20, 20), first pixel (15, 15)
+    labels[16:25, 16:25] = 0
+    labels[20, 20] = 2  # a dot on the same centroid pixel, a smaller id
+    labels[30:34, 5:9] = 4
+    block = block_grid(labels.shape, 64, 0)[0]
+    owned_labels, owned = select_owned(labels, block, labels.shape, 0)
+    reference, _ = select_owned(relabel_sequential(labels), block, labels.shape, 0)
+    np.testing.assert_array_equal(owned_labels, reference)
+    assert owned_labels[15, 15] == 1 and owned_labels[20, 20] == 2 and owned_labels[30, 5] == 3
+    assert select_owned(labels, block, labels.shape, 0, min_size=2)[1].count == 2  # the dot is dropped
 
 
 def paint_reference(region, objects):
