@@ -107,7 +107,7 @@ def _first_pixels_of_ties(labels: np.ndarray, ids: np.ndarray, cy: np.ndarray, c
     with another (rare: two nuclei cannot share a pixel), 0 for the others: ``(n,)`` int64."""
     first = np.zeros(ids.size, dtype=np.int64)
     keys = cy.astype(np.int64) * (labels.shape[1] + 1) + cx
-    unique, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
     for i in np.flatnonzero(counts[inverse] > 1):
         first[i] = np.argmax(labels.ravel() == ids[i])
     return first
