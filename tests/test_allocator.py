@@ -71,10 +71,11 @@ def test_tuned_allocator_stops_the_network_page_faulting_its_activations_afresh(
     default, default_out = glibc_default
     tuned = _child(FORWARD_PASSES, str(tmp_path / "tuned.npy"))
     assert tuned["tuned"] and not default["tuned"]
-    # measured here: ~19k faults a pass by default; tuned, 0 in most passes (a few thousand
-    # when the heap still grows for a fragment)
-    assert default["faults_per_pass"] > 10_000, default
-    assert tuned["faults_per_pass"] < default["faults_per_pass"] / 5, (tuned, default)
+    # measured: by default ~19k faults a pass on an AMD EPYC, 9-11.5k on an Intel Xeon (oneDNN
+    # allocates differently there); tuned, 0 in most passes, 200-1,700 on average when the heap
+    # still grows for a fragment
+    assert default["faults_per_pass"] > 5_000, default
+    assert tuned["faults_per_pass"] < default["faults_per_pass"] / 3, (tuned, default)
     np.testing.assert_array_equal(np.load(default_out), np.load(tmp_path / "tuned.npy"))
 
 
