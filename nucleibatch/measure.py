@@ -33,7 +33,8 @@ def measure_labels(labels: np.ndarray, intensity: np.ndarray, origin: tuple[int,
     if labels.ndim != 2:
         raise ValueError(f"labels must be 2-D (h, w), got shape {labels.shape}")
     flat = labels.ravel()
-    foreground = np.flatnonzero(flat)
+    inside = labels != 0  # shared by the indices here, the borders and the row runs below
+    foreground = np.flatnonzero(inside)
     if foreground.size == 0:
         return empty_columns()
     owner = flat[foreground].astype(np.intp)
@@ -72,9 +73,9 @@ def measure_labels(labels: np.ndarray, intensity: np.ndarray, origin: tuple[int,
     # rows and the objects' borders both come from these two comparisons
     differs_right = labels[:, 1:] != labels[:, :-1]
     differs_below = labels[1:] != labels[:-1]
-    rows = _row_extremes(labels, ids, differs_right)
+    rows = _row_extremes(labels, inside, ids, differs_right)
     bbox = _boxes(rows, ids.size)
-    perimeter = _perimeters(labels, differs_right, differs_below, n_bins)[ids]
+    perimeter = _perimeters(labels, inside, differs_right, differs_below, n_bins)[ids]
     solidity = area / _convex_areas(labels.shape[0], rows, ids.size, bbox)
     oy, ox = origin
     return {
@@ -107,10 +108,10 @@ _CODE_NEIGHBOURS = tuple((2, offset) for offset in ((-1, 0), (1, 0), (0, -1), (0
 )
 
 
-def _perimeters(labels: np.ndarray, differs_right: np.ndarray, differs_below: np.ndarray, n_bins: int) -> np.ndarray:
+def _perimeters(labels: np.ndarray, inside: np.ndarray, differs_right: np.ndarray, differs_below: np.ndarray, n_bins: int) -> np.ndarray:
     """``skimage.measure.perimeter(neighborhood=4)`` of every object at once: per label (index).
 
-    ``differs_right`` / ``differs_below``: ``(h, w - 1)`` / ``(h - 1, w)`` bool, whether a pixel's
+    ``inside``: ``(h, w)`` bool, ``labels != 0``. ``differs_right`` / ``differs_below``: ``(h, w - 1)`` / ``(h - 1, w)`` bool, whether a pixel's
     right / lower neighbour holds another label. Only border pixels are coded (a few percent of
     the pixels), by gathering their neighbours.
     """
@@ -123,7 +124,7 @@ def _perimeters(labels: np.ndarray, differs_right: np.ndarray, differs_below: np
     border[:-1] |= differs_below
     border[[0, -1]] = True
     border[:, [0, -1]] = True
-    border &= labels != 0
+    border &= inside
     width = w + 2  # flat indices in the labels padded by one pixel of background
     padded = np.pad(labels, 1).ravel()
     padded_border = np.pad(border, 1).ravel()
@@ -159,17 +160,17 @@ def _convex_areas(h: int, rows: tuple[np.ndarray, ...], n: int, bbox: np.ndarray
     return np.bincount(eval_obj, weights=np.clip(kmax - kmin + 1, 0, None), minlength=n)
 
 
-def _row_extremes(labels: np.ndarray, ids: np.ndarray, differs_right: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _row_extremes(labels: np.ndarray, inside: np.ndarray, ids: np.ndarray, differs_right: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per object row: ``(object index, y, leftmost x, rightmost x)``, int64, sorted by (object, y).
 
-    ``ids``: the objects' labels, ascending (object index i is label ``ids[i]``);
-    ``differs_right``: ``(h, w - 1)`` bool, a pixel's right neighbour holds another label.
+    ``inside``: ``(h, w)`` bool, ``labels != 0`` (not changed); ``ids``: the objects' labels,
+    ascending (object index i is label ``ids[i]``); ``differs_right``: ``(h, w - 1)`` bool, a
+    pixel's right neighbour holds another label.
     """
     h, w = labels.shape
-    inside = labels != 0
     starts = inside.copy()
     starts[:, 1:] &= differs_right
-    ends = inside
+    ends = inside.copy()
     ends[:, :-1] &= differs_right
     ys, xs = np.divmod(np.flatnonzero(starts), w)  # run starts, in raster order
     xe = np.flatnonzero(ends) % w  # run ends: the same runs, in the same order

@@ -73,7 +73,8 @@ def select_owned(labels: np.ndarray, block: Block, image_shape: tuple[int, int],
     cx = sum_x[1:] // area
     owned = present & (count[1:] >= min_size) & (cy >= cy0) & (cy < cy1) & (cx >= cx0) & (cx < cx1)
     owned_ids = np.flatnonzero(owned) + 1
-    owned_ids = owned_ids[np.lexsort((_first_pixels_of_ties(labels, owned_ids, cy[owned], cx[owned]), cx[owned], cy[owned]))]
+    owned_cy, owned_cx = cy[owned], cx[owned]
+    owned_ids = owned_ids[np.lexsort((_first_pixels_of_ties(labels, owned_ids, owned_cy, owned_cx), owned_cx, owned_cy))]
     lut = np.zeros(n + 1, dtype=np.int32)
     lut[owned_ids] = np.arange(1, owned_ids.size + 1, dtype=np.int32)
     owned_labels = lut[labels]
