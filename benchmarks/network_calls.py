@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib.util
 import platform
 import shutil
 import sys
@@ -32,8 +31,6 @@ from nucleibatch.allocator import tune_allocator
 tune_allocator()
 
 import numpy as np  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def record_calls() -> list[tuple[tuple[int, int, int], float]]:
@@ -71,12 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         inputs = args.inputs
         if inputs is None:
-            spec = importlib.util.spec_from_file_location("memory_benchmark", REPO / "benchmarks" / "memory.py")
-            memory = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(memory)
+            from pipeline import big_image  # benchmarks/pipeline.py, beside this script
+
             inputs = workdir / "big"
             inputs.mkdir()
-            memory.write_image(inputs / "big.tif", args.big)
+            big_image(inputs / "big.tif", args.big)
         calls = record_calls()
         cli_main(["segment", str(inputs), "-o", str(workdir / "out"), "--model", args.model, "--device", "cpu", "--progress", "log", *args.segment_options])
         in_segment = collections.defaultdict(list)

@@ -20,7 +20,6 @@ earlier ones, so the script can be copied into an older checkout to compare.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import platform
 import shutil
@@ -33,15 +32,7 @@ from nucleibatch.allocator import tune_allocator
 
 tune_allocator()
 
-REPO = Path(__file__).resolve().parents[1]
-DSB = REPO.parent / "shared" / "data" / "dsb2018" / "stage1_train"
-
-
-def _benchmark_module(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from pipeline import DSB, big_image, dsb_folder  # noqa: E402  (benchmarks/pipeline.py, beside this script)
 
 
 def predicted_blocks(folder: Path, model) -> list:
@@ -116,12 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="nb-postprocess-"))
     try:
         folder = workdir / "dsb"
-        total = _benchmark_module("pipeline").dsb_folder(folder, args.dsb_mpix, args.dsb)
+        total = dsb_folder(folder, args.dsb_mpix, args.dsb)
         time_post_processing(f"(a) DSB images ({total:.1f} MPix)", predicted_blocks(folder, model), model.postprocess, args.repeat)
         if args.big:
             image = workdir / "big" / "big.tif"
             image.parent.mkdir(parents=True)
-            _benchmark_module("memory").write_image(image, args.big)
+            big_image(image, args.big)
             time_post_processing(f"(b) one {args.big} x {args.big} synthetic image", predicted_blocks(image.parent, model), model.postprocess, args.repeat)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
