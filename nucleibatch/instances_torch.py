@@ -1,0 +1,120 @@
+"""Probability maps to instance labels on the network's device (torch): the post-processing of
+:func:`nucleibatch.instances.instance_labels` as whole-array operations, so that a GPU does it
+next to the network instead of CPU cores (``segment --instances-on device``).
+
+The steps are those of the NumPy version: the same mask, the same seeds (the same float32
+arithmetic), seeds under ``min_seed_size`` dropped, each seed grown inside the mask, mask
+components without a seed kept as nuclei of their own. Two parts differ in kind:
+
+* connected components are found by propagating the largest pixel index through each component
+  (4-connected, as ``scipy.ndimage.label``), with pointer jumping: the same components;
+* the watershed floods by ``levels`` bands of the body probability, from 1 down to the mask
+  threshold: within a band a nucleus grows breadth-first, and where two meet in the same step
+  the larger id wins. scikit-image's watershed floods pixel by pixel in the order of the
+  probabilities, so the two differ on a few pixels where touching nuclei meet (see
+  ``benchmarks/instances_device.py`` for the agreement on real blocks).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .instances import InstanceParams
+
+# propagation steps between two checks for convergence (each check waits for the device)
+STEPS_PER_CHECK = 8
+DEFAULT_LEVELS = 16
+
+
+def _neighbour_max(labels: torch.Tensor) -> torch.Tensor:
+    """Largest of the 4 neighbours' values of every pixel (0 beyond the edges): ``(H, W)`` -> ``(H, W)``."""
+    padded = torch.nn.functional.pad(labels, (1, 1, 1, 1))
+    return torch.maximum(torch.maximum(padded[:-2, 1:-1], padded[2:, 1:-1]), torch.maximum(padded[1:-1, :-2], padded[1:-1, 2:]))
+
+
+def connected_components(mask: torch.Tensor) -> torch.Tensor:
+    """4-connected components of a mask: ``(H, W)`` bool -> ``(H, W)`` int64, 0 outside the mask,
+    each component labelled by 1 + the flat index of its last pixel (distinct, not consecutive)."""
+    height, width = mask.shape
+    index = torch.arange(1, height * width + 1, device=mask.device, dtype=torch.int64).view(height, width)
+    labels = torch.where(mask, index, 0)
+    while True:
+        before = labels
+        for _ in range(STEPS_PER_CHECK):
+            labels = torch.where(mask, torch.maximum(labels, _neighbour_max(labels)), 0)
+            # a label names a pixel of the same component whose own label is at least as large:
+            # taking it lets a large label cross a component in a few steps, not one pixel per step
+            flat = labels.view(-1)
+            labels = torch.where(mask, flat[(flat - 1).clamp_min(0)].view(height, width), 0)
+        if torch.equal(labels, before):
+            return labels
+
+
+def _grow(labels: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Grow labelled regions breadth-first into unlabelled ``allowed`` pixels until none can grow
+    (a pixel reached by several regions in the same step takes the largest id)."""
+    steps = 1  # a band often adds nothing: the first check comes after one step
+    while True:
+        before = labels
+        for _ in range(steps):
+            reached = _neighbour_max(labels)
+            labels = torch.where((labels == 0) & allowed & (reached > 0), reached, labels)
+        if torch.equal(labels, before):
+            return labels
+        steps = STEPS_PER_CHECK
+
+
+def instance_labels_torch(probabilities: torch.Tensor, params: InstanceParams | None = None, levels: int = DEFAULT_LEVELS) -> torch.Tensor:
+    """Nuclei of the body / contour / contact probabilities, on their device.
+
+    Args:
+        probabilities: ``(3, H, W)`` float16 or float32 in [0, 1] (body, contour, contact).
+        params: thresholds and sizes (default: :class:`InstanceParams`'s; ``min_size`` is left to the caller, as in
+            :func:`nucleibatch.instances.instance_labels`).
+        levels: bands of the body probability that the seeds flood in turn (more: closer to a
+            pixel-by-pixel watershed, more steps).
+
+    Returns:
+        ``(H, W)`` int32 on the same device, 0 = background; ids 1..N, in no documented order.
+    """
+    if probabilities.ndim != 3 or probabilities.shape[0] < 3:
+        raise ValueError(f"expected (3, H, W) probabilities, got {tuple(probabilities.shape)}")
+    params = params or InstanceParams()
+    if levels < 1:
+        raise ValueError(f"levels must be >= 1, got {levels}")
+    height, width = probabilities.shape[1:]
+    body, contour, contact = (probabilities[k].float() for k in range(3))
+    mask = body > params.mask_threshold
+    if not bool(mask.any()):
+        return torch.zeros((height, width), dtype=torch.int32, device=probabilities.device)
+    # float32, in the order of the NumPy version: the same seeds, bit for bit
+    seed_mask = mask & ((1.0 - contour) * (1.0 - contact) * body > params.seed_threshold)
+    seeds = connected_components(seed_mask)
+    if params.min_seed_size > 1:
+        sizes = torch.bincount(seeds.view(-1), minlength=height * width + 1)
+        small = sizes < params.min_seed_size
+        small[0] = False
+        seeds = torch.where(small[seeds], 0, seeds)
+    labels = seeds
+    # bands from 1 down to the mask threshold, each flooded before the next; the last is the mask
+    for level in range(1, levels + 1):
+        edge = 1.0 - (1.0 - params.mask_threshold) * level / levels
+        labels = _grow(labels, body > edge if level < levels else mask)
+    unseeded = mask & (labels == 0)
+    if bool(unseeded.any()):
+        labels = torch.where(unseeded, connected_components(unseeded) + height * width, labels)
+    # ids 1..N: select_owned's per-id sums then take N entries, not 2 * H * W
+    present = torch.zeros(2 * height * width + 1, dtype=torch.bool, device=labels.device)
+    present[labels.view(-1)] = True
+    present[0] = False
+    renumber = torch.cumsum(present, 0, dtype=torch.int32)
+    return renumber[labels]
+
+
+def instance_labels_on(device: torch.device, probabilities: np.ndarray, params: InstanceParams | None = None, levels: int = DEFAULT_LEVELS) -> np.ndarray:
+    """:func:`instance_labels_torch` of host probabilities ``(3, H, W)`` computed on ``device``;
+    returns ``(H, W)`` int32 on the host."""
+    with torch.inference_mode():
+        labels = instance_labels_torch(torch.from_numpy(np.ascontiguousarray(probabilities[:3])).to(device), params, levels)
+        return labels.cpu().numpy()
