@@ -7,3 +7,6 @@ PRECISIONS = ("auto", "float32", "bf16")
 
 TTA_CHOICES = ("auto", "on", "off")
 """``--tta``: flip test-time augmentation; ``auto`` is the model bundle's setting."""
+
+INSTANCES_ON = ("auto", "cpu", "device")
+"""``--instances-on``: where probabilities become instance labels; ``auto`` is the device on CUDA, else the CPU."""

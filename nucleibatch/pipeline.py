@@ -38,6 +38,7 @@ from .io.store import (
 from .io.tables import output_manifest, remove_image_outputs, write_nuclei_part, write_record
 from .measure import concat_columns, measure_labels
 from .normalize import NormStats, apply_stats, stats_for_bundle, to_grey
+from .options import INSTANCES_ON
 from .stitching import OwnedObjects, block_offsets, paint_region, select_owned
 from .tiling import PAD_MULTIPLE, Block, block_grid, floor_to, small_image_window
 
@@ -60,6 +61,10 @@ class SegmentSettings:
     store_image: bool = True
     postprocess: dict | None = None  # None: the model's tuned values
     tta: bool | None = None  # None: the model's setting (flip test-time augmentation)
+    # where probabilities become instance labels: "cpu" (scikit-image's watershed, in the
+    # post-processing threads or processes), "device" (torch, next to the network:
+    # nucleibatch.instances_torch), "auto" (device where the network runs on CUDA, else cpu)
+    instances_on: str = "auto"
     # no longer used (the network reads the model's halo around a block, see context_pixels);
     # kept so that settings saved by earlier versions, and their command lines, still match
     context: int = 192
@@ -73,6 +78,8 @@ class SegmentSettings:
             raise UsageError(f"--context must be >= 0 (got {self.context})")
         if self.invert not in (None, "auto", "never", "always"):
             raise UsageError(f"--invert must be auto, never or always (got {self.invert})")
+        if self.instances_on not in INSTANCES_ON:
+            raise UsageError(f"--instances-on must be {', '.join(INSTANCES_ON)} (got {self.instances_on})")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -131,6 +138,12 @@ class _Span:
 def instance_params(settings: SegmentSettings, model: NucleiModel) -> InstanceParams:
     """The post-processing of a run: ``settings.postprocess`` when given, else the model's tuned values."""
     return InstanceParams.from_dict(settings.postprocess) if settings.postprocess else model.postprocess
+
+
+def instances_on_device(settings: SegmentSettings, device_type: str) -> bool:
+    """Whether a block's instance labels are computed next to the network, on its device
+    (``device_type``: ``"cuda"`` or ``"cpu"``), rather than from its probabilities on the CPU."""
+    return settings.instances_on == "device" or (settings.instances_on == "auto" and device_type == "cuda")
 
 
 def context_pixels(model_config: dict) -> int:
@@ -211,16 +224,20 @@ def read_block(plan: ImagePlan, block: Block, source: ImageSource, halo: int) ->
 class BlockPrediction:
     """The model's output for one block: what the post-processing of the block needs.
 
-    probabilities: ``(K, h, w)`` over ``block.read``, float16 where the network ran in bf16, else float32.
+    probabilities: ``(K, h, w)`` over ``block.read``, float16 where the network ran in bf16, else
+        float32; None where the labels were made on the network's device.
     pixels: ``(h, w, C)`` the image's raw pixels over ``block.read`` (for intensities and the image copy).
+    labels: ``(h, w)`` int32 instance labels over ``block.read`` made on the network's device
+        (:func:`instances_on_device`; raw ids, objects of every size), else None.
     """
 
     block_index: int
-    probabilities: np.ndarray
+    probabilities: np.ndarray | None
     pixels: np.ndarray
     seconds: dict[str, float] = field(default_factory=dict)
     worker: str | None = None  # where it ran (distributed engines)
     predict_group: int = 1  # blocks predicted in the same model call (small images are grouped)
+    labels: np.ndarray | None = None
 
 
 def normalise_region(plan: ImagePlan, raw: np.ndarray, settings: SegmentSettings) -> np.ndarray:
@@ -237,7 +254,8 @@ def predict_blocks(
 ) -> list[BlockPrediction]:
     """Normalise the blocks' prediction regions and run the model on them: the tiles of several
     blocks (of one image or of several small ones) are batched together. Each prediction's
-    stage seconds are its share by pixels.
+    stage seconds are its share by pixels. Where :func:`instances_on_device`, each block's
+    instance labels are made on the model's device too, and replace its probabilities.
 
     Args:
         items: ``(plan, block, raw, region)``: ``raw`` the ``(h, w, C)`` pixels of ``region``
@@ -256,13 +274,21 @@ def predict_blocks(
     with timer("predict"):
         probabilities = model.predict_many(normalised, batch_size=batch_size, tta=settings.tta, output_boxes=inners, keep_half=True)
     del normalised
+    labels: list[np.ndarray | None] = [None] * len(items)
+    if instances_on_device(settings, model.device.type):
+        from .instances_torch import instance_labels_on
+
+        params = instance_params(settings, model)
+        with timer("instances"):
+            labels = [instance_labels_on(model.device, block_probabilities, params) for block_probabilities in probabilities]
+        probabilities = [None] * len(items)
     pixels = [raw[y0:y1, x0:x1] for (_, _, raw, _), (y0, y1, x0, x1) in zip(items, inners, strict=True)]
     total = sum(p.shape[0] * p.shape[1] for p in pixels)
     predictions = []
-    for (_, block, _, _), block_probabilities, block_pixels in zip(items, probabilities, pixels, strict=True):
+    for (_, block, _, _), block_probabilities, block_labels, block_pixels in zip(items, probabilities, labels, pixels, strict=True):
         share = block_pixels.shape[0] * block_pixels.shape[1] / total
         seconds = {stage: value * share for stage, value in timer.seconds.items()}
-        predictions.append(BlockPrediction(block.index, block_probabilities, block_pixels, seconds))
+        predictions.append(BlockPrediction(block.index, block_probabilities, block_pixels, seconds, labels=block_labels))
     return predictions
 
 
@@ -278,7 +304,7 @@ def finish_block(plan: ImagePlan, block: Block, prediction: BlockPrediction, set
     timer.add(prediction.seconds)
     ry0, ry1, rx0, rx1 = block.read
     with timer("instances"):
-        labels = instance_labels(prediction.probabilities, params)
+        labels = prediction.labels if prediction.labels is not None else instance_labels(prediction.probabilities, params)
         owned_labels, owned = select_owned(labels, block, plan.shape, settings.block_margin, params.min_size)
         del labels
     with timer("measure"):

@@ -40,7 +40,7 @@ from .io.tables import (
     write_images_table,
 )
 from .model import NucleiModel, load_model, resolve_device, resolve_device_name
-from .pipeline import STAGES, SegmentSettings, Timer, input_fingerprint
+from .pipeline import STAGES, SegmentSettings, Timer, input_fingerprint, instances_on_device
 from .verify import verify_records
 
 log = logging.getLogger(__name__)
@@ -226,7 +226,9 @@ def _check_settings(out_dir: Location, fingerprint: dict[str, Any]) -> None:
     path = out_dir / STATE_DIR / "settings.json"
     recorded = read_many(fresh_listing(path.parent, path.name)).get(str(path))
     if recorded is not None:
-        previous, now = _flatten(json.loads(recorded)), _flatten(fingerprint)
+        # settings added since OUT was started take their defaults there: an older run resumes
+        previous = _flatten({"settings": SegmentSettings().to_dict()}) | _flatten(json.loads(recorded))
+        now = _flatten(fingerprint)
         changed = [f"{k.removeprefix('settings.')}: {previous.get(k)} -> {now.get(k)}" for k in sorted(set(previous) | set(now)) if previous.get(k) != now.get(k)]
         if changed:
             raise UsageError(
@@ -355,6 +357,8 @@ def run_segment_job(
                 "device": str(loaded.device) if engine == "local" else device,
                 # distributed: "auto" is resolved by each model worker for its own device
                 "precision": ("bf16" if loaded.fast else "float32") if engine == "local" else loaded.precision,
+                # distributed: "auto" is resolved by each model worker, as the precision
+                "instances_on": ("device" if instances_on_device(settings, loaded.device.type) else "cpu") if engine == "local" else settings.instances_on,
                 "settings": settings.to_dict() | {"batch_size": batch_size},
                 "post_workers": post_workers if engine == "local" else None,
                 "postprocess": settings.postprocess or loaded.postprocess.to_dict(),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
-from .options import PRECISIONS, TTA_CHOICES
+from .options import INSTANCES_ON, PRECISIONS, TTA_CHOICES
 
 
 def add_segment(subparsers) -> None:
@@ -32,6 +32,13 @@ def add_segment(subparsers) -> None:
     p.add_argument("--invert", default=None, choices=("auto", "never", "always"), help="invert intensities (bright background) [the model's: auto]")
     p.add_argument("--batch-size", type=int, default=4, help="network input per model call, in 512x512 tiles (a quarter as many 1024x1024 windows) [4]")
     p.add_argument("--tta", default="auto", choices=TTA_CHOICES, help="average predictions over 4 flips (4x slower) [the model's setting]")
+    p.add_argument(
+        "--instances-on",
+        default="auto",
+        choices=INSTANCES_ON,
+        help="where probabilities become nuclei: cpu (scikit-image's watershed, in the post-processing threads or processes) or device "
+        "(torch, next to the network; on a GPU it spares the CPU cores; validation mAP 0.6361 against 0.6359) [auto: device on CUDA, else cpu]",
+    )
     p.add_argument("--block-size", type=int, default=2048, help="side of the blocks an image is processed in [2048]")
     p.add_argument("--block-margin", type=int, default=128, help="context around each block; must exceed a nucleus' size [128]")
     p.add_argument("--context", type=int, default=None, help="no longer used: the network reads the model's halo (64 px) around each block, and seams agree better than with 192 px of context before; accepted so that existing command lines run")
@@ -57,6 +64,7 @@ def run_segment(args) -> int:
         store_image=not args.no_store_image,
         **({} if args.context is None else {"context": args.context}),
         tta=None if args.tta == "auto" else args.tta == "on",
+        instances_on=args.instances_on,
     )
     summary = run_segment_job(
         list(args.inputs),

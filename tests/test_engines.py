@@ -5,13 +5,18 @@ The Ray engine is tested through `ray job submit` on a real two-node cluster in 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 
+import numpy as np
+import pandas as pd
 import pytest
+import zarr
 
 from nucleibatch.errors import ModelBundleError
+from nucleibatch.metrics import image_scores
 from nucleibatch.pipeline import SegmentSettings
 from nucleibatch.segment import run_segment_job
 from tests import input_files as files
@@ -50,6 +55,30 @@ def test_post_processing_processes_give_the_local_engines_outputs(local_referenc
     finishers = [w for w, units in run["placement"]["workers"].items() if units["finish"]]
     assert len(finishers) == 2 and f":{os.getpid()}" not in " ".join(finishers)  # other processes than this one
     assert not (_own_processes() - before), "the post-processing processes outlived the run"
+
+
+def test_instances_on_the_device_with_threads_and_with_processes(local_reference, tmp_path):
+    """`--instances-on device` (torch next to the network; here on the CPU, the code a GPU runs):
+    the model's process makes the labels, so threads and post-processing processes write the
+    same outputs; they find the nuclei of the scikit-image watershed (local engine's reference)."""
+    settings = dataclasses.replace(SETTINGS, instances_on="device")
+    runs = {}
+    for post_workers in (0, 2):
+        out = tmp_path / f"post-{post_workers}"
+        summary = run_segment_job([str(local_reference / "in")], out, model="default", device="cpu", settings=settings, post_workers=post_workers, progress=False)
+        assert summary.n_failed == 1
+        run = json.loads((out / "run.json").read_text())
+        assert run["instances_on"] == "device" and run["stage_seconds"]["instances"] > 0
+        runs[post_workers] = out
+    assert_same_outputs(runs[0], runs[2])
+    reference_nuclei = pd.read_parquet(local_reference / "local" / "nuclei.parquet")
+    device_nuclei = pd.read_parquet(runs[0] / "nuclei.parquet")
+    per_image = reference_nuclei.groupby("image_id").size().to_frame("cpu").join(device_nuclei.groupby("image_id").size().rename("device"))
+    assert (abs(per_image["cpu"] - per_image["device"]) <= 0.02 * per_image["cpu"] + 1).all(), per_image
+    root_cpu, root_device = zarr.open_group(local_reference / "local" / "masks.zarr", mode="r"), zarr.open_group(runs[0] / "masks.zarr", mode="r")
+    for name in root_cpu.group_keys():
+        agreement = image_scores(np.asarray(root_cpu[f"{name}/labels/nuclei/0"]), np.asarray(root_device[f"{name}/labels/nuclei/0"]))
+        assert agreement["ap50"] >= 0.95 and agreement["map"] >= 0.9, (name, agreement)
 
 
 def test_post_processing_processes_start_ready_and_without_torch():

@@ -144,6 +144,7 @@ def good_folder(tmp_path_factory) -> Path:
     [
         pytest.param("block size not a multiple of 32", ["--block-size", "100"], ["--block-size", "multiple of 32", "100"], id="block-size-100"),
         pytest.param("unknown option", ["--no-such-option"], ["unrecognized arguments", "--no-such-option"], id="unknown-option"),
+        pytest.param("unknown place for the instances", ["--instances-on", "gpu"], ["--instances-on", "invalid choice", "gpu"], id="instances-on-gpu"),
         pytest.param("negative post-processing processes", ["--post-workers", "-1"], ["--post-workers", ">= 0", "-1"], id="post-workers-negative"),
         pytest.param(
             "cuda on a CPU machine",
