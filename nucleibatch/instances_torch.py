@@ -34,19 +34,19 @@ def _neighbour_max(labels: torch.Tensor) -> torch.Tensor:
 
 
 def connected_components(mask: torch.Tensor) -> torch.Tensor:
-    """4-connected components of a mask: ``(H, W)`` bool -> ``(H, W)`` int64, 0 outside the mask,
+    """4-connected components of a mask: ``(H, W)`` bool -> ``(H, W)`` int32, 0 outside the mask,
     each component labelled by 1 + the flat index of its last pixel (distinct, not consecutive)."""
     height, width = mask.shape
-    index = torch.arange(1, height * width + 1, device=mask.device, dtype=torch.int64).view(height, width)
-    labels = torch.where(mask, index, 0)
+    index = torch.arange(1, height * width + 1, device=mask.device, dtype=torch.int32).view(height, width)
+    labels = index * mask
     while True:
         before = labels
         for _ in range(STEPS_PER_CHECK):
-            labels = torch.where(mask, torch.maximum(labels, _neighbour_max(labels)), 0)
+            labels = torch.maximum(labels, _neighbour_max(labels)) * mask
             # a label names a pixel of the same component whose own label is at least as large:
             # taking it lets a large label cross a component in a few steps, not one pixel per step
             flat = labels.view(-1)
-            labels = torch.where(mask, flat[(flat - 1).clamp_min(0)].view(height, width), 0)
+            labels = flat[(flat - 1).clamp_min(0)].view(height, width) * mask
         if torch.equal(labels, before):
             return labels
 
@@ -58,8 +58,7 @@ def _grow(labels: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     while True:
         before = labels
         for _ in range(steps):
-            reached = _neighbour_max(labels)
-            labels = torch.where((labels == 0) & allowed & (reached > 0), reached, labels)
+            labels = torch.where(allowed & (labels == 0), _neighbour_max(labels), labels)
         if torch.equal(labels, before):
             return labels
         steps = STEPS_PER_CHECK
@@ -103,7 +102,7 @@ def instance_labels_torch(probabilities: torch.Tensor, params: InstanceParams | 
         labels = _grow(labels, body > edge if level < levels else mask)
     unseeded = mask & (labels == 0)
     if bool(unseeded.any()):
-        labels = torch.where(unseeded, connected_components(unseeded) + height * width, labels)
+        labels = torch.where(unseeded, connected_components(unseeded) + height * width, labels)  # ids apart from the seeds' ids
     # ids 1..N: select_owned's per-id sums then take N entries, not 2 * H * W
     present = torch.zeros(2 * height * width + 1, dtype=torch.bool, device=labels.device)
     present[labels.view(-1)] = True
