@@ -4,7 +4,8 @@
 # carried in WHEELS (pip download ... -d WHEELS, see the commands in the README's performance
 # section) and installed into /tmp/site.
 #
-#   bash benchmarks/gpu.sh bench OUT_DIR WHEELS DSB_IMAGES   # bare model (bf16, channels-last), pipeline vs bare (post-processing processes, threads)
+#   bash benchmarks/gpu.sh bench OUT_DIR WHEELS DSB_IMAGES   # bare model (bf16, channels-last), pipeline vs bare (post-processing processes,
+#                                                              # instance labels on the GPU and on the CPU), the GPU's instance labels on validation
 #   bash benchmarks/gpu.sh train OUT_DIR WHEELS TRAIN_DATA    # the shipped model's training run (--engine local --gpu)
 #   bash benchmarks/gpu.sh profile OUT_DIR WHEELS DSB_IMAGES  # after bench: py-spy profiles of segment on both workloads
 #                                                              # (WHEELS with py-spy), and their summaries
@@ -28,15 +29,20 @@ if [ "$mode" = bench ]; then
         timeout 50 python3 benchmarks/bare_model.py --device cuda --batch-sizes 16 32 --seconds 1 \
             --variants bf16-cl 2>&1 | tee "$out/bare_model.txt"
     fi
-    # segment's default on CUDA: post-processing in the cores but two (processes)
+    # segment's default on CUDA: instance labels on the GPU beside the network (--instances-on
+    # auto), the rest of the post-processing in the cores but two (processes)
     timeout 150 python3 benchmarks/pipeline.py --device cuda --dsb "$data" --dsb-mpix 16 --big 8192 \
         --batch-size 16 --workdir /tmp/pipeline 2>&1 | tee "$out/pipeline_processes.txt"
-    mkdir -p /tmp/runs/processes /tmp/runs/threads
+    mkdir -p /tmp/runs/processes /tmp/runs/instances_cpu
     cp /tmp/pipeline/out-*/run.json --parents /tmp/runs/processes/ 2>/dev/null
-    # the same with threads of the model's process (--post-workers 0), as on a CPU
+    # the same with the instance labels made by the processes (scikit-image's watershed)
     timeout 150 python3 benchmarks/pipeline.py --device cuda --dsb "$data" --dsb-mpix 16 --big 8192 \
-        --batch-size 16 --post-workers 0 --workdir /tmp/pipeline 2>&1 | tee "$out/pipeline_threads.txt"
-    cp /tmp/pipeline/out-*/run.json --parents /tmp/runs/threads/ 2>/dev/null
+        --batch-size 16 --instances-on cpu --workdir /tmp/pipeline 2>&1 | tee "$out/pipeline_instances_cpu.txt"
+    cp /tmp/pipeline/out-*/run.json --parents /tmp/runs/instances_cpu/ 2>/dev/null
+    # the GPU's instance labels against scikit-image's on the validation images: mAP and seconds
+    if [ -d "${VAL_DATA:-}" ]; then
+        timeout 90 python3 benchmarks/instances_device.py --device cuda --data "$VAL_DATA" --levels 8 16 2>&1 | tee "$out/instances_device.txt"
+    fi
     tar czf "$out/runs.tgz" -C /tmp runs  # the run.json of each run
 elif [ "$mode" = profile ]; then
     # where the time of a run goes, per process and thread (benchmarks/spy_summary.py reads it)

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/pipeline.py [--dsb-mpix 16] [--big 8192] [--model default] [--device cpu]
         [--dsb DIR] [--batch-size 4] [--precision auto|float32|bf16] [--post-workers N]
-        [--engine local|dask] [--dask-cpu-workers N]
+        [--engine local|dask] [--dask-cpu-workers N] [--instances-on auto|cpu|device]
 
 Two workloads, each segmented by ``python -m nucleibatch segment`` in a child process (local
 engine, default settings):
@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 from nucleibatch.allocator import tune_allocator
-from nucleibatch.options import PRECISIONS
+from nucleibatch.options import INSTANCES_ON, PRECISIONS
 
 tune_allocator()  # before any thread: the network runs with segment's allocator settings (NUCLEIBATCH_DEFAULT_MALLOC=1: glibc's)
 
@@ -142,6 +142,8 @@ def workload(name: str, inputs: Path, out: Path, args, dask_extra: list[str] | N
     local_extra = ["--batch-size", str(args.batch_size), "--precision", args.precision]
     if args.post_workers is not None:
         local_extra += ["--post-workers", str(args.post_workers)]
+    if args.instances_on is not None:
+        local_extra += ["--instances-on", args.instances_on]
     run = segment(inputs, out, args.model, args.device, local_extra)
     bare = bare_seconds(args.model, args.device, run["model_batches"], bool(run["settings"].get("tta")), args.precision)
     ratios = [report(f"{name}, local engine", run, bare)]
@@ -162,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dsb", type=Path, default=DSB, help="folder of DSB images for workload (a) [../shared/data/dsb2018/stage1_train]")
     parser.add_argument("--batch-size", type=int, default=4, help="segment --batch-size [4]")
     parser.add_argument("--post-workers", type=int, default=None, help="segment --post-workers (local engine) [segment's default]")
+    parser.add_argument("--instances-on", default=None, choices=INSTANCES_ON, help="segment --instances-on [segment's default: device on CUDA, else cpu]")
     parser.add_argument("--engine", default="local", choices=("local", "dask"))
     parser.add_argument("--dask-cpu-workers", type=int, default=2, help="with --engine dask: CPU workers beside the one GPU worker [2]")
     args = parser.parse_args(argv)
