@@ -8,6 +8,11 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
+try:  # scikit-image's flooding loop, which its watershed() wraps (see _flood)
+    from skimage.segmentation._watershed_cy import watershed_raveled as _watershed_raveled
+except ImportError:  # pragma: no cover - a scikit-image that moved it: watershed() instead
+    _watershed_raveled = None
+
 from .errors import UsageError
 
 
@@ -129,11 +134,42 @@ def instance_labels(probabilities: np.ndarray, params: InstanceParams = Instance
     crowded_pixels = inside[(seeds_per_component >= 2)[labels.ravel()[inside]]]
     del inside
     if crowded_pixels.size:
-        crowded = np.zeros(mask.shape, dtype=bool)
-        crowded.ravel()[crowded_pixels] = True
-        flooded = watershed(-body, markers=np.where(crowded, seeds, 0), mask=crowded)
-        labels.ravel()[crowded_pixels] = flooded.ravel()[crowded_pixels] + n_components  # ids apart from the components'
+        flooded = _flood(body, seeds, crowded_pixels)
+        labels.ravel()[crowded_pixels] = flooded + n_components  # ids apart from the components'
     return labels
+
+
+def _flood(body: np.ndarray, seeds: np.ndarray, crowded_pixels: np.ndarray) -> np.ndarray:
+    """``watershed(-body, markers=seeds in crowded, mask=crowded)`` at ``crowded_pixels`` (flat
+    indices of ``body``, ascending): ``(n,)`` int32 labels of those pixels.
+
+    scikit-image's flooding is called on arrays built from the crowded pixels alone: its
+    ``watershed`` copies, pads and scans the whole block about ten times, for a mask that
+    covers a few percent of it. The arrays, the markers' order and the neighbour offsets are
+    those it would build, so the labels are the same (``tests/test_targets_instances.py``).
+    """
+    height, width = body.shape
+    markers = seeds.ravel()[crowded_pixels]
+    if _watershed_raveled is None:  # scikit-image without the flooding function used below
+        crowded = np.zeros(body.shape, dtype=bool)
+        crowded.ravel()[crowded_pixels] = True
+        marker_image = np.zeros(body.shape, dtype=np.int32)
+        marker_image.ravel()[crowded_pixels] = markers
+        return watershed(-body, markers=marker_image, mask=crowded).ravel()[crowded_pixels]
+    # watershed() pads by one pixel (the flooding never looks past the mask, which is 0 there)
+    row = width + 2
+    padded = (crowded_pixels // width + 1) * row + crowded_pixels % width + 1
+    size = (height + 2) * row
+    image = np.zeros(size, dtype=np.float64)  # only the crowded pixels are read: the rest stays untouched pages
+    image[padded] = -body.ravel()[crowded_pixels]
+    mask = np.zeros(size, dtype=np.int8)
+    mask[padded] = 1
+    output = np.zeros(size, dtype=np.int32)
+    output[padded] = markers
+    marker_locations = padded[markers != 0].astype(np.intp)
+    neighbours = np.array([-row, -1, 1, row], dtype=np.intp)  # watershed()'s order for connectivity 1
+    _watershed_raveled(image, marker_locations, neighbours, mask, np.array([row, 1], dtype=np.intp), 0.0, output, False)
+    return output[padded]
 
 
 def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:

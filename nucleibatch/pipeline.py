@@ -37,7 +37,7 @@ from .io.store import (
 )
 from .io.tables import output_manifest, remove_image_outputs, write_nuclei_part, write_record
 from .measure import concat_columns, measure_labels
-from .normalize import NormStats, apply_stats, stats_for_bundle, to_grey
+from .normalize import NormStats, normalise_pixels, stats_for_bundle, to_grey
 from .options import INSTANCES_ON
 from .stitching import OwnedObjects, block_offsets, paint_region, select_owned
 from .tiling import PAD_MULTIPLE, Block, block_grid, floor_to, small_image_window
@@ -242,7 +242,7 @@ class BlockPrediction:
 
 def normalise_region(plan: ImagePlan, raw: np.ndarray, settings: SegmentSettings) -> np.ndarray:
     """The network's input for raw pixels ``(h, w, C)`` of an image: ``(h, w)`` float32."""
-    return apply_stats(to_grey(raw, settings.channel), plan.stats)
+    return normalise_pixels(raw, plan.stats, settings.channel)
 
 
 def predict_blocks(

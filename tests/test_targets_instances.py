@@ -6,14 +6,24 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
+from nucleibatch import instances
+from nucleibatch.errors import UsageError
 from nucleibatch.instances import (
     InstanceParams,
+    instance_labels,
     probabilities_to_labels,
     relabel_sequential,
     remove_small,
 )
 from nucleibatch.metrics import image_scores, iou_matrix
-from nucleibatch.normalize import NormStats, apply_stats, compute_stats, normalize_image, to_grey
+from nucleibatch.normalize import (
+    NormStats,
+    apply_stats,
+    compute_stats,
+    normalise_pixels,
+    normalize_image,
+    to_grey,
+)
 from nucleibatch.synthetic import synthetic_nuclei
 from nucleibatch.targets import TARGET_CLASSES, make_targets
 
@@ -290,3 +300,42 @@ def test_to_grey_is_the_float32_mean_of_the_colour_channels_bit_for_bit(dtype, c
     grey = to_grey(image)
     assert grey.dtype == np.float32
     np.testing.assert_array_equal(grey, colour.astype(np.float32).mean(axis=2))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.float32])
+@pytest.mark.parametrize(("shape", "channel"), [((41, 57), None), ((41, 57), 0), ((41, 57, 1), None), ((41, 57, 2), None), ((41, 57, 3), None), ((41, 57, 4), None), ((41, 57, 4), 2), ((41, 57, 6), None)])
+@pytest.mark.parametrize("invert", [False, True])
+def test_normalise_pixels_equals_apply_stats_of_to_grey_bit_for_bit(dtype, shape, channel, invert):
+    """segment's normalisation of a block (tables for 8/16-bit images) gives exactly the
+    arithmetic's float32 values, whatever the channels, the statistics and the inversion."""
+    top = 255 if dtype == np.uint8 else 30000
+    image = np.random.default_rng(len(shape) + shape[-1]).integers(0, top + 1, size=shape).astype(dtype)
+    image.flat[:3] = (0, top, top // 2)
+    for stats in (NormStats(3.0, top * 0.9, invert), NormStats(17.25, 17.5, invert), compute_stats(to_grey(image, channel))):
+        np.testing.assert_array_equal(normalise_pixels(image, stats, channel), apply_stats(to_grey(image, channel), stats))
+
+
+def test_normalise_pixels_refuses_a_missing_channel_as_to_grey_does():
+    with pytest.raises(UsageError, match="--channel 3 is out of range"):
+        normalise_pixels(np.zeros((8, 8, 3), np.uint8), NormStats(0.0, 1.0, False), channel=3)
+    with pytest.raises(UsageError, match="single channel"):
+        normalise_pixels(np.zeros((8, 8), np.uint16), NormStats(0.0, 1.0, False), channel=1)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_flooding_of_the_crowded_pixels_equals_scikit_images_watershed(seed, monkeypatch):
+    """instance_labels calls scikit-image's flooding loop on arrays built from the crowded pixels
+    only; its labels equal those of the public watershed() on the whole block, ties included
+    (float16 probabilities, flat at 1 inside nuclei; nuclei cut by every edge of the block)."""
+    _, labels = synthetic_nuclei((160, 200), n_nuclei=70, radius=(7.0, 16.0), seed=seed)
+    probabilities = np.stack([ndi.gaussian_filter(t, 1.0) for t in make_targets(labels)]).astype(np.float16)
+    probabilities = probabilities[:, 5:-5, 5:-5]  # nuclei cut by the edges
+    flooded = []
+    flood = instances._flood
+    monkeypatch.setattr(instances, "_flood", lambda body, seeds, pixels: flooded.append(pixels.size) or flood(body, seeds, pixels))
+    fast = instance_labels(probabilities, InstanceParams())
+    assert flooded and flooded[0] > 1000  # the watershed ran, on many pixels
+    monkeypatch.setattr(instances, "_watershed_raveled", None)  # the fallback: watershed() itself
+    assert np.array_equal(fast, instance_labels(probabilities, InstanceParams()))
+    assert (fast[0] > 0).any() and (fast[:, -1] > 0).any()
+    assert len(np.unique(fast)) > 30
