@@ -49,6 +49,7 @@ _FLOAT16_AS_FLOAT32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astyp
 # and ``1 - value`` of each, rounded to float32 as the float32 subtraction rounds it
 with np.errstate(invalid="ignore"):  # inf - inf: NaN, as the subtraction gives
     _ONE_MINUS_FLOAT16 = np.subtract(1.0, _FLOAT16_AS_FLOAT32, dtype=np.float32)
+_FLOAT16_INFINITY = 0x7C00  # the bits of +inf; above it NaNs, from 0x8000 the negative numbers
 
 
 def _as_float32(channel: np.ndarray) -> np.ndarray:
@@ -102,16 +103,16 @@ def instance_labels(probabilities: np.ndarray, params: InstanceParams = Instance
     """
     if probabilities.ndim != 3 or probabilities.shape[0] < 3:
         raise ValueError(f"expected (3, H, W) probabilities, got {probabilities.shape}")
-    body = _as_float32(probabilities[0])
-    mask = body > params.mask_threshold
+    mask = _above(probabilities[0], params.mask_threshold)
     if not mask.any():
-        return np.zeros(body.shape, dtype=np.int32)
+        return np.zeros(mask.shape, dtype=np.int32)
     # the scores, components and flooding below touch the mask's pixels (by flat index), not the
     # whole block: nuclei cover a fraction of it
     inside = np.flatnonzero(mask)
+    body = _as_float32(probabilities[0].ravel()[inside])  # at the mask's pixels
     seed_score = _one_minus(probabilities[1].ravel()[inside])
     seed_score *= _one_minus(probabilities[2].ravel()[inside])
-    seed_score *= body.ravel()[inside]
+    seed_score *= body
     seed_pixels = inside[seed_score > params.seed_threshold]
     del seed_score
     seed_mask = np.zeros(mask.shape, dtype=bool)
@@ -131,37 +132,53 @@ def instance_labels(probabilities: np.ndarray, params: InstanceParams = Instance
     component_of_seed[seed_ids] = labels.ravel()[seed_pixels]
     seeds_per_component = np.bincount(component_of_seed[1:][seed_sizes[1:] > 0], minlength=n_components + 1)
     del seed_pixels, seed_ids
-    crowded_pixels = inside[(seeds_per_component >= 2)[labels.ravel()[inside]]]
+    crowded = (seeds_per_component >= 2)[labels.ravel()[inside]]
+    crowded_pixels = inside[crowded]
     del inside
     if crowded_pixels.size:
-        flooded = _flood(body, seeds, crowded_pixels)
+        flooded = _flood(mask.shape, body[crowded], seeds, crowded_pixels)
         labels.ravel()[crowded_pixels] = flooded + n_components  # ids apart from the components'
     return labels
 
 
-def _flood(body: np.ndarray, seeds: np.ndarray, crowded_pixels: np.ndarray) -> np.ndarray:
-    """``watershed(-body, markers=seeds in crowded, mask=crowded)`` at ``crowded_pixels`` (flat
-    indices of ``body``, ascending): ``(n,)`` int32 labels of those pixels.
+def _above(channel: np.ndarray, threshold: float) -> np.ndarray:
+    """``channel > threshold`` as float32 compares it: ``(H, W)`` float -> bool. float16 values
+    are compared by their bits (ordered as the values for non-negative numbers), without
+    widening the whole channel."""
+    if channel.dtype != np.float16 or threshold < 0:
+        return _as_float32(channel) > threshold
+    values = _FLOAT16_AS_FLOAT32[: _FLOAT16_INFINITY + 1]  # 0, the positive numbers, +inf: increasing
+    first = np.searchsorted(values, np.float32(threshold), side="right")  # the first value above it
+    bits = channel.view(np.uint16)
+    return (bits >= first) & (bits <= _FLOAT16_INFINITY)  # NaN and negative numbers: never above
+
+
+def _flood(shape: tuple[int, int], body: np.ndarray, seeds: np.ndarray, crowded_pixels: np.ndarray) -> np.ndarray:
+    """``watershed(-body image, markers=seeds in crowded, mask=crowded)`` at ``crowded_pixels``
+    (flat indices of a ``shape`` block, ascending), ``body`` the float32 body probabilities
+    there: ``(n,)`` int32 labels of those pixels.
 
     scikit-image's flooding is called on arrays built from the crowded pixels alone: its
     ``watershed`` copies, pads and scans the whole block about ten times, for a mask that
     covers a few percent of it. The arrays, the markers' order and the neighbour offsets are
     those it would build, so the labels are the same (``tests/test_targets_instances.py``).
     """
-    height, width = body.shape
+    height, width = shape
     markers = seeds.ravel()[crowded_pixels]
     if _watershed_raveled is None:  # scikit-image without the flooding function used below
-        crowded = np.zeros(body.shape, dtype=bool)
+        crowded = np.zeros(shape, dtype=bool)
         crowded.ravel()[crowded_pixels] = True
-        marker_image = np.zeros(body.shape, dtype=np.int32)
+        marker_image = np.zeros(shape, dtype=np.int32)
         marker_image.ravel()[crowded_pixels] = markers
-        return watershed(-body, markers=marker_image, mask=crowded).ravel()[crowded_pixels]
+        image = np.zeros(shape, dtype=np.float32)  # outside the mask its values are never read
+        image.ravel()[crowded_pixels] = -body
+        return watershed(image, markers=marker_image, mask=crowded).ravel()[crowded_pixels]
     # watershed() pads by one pixel (the flooding never looks past the mask, which is 0 there)
     row = width + 2
     padded = (crowded_pixels // width + 1) * row + crowded_pixels % width + 1
     size = (height + 2) * row
     image = np.zeros(size, dtype=np.float64)  # only the crowded pixels are read: the rest stays untouched pages
-    image[padded] = -body.ravel()[crowded_pixels]
+    image[padded] = -body
     mask = np.zeros(size, dtype=np.int8)
     mask[padded] = 1
     output = np.zeros(size, dtype=np.int32)
