@@ -332,7 +332,7 @@ def test_flooding_of_the_crowded_pixels_equals_scikit_images_watershed(seed, mon
     probabilities = probabilities[:, 5:-5, 5:-5]  # nuclei cut by the edges
     flooded = []
     flood = instances._flood
-    monkeypatch.setattr(instances, "_flood", lambda body, seeds, pixels: flooded.append(pixels.size) or flood(body, seeds, pixels))
+    monkeypatch.setattr(instances, "_flood", lambda shape, body, seeds, pixels: flooded.append(pixels.size) or flood(shape, body, seeds, pixels))
     fast = instance_labels(probabilities, InstanceParams())
     assert flooded and flooded[0] > 1000  # the watershed ran, on many pixels
     monkeypatch.setattr(instances, "_watershed_raveled", None)  # the fallback: watershed() itself
