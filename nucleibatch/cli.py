@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from .errors import NucleibatchError, UsageError
-from .options import PRECISIONS, TTA_CHOICES
+from .options import INSTANCES_ON, PRECISIONS, TTA_CHOICES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,6 +74,7 @@ def _add_evaluate(subparsers) -> None:
     p.add_argument("--ids-from-bundle", action="store_true", help="evaluate only the validation images recorded in the bundle's config")
     p.add_argument("--skip-bad", action="store_true", help="skip bad annotations with a warning")
     p.add_argument("--tta", default="auto", choices=TTA_CHOICES, help="average predictions over 4 flips [the model's setting]")
+    p.add_argument("--instances-on", default="auto", choices=INSTANCES_ON, help="where probabilities become nuclei, as segment's: cpu (watershed) or device (torch) [auto: device on CUDA, else cpu]")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
@@ -181,7 +182,8 @@ def _run_evaluate(args) -> int:
     image_ids = model.config.get("training", {}).get("val_image_ids") if args.ids_from_bundle else None
     if args.ids_from_bundle and not image_ids:
         raise UsageError(f"--ids-from-bundle: the bundle {args.model} records no validation image ids")
-    summary, rows = evaluate_model(model, args.data, limit_images=args.limit_images, skip_bad=args.skip_bad, image_ids=image_ids, channel=args.channel)
+    instances_on = args.instances_on if args.instances_on != "auto" else ("device" if model.device.type == "cuda" else "cpu")
+    summary, rows = evaluate_model(model, args.data, limit_images=args.limit_images, skip_bad=args.skip_bad, image_ids=image_ids, channel=args.channel, instances_on=instances_on)
     if args.csv:
         write_rows_csv(rows, args.csv)
     if args.json:
@@ -189,7 +191,7 @@ def _run_evaluate(args) -> int:
     else:
         print(
             f"{summary['n_images']} images: mAP@[.5:.95] {summary['map']:.4f}  AP@0.5 {summary['ap50']:.4f}  "
-            f"AP@0.75 {summary['ap75']:.4f}  F1@0.5 {summary['f1_50']:.4f}  (model {model.name})"
+            f"AP@0.75 {summary['ap75']:.4f}  F1@0.5 {summary['f1_50']:.4f}  (model {model.name}, instances on {instances_on})"
         )
     return 0
 

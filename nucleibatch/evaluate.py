@@ -24,8 +24,12 @@ def evaluate_model(
     skip_bad: bool = False,
     image_ids: Sequence[str] | None = None,
     channel: int | None = None,
+    instances_on: str = "cpu",
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Segment every annotated image exactly as ``segment`` does and score it.
+
+    ``instances_on``: where probabilities become labels, ``"cpu"`` or ``"device"`` (see
+    :func:`nucleibatch.segment_array.segment_image`).
 
     Returns:
         ``(summary, rows)``: the mean ``map``, ``ap50``, ``ap75``, ``f1_50`` (+ ``n_images``)
@@ -39,7 +43,7 @@ def evaluate_model(
         sources = sources[:limit_images]
     rows = []
     for index, annotated in enumerate(iter_annotated(sources, skip_bad=skip_bad), start=1):
-        labels = segment_image(annotated.image, model, channel=channel)
+        labels = segment_image(annotated.image, model, channel=channel, instances_on=instances_on)
         rows.append({"image_id": annotated.image_id, **image_scores(annotated.labels, labels)})
         if index % 25 == 0:
             log.info("evaluated %d/%d images, running mAP %.4f", index, len(sources), mean_scores(rows)["map"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .instances import InstanceParams, probabilities_to_labels
+from .instances import InstanceParams, probabilities_to_labels, relabel_sequential, remove_small
 from .model import NucleiModel
 from .normalize import apply_stats, stats_for_bundle, to_grey
 
@@ -15,6 +15,7 @@ def segment_image(
     channel: int | None = None,
     params: InstanceParams | None = None,
     batch_size: int = 4,
+    instances_on: str = "cpu",
 ) -> np.ndarray:
     """Instance labels of an in-memory image.
 
@@ -23,6 +24,8 @@ def segment_image(
         model: a loaded bundle.
         channel: the nuclear-stain channel (``None``: mean of the colour channels).
         params: post-processing (default: the bundle's tuned values).
+        instances_on: ``"cpu"`` (scikit-image's watershed) or ``"device"`` (torch on the model's
+            device, :mod:`nucleibatch.instances_torch`), as ``segment --instances-on``.
 
     Returns:
         ``(H, W)`` int32 labels, 0 = background.
@@ -30,4 +33,9 @@ def segment_image(
     grey = to_grey(image, channel)
     stats = stats_for_bundle(grey, model.config.get("normalization", {}))
     probabilities = model.predict(apply_stats(grey, stats), batch_size=batch_size)
-    return probabilities_to_labels(probabilities, params or model.postprocess)
+    params = params or model.postprocess
+    if instances_on == "device":
+        from .instances_torch import instance_labels_on
+
+        return relabel_sequential(remove_small(instance_labels_on(model.device, probabilities, params), params.min_size))
+    return probabilities_to_labels(probabilities, params)

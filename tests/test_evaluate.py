@@ -261,7 +261,7 @@ def test_evaluate_cli_text_summary_and_limit(three_images, fitted_bundle, capsys
     assert main(["evaluate", str(three_images), "--model", str(fitted_bundle), "--limit-images", "1"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("1 images: mAP@[.5:.95] ")
-    assert "(model tiny-roundtrip)" in out
+    assert "(model tiny-roundtrip, instances on cpu)" in out
 
 
 def test_evaluate_cli_missing_model_is_one_line_on_stderr(three_images, tmp_path, capsys):
@@ -292,3 +292,21 @@ def test_evaluate_with_every_image_skipped_is_one_clear_error(tmp_path, tiny_bun
     assert status in (1, 2)
     err = [line for line in capsys.readouterr().err.strip().splitlines() if "WARNING" not in line]
     assert len(err) == 1 and err[0].startswith("nucleibatch evaluate: error: ")
+
+
+def test_evaluate_with_instances_on_the_device_scores_like_the_watershed(dsb_root, capsys):
+    """`evaluate --instances-on device` (torch, here on the CPU) on 8 real validation images of
+    the default model: the same nuclei as the watershed's, and the same score within 0.01."""
+    model = load_model("default", device="cpu")
+    ids = model.config["training"]["val_image_ids"][:8]
+    scores = {}
+    for where in ("cpu", "device"):
+        summary, rows = evaluate_model(model, [dsb_root], image_ids=ids, instances_on=where)
+        assert summary["n_images"] == 8
+        scores[where] = (summary, rows)
+    assert scores["device"][0]["map"] == pytest.approx(scores["cpu"][0]["map"], abs=0.01)
+    assert scores["cpu"][0]["map"] > 0.5
+    for cpu_row, device_row in zip(scores["cpu"][1], scores["device"][1], strict=True):
+        assert abs(cpu_row["n_pred"] - device_row["n_pred"]) <= max(1, 0.03 * cpu_row["n_pred"]), (cpu_row, device_row)
+    assert main(["evaluate", str(dsb_root), "--model", "default", "--device", "cpu", "--instances-on", "device", "--limit-images", "1"]) == 0
+    assert "instances on device" in capsys.readouterr().out
