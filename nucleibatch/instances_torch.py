@@ -82,6 +82,7 @@ def instance_labels_torch(probabilities: torch.Tensor, params: InstanceParams | 
     params = params or InstanceParams()
     if levels < 1:
         raise ValueError(f"levels must be >= 1, got {levels}")
+    probabilities = probabilities.contiguous()  # the steps below view the labels flat
     height, width = probabilities.shape[1:]
     body, contour, contact = (probabilities[k].float() for k in range(3))
     mask = body > params.mask_threshold
@@ -115,5 +116,5 @@ def instance_labels_on(device: torch.device, probabilities: np.ndarray, params: 
     """:func:`instance_labels_torch` of host probabilities ``(3, H, W)`` computed on ``device``;
     returns ``(H, W)`` int32 on the host."""
     with torch.inference_mode():
-        labels = instance_labels_torch(torch.from_numpy(np.ascontiguousarray(probabilities[:3])).to(device), params, levels)
+        labels = instance_labels_torch(torch.from_numpy(np.ascontiguousarray(probabilities[:3], dtype=probabilities.dtype.newbyteorder("="))).to(device), params, levels)
         return labels.cpu().numpy()

@@ -226,8 +226,10 @@ def _check_settings(out_dir: Location, fingerprint: dict[str, Any]) -> None:
     path = out_dir / STATE_DIR / "settings.json"
     recorded = read_many(fresh_listing(path.parent, path.name)).get(str(path))
     if recorded is not None:
-        # settings added since OUT was started take their defaults there: an older run resumes
-        previous = _flatten({"settings": SegmentSettings().to_dict()}) | _flatten(json.loads(recorded))
+        # settings added since OUT was started take the value that matches what the older code
+        # did (instances were always made on the CPU), so an older run resumes only where alike
+        before_added = {**SegmentSettings().to_dict(), "instances_on": "cpu"}
+        previous = _flatten({"settings": before_added}) | _flatten(json.loads(recorded))
         now = _flatten(fingerprint)
         changed = [f"{k.removeprefix('settings.')}: {previous.get(k)} -> {now.get(k)}" for k in sorted(set(previous) | set(now)) if previous.get(k) != now.get(k)]
         if changed:
@@ -298,7 +300,10 @@ def run_segment_job(
         with Lock(out_dir):
             if overwrite:
                 clear_outputs(out_dir)
-            _check_settings(out_dir, {"model_sha256": loaded.sha256, "settings": settings.to_dict()})
+            checked = settings.to_dict()
+            if engine == "local":  # "auto" recorded as what it means here: a GPU rerun must not mix methods
+                checked["instances_on"] = "device" if instances_on_device(settings, loaded.device.type) else "cpu"
+            _check_settings(out_dir, {"model_sha256": loaded.sha256, "settings": checked})
             remove_stale_temporaries(out_dir)
             open_root(out_dir / "masks.zarr")  # once, here: units running at once then only add groups
             finished = read_records(out_dir)

@@ -24,8 +24,9 @@ def segment_image(
         model: a loaded bundle.
         channel: the nuclear-stain channel (``None``: mean of the colour channels).
         params: post-processing (default: the bundle's tuned values).
-        instances_on: ``"cpu"`` (scikit-image's watershed) or ``"device"`` (torch on the model's
-            device, :mod:`nucleibatch.instances_torch`), as ``segment --instances-on``.
+        instances_on: ``"cpu"`` (scikit-image's watershed), ``"device"`` (torch on the model's
+            device, :mod:`nucleibatch.instances_torch`) or ``"auto"`` (device on CUDA), as
+            ``segment --instances-on``.
 
     Returns:
         ``(H, W)`` int32 labels, 0 = background.
@@ -34,7 +35,9 @@ def segment_image(
     stats = stats_for_bundle(grey, model.config.get("normalization", {}))
     probabilities = model.predict(apply_stats(grey, stats), batch_size=batch_size)
     params = params or model.postprocess
-    if instances_on == "device":
+    if instances_on not in ("auto", "cpu", "device"):
+        raise ValueError(f"instances_on must be auto, cpu or device, got {instances_on!r}")
+    if instances_on == "device" or (instances_on == "auto" and model.device.type == "cuda"):
         from .instances_torch import instance_labels_on
 
         return relabel_sequential(remove_small(instance_labels_on(model.device, probabilities, params), params.min_size))

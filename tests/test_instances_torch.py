@@ -126,3 +126,12 @@ def test_empty_body_and_bad_arguments():
         instance_labels_torch(torch.zeros((10, 12)))
     with pytest.raises(ValueError, match="levels"):
         instance_labels_torch(torch.zeros((3, 10, 12)), levels=0)
+
+
+def test_transposed_tensors_and_big_endian_arrays_give_the_same_labels():
+    _, labels = synthetic_nuclei((64, 80), n_nuclei=12, seed=5)
+    probabilities = np.stack([ndi.gaussian_filter(t, 1.0) for t in make_targets(labels)]).astype(np.float32)
+    expected = instance_labels_on(CPU, probabilities)
+    transposed = instance_labels_torch(torch.from_numpy(np.ascontiguousarray(probabilities.transpose(0, 2, 1))).transpose(1, 2)).numpy()
+    assert same_partition(transposed, expected)
+    np.testing.assert_array_equal(instance_labels_on(CPU, probabilities.astype(">f4")), expected)

@@ -297,8 +297,9 @@ def test_rerun_of_a_finished_out_does_no_work(inputs, tiny_bundle, reference, tm
 
 
 def test_an_out_from_before_a_setting_existed_resumes_and_a_changed_setting_is_refused(inputs, tiny_bundle, reference, tmp_path):
-    """OUT's recorded settings predate --instances-on (a setting added later): the same command
-    resumes it (the new setting takes its default there); another --instances-on is refused."""
+    """OUT's recorded settings predate --instances-on (a setting added later; the older code made
+    instances on the CPU): the same command on this CPU, and --instances-on cpu, resume it;
+    --instances-on device is refused."""
     out = copy_of(reference.out, tmp_path)
     recorded = json.loads((out / STATE / "settings.json").read_text())
     del recorded["settings"]["instances_on"]
@@ -306,8 +307,9 @@ def test_an_out_from_before_a_setting_existed_resumes_and_a_changed_setting_is_r
     before = part_stamps(out)
     assert main(["segment", str(inputs), "-o", str(out), "--model", str(tiny_bundle), *BLOCK]) == 0
     assert run_json(out)["counts"]["resumed"] == N_IMAGES and part_stamps(out) == before
+    assert main(["segment", str(inputs), "-o", str(out), "--model", str(tiny_bundle), *BLOCK, "--instances-on", "cpu"]) == 0
     done = run_to_end(segment_command(inputs, out, tiny_bundle, "--instances-on", "device"))
-    assert done.returncode == 2 and "instances_on: auto -> device" in done.stderr, done.stderr[-2000:]
+    assert done.returncode == 2 and "instances_on: cpu -> device" in done.stderr, done.stderr[-2000:]
     assert part_stamps(out) == before
 
 
