@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from .errors import NucleibatchError, UsageError
-from .options import INSTANCES_ON, PRECISIONS, TTA_CHOICES
+from .options import INSTANCES_ON, PRECISIONS, TTA_CHOICES, resolve_instances_on
 
 
 class _Parser(argparse.ArgumentParser):
@@ -182,7 +182,7 @@ def _run_evaluate(args) -> int:
     image_ids = model.config.get("training", {}).get("val_image_ids") if args.ids_from_bundle else None
     if args.ids_from_bundle and not image_ids:
         raise UsageError(f"--ids-from-bundle: the bundle {args.model} records no validation image ids")
-    instances_on = args.instances_on if args.instances_on != "auto" else ("device" if model.device.type == "cuda" else "cpu")
+    instances_on = resolve_instances_on(args.instances_on, model.device.type)
     summary, rows = evaluate_model(model, args.data, limit_images=args.limit_images, skip_bad=args.skip_bad, image_ids=image_ids, channel=args.channel, instances_on=instances_on)
     if args.csv:
         write_rows_csv(rows, args.csv)

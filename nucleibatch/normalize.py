@@ -135,13 +135,14 @@ def normalise_pixels(image: np.ndarray, stats: NormStats, channel: int | None = 
     over a block): the grey of an integer image is an integer (one channel) or a sum of integers
     divided by the channel count, so the table holds exactly what the arithmetic gives.
     """
-    if image.dtype not in (np.uint8, np.uint16) or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] > 4):
-        return apply_stats(to_grey(image, channel), stats)  # (many channels: a table per sum would be large)
+    if (
+        image.dtype not in (np.uint8, np.uint16)
+        or image.ndim not in (2, 3)
+        or (image.ndim == 3 and image.shape[2] > 4)  # many channels: a table per sum would be large
+        or (channel is not None and channel not in range(1 if image.ndim == 2 else image.shape[2]))  # to_grey's error
+    ):
+        return apply_stats(to_grey(image, channel), stats)
     if image.ndim == 2 or channel is not None:
-        if image.ndim == 3 and not 0 <= channel < image.shape[2]:
-            return apply_stats(to_grey(image, channel), stats)  # its error message
-        if image.ndim == 2 and channel not in (None, 0):
-            return apply_stats(to_grey(image, channel), stats)
         plane = image if image.ndim == 2 else image[:, :, channel]
         return _lookup_table(image.dtype.str, 1, stats)[plane]
     colour = image[:, :, :3] if image.shape[2] in (3, 4) else image

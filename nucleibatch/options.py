@@ -10,3 +10,11 @@ TTA_CHOICES = ("auto", "on", "off")
 
 INSTANCES_ON = ("auto", "cpu", "device")
 """``--instances-on``: where probabilities become instance labels; ``auto`` is the device on CUDA, else the CPU."""
+
+
+def resolve_instances_on(choice: str, device_type: str) -> str:
+    """Where an ``--instances-on`` choice makes the labels for a network on ``device_type``
+    (``"cuda"``, ``"cpu"``): ``"device"`` or ``"cpu"``."""
+    if choice not in INSTANCES_ON:
+        raise ValueError(f"instances_on must be auto, cpu or device, got {choice!r}")
+    return "device" if choice == "device" or (choice == "auto" and device_type == "cuda") else "cpu"

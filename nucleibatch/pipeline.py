@@ -38,7 +38,7 @@ from .io.store import (
 from .io.tables import output_manifest, remove_image_outputs, write_nuclei_part, write_record
 from .measure import concat_columns, measure_labels
 from .normalize import NormStats, normalise_pixels, stats_for_bundle, to_grey
-from .options import INSTANCES_ON
+from .options import INSTANCES_ON, resolve_instances_on
 from .stitching import OwnedObjects, block_offsets, paint_region, select_owned
 from .tiling import PAD_MULTIPLE, Block, block_grid, floor_to, small_image_window
 
@@ -143,7 +143,7 @@ def instance_params(settings: SegmentSettings, model: NucleiModel) -> InstancePa
 def instances_on_device(settings: SegmentSettings, device_type: str) -> bool:
     """Whether a block's instance labels are computed next to the network, on its device
     (``device_type``: ``"cuda"`` or ``"cpu"``), rather than from its probabilities on the CPU."""
-    return settings.instances_on == "device" or (settings.instances_on == "auto" and device_type == "cuda")
+    return resolve_instances_on(settings.instances_on, device_type) == "device"
 
 
 def context_pixels(model_config: dict) -> int:

@@ -40,7 +40,8 @@ from .io.tables import (
     write_images_table,
 )
 from .model import NucleiModel, load_model, resolve_device, resolve_device_name
-from .pipeline import STAGES, SegmentSettings, Timer, input_fingerprint, instances_on_device
+from .options import resolve_instances_on
+from .pipeline import STAGES, SegmentSettings, Timer, input_fingerprint
 from .verify import verify_records
 
 log = logging.getLogger(__name__)
@@ -300,10 +301,10 @@ def run_segment_job(
         with Lock(out_dir):
             if overwrite:
                 clear_outputs(out_dir)
-            checked = settings.to_dict()
-            if engine == "local":  # "auto" recorded as what it means here: a GPU rerun must not mix methods
-                checked["instances_on"] = "device" if instances_on_device(settings, loaded.device.type) else "cpu"
-            _check_settings(out_dir, {"model_sha256": loaded.sha256, "settings": checked})
+            # local engine: "auto" recorded as what it means here (a GPU rerun must not mix methods);
+            # distributed: each model worker resolves it for its own device, as the precision
+            instances_on = resolve_instances_on(settings.instances_on, loaded.device.type) if engine == "local" else settings.instances_on
+            _check_settings(out_dir, {"model_sha256": loaded.sha256, "settings": settings.to_dict() | {"instances_on": instances_on}})
             remove_stale_temporaries(out_dir)
             open_root(out_dir / "masks.zarr")  # once, here: units running at once then only add groups
             finished = read_records(out_dir)
@@ -362,8 +363,7 @@ def run_segment_job(
                 "device": str(loaded.device) if engine == "local" else device,
                 # distributed: "auto" is resolved by each model worker for its own device
                 "precision": ("bf16" if loaded.fast else "float32") if engine == "local" else loaded.precision,
-                # distributed: "auto" is resolved by each model worker, as the precision
-                "instances_on": ("device" if instances_on_device(settings, loaded.device.type) else "cpu") if engine == "local" else settings.instances_on,
+                "instances_on": instances_on,
                 "settings": settings.to_dict() | {"batch_size": batch_size},
                 "post_workers": post_workers if engine == "local" else None,
                 "postprocess": settings.postprocess or loaded.postprocess.to_dict(),

@@ -7,6 +7,7 @@ import numpy as np
 from .instances import InstanceParams, probabilities_to_labels, relabel_sequential, remove_small
 from .model import NucleiModel
 from .normalize import apply_stats, stats_for_bundle, to_grey
+from .options import resolve_instances_on
 
 
 def segment_image(
@@ -35,9 +36,7 @@ def segment_image(
     stats = stats_for_bundle(grey, model.config.get("normalization", {}))
     probabilities = model.predict(apply_stats(grey, stats), batch_size=batch_size)
     params = params or model.postprocess
-    if instances_on not in ("auto", "cpu", "device"):
-        raise ValueError(f"instances_on must be auto, cpu or device, got {instances_on!r}")
-    if instances_on == "device" or (instances_on == "auto" and model.device.type == "cuda"):
+    if resolve_instances_on(instances_on, model.device.type) == "device":
         from .instances_torch import instance_labels_on
 
         return relabel_sequential(remove_small(instance_labels_on(model.device, probabilities, params), params.min_size))
