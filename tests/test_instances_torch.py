@@ -8,6 +8,7 @@ import pytest
 import torch
 from scipy import ndimage as ndi
 
+from nucleibatch import instances_torch as instance_torch
 from nucleibatch.instances import (
     InstanceParams,
     instance_labels,
@@ -135,3 +136,22 @@ def test_transposed_tensors_and_big_endian_arrays_give_the_same_labels():
     transposed = instance_labels_torch(torch.from_numpy(np.ascontiguousarray(probabilities.transpose(0, 2, 1))).transpose(1, 2)).numpy()
     assert same_partition(transposed, expected)
     np.testing.assert_array_equal(instance_labels_on(CPU, probabilities.astype(">f4")), expected)
+
+
+def test_ids_of_arrays_above_a_billion_pixels_are_int64_and_give_the_same_labels(monkeypatch):
+    # ids reach 2 * H * W (unseeded components come after the seeds): int32 overflows above
+    # about 1.07e9 pixels, one in-memory image of segment_image; int64 must give the same labels
+    assert instance_torch.label_dtype(2**30 - 1) == torch.int32
+    assert instance_torch.label_dtype(2**30) == torch.int64
+    assert instance_torch.label_dtype(32768 * 32768) == torch.int64
+    labels = np.zeros((48, 64), dtype=np.int32)
+    labels[4:9, 4:9] = 1  # seed below min_seed_size: an unseeded component, id above H * W
+    _, nuclei = synthetic_nuclei((48, 40), n_nuclei=8, seed=6)
+    labels[:, 24:] = np.where(nuclei > 0, nuclei + 1, 0)
+    probabilities = make_targets(labels)
+    params = InstanceParams(min_seed_size=4, min_size=8)
+    expected = instance_labels_on(CPU, probabilities, params)
+    monkeypatch.setattr(instance_torch, "label_dtype", lambda pixels: torch.int64)
+    wide = instance_labels_on(CPU, probabilities, params)
+    assert wide.dtype == np.int64
+    np.testing.assert_array_equal(wide, expected)
