@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bare_model.py [--device cuda] [--batch-sizes 1 8 32] [--seconds 3]
                                               [--variants fp32 bf16 bf16-cl bf16-cl-compile]
+                                              [--fold on|off|both]
 
 For the default model on one input tile (the bundle's tile size, halo included: 512 x 512 for
 the default model, the windows ``segment`` runs on large images; ``--side`` for others) it
@@ -15,7 +16,10 @@ times, per batch size:
 Variants: ``fp32`` (float32, contiguous), ``bf16`` (bf16 autocast), ``bf16-cl`` (bf16 autocast
 and channels-last: what ``segment`` runs on CUDA), ``bf16-cl-compile`` (the same under
 ``torch.compile``, timed after its compilation; compiled for the largest batch size only).
-Prints tiles/s and MPix/s of tile area (halo included) for each, and the machine it ran on.
+Each variant runs the network as ``segment`` does, with its batch norms folded into the
+convolutions (``nucleibatch.model.fold_batch_norms``); ``--fold off`` keeps them (the network as
+trained), ``--fold both`` times the two in turn. Prints tiles/s and MPix/s of tile area (halo
+included) for each, and the machine it ran on.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ tune_allocator()  # before any thread: the network runs with segment's allocator
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from nucleibatch.model import _forward, load_model  # noqa: E402
+from nucleibatch.model import _forward, fold_batch_norms, load_model  # noqa: E402
 
 VARIANTS = ("fp32", "bf16", "bf16-cl", "bf16-cl-compile")
 
@@ -63,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--side", type=int, default=None, help="tile side in pixels [the bundle's tile_size]")
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per measurement [3]")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--fold", choices=("on", "off", "both"), default="on", help="batch norms folded into the convolutions, as segment runs them [on]")
     args = parser.parse_args(argv)
 
     model = load_model(args.model, device="cpu", precision="float32")  # standard layout: each variant sets its own
@@ -75,10 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {platform.node()}, {os.cpu_count()} CPUs, device {device} ({name}), torch {torch.__version__}, tile {side} x {side}")
     print(f"{'variant':<16} {'batch':>5} {'network tiles/s':>16} {'MPix/s':>8} {'forward tiles/s':>16} {'MPix/s':>8}")
     rng = np.random.default_rng(0)
-    for variant in args.variants:
+    folds = {"on": [True], "off": [False], "both": [False, True]}[args.fold]
+    for variant, folded in ((variant, folded) for variant in args.variants for folded in folds):
         channels_last = "-cl" in variant
         bf16 = variant.startswith("bf16")
         network = copy.deepcopy(model.network).float().to(device).eval()
+        if folded:
+            network = fold_batch_norms(network)
+        label = variant + ("" if args.fold == "on" else ("+fold" if folded else "+bn"))
         if channels_last:
             network = network.to(memory_format=torch.channels_last)
         batch_sizes = args.batch_sizes
@@ -110,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 forward_seconds, forward_calls = 0.0, 0  # _forward has no such mode
             forward_rate = forward_calls * batch_size / forward_seconds if forward_calls else float("nan")
             megapixels = side * side / 1e6
-            print(f"{variant:<16} {batch_size:>5} {network_rate:>16.1f} {network_rate * megapixels:>8.1f} {forward_rate:>16.1f} {forward_rate * megapixels:>8.1f}", flush=True)
+            print(f"{label:<16} {batch_size:>5} {network_rate:>16.1f} {network_rate * megapixels:>8.1f} {forward_rate:>16.1f} {forward_rate * megapixels:>8.1f}", flush=True)
         del network
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -83,10 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         replayed = collections.defaultdict(list)
         for shape, times in in_segment.items():
             batch = rng.random((shape[0], 1, *shape[1:]), dtype=np.float32)
-            _forward(model.network, batch, model.device, False, fast=model.fast)  # warm-up of the shape
+            _forward(model.inference_network, batch, model.device, False, fast=model.fast)  # warm-up of the shape
             for _ in times:
                 started = time.perf_counter()
-                _forward(model.network, batch, model.device, False, fast=model.fast)
+                _forward(model.inference_network, batch, model.device, False, fast=model.fast)
                 replayed[shape].append(time.perf_counter() - started)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

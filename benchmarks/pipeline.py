@@ -109,13 +109,13 @@ def bare_seconds(model_name: str, device: str, batches: list[list[int]], tta: bo
     rng = np.random.default_rng(0)
     inputs = {(n, h, w): rng.random((n, 1, h, w), dtype=np.float32) for n, h, w, _ in batches}
     for key in inputs:  # warm-up: allocator, kernels, autotuning
-        _forward(model.network, inputs[key], model.device, tta, fast=model.fast)
+        _forward(model.inference_network, inputs[key], model.device, tta, fast=model.fast)
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
     for n, h, w, count in batches:
         for _ in range(count):
-            _forward(model.network, inputs[(n, h, w)], model.device, tta, fast=model.fast)
+            _forward(model.inference_network, inputs[(n, h, w)], model.device, tta, fast=model.fast)
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - started

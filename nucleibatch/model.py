@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .errors import ModelBundleError, UsageError
 from .instances import InstanceParams
@@ -179,6 +180,21 @@ class NucleiModel:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     usage: ModelUsage = field(default_factory=ModelUsage, repr=False, compare=False)
     precision: str = "auto"  # see PRECISIONS; resolved for the device where the network runs
+    _folded: tuple[torch.nn.Module, torch.nn.Module] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:  # the folded copy is remade where the model is used
+        return {**self.__dict__, "_folded": None}
+
+    @property
+    def inference_network(self) -> torch.nn.Module:
+        """The network as predictions run it: :func:`fold_batch_norms` of ``network``, made on
+        first use and again whenever ``network`` is replaced (``network`` keeps the bundle's
+        layers and weights, for training and saving)."""
+        folded = self._folded
+        if folded is None or folded[0] is not self.network:
+            folded = (self.network, fold_batch_norms(self.network))
+            self._folded = folded
+        return folded[1]
 
     @property
     def fast(self) -> bool:
@@ -211,7 +227,7 @@ class NucleiModel:
     ) -> list[np.ndarray]:
         """:meth:`predict` of several images, their tiles batched together (see :func:`predict_images`)."""
         return predict_images(
-            self.network,
+            self.inference_network,
             images,
             output_boxes,
             tile_size=int(self.config.get("tile_size", 512)),
@@ -291,6 +307,52 @@ def load_model(spec: str | Path = "default", device: str | torch.device = "cpu",
     torch_device = resolve_device(device) if isinstance(device, str) else device
     network = prepare_network(network, torch_device, fast=uses_bf16(precision, torch_device))
     return NucleiModel(network=network, config=config, path=path, device=torch_device, precision=precision)
+
+
+def fold_batch_norms(network: torch.nn.Module) -> torch.nn.Module:
+    """A copy of an eval-mode network with every batch norm that directly follows a convolution
+    folded into that convolution's weights and bias: the same function, one pass over the
+    activations less per convolution (the default model's network runs about 1.2x faster on a
+    CPU in bf16, ``benchmarks/bare_model.py``).
+
+    Pairs are the modules' consecutive children (a ``Conv2d`` registered just before a
+    ``BatchNorm2d`` of its output channels), which is the order in which the U-Nets' encoders and
+    decoders run them. Because registration order need not be the order of ``forward``, the copy
+    is checked against the network on a small random input in float32 and the network itself is
+    returned if they differ, or if it is in training mode (batch statistics) or has no such pair.
+    """
+    if network.training:
+        return network
+    folded = copy.deepcopy(network)
+    pairs = 0
+    for parent in folded.modules():
+        names = list(parent._modules)
+        for first, second in zip(names, names[1:], strict=False):
+            conv, norm = parent._modules[first], parent._modules[second]
+            if (
+                isinstance(conv, torch.nn.Conv2d)
+                and isinstance(norm, torch.nn.BatchNorm2d)
+                and norm.num_features == conv.out_channels
+                and norm.running_mean is not None
+            ):
+                fused = fuse_conv_bn_eval(conv, norm)
+                channels_last = conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+                parent._modules[first] = fused.to(memory_format=torch.channels_last) if channels_last else fused
+                parent._modules[second] = torch.nn.Identity()
+                pairs += 1
+    return folded if pairs and _same_function(network, folded) else network
+
+
+def _same_function(network: torch.nn.Module, folded: torch.nn.Module) -> bool:
+    """Whether two networks agree (float32, to rounding) on a small random input."""
+    def in_float32(module: torch.nn.Module) -> torch.nn.Module:
+        return module if next(module.parameters()).dtype == torch.float32 else copy.deepcopy(module).float()
+
+    in_channels = next(m for m in network.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
+    x = torch.rand((1, in_channels, 64, 64), generator=torch.Generator().manual_seed(0)).to(next(network.parameters()).device)
+    with torch.inference_mode():
+        expected, got = in_float32(network)(x), in_float32(folded)(x)
+    return bool(torch.allclose(got, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()) + 1e-5))
 
 
 def native_bf16_cpu() -> bool:

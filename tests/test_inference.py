@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from nucleibatch.io.annotated import discover_annotated, load_annotated
 from nucleibatch.metrics import image_scores
 from nucleibatch.model import (
     ModelUsage,
+    fold_batch_norms,
     predict_image,
     predict_images,
     prepare_network,
@@ -150,3 +152,48 @@ def test_precision_resolves_per_device_and_bad_values_are_refused():
     model = load_model("default", precision="float32")
     assert not model.fast and model.network.encoder.conv1.weight.is_contiguous()  # float32: no channels-last
     assert load_model("default", precision="bf16").fast
+
+
+def test_batch_norms_folded_into_convolutions_compute_the_same_function():
+    model = load_model("default", device="cpu", precision="float32")
+    trained_state = {name: tensor.clone() for name, tensor in model.network.state_dict().items()}
+    folded = model.inference_network
+    assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in folded.modules())
+    assert any(isinstance(module, torch.nn.BatchNorm2d) for module in model.network.modules())
+    image, _ = normalize_image(load_annotated(next(iter(discover_annotated([DEMO])))).image)
+    reference = predict_image(model.network, image, tile_size=256, halo=32, fast=False)
+    np.testing.assert_allclose(model.predict(image), predict_image(folded, image, tile_size=256, halo=32, fast=False))
+    np.testing.assert_allclose(predict_image(folded, image, tile_size=256, halo=32, fast=False), reference, atol=1e-4)
+    # the bundle's network is untouched (training and saving use it); the copy is made once,
+    # again when the network is replaced (a distributed worker prepares its own), and not pickled
+    assert all(torch.equal(model.network.state_dict()[name], tensor) for name, tensor in trained_state.items())
+    assert model.inference_network is folded
+    model.network = copy.deepcopy(model.network)
+    assert model.inference_network is not folded
+    assert pickle.loads(pickle.dumps(model))._folded is None
+    # bf16 channels-last: the folded convolutions keep the layout
+    fast = load_model("default", device="cpu", precision="bf16")
+    assert fast.inference_network.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+class _NormBeforeConvolution(torch.nn.Module):
+    """Registers a convolution before a batch norm but runs the norm first: folding would be wrong."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.norm = torch.nn.BatchNorm2d(4)
+        self.norm.running_mean.uniform_(-1, 1)
+        self.norm.running_var.uniform_(0.5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.norm(x))
+
+
+def test_folding_checks_the_result_and_leaves_networks_it_cannot_fold():
+    misleading = _NormBeforeConvolution().eval()
+    assert fold_batch_norms(misleading) is misleading  # the check on a random input caught it
+    training = load_model("default", device="cpu", precision="float32").network.train()
+    assert fold_batch_norms(training) is training  # batch statistics: nothing to fold
+    plain = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1)).eval()
+    assert fold_batch_norms(plain) is plain
