@@ -180,21 +180,25 @@ class NucleiModel:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     usage: ModelUsage = field(default_factory=ModelUsage, repr=False, compare=False)
     precision: str = "auto"  # see PRECISIONS; resolved for the device where the network runs
-    _folded: tuple[torch.nn.Module, torch.nn.Module] | None = field(default=None, init=False, repr=False, compare=False)
+    _inference: tuple[torch.nn.Module, bool, torch.nn.Module] | None = field(default=None, init=False, repr=False, compare=False)
 
-    def __getstate__(self) -> dict:  # the folded copy is remade where the model is used
-        return {**self.__dict__, "_folded": None}
+    def __getstate__(self) -> dict:  # the inference copy is remade where the model is used
+        return {**self.__dict__, "_inference": None}
 
     @property
     def inference_network(self) -> torch.nn.Module:
-        """The network as predictions run it: :func:`fold_batch_norms` of ``network``, made on
-        first use and again whenever ``network`` is replaced (``network`` keeps the bundle's
-        layers and weights, for training and saving)."""
-        folded = self._folded
-        if folded is None or folded[0] is not self.network:
-            folded = (self.network, fold_batch_norms(self.network))
-            self._folded = folded
-        return folded[1]
+        """The network as predictions run it: :func:`fold_batch_norms` of ``network``, its
+        weights stored in bf16 on the fast path (what autocast would cast them to on every call:
+        the same results, bit for bit). Made on first use and again whenever ``network`` or the
+        precision changes; ``network`` keeps the bundle's layers and weights, for training and saving."""
+        made = self._inference
+        if made is None or made[0] is not self.network or made[1] != self.fast:
+            network = fold_batch_norms(self.network)
+            if self.fast:
+                network = (copy.deepcopy(network) if network is self.network else network).to(torch.bfloat16)
+            made = (self.network, self.fast, network)
+            self._inference = made
+        return made[2]
 
     @property
     def fast(self) -> bool:

@@ -15,6 +15,7 @@ from nucleibatch.io.annotated import discover_annotated, load_annotated
 from nucleibatch.metrics import image_scores
 from nucleibatch.model import (
     ModelUsage,
+    _forward,
     fold_batch_norms,
     predict_image,
     predict_images,
@@ -170,10 +171,14 @@ def test_batch_norms_folded_into_convolutions_compute_the_same_function():
     assert model.inference_network is folded
     model.network = copy.deepcopy(model.network)
     assert model.inference_network is not folded
-    assert pickle.loads(pickle.dumps(model))._folded is None
-    # bf16 channels-last: the folded convolutions keep the layout
+    assert pickle.loads(pickle.dumps(model))._inference is None
+    # bf16 channels-last: the folded convolutions keep the layout, their weights are stored in
+    # bf16, and the outputs are those of autocast casting float32 weights on every call
     fast = load_model("default", device="cpu", precision="bf16")
     assert fast.inference_network.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert fast.inference_network.encoder.conv1.weight.dtype == torch.bfloat16
+    batch = image[None, None, :256, :256].copy()
+    np.testing.assert_array_equal(_forward(fast.inference_network, batch, torch.device("cpu"), tta=False, fast=True), _forward(fold_batch_norms(fast.network), batch, torch.device("cpu"), tta=False, fast=True))
 
 
 class _NormBeforeConvolution(torch.nn.Module):
