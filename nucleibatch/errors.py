@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class NucleibatchError(Exception):
     """Base class of every error this package raises on purpose."""
@@ -41,3 +43,9 @@ class NotSegmentOutputError(UsageError):
 
 class OutputError(NucleibatchError):
     """The output directory cannot be used (locked, written by other settings, not writable)."""
+
+
+def is_fatal(error: BaseException) -> bool:
+    """Errors about the output side (disk full, read-only, quota) or memory stop a run; an
+    image's own errors (unreadable, too small) fail only that image."""
+    return isinstance(error, MemoryError) or (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT))

@@ -318,3 +318,57 @@ def test_small_images_are_batched_by_network_window():
     ordered = [record.image_id for record in batching_order(records, tile_size=512)]
     assert ordered == ["big1", "bad", "big2", "b", "d", "a", "c"]  # windows 256x256 (b, d), then 256x320 (a, c)
     assert sorted(ordered) == sorted(shapes)
+
+
+def test_the_local_engine_groups_small_images_into_shared_calls_with_unchanged_outputs(tmp_path, monkeypatch):
+    """One-tile images share network calls in the local engine too (batch_size windows' worth,
+    one shape per call): the labels and tables are those of one image per call, the broken file
+    fails alone."""
+    from nucleibatch.engines import local
+
+    files.write_small_archive(tmp_path / "in", copies=3)
+    grouped = run_segment_job([str(tmp_path / "in")], tmp_path / "grouped", model="default", device="cpu", batch_size=4, progress=False)
+    monkeypatch.setattr(local, "group_small_images", lambda records, *sizes: [[record] for record in records])
+    alone = run_segment_job([str(tmp_path / "in")], tmp_path / "alone", model="default", device="cpu", batch_size=4, progress=False)
+    assert grouped.n_ok == alone.n_ok == 16 and grouped.n_failed == alone.n_failed == 1
+    assert_same_outputs(tmp_path / "alone", tmp_path / "grouped")
+    calls = {tuple(shape[:3]): shape[3] for shape in json.loads((tmp_path / "grouped" / "run.json").read_text())["model_batches"]}
+    one_by_one = {tuple(shape[:3]): shape[3] for shape in json.loads((tmp_path / "alone" / "run.json").read_text())["model_batches"]}
+    assert max(n for n, _, _ in calls) == 3 and max(n for n, _, _ in one_by_one) == 1  # the 3 copies of each demo image
+    assert sum(calls.values()) < sum(one_by_one.values())
+
+
+def test_small_images_are_grouped_per_window_up_to_one_call():
+    from nucleibatch.engines.local import group_small_images
+    from nucleibatch.io.discover import ImageRecord
+
+    shapes = {"a": (256, 320), "big": (2000, 3000), "b": (250, 250), "bad": None, "c": (256, 256), "d": (200, 256), "e": (256, 256), "f": (256, 256), "g": (256, 300)}
+    records = [ImageRecord(name, name, name, "plain", shape, 1 if shape else None, "uint8" if shape else None, error=None if shape else "unreadable") for name, shape in shapes.items()]
+    groups = [[record.image_id for record in group] for group in group_small_images(records, tile_size=512, block_size=2048, batch_size=1)]
+    assert groups == [["big"], ["bad"], ["d"], ["b", "c", "e", "f"], ["a", "g"]]  # 4 windows of 256² per call of one 512²; d is 224 x 256
+    # images of several blocks (block size under the image) are not grouped
+    assert [len(g) for g in group_small_images(records, tile_size=512, block_size=250, batch_size=1)] == [1] * 9
+
+
+def test_a_group_of_small_images_fails_only_the_image_that_fails(tmp_path):
+    """An image gone between discovery and reading, and one of several blocks, in a group: the
+    first gets its error, the second the whole-image path; the others are those of one by one."""
+    from nucleibatch.errors import ImageReadError
+    from nucleibatch.io.discover import discover_inputs
+    from nucleibatch.pipeline import segment_record, segment_small_records
+    from nucleibatch.synthetic import synthetic_nuclei, threshold_model
+
+    for k in range(3):
+        files.write_plain(tmp_path / "in" / f"f{k}.png", synthetic_nuclei((120, 140), n_nuclei=6, seed=k)[0])
+    files.write_plain(tmp_path / "in" / "f3.png", synthetic_nuclei((200, 240), n_nuclei=12, seed=3)[0])
+    model, settings = threshold_model(), SegmentSettings(block_size=160, block_margin=32)
+    records = discover_inputs([str(tmp_path / "in")])
+    (tmp_path / "in" / "f1.png").unlink()
+    outcomes = segment_small_records(records, model, settings, tmp_path / "grouped", batch_size=4)
+    assert isinstance(outcomes[1], ImageReadError) and [o["status"] for i, o in enumerate(outcomes) if i != 1] == ["ok"] * 3
+    for k in (0, 2, 3):
+        row = segment_record(records[k], model, settings, tmp_path / "alone")
+        assert row["n_nuclei"] == outcomes[k]["n_nuclei"] > 0
+        grouped_labels = zarr.open_group(tmp_path / "grouped" / "masks.zarr", mode="r")[f"{row['store_path'].split('/')[-1]}/labels/nuclei/0"]
+        alone_labels = zarr.open_group(tmp_path / "alone" / "masks.zarr", mode="r")[f"{row['store_path'].split('/')[-1]}/labels/nuclei/0"]
+        np.testing.assert_array_equal(np.asarray(grouped_labels), np.asarray(alone_labels))

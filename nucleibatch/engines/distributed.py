@@ -31,13 +31,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..errors import is_fatal
 from ..io.discover import ImageRecord
 from ..io.location import Location
 from ..io.store import open_root, store_name
 from ..io.tables import write_record
 from ..pipeline import ImagePlan, SegmentSettings, Timer, fits_one_tile, record_failed_image
 from ..tiling import small_image_window
-from .local import is_fatal
 
 log = logging.getLogger(__name__)
 

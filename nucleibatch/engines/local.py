@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import time
 from collections import deque
@@ -10,6 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, Any
 
+from ..errors import is_fatal
 from ..io.discover import ImageRecord
 from ..io.location import Location
 from ..pipeline import (
@@ -19,7 +19,9 @@ from ..pipeline import (
     read_and_normalise,
     record_failed_image,
     segment_record,
+    segment_small_records,
 )
+from ..tiling import small_image_window
 
 if TYPE_CHECKING:
     from ..model import NucleiModel
@@ -27,13 +29,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 # Images in flight at once: while one image is on the model, the other is read or post-processed.
 IMAGES_IN_FLIGHT = 2
-
-
-def is_fatal(error: BaseException) -> bool:
-    """Errors about the output side (disk full, read-only, quota) stop the run; input errors do not."""
-    return isinstance(error, MemoryError) or (
-        isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
-    )
 
 
 def prefetching_reader(timer: Timer, depth: int = 1) -> Callable:
@@ -67,6 +62,45 @@ def segment_one(record: ImageRecord, model: NucleiModel, settings: SegmentSettin
         return record_failed_image(out_dir, record, error, time.perf_counter() - started)
 
 
+def segment_group(records: list[ImageRecord], model: NucleiModel, settings: SegmentSettings, out_dir: Location, batch_size: int, timer: Timer) -> list[dict[str, Any]]:
+    """Segment one image (:func:`segment_one`) or a group of one-tile images sharing network
+    calls; an image's error becomes its 'failed' row, a fatal one is raised."""
+    if len(records) == 1:
+        return [segment_one(records[0], model, settings, out_dir, batch_size, timer)]
+    started = time.perf_counter()
+    rows = []
+    for record, outcome in zip(records, segment_small_records(records, model, settings, out_dir, batch_size, timer), strict=True):
+        if isinstance(outcome, BaseException):
+            log.debug("image %s failed", record.image_id, exc_info=outcome)
+            outcome = record_failed_image(out_dir, record, outcome, time.perf_counter() - started)
+        rows.append(outcome)
+    return rows
+
+
+def group_small_images(records: Sequence[ImageRecord], tile_size: int, block_size: int, batch_size: int) -> list[list[ImageRecord]]:
+    """``records`` in units of work: each image alone, except images that are one block and one
+    network window each (their shape known at discovery), which go in groups of as many as one
+    network call of ``batch_size`` holds (:func:`~nucleibatch.model.windows_per_call`). Groups are
+    made per window shape over the whole list (a call holds one shape); larger images come first,
+    in their order (as :func:`~nucleibatch.engines.distributed.batching_order`)."""
+    from ..model import windows_per_call
+
+    alone: list[list[ImageRecord]] = []
+    by_window: dict[tuple[int, int], list[ImageRecord]] = {}
+    for record in records:
+        one_block = record.shape is not None and not record.error and max(record.shape) <= block_size
+        window = small_image_window(record.shape, tile_size) if one_block else None
+        if window is None:
+            alone.append([record])
+        else:
+            by_window.setdefault(window, []).append(record)
+    groups = list(alone)
+    for window, members in sorted(by_window.items()):
+        size = windows_per_call(batch_size, window)
+        groups.extend(members[start : start + size] for start in range(0, len(members), size))
+    return groups
+
+
 def run_local(
     records: Sequence[ImageRecord],
     model: NucleiModel,
@@ -77,17 +111,19 @@ def run_local(
     on_row: Callable[[dict[str, Any]], None],
     in_flight: int = IMAGES_IN_FLIGHT,
 ) -> None:
-    """Segment ``records`` with up to ``in_flight`` images at once, calling ``on_row`` as each finishes."""
-    queue = list(records)
+    """Segment ``records`` with up to ``in_flight`` units of work at once (an image, or a group
+    of small images: :func:`group_small_images`), calling ``on_row`` as each image finishes."""
+    queue = group_small_images(records, int(model.config.get("tile_size", 512)), settings.block_size, batch_size)
     with ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="nb-image") as pool:
         running: set[Future] = set()
         while queue or running:
             while queue and len(running) < in_flight:
-                running.add(pool.submit(segment_one, queue.pop(0), model, settings, out_dir, batch_size, timer))
+                running.add(pool.submit(segment_group, queue.pop(0), model, settings, out_dir, batch_size, timer))
             done, running = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 try:
-                    on_row(future.result())
+                    for row in future.result():
+                        on_row(row)
                 except BaseException:
                     for other in running:
                         other.cancel()
