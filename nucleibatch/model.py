@@ -316,8 +316,8 @@ def load_model(spec: str | Path = "default", device: str | torch.device = "cpu",
 def fold_batch_norms(network: torch.nn.Module) -> torch.nn.Module:
     """A copy of an eval-mode network with every batch norm that directly follows a convolution
     folded into that convolution's weights and bias: the same function, one pass over the
-    activations less per convolution (the default model's network runs about 1.2x faster on a
-    CPU in bf16, ``benchmarks/bare_model.py``).
+    activations less per convolution (the default model's network runs 1.08-1.28x faster per
+    call on a 2-core CPU in bf16, ``benchmarks/folding.py``).
 
     Pairs are the modules' consecutive children (a ``Conv2d`` registered just before a
     ``BatchNorm2d`` of its output channels), which is the order in which the U-Nets' encoders and

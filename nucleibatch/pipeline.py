@@ -486,8 +486,9 @@ def segment_small_records(
     """Segment several one-tile images (:func:`fits_one_tile`, e.g. DSB fields), their tiles in
     shared network calls, and write all their outputs; per record, its row or its error.
 
-    On a CPU a call of 16 small windows costs 0.6x as much per window as 16 calls of one
-    (``benchmarks/pipeline.py`` (a)). The outputs are those of :func:`segment_record`: a tile's
+    A network call of many small windows costs less per window than one call each (on a 2-core
+    CPU about half for 16 windows of 256², ``benchmarks/bare_model.py --side 256 --batch-sizes 1
+    16``), and a GPU needs full calls. The outputs are those of :func:`segment_record`: a tile's
     probabilities do not depend on which tiles share its call. An image that turns out larger
     than one tile (e.g. ``--block-size`` smaller than a window) goes through
     :func:`segment_record`; one image's error (unreadable, or its prediction failing) leaves the
