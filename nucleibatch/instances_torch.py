@@ -82,8 +82,8 @@ def instance_labels_torch(probabilities: torch.Tensor, params: InstanceParams | 
             pixel-by-pixel watershed, more steps).
 
     Returns:
-        ``(H, W)`` int32 on the same device (int64 above about 1.07e9 pixels), 0 = background;
-        ids 1..N, in no documented order.
+        ``(H, W)`` int32 on the same device (int64 above 2**31 pixels), 0 = background; ids
+        1..N, in no documented order.
     """
     if probabilities.ndim != 3 or probabilities.shape[0] < 3:
         raise ValueError(f"expected (3, H, W) probabilities, got {tuple(probabilities.shape)}")
@@ -95,7 +95,7 @@ def instance_labels_torch(probabilities: torch.Tensor, params: InstanceParams | 
     body, contour, contact = (probabilities[k].float() for k in range(3))
     mask = body > params.mask_threshold
     if not bool(mask.any()):
-        return torch.zeros((height, width), dtype=label_dtype(height * width), device=probabilities.device)
+        return torch.zeros((height, width), dtype=torch.int32 if height * width <= torch.iinfo(torch.int32).max else torch.int64, device=probabilities.device)
     # float32, in the order of the NumPy version: the same seeds, bit for bit
     seed_mask = mask & ((1.0 - contour) * (1.0 - contact) * body > params.seed_threshold)
     seeds = connected_components(seed_mask)
@@ -116,13 +116,13 @@ def instance_labels_torch(probabilities: torch.Tensor, params: InstanceParams | 
     present = torch.zeros(2 * height * width + 1, dtype=torch.bool, device=labels.device)
     present[labels.view(-1)] = True
     present[0] = False
-    renumber = torch.cumsum(present, 0, dtype=labels.dtype)
+    renumber = torch.cumsum(present, 0, dtype=torch.int32 if height * width <= torch.iinfo(torch.int32).max else torch.int64)  # ids <= nuclei
     return renumber[labels]
 
 
 def instance_labels_on(device: torch.device, probabilities: np.ndarray, params: InstanceParams | None = None, levels: int = DEFAULT_LEVELS) -> np.ndarray:
     """:func:`instance_labels_torch` of host probabilities ``(3, H, W)`` computed on ``device``;
-    returns ``(H, W)`` int32 (int64 above about 1.07e9 pixels) on the host."""
+    returns ``(H, W)`` int32 (int64 above 2**31 pixels) on the host."""
     with torch.inference_mode():
         labels = instance_labels_torch(torch.from_numpy(np.ascontiguousarray(probabilities[:3], dtype=probabilities.dtype.newbyteorder("="))).to(device), params, levels)
         return labels.cpu().numpy()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import threading
 import time
 from collections import Counter, defaultdict
@@ -23,6 +24,8 @@ from .instances import InstanceParams
 from .options import PRECISIONS
 from .targets import TARGET_CLASSES
 from .tiling import PAD_MULTIPLE, block_grid, padded_size, small_image_window, tiles_over_box
+
+log = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = "nucleibatch-bundle/1"
 CONFIG_NAME = "config.json"
@@ -180,25 +183,35 @@ class NucleiModel:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     usage: ModelUsage = field(default_factory=ModelUsage, repr=False, compare=False)
     precision: str = "auto"  # see PRECISIONS; resolved for the device where the network runs
-    _inference: tuple[torch.nn.Module, bool, torch.nn.Module] | None = field(default=None, init=False, repr=False, compare=False)
+    _inference: tuple[torch.nn.Module, tuple[bool, str], torch.nn.Module] | None = field(default=None, init=False, repr=False, compare=False)
+    _inference_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     def __getstate__(self) -> dict:  # the inference copy is remade where the model is used
-        return {**self.__dict__, "_inference": None}
+        return {key: value for key, value in self.__dict__.items() if key not in ("_inference", "_inference_lock")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _inference=None, _inference_lock=threading.Lock())
 
     @property
     def inference_network(self) -> torch.nn.Module:
-        """The network as predictions run it: :func:`fold_batch_norms` of ``network``, its
-        weights stored in bf16 on the fast path (what autocast would cast them to on every call:
-        the same results, bit for bit). Made on first use and again whenever ``network`` or the
-        precision changes; ``network`` keeps the bundle's layers and weights, for training and saving."""
-        made = self._inference
-        if made is None or made[0] is not self.network or made[1] != self.fast:
-            network = fold_batch_norms(self.network)
-            if self.fast:
-                network = (copy.deepcopy(network) if network is self.network else network).to(torch.bfloat16)
-            made = (self.network, self.fast, network)
-            self._inference = made
-        return made[2]
+        """The network as predictions run it: :func:`fold_batch_norms` of ``network``, and on the
+        fast path its convolutions' and linear layers' weights stored in bf16 (what autocast casts
+        them to on every call: the same results, bit for bit; other layers keep float32, as
+        autocast runs them). Made on first use, once for all threads, and again when ``network``
+        is replaced by another object or the precision or device changes (not when its weights
+        change in place); ``network`` keeps the bundle's layers and weights, for training and saving."""
+        key = (self.fast, str(self.device))
+        with self._inference_lock:
+            made = self._inference
+            if made is None or made[0] is not self.network or made[1] != key:
+                network = fold_batch_norms(self.network)
+                if self.fast:
+                    network = copy.deepcopy(network) if network is self.network else network
+                    for module in network.modules():
+                        if isinstance(module, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)):
+                            module.to(torch.bfloat16)
+                made = self._inference = (self.network, key, network)
+            return made[2]
 
     @property
     def fast(self) -> bool:
@@ -320,42 +333,51 @@ def fold_batch_norms(network: torch.nn.Module) -> torch.nn.Module:
     call on a 2-core CPU in bf16, ``benchmarks/folding.py``).
 
     Pairs are the modules' consecutive children (a ``Conv2d`` registered just before a
-    ``BatchNorm2d`` of its output channels), which is the order in which the U-Nets' encoders and
-    decoders run them. Because registration order need not be the order of ``forward``, the copy
-    is checked against the network on a small random input in float32 and the network itself is
-    returned if they differ, or if it is in training mode (batch statistics) or has no such pair.
+    ``BatchNorm2d`` of its output channels, with running statistics), which is the order in which
+    the U-Nets' encoders and decoders run them. Because registration order need not be the order
+    of ``forward``, the copy is checked against the network on a small random input (float32, on
+    the CPU: no TF32), and the network itself is returned, with a warning, if they differ or the
+    fold fails; also, silently, if any module is in training mode (batch statistics) or there is
+    no such pair.
     """
-    if network.training:
+    if any(module.training for module in network.modules()):
         return network
-    folded = copy.deepcopy(network)
-    pairs = 0
-    for parent in folded.modules():
-        names = list(parent._modules)
-        for first, second in zip(names, names[1:], strict=False):
-            conv, norm = parent._modules[first], parent._modules[second]
-            if (
-                isinstance(conv, torch.nn.Conv2d)
-                and isinstance(norm, torch.nn.BatchNorm2d)
-                and norm.num_features == conv.out_channels
-                and norm.running_mean is not None
-            ):
-                fused = fuse_conv_bn_eval(conv, norm)
-                channels_last = conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
-                parent._modules[first] = fused.to(memory_format=torch.channels_last) if channels_last else fused
-                parent._modules[second] = torch.nn.Identity()
-                pairs += 1
-    return folded if pairs and _same_function(network, folded) else network
+    try:
+        folded = copy.deepcopy(network)
+        pairs = 0
+        for parent in folded.modules():
+            names = list(parent._modules)
+            for first, second in zip(names, names[1:], strict=False):
+                conv, norm = parent._modules[first], parent._modules[second]
+                if (
+                    isinstance(conv, torch.nn.Conv2d)
+                    and isinstance(norm, torch.nn.BatchNorm2d)
+                    and norm.num_features == conv.out_channels
+                    and norm.running_mean is not None
+                ):
+                    fused = fuse_conv_bn_eval(conv, norm)
+                    channels_last = conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+                    parent._modules[first] = fused.to(memory_format=torch.channels_last) if channels_last else fused
+                    parent._modules[second] = torch.nn.Identity()
+                    pairs += 1
+        if not pairs:
+            return network
+        if _same_function(network, folded):
+            return folded
+        log.warning("the network's batch norms are not folded: the folded copy computes another function (layers registered in another order than they run)")
+    except Exception as error:  # noqa: BLE001 - an optimisation: any failure keeps the network as it is
+        log.warning("the network's batch norms are not folded (%s: %s)", type(error).__name__, error)
+    return network
 
 
 def _same_function(network: torch.nn.Module, folded: torch.nn.Module) -> bool:
-    """Whether two networks agree (float32, to rounding) on a small random input."""
-    def in_float32(module: torch.nn.Module) -> torch.nn.Module:
-        return module if next(module.parameters()).dtype == torch.float32 else copy.deepcopy(module).float()
-
+    """Whether two networks agree, to float32 rounding, on a small random input (float32 copies on
+    the CPU: a GPU's TF32 convolutions would differ by more than the fold)."""
     in_channels = next(m for m in network.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
-    x = torch.rand((1, in_channels, 64, 64), generator=torch.Generator().manual_seed(0)).to(next(network.parameters()).device)
+    x = torch.rand((1, in_channels, 64, 64), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        expected, got = in_float32(network)(x), in_float32(folded)(x)
+        expected = copy.deepcopy(network).float().cpu()(x)
+        got = copy.deepcopy(folded).float().cpu()(x)
     return bool(torch.allclose(got, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()) + 1e-5))
 
 

@@ -501,6 +501,7 @@ def segment_small_records(
     halo = context_pixels(model.config)
     outcomes: dict[int, dict[str, Any] | BaseException] = {}
     ready: list[tuple[int, ImagePlan, Any, tuple]] = []  # (position, plan, group, (raw, region, normalised))
+    # an image's "seconds" run from the start of its group (its reading waited for the others')
     larger: list[int] = []
     for position, record in enumerate(records):
         try:
@@ -523,7 +524,7 @@ def segment_small_records(
         return predict_blocks(items, model, settings, batch_size, [normalised for *_, (_, _, normalised) in batch])
 
     try:
-        predictions: list[BlockPrediction | BaseException] = list(predict(ready))
+        predictions: list[BlockPrediction | BaseException | None] = list(predict(ready))
     except Exception as group_error:  # find the image that fails: the others are predicted alone
         if is_fatal(group_error):
             raise
@@ -535,7 +536,10 @@ def segment_small_records(
                 if is_fatal(error):
                     raise
                 predictions.append(error)
-    for (position, plan, group, _), prediction in zip(ready, predictions, strict=True):
+    finishing = [(position, plan, group) for position, plan, group, _ in ready]
+    del ready  # the raw pixels travel on in the predictions; the network inputs go now
+    for index, (position, plan, group) in enumerate(finishing):
+        prediction, predictions[index] = predictions[index], None  # freed as each image is done
         if isinstance(prediction, BaseException):
             outcomes[position] = prediction
             continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from nucleibatch.io.annotated import discover_annotated, load_annotated
 from nucleibatch.metrics import image_scores
 from nucleibatch.model import (
     ModelUsage,
+    NucleiModel,
     _forward,
     fold_batch_norms,
     predict_image,
@@ -172,11 +174,17 @@ def test_batch_norms_folded_into_convolutions_compute_the_same_function():
     model.network = copy.deepcopy(model.network)
     assert model.inference_network is not folded
     assert pickle.loads(pickle.dumps(model))._inference is None
+    # two threads asking at once (the local engine's) get one copy, made once
+    fresh = load_model("default", device="cpu", precision="float32")
+    with ThreadPoolExecutor(2) as pool:
+        copies = list(pool.map(lambda _: fresh.inference_network, range(2)))
+    assert copies[0] is copies[1]
     # bf16 channels-last: the folded convolutions keep the layout, their weights are stored in
     # bf16, and the outputs are those of autocast casting float32 weights on every call
     fast = load_model("default", device="cpu", precision="bf16")
-    assert fast.inference_network.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
-    assert fast.inference_network.encoder.conv1.weight.dtype == torch.bfloat16
+    folded_convolutions = [m for m in fast.inference_network.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in folded_convolutions if m.in_channels > 1)
+    assert all(m.weight.dtype == torch.bfloat16 for m in folded_convolutions)
     batch = image[None, None, :256, :256].copy()
     np.testing.assert_array_equal(_forward(fast.inference_network, batch, torch.device("cpu"), tta=False, fast=True), _forward(fold_batch_norms(fast.network), batch, torch.device("cpu"), tta=False, fast=True))
 
@@ -195,9 +203,19 @@ class _NormBeforeConvolution(torch.nn.Module):
         return self.conv(self.norm(x))
 
 
-def test_folding_checks_the_result_and_leaves_networks_it_cannot_fold():
+def test_folding_checks_the_result_and_leaves_networks_it_cannot_fold(caplog):
     misleading = _NormBeforeConvolution().eval()
     assert fold_batch_norms(misleading) is misleading  # the check on a random input caught it
+    assert "not folded" in caplog.text
+    # on the bf16 path such a network keeps its batch norm in float32 (as autocast runs it) and
+    # only its convolution's weights go to bf16: the outputs of autocast, bit for bit
+    model = NucleiModel(network=misleading, config={}, precision="bf16")
+    runs = model.inference_network
+    assert runs.norm.running_mean.dtype == torch.float32 and runs.conv.weight.dtype == torch.bfloat16
+    x = np.random.default_rng(0).random((1, 4, 32, 32), dtype=np.float32)
+    np.testing.assert_array_equal(_forward(runs, x, torch.device("cpu"), tta=False, fast=True), _forward(misleading, x, torch.device("cpu"), tta=False, fast=True))
+    model.precision = "float32"  # another precision: made again, in float32
+    assert model.inference_network is not runs and model.inference_network.conv.weight.dtype == torch.float32
     training = load_model("default", device="cpu", precision="float32").network.train()
     assert fold_batch_norms(training) is training  # batch statistics: nothing to fold
     plain = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1)).eval()
