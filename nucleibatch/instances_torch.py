@@ -33,10 +33,15 @@ def _neighbour_max(labels: torch.Tensor) -> torch.Tensor:
     return torch.maximum(torch.maximum(padded[:-2, 1:-1], padded[2:, 1:-1]), torch.maximum(padded[1:-1, :-2], padded[1:-1, 2:]))
 
 
+def _holding(largest: int) -> torch.dtype:
+    """int32 where ``largest`` fits it, else int64."""
+    return torch.int32 if largest <= torch.iinfo(torch.int32).max else torch.int64
+
+
 def label_dtype(pixels: int) -> torch.dtype:
     """int32 where ids up to ``2 * pixels`` fit it (seeded ids, then unseeded ones after them),
     int64 for larger arrays (above about 1.07e9 pixels)."""
-    return torch.int32 if 2 * pixels + 1 <= torch.iinfo(torch.int32).max else torch.int64
+    return _holding(2 * pixels + 1)
 
 
 def connected_components(mask: torch.Tensor) -> torch.Tensor:
@@ -95,7 +100,7 @@ def instance_labels_torch(probabilities: torch.Tensor, params: InstanceParams | 
     body, contour, contact = (probabilities[k].float() for k in range(3))
     mask = body > params.mask_threshold
     if not bool(mask.any()):
-        return torch.zeros((height, width), dtype=torch.int32 if height * width <= torch.iinfo(torch.int32).max else torch.int64, device=probabilities.device)
+        return torch.zeros((height, width), dtype=_holding(height * width), device=probabilities.device)
     # float32, in the order of the NumPy version: the same seeds, bit for bit
     seed_mask = mask & ((1.0 - contour) * (1.0 - contact) * body > params.seed_threshold)
     seeds = connected_components(seed_mask)
@@ -116,7 +121,7 @@ def instance_labels_torch(probabilities: torch.Tensor, params: InstanceParams | 
     present = torch.zeros(2 * height * width + 1, dtype=torch.bool, device=labels.device)
     present[labels.view(-1)] = True
     present[0] = False
-    renumber = torch.cumsum(present, 0, dtype=torch.int32 if height * width <= torch.iinfo(torch.int32).max else torch.int64)  # ids <= nuclei
+    renumber = torch.cumsum(present, 0, dtype=_holding(height * width))  # ids 1..N: N nuclei <= pixels
     return renumber[labels]
 
 

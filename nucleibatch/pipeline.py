@@ -469,10 +469,28 @@ def segment_record(
                 pending.result()
     finally:
         source.close()
+    return record_image(plan, stitcher, group, settings, out_dir, timer, started)
+
+
+def record_image(plan: ImagePlan, stitcher: ImageStitcher, group, settings: SegmentSettings, out_dir: Location, timer: Timer, started: float) -> dict[str, Any]:
+    """The last step of an image whose blocks are all in ``stitcher``: :func:`complete_image`, the
+    seconds since ``started`` (``time.perf_counter()``), and the row written as its completion
+    record; returns the row."""
     row = complete_image(plan, stitcher.results, stitcher.offsets, stitcher.lost, group, settings, out_dir, timer)
     row["seconds"] = round(time.perf_counter() - started, 4)
     write_record(out_dir, plan.name, row)
     return row
+
+
+def _unless_fatal(call: Callable[..., Any], *args: Any) -> Any:
+    """``call(*args)``, or the exception it raised, returned; errors of the output side
+    (:func:`~nucleibatch.errors.is_fatal`) are raised."""
+    try:
+        return call(*args)
+    except Exception as error:
+        if is_fatal(error):
+            raise
+        return error
 
 
 def segment_small_records(
@@ -503,64 +521,43 @@ def segment_small_records(
     ready: list[tuple[int, ImagePlan, Any, tuple]] = []  # (position, plan, group, (raw, region, normalised))
     # an image's "seconds" run from the start of its group (its reading waited for the others')
     larger: list[int] = []
-    for position, record in enumerate(records):
+
+    def start(position: int, record: ImageRecord) -> None:
+        source = open_image(record, timer)
         try:
-            source = open_image(record, timer)
-            try:
-                plan, group = _start_image(record, settings, model.config, out_dir, timer, source)
-                if not fits_one_tile(plan, model.config):
-                    larger.append(position)
-                    continue
+            plan, group = _start_image(record, settings, model.config, out_dir, timer, source)
+            if fits_one_tile(plan, model.config):
                 ready.append((position, plan, group, read_and_normalise(plan, plan.blocks[0], source, halo, settings, timer)))
-            finally:
-                source.close()
-        except Exception as error:
-            if is_fatal(error):
-                raise
+            else:
+                larger.append(position)
+        finally:
+            source.close()
+
+    for position, record in enumerate(records):
+        error = _unless_fatal(start, position, record)
+        if error is not None:
             outcomes[position] = error
 
     def predict(batch: list[tuple[int, ImagePlan, Any, tuple]]) -> list[BlockPrediction]:
         items = [(plan, plan.blocks[0], raw, region) for _, plan, _, (raw, region, _) in batch]
         return predict_blocks(items, model, settings, batch_size, [normalised for *_, (_, _, normalised) in batch])
 
-    try:
-        predictions: list[BlockPrediction | BaseException | None] = list(predict(ready))
-    except Exception as group_error:  # find the image that fails: the others are predicted alone
-        if is_fatal(group_error):
-            raise
-        predictions = []
-        for one in ready:
-            try:
-                predictions.append(predict([one])[0])
-            except Exception as error:
-                if is_fatal(error):
-                    raise
-                predictions.append(error)
+    predictions = _unless_fatal(predict, ready)
+    if isinstance(predictions, BaseException):  # find the image that fails: the others are predicted alone
+        predictions = [_unless_fatal(lambda one: predict([one])[0], one) for one in ready]
     finishing = [(position, plan, group) for position, plan, group, _ in ready]
-    del ready  # the raw pixels travel on in the predictions; the network inputs go now
+    ready.clear()  # the raw pixels travel on in the predictions; the network inputs go now
+
+    def finish(plan: ImagePlan, group, prediction: BlockPrediction) -> dict[str, Any]:
+        stitcher = ImageStitcher(plan, group, timer)
+        stitcher.add(finish_block(plan, plan.blocks[0], prediction, settings, params, group))
+        return record_image(plan, stitcher, group, settings, out_dir, timer, started)
+
     for index, (position, plan, group) in enumerate(finishing):
         prediction, predictions[index] = predictions[index], None  # freed as each image is done
-        if isinstance(prediction, BaseException):
-            outcomes[position] = prediction
-            continue
-        try:
-            stitcher = ImageStitcher(plan, group, timer)
-            stitcher.add(finish_block(plan, plan.blocks[0], prediction, settings, params, group))
-            row = complete_image(plan, stitcher.results, stitcher.offsets, stitcher.lost, group, settings, out_dir, timer)
-            row["seconds"] = round(time.perf_counter() - started, 4)
-            write_record(out_dir, plan.name, row)
-            outcomes[position] = row
-        except Exception as error:
-            if is_fatal(error):
-                raise
-            outcomes[position] = error
+        outcomes[position] = prediction if isinstance(prediction, BaseException) else _unless_fatal(finish, plan, group, prediction)
     for position in larger:
-        try:
-            outcomes[position] = segment_record(records[position], model, settings, out_dir, batch_size, timer)
-        except Exception as error:
-            if is_fatal(error):
-                raise
-            outcomes[position] = error
+        outcomes[position] = _unless_fatal(segment_record, records[position], model, settings, out_dir, batch_size, timer)
     return [outcomes[position] for position in range(len(records))]
 
 

@@ -7,6 +7,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from itertools import groupby
 from typing import TYPE_CHECKING, Any
 
 from ..errors import is_fatal
@@ -78,25 +79,22 @@ def segment_group(records: list[ImageRecord], model: NucleiModel, settings: Segm
 
 
 def group_small_images(records: Sequence[ImageRecord], tile_size: int, block_size: int, batch_size: int) -> list[list[ImageRecord]]:
-    """``records`` in units of work: each image alone, except images that are one block and one
-    network window each (their shape known at discovery), which go in groups of as many as one
-    network call of ``batch_size`` holds (:func:`~nucleibatch.model.windows_per_call`). Groups are
-    made per window shape over the whole list (a call holds one shape); larger images come first,
-    in their order (as :func:`~nucleibatch.engines.distributed.batching_order`)."""
+    """``records`` in units of work, in :func:`~nucleibatch.engines.distributed.batching_order`
+    (larger images first, in their order, then the one-tile images by window shape): each image
+    alone, except images that are one block and one network window each (their shape known at
+    discovery), which go in groups of as many as one network call of ``batch_size`` holds
+    (:func:`~nucleibatch.model.windows_per_call`; a call holds one shape)."""
     from ..model import windows_per_call
+    from .distributed import batching_order
 
-    alone: list[list[ImageRecord]] = []
-    by_window: dict[tuple[int, int], list[ImageRecord]] = {}
-    for record in records:
+    def window(record: ImageRecord) -> tuple[int, int] | None:
         one_block = record.shape is not None and not record.error and max(record.shape) <= block_size
-        window = small_image_window(record.shape, tile_size) if one_block else None
-        if window is None:
-            alone.append([record])
-        else:
-            by_window.setdefault(window, []).append(record)
-    groups = list(alone)
-    for window, members in sorted(by_window.items()):
-        size = windows_per_call(batch_size, window)
+        return small_image_window(record.shape, tile_size) if one_block else None
+
+    groups: list[list[ImageRecord]] = []
+    for shape, run in groupby(batching_order(records, tile_size), key=window):
+        members = list(run)
+        size = 1 if shape is None else windows_per_call(batch_size, shape)
         groups.extend(members[start : start + size] for start in range(0, len(members), size))
     return groups
 
