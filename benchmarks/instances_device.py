@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from nucleibatch.io.annotated import discover_annotated, iter_annotated
     from nucleibatch.metrics import image_scores, mean_scores
     from nucleibatch.model import load_model
-    from nucleibatch.normalize import apply_stats, stats_for_bundle, to_grey
+    from nucleibatch.normalize import normalise_pixels, stats_for_bundle
 
     model = load_model(args.model, device="cpu")
     params = model.postprocess
@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     truths, probabilities = [], []
     for annotated in iter_annotated(sources):
-        grey = to_grey(annotated.image, None)
-        probabilities.append(model.predict(apply_stats(grey, stats_for_bundle(grey, model.config.get("normalization", {})))))
+        stats = stats_for_bundle(annotated.image, model.config.get("normalization", {}))
+        probabilities.append(model.predict(normalise_pixels(annotated.image, stats)))
         truths.append(annotated.labels)
     megapixels = sum(p.shape[1] * p.shape[2] for p in probabilities) / 1e6
     print(f"machine: {platform.node()}, {platform.processor() or platform.machine()}, device {device}; {len(truths)} validation images, {megapixels:.1f} MPix")

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from .errors import NucleibatchError, UsageError
+from .normalize import INPUTS
 from .options import INSTANCES_ON, PRECISIONS, TTA_CHOICES, resolve_instances_on
 
 
@@ -46,6 +47,12 @@ def _add_train(subparsers) -> None:
     p.add_argument("--overlay-every", type=int, default=1, metavar="N", help="RUN_DIR/overlays/epoch_XXX.png (predicted vs true outlines of 3 validation images) every N epochs; 0: none [1]")
     p.add_argument("--tensorboard", action="store_true", help="also write a TensorBoard log to RUN_DIR/tensorboard (metrics and overlays per epoch)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of images kept for validation [0.1]")
+    p.add_argument("--val-images", default=None, metavar="FILE", help="validation images: a text file of image ids, one per line (replaces --val-fraction; validate on whole images or tiles, never on patches of training images)")
+    p.add_argument("--input", default=None, choices=INPUTS, help="the network's input channel: grey (mean of colours; fluorescence, brightfield) or haematoxylin (colour deconvolution; H&E and other stained tissue) [grey; with --init: the bundle's]")
+    p.add_argument("--pixel-size", type=float, default=None, metavar="UM", help="pixel size of DATA in micrometres, recorded in the bundle as the scale it was trained at (segment resamples images of known pixel size to it)")
+    p.add_argument("--stain-jitter", type=float, default=None, metavar="S", help="stain augmentation of the haematoxylin input: the stain vector's weights jittered by S [0.1 with --input haematoxylin]")
+    p.add_argument("--blur", type=float, default=0.0, metavar="P", help="probability of a Gaussian blur (sigma 0.5-1.5 px) per patch [0]")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="training arithmetic: auto = bf16 autocast on CUDA and on CPUs with native bf16 (2.8x faster on such a CPU), else float32 [auto]")
     p.add_argument("--limit-images", type=int, default=0, help="use only the first K images (smoke runs)")
     p.add_argument("--seed", type=int, default=0, help="random seed (split, patches) [0]")
     p.add_argument("--skip-bad", action="store_true", help="skip bad annotations with a warning instead of stopping")
@@ -154,6 +161,12 @@ def _run_train(args) -> int:
         encoder=args.encoder,
         learning_rate=args.lr,
         val_fraction=args.val_fraction,
+        val_images=args.val_images,
+        input=args.input,
+        pixel_size=args.pixel_size,
+        stain_jitter=args.stain_jitter,
+        blur=args.blur,
+        precision=args.precision,
         limit_images=args.limit_images,
         seed=args.seed,
         skip_bad=args.skip_bad,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -33,6 +33,14 @@ class InstanceParams:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def at_scale(self, scale: float) -> InstanceParams:
+        """These settings for labels made at the input's resolution of an image that the network saw
+        enlarged ``scale`` times: the sizes (pixels of the network's scale) divided by ``scale**2``."""
+        if scale == 1.0:
+            return self
+        area = 1.0 / (scale * scale)
+        return replace(self, min_seed_size=max(1, round(self.min_seed_size * area)), min_size=max(1, round(self.min_size * area)))
 
     @classmethod
     def from_dict(cls, values: dict) -> InstanceParams:

@@ -8,6 +8,17 @@ NUCLEI_COLUMNS = (
     "image_id", "label", "centroid_y", "centroid_x", "area", "perimeter", "eccentricity", "solidity",
     "mean_intensity", "bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x",
 )  # fmt: skip
+# the same in micrometres (null where the image's pixel size is unknown): column -> (pixel column, power)
+PHYSICAL_COLUMNS = {"centroid_y_um": ("centroid_y", 1), "centroid_x_um": ("centroid_x", 1), "area_um2": ("area", 2), "perimeter_um": ("perimeter", 1)}
+
+
+def physical_columns(columns: dict[str, np.ndarray], pixel_size_um: float | None) -> dict[str, np.ndarray]:
+    """:data:`PHYSICAL_COLUMNS` of measured nuclei: their pixel columns x ``pixel_size_um`` (squared
+    for areas), float64; NaN (null in the table) when the pixel size is unknown."""
+    n = len(columns["label"])
+    if pixel_size_um is None:
+        return {name: np.full(n, np.nan) for name in PHYSICAL_COLUMNS}
+    return {name: np.asarray(columns[pixels], dtype=np.float64) * float(pixel_size_um) ** power for name, (pixels, power) in PHYSICAL_COLUMNS.items()}
 
 
 def measure_labels(labels: np.ndarray, intensity: np.ndarray, origin: tuple[int, int] = (0, 0), id_offset: int = 0) -> dict[str, np.ndarray]:

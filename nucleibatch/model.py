@@ -21,6 +21,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .errors import ModelBundleError, UsageError
 from .instances import InstanceParams
+from .normalize import check_input
 from .options import PRECISIONS
 from .targets import TARGET_CLASSES
 from .tiling import PAD_MULTIPLE, block_grid, padded_size, small_image_window, tiles_over_box
@@ -31,6 +32,12 @@ BUNDLE_FORMAT = "nucleibatch-bundle/1"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 DEFAULT_BUNDLE = Path(__file__).parent / "models" / "default"
+# the bundles shipped in the package, by the name --model takes; `segment` without --model sends each
+# image to the one serving its modality (nucleibatch.choose), the first listed where several do
+SHIPPED_BUNDLES = {
+    "default": DEFAULT_BUNDLE,  # fluorescence and grey brightfield; trained on DSB 2018 only (CC0)
+    "he": DEFAULT_BUNDLE.parent / "he",  # H&E and other stained tissue; MoNuSeg 2018 (CC BY-NC-SA 4.0)
+}
 ARCHITECTURES = ("Unet", "UnetPlusPlus", "FPN", "Linknet")
 # --batch-size counts pixels in tiles of this area: a call's memory does not depend on the window
 REFERENCE_TILE_AREA = 512 * 512
@@ -42,7 +49,29 @@ CLASS_MEANING = {
 }
 
 
-def default_config(encoder: str = "resnet18", architecture: str = "Unet", tile_size: int = 1024, halo: int = 64) -> dict[str, Any]:
+def normalization_config(input: str = "grey") -> dict[str, Any]:
+    """The bundle keys that follow from the network's input channel (:data:`nucleibatch.normalize.INPUTS`):
+    ``normalization`` and the ``modalities`` (:mod:`nucleibatch.modality`) the bundle is meant for."""
+    if check_input(input) == "haematoxylin":
+        normalization = {
+            "input": "haematoxylin",
+            "grey": "haematoxylin density of the RGB channels (colour deconvolution, Ruifrok & Johnston), or the optical density of a single channel",
+            "percentiles": [1.0, 99.8],
+            "invert": "never",
+            "range": "clip((x - p_low) / (p_high - p_low), 0, 1)",
+        }
+        return {"normalization": normalization, "modalities": ["stained"]}
+    normalization = {
+        "input": "grey",
+        "grey": "mean of the colour channels (RGB/RGBA), or the channel picked by --channel",
+        "percentiles": [1.0, 99.8],
+        "invert": "auto",
+        "range": "clip((x - p_low) / (p_high - p_low), 0, 1); 1 - x when the background is bright",
+    }
+    return {"normalization": normalization, "modalities": ["fluorescence", "brightfield"]}
+
+
+def default_config(encoder: str = "resnet18", architecture: str = "Unet", tile_size: int = 1024, halo: int = 64, input: str = "grey") -> dict[str, Any]:
     """A complete bundle config for a fresh network (see the README's model bundle section)."""
     return {
         "format": BUNDLE_FORMAT,
@@ -56,18 +85,14 @@ def default_config(encoder: str = "resnet18", architecture: str = "Unet", tile_s
         "classes": list(TARGET_CLASSES),
         "class_meaning": {name: CLASS_MEANING[name] for name in TARGET_CLASSES},
         "activation": "sigmoid",
-        "normalization": {
-            "grey": "mean of the colour channels (RGB/RGBA), or the channel picked by --channel",
-            "percentiles": [1.0, 99.8],
-            "invert": "auto",
-            "range": "clip((x - p_low) / (p_high - p_low), 0, 1); 1 - x when the background is bright",
-        },
+        **normalization_config(input),
         "tile_size": tile_size,
         "halo": halo,
         "pad_multiple": PAD_MULTIPLE,
         "tta": False,
         "postprocess": InstanceParams().to_dict(),
         "units": "pixels",
+        "scale": {"nucleus_diameter_px": None, "pixel_size_um": None},
         "training": {},
         "metrics": {},
     }
@@ -279,8 +304,8 @@ def load_model(spec: str | Path = "default", device: str | torch.device = "cpu",
     """Load a model bundle.
 
     Args:
-        spec: ``"default"`` (the bundle shipped in the package) or a bundle folder
-            (or its ``config.json``).
+        spec: the name of a bundle shipped in the package (:data:`SHIPPED_BUNDLES`: ``"default"``,
+            ``"he"``) or a bundle folder (or its ``config.json``).
         device: ``"cpu"``, ``"cuda"``, ``"auto"`` or a ``torch.device``.
         precision: ``"auto"`` (bf16 on CUDA and on CPUs with native bf16, else float32),
             ``"float32"`` or ``"bf16"``.
@@ -293,13 +318,14 @@ def load_model(spec: str | Path = "default", device: str | torch.device = "cpu",
     """
     from safetensors.torch import load_file
 
-    path = DEFAULT_BUNDLE if str(spec) == "default" else Path(spec)
+    shipped = str(spec) in SHIPPED_BUNDLES
+    path = SHIPPED_BUNDLES[str(spec)] if shipped else Path(spec)
     if path.is_file() and path.name == CONFIG_NAME:
         path = path.parent
     config_path = path / CONFIG_NAME
     if not config_path.is_file():
-        hint = " (the default model is not in this installation; reinstall the package)" if str(spec) == "default" else ""
-        raise ModelBundleError(f"{path}: not a model bundle, no {CONFIG_NAME} found{hint}; give --model default or a folder written by `nucleibatch train`")
+        hint = f" (the shipped model {spec!r} is not in this installation; reinstall the package)" if shipped else ""
+        raise ModelBundleError(f"{path}: not a model bundle, no {CONFIG_NAME} found{hint}; give --model {' or '.join(SHIPPED_BUNDLES)} or a folder written by `nucleibatch train`")
     try:
         config = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as error:

@@ -1,8 +1,10 @@
 """Intensity normalisation shared by training and inference (pure array functions).
 
-The model sees one grey channel in [0, 1] with nuclei bright on a dark
-background. Statistics (percentiles, inversion) are computed ONCE per image
-and applied to every tile, so that tiles of one image agree and leave no seams.
+The model sees one channel in [0, 1] with nuclei bright on a dark background: the grey of the
+image (``input: "grey"``, fluorescence and unstained brightfield) or its haematoxylin density
+by colour deconvolution (``input: "haematoxylin"``, H&E and other stained brightfield).
+Statistics (percentiles, inversion) are computed ONCE per image and applied to every tile, so
+that tiles of one image agree and leave no seams.
 """
 
 from __future__ import annotations
@@ -15,6 +17,11 @@ import numpy as np
 from .errors import ImageReadError, UsageError
 
 INVERT_MODES = ("auto", "never", "always")
+# what the network's one input channel is made of (a bundle's normalization["input"])
+INPUTS = ("grey", "haematoxylin")
+# haematoxylin's row of the colour deconvolution of Ruifrok & Johnston (scikit-image's
+# hed_from_rgb[:, 0]): density = sum over R, G, B of optical density x weight
+HAEMATOXYLIN_WEIGHTS = (1.87798274, -0.06590806, -0.60190736)
 # Percentiles are computed on at most this many pixels (a regular subsample):
 # enough for stable percentiles, and cheap for a whole slide's low-resolution level.
 MAX_STATS_PIXELS = 4_000_000
@@ -27,9 +34,74 @@ class NormStats:
     low: float
     high: float
     invert: bool
+    input: str = "grey"  # see INPUTS: how raw pixels become the channel these statistics apply to
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_input(name: str) -> str:
+    """``name`` if it is one of :data:`INPUTS`, else :class:`UsageError` listing them."""
+    if name not in INPUTS:
+        raise UsageError(f"unknown network input {name!r}; valid: {', '.join(INPUTS)}")
+    return name
+
+
+def network_channel(image: np.ndarray, channel: int | None = None, input: str = "grey") -> np.ndarray:
+    """The one channel a network reads, before normalisation: ``(H, W[, C])`` -> ``(H, W)`` float32.
+
+    ``input="grey"``: :func:`to_grey`. ``input="haematoxylin"``: :func:`haematoxylin_density` of
+    the RGB channels (of the ``channel`` plane alone when one is picked, or of a single-channel
+    image: its optical density).
+    """
+    if check_input(input) == "grey":
+        return to_grey(image, channel)
+    if image.ndim == 3 and channel is None and image.shape[2] >= 3:
+        return haematoxylin_density(image)
+    return haematoxylin_density(to_grey(image, channel) if image.ndim == 3 else image)
+
+
+def haematoxylin_density(image: np.ndarray) -> np.ndarray:
+    """Haematoxylin density of a brightfield image by colour deconvolution (Ruifrok & Johnston,
+    scikit-image's ``rgb2hed``), up to a constant: nuclei high, background and eosin low.
+
+    Args:
+        image: ``(H, W, C)`` with C >= 3 (R, G, B first; alpha ignored) or ``(H, W)`` (one
+            transmitted-light channel: its optical density), any real dtype.
+
+    Returns:
+        ``(H, W)`` float32: ``sum_c -log(x_c + e) * w_c`` with ``w`` = :data:`HAEMATOXYLIN_WEIGHTS`
+        (one weight of 1 for a single channel), ``e`` = 1 for integer images and 1/256 for float
+        ones (read as [0, 1]). Percentile normalisation is affine, so the offset that raw units
+        add to every optical density (``log`` of the full scale) drops out.
+    """
+    planes = [image] if image.ndim == 2 else [image[:, :, c] for c in range(3)]
+    weights = (1.0,) if image.ndim == 2 else HAEMATOXYLIN_WEIGHTS
+    total = None
+    for plane, weight in zip(planes, weights, strict=True):
+        term = _density_term(plane, weight)
+        total = term if total is None else np.add(total, term, out=total)
+    return total
+
+
+def _density_term(plane: np.ndarray, weight: float) -> np.ndarray:
+    """``-log(plane + e) * weight`` as float32 (a table of every value for 8/16-bit planes)."""
+    if plane.dtype in (np.uint8, np.uint16):
+        return _density_table(plane.dtype.str, float(weight))[plane]
+    offset = np.float32(1.0) if np.issubdtype(plane.dtype, np.integer) else np.float32(1.0 / 256.0)
+    values = np.maximum(plane.astype(np.float32), np.float32(0.0))
+    values += offset
+    np.log(values, out=values)
+    values *= np.float32(-weight)
+    return values
+
+
+@functools.lru_cache(maxsize=16)
+def _density_table(dtype: str, weight: float) -> np.ndarray:
+    values = np.arange(np.iinfo(np.dtype(dtype)).max + 1, dtype=np.float32) + np.float32(1.0)
+    np.log(values, out=values)
+    values *= np.float32(-weight)
+    return values
 
 
 def to_grey(image: np.ndarray, channel: int | None = None) -> np.ndarray:
@@ -68,15 +140,17 @@ def compute_stats(
     grey: np.ndarray,
     percentiles: tuple[float, float] = (1.0, 99.8),
     invert: str = "auto",
+    input: str = "grey",
 ) -> NormStats:
     """Normalisation statistics of one whole image (or of its low-resolution level).
 
     Args:
-        grey: ``(H, W)`` float array (output of :func:`to_grey`); NaN/inf are ignored.
+        grey: ``(H, W)`` float array (output of :func:`network_channel`); NaN/inf are ignored.
         percentiles: lower and upper percentile mapped to 0 and 1.
         invert: ``"auto"`` inverts when the background is bright (brightfield, H&E),
             i.e. when the median lies in the upper half of the percentile range;
             ``"never"`` / ``"always"`` force it.
+        input: what ``grey`` was made of (recorded in the statistics).
 
     Returns:
         :class:`NormStats`.
@@ -95,17 +169,22 @@ def compute_stats(
         do_invert = bool((median - low) / (high - low) > 0.5)
     else:
         do_invert = invert == "always"
-    return NormStats(float(low), float(high), do_invert)
+    return NormStats(float(low), float(high), do_invert, check_input(input))
 
 
-def stats_for_bundle(grey: np.ndarray, normalization: dict, invert: str | None = None) -> NormStats:
-    """:func:`compute_stats` with a bundle's ``normalization`` settings (``invert`` overrides its mode).
+def stats_for_bundle(image: np.ndarray, normalization: dict, invert: str | None = None, channel: int | None = None) -> NormStats:
+    """:func:`compute_stats` of an image's :func:`network_channel` with a bundle's ``normalization``
+    settings (``input``, ``percentiles``, ``invert``; ``invert`` given here overrides the bundle's).
 
     The one place training, ``segment`` and ``evaluate`` read those settings, so all three
     normalise alike.
+
+    Args:
+        image: ``(H, W[, C])`` the raw image or its overview, any real dtype.
     """
     percentiles = tuple(normalization.get("percentiles", (1.0, 99.8)))
-    return compute_stats(grey, percentiles, invert or normalization.get("invert", "auto"))
+    input = normalization.get("input", "grey")
+    return compute_stats(network_channel(image, channel, input), percentiles, invert or normalization.get("invert", "auto"), input)
 
 
 def apply_stats(grey: np.ndarray, stats: NormStats) -> np.ndarray:
@@ -128,13 +207,16 @@ def apply_stats(grey: np.ndarray, stats: NormStats) -> np.ndarray:
 
 
 def normalise_pixels(image: np.ndarray, stats: NormStats, channel: int | None = None) -> np.ndarray:
-    """``apply_stats(to_grey(image, channel), stats)``, bit for bit, for an image read from a file:
-    ``(H, W)`` or ``(H, W, C)`` -> ``(H, W)`` float32 in [0, 1].
+    """``apply_stats(network_channel(image, channel, stats.input), stats)``, bit for bit, for an
+    image read from a file: ``(H, W)`` or ``(H, W, C)`` -> ``(H, W)`` float32 in [0, 1].
 
-    8- and 16-bit unsigned images go through a table of every value's result (3x fewer passes
-    over a block): the grey of an integer image is an integer (one channel) or a sum of integers
-    divided by the channel count, so the table holds exactly what the arithmetic gives.
+    For the grey input, 8- and 16-bit unsigned images go through a table of every value's result
+    (3x fewer passes over a block): the grey of an integer image is an integer (one channel) or
+    a sum of integers divided by the channel count, so the table holds exactly what the
+    arithmetic gives.
     """
+    if stats.input != "grey":
+        return apply_stats(network_channel(image, channel, stats.input), stats)
     if (
         image.dtype not in (np.uint8, np.uint16)
         or image.ndim not in (2, 3)

@@ -11,6 +11,7 @@ Engines schedule these steps; they all call the functions here.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -36,9 +37,10 @@ from .io.store import (
     write_pyramids,
 )
 from .io.tables import output_manifest, remove_image_outputs, write_nuclei_part, write_record
-from .measure import concat_columns, measure_labels
+from .measure import concat_columns, measure_labels, physical_columns
 from .normalize import NormStats, normalise_pixels, stats_for_bundle, to_grey
 from .options import INSTANCES_ON, resolve_instances_on
+from .scale import from_network_scale, network_box, scaled_shape, to_network_scale
 from .stitching import OwnedObjects, block_offsets, paint_region, select_owned
 from .tiling import PAD_MULTIPLE, Block, block_grid, floor_to, small_image_window
 
@@ -65,6 +67,8 @@ class SegmentSettings:
     # post-processing threads or processes), "device" (torch, next to the network:
     # nucleibatch.instances_torch), "auto" (device where the network runs on CUDA, else cpu)
     instances_on: str = "auto"
+    pixel_size: float | None = None  # micrometres per pixel of every input (--pixel-size); None: each file's metadata
+    diameter: float | str | None = None  # nucleus diameter in input pixels (--diameter), "auto" (estimated), None
     # no longer used (the network reads the model's halo around a block, see context_pixels);
     # kept so that settings saved by earlier versions, and their command lines, still match
     context: int = 192
@@ -80,6 +84,10 @@ class SegmentSettings:
             raise UsageError(f"--invert must be auto, never or always (got {self.invert})")
         if self.instances_on not in INSTANCES_ON:
             raise UsageError(f"--instances-on must be {', '.join(INSTANCES_ON)} (got {self.instances_on})")
+        if self.pixel_size is not None and not (math.isfinite(self.pixel_size) and self.pixel_size > 0):
+            raise UsageError(f"--pixel-size must be a positive number of micrometres (got {self.pixel_size})")
+        if self.diameter is not None and self.diameter != "auto" and not (isinstance(self.diameter, (int, float)) and math.isfinite(self.diameter) and self.diameter > 0):
+            raise UsageError(f"--diameter must be a positive number of pixels or auto (got {self.diameter!r})")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,6 +105,11 @@ class ImagePlan:
     stats: NormStats
     blocks: list[Block]
     input_fingerprint: str | None = None  # the input as it was when planned (resume redoes changed inputs)
+
+    @property
+    def scale(self) -> float:
+        """The factor the network sees the image enlarged by (:mod:`nucleibatch.scale`; 1: as it is)."""
+        return self.record.scale
 
 
 @dataclass
@@ -163,7 +176,7 @@ def plan_image(record: ImageRecord, source: ImageSource, settings: SegmentSettin
     with timer("read"):
         overview = source.overview()
     with timer("normalise"):
-        stats = stats_for_bundle(to_grey(overview, settings.channel), model_config.get("normalization", {}), settings.invert)
+        stats = stats_for_bundle(overview, model_config.get("normalization", {}), settings.invert, settings.channel)
     blocks = block_grid((height, width), settings.block_size, settings.block_margin)
     return ImagePlan(record, store_name(record.image_id), (height, width), source.channels, np.dtype(source.dtype), stats, blocks)
 
@@ -202,7 +215,7 @@ def _start_image(record: ImageRecord, settings: SegmentSettings, model_config: d
             source.close()
     with timer("write"):
         chunk = chunk_for_blocks(settings.block_size)
-        group = create_image_group(open_root(out_dir / "masks.zarr"), name, record.image_id, plan.shape, plan.channels, plan.dtype, chunk=chunk)
+        group = create_image_group(open_root(out_dir / "masks.zarr"), name, record.image_id, plan.shape, plan.channels, plan.dtype, chunk=chunk, pixel_size_um=record.pixel_size_um)
     return plan, group
 
 
@@ -215,8 +228,11 @@ def prediction_region(block: Block, shape: tuple[int, int], halo: int) -> tuple[
 
 
 def read_block(plan: ImagePlan, block: Block, source: ImageSource, halo: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """Raw pixels ``(h, w, C)`` of the block's prediction region and that region's box."""
-    region = prediction_region(block, plan.shape, halo)
+    """Raw pixels ``(h, w, C)`` of the block's prediction region and that region's box.
+
+    ``halo``: the network's context in its own pixels (:func:`context_pixels`), as many of the
+    image's pixels where the image is resampled for it (``plan.scale``)."""
+    region = prediction_region(block, plan.shape, math.ceil(halo / plan.scale))
     return source.read(*region), region
 
 
@@ -271,16 +287,25 @@ def predict_blocks(
     if normalised is None:
         with timer("normalise"):
             normalised = [normalise_region(plan, raw, settings) for plan, _, raw, _ in items]
+    scales = [plan.scale for plan, *_ in items]
+    with timer("normalise"):  # images resampled for the network: their regions at its scale
+        normalised = [to_network_scale(image, scale) for image, scale in zip(normalised, scales, strict=True)]
+        boxes = [inner if scale == 1.0 else network_box(inner, scale, image.shape) for inner, scale, image in zip(inners, scales, normalised, strict=True)]
     with timer("predict"):
-        probabilities = model.predict_many(normalised, batch_size=batch_size, tta=settings.tta, output_boxes=inners, keep_half=True)
+        probabilities = model.predict_many(normalised, batch_size=batch_size, tta=settings.tta, output_boxes=boxes, keep_half=True)
     del normalised
+    with timer("instances"):  # and their probabilities back at the image's pixels
+        probabilities = [
+            p if scale == 1.0 else from_network_scale(p, scale, (box[0], box[2]), inner)
+            for p, scale, box, inner in zip(probabilities, scales, boxes, inners, strict=True)
+        ]
     labels: list[np.ndarray | None] = [None] * len(items)
     if instances_on_device(settings, model.device.type):
         from .instances_torch import instance_labels_on
 
         params = instance_params(settings, model)
         with timer("instances"):
-            labels = [instance_labels_on(model.device, block_probabilities, params) for block_probabilities in probabilities]
+            labels = [instance_labels_on(model.device, block_probabilities, params.at_scale(scale)) for block_probabilities, scale in zip(probabilities, scales, strict=True)]
         probabilities = [None] * len(items)
     pixels = [raw[y0:y1, x0:x1] for (_, _, raw, _), (y0, y1, x0, x1) in zip(items, inners, strict=True)]
     total = sum(p.shape[0] * p.shape[1] for p in pixels)
@@ -295,7 +320,7 @@ def predict_blocks(
 def fits_one_tile(plan: ImagePlan, model_config: dict) -> bool:
     """An image small enough to be one tile of the network (most DSB fields): engines batch the
     blocks of several such images into one model call."""
-    return len(plan.blocks) == 1 and small_image_window(plan.shape, int(model_config.get("tile_size", 512))) is not None
+    return len(plan.blocks) == 1 and small_image_window(scaled_shape(plan.shape, plan.scale), int(model_config.get("tile_size", 512))) is not None
 
 
 def finish_block(plan: ImagePlan, block: Block, prediction: BlockPrediction, settings: SegmentSettings, params: InstanceParams, image_group=None) -> BlockResult:
@@ -303,6 +328,7 @@ def finish_block(plan: ImagePlan, block: Block, prediction: BlockPrediction, set
     timer = Timer()
     timer.add(prediction.seconds)
     ry0, ry1, rx0, rx1 = block.read
+    params = params.at_scale(plan.scale)  # the labels are made at the image's own pixels
     with timer("instances"):
         labels = prediction.labels if prediction.labels is not None else instance_labels(prediction.probabilities, params)
         owned_labels, owned = select_owned(labels, block, plan.shape, settings.block_margin, params.min_size)
@@ -382,6 +408,7 @@ def complete_image(
                 source.close()
             keep = columns["area"] > 0
             columns = {k: v[keep] for k, v in columns.items()}
+        columns.update(physical_columns(columns, plan.record.pixel_size_um))
     with timer("write"):
         write_pyramids(image_group)
         write_nuclei_part(out_dir, plan.name, plan.record.image_id, columns)
@@ -396,6 +423,7 @@ def complete_image(
         "error": None,
         "seconds": None,  # set by the caller, who knows when the image started
         "store_path": plan.name,
+        **choice_columns(plan.record),
         # kept in the completion record only (not in images.parquet): resume and verify read them
         "input": plan.input_fingerprint,
         "outputs": outputs,
@@ -634,7 +662,13 @@ def failed_row(record: ImageRecord, error: BaseException | str, seconds: float) 
         "error": message,
         "seconds": round(seconds, 4),
         "store_path": None,  # a failed image has no group in masks.zarr
+        **choice_columns(record),
     }
+
+
+def choice_columns(record: ImageRecord) -> dict[str, Any]:
+    """The images.parquet columns of how an image was treated (:mod:`nucleibatch.choose`)."""
+    return {"modality": record.modality, "model": record.model, "pixel_size_um": record.pixel_size_um, "scale": float(record.scale)}
 
 
 def record_failed_image(out_dir: Location, record: ImageRecord, error: BaseException | str, seconds: float) -> dict[str, Any]:

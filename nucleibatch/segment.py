@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, faults
+from .choose import choose_all, load_models
 from .errors import OutputError, UsageError
 from .io.discover import ImageRecord, discover_inputs
 from .io.location import (
@@ -39,7 +40,7 @@ from .io.tables import (
     remove_stale_temporaries,
     write_images_table,
 )
-from .model import NucleiModel, load_model, resolve_device, resolve_device_name
+from .model import NucleiModel, resolve_device, resolve_device_name
 from .options import resolve_instances_on
 from .pipeline import STAGES, SegmentSettings, Timer, input_fingerprint
 from .verify import verify_records
@@ -245,7 +246,7 @@ def _check_settings(out_dir: Location, fingerprint: dict[str, Any]) -> None:
 def run_segment_job(
     inputs: list[str],
     out: str | Path,
-    model: str | NucleiModel = "default",
+    model: str | NucleiModel = "auto",
     engine: str = "local",
     device: str = "auto",
     settings: SegmentSettings | None = None,
@@ -262,6 +263,8 @@ def run_segment_job(
 ) -> RunSummary:
     """Segment every image of ``inputs`` into ``out`` (resuming what a previous run left).
 
+    ``model``: ``"auto"`` (each image to the shipped bundle of its modality, :mod:`nucleibatch.choose`),
+    a shipped bundle's name, a bundle folder, or a loaded model (every image to it).
     ``post_workers`` (local engine): processes that post-process while this process runs the
     model (None: :func:`~nucleibatch.engines.process_pool.default_post_workers`; 0: threads here).
     """
@@ -295,7 +298,8 @@ def run_segment_job(
         if post_workers:
             post_pool = start_post_pool(post_workers)  # the processes start while the model loads
     try:
-        loaded = model if isinstance(model, NucleiModel) else load_model(model, device=driver_device, precision=precision)
+        models = load_models(model, device=driver_device, precision=precision)
+        loaded = models.first  # the device, precision and post-processing processes are the same for every model
         records = discover_inputs(inputs, channel=settings.channel)
         make_dirs(out_dir)
         with Lock(out_dir):
@@ -304,7 +308,9 @@ def run_segment_job(
             # local engine: "auto" recorded as what it means here (a GPU rerun must not mix methods);
             # distributed: each model worker resolves it for its own device, as the precision
             instances_on = resolve_instances_on(settings.instances_on, loaded.device.type) if engine == "local" else settings.instances_on
-            _check_settings(out_dir, {"model_sha256": loaded.sha256, "settings": settings.to_dict() | {"instances_on": instances_on}})
+            # one model: as recorded before models were chosen per image (such OUTs resume alike)
+            model_sha256 = {name: m.sha256 for name, m in models.models.items()} if models.routes else loaded.sha256
+            _check_settings(out_dir, {"model_sha256": model_sha256, "settings": settings.to_dict() | {"instances_on": instances_on}})
             remove_stale_temporaries(out_dir)
             open_root(out_dir / "masks.zarr")  # once, here: units running at once then only add groups
             finished = read_records(out_dir)
@@ -316,27 +322,39 @@ def run_segment_job(
             import pandas  # noqa: F401 - pyarrow imports it on its first NumPy conversion (~0.5 s): here, not inside the first image's table write
 
             timer = Timer()
-            busy_before, tiles_before, shapes_before = loaded.usage.busy_seconds, loaded.usage.tiles, Counter(loaded.usage.batch_shapes)
+            usage_before = {name: (m.usage.busy_seconds, m.usage.tiles, Counter(m.usage.batch_shapes)) for name, m in models.models.items()}
+            choose_started = time.perf_counter()
+            todo = choose_all(todo, models, settings.channel, settings.invert, settings.pixel_size, settings.diameter)
+            choose_seconds = time.perf_counter() - choose_started
+            if models.routes or settings.diameter == "auto":
+                log.info("models and scales chosen for %d images in %.1f s: %s", len(todo), choose_seconds, dict(Counter(r.model for r in todo)))
             engine_started = time.perf_counter()
             placement: list[dict[str, Any]] = []
             bar = Progress(len(records), n_resumed, progress)
             try:
-                if post_pool is not None:
-                    from .engines.process_pool import run_pool
+                for name, group_model in models.models.items():
+                    group = [r for r in todo if r.model == name]
+                    if not group:
+                        continue
+                    if post_pool is not None:
+                        from .engines.process_pool import run_pool
 
-                    run_pool(todo, loaded, settings, out_dir, batch_size, timer, bar.update, placement, post_pool, post_workers)
-                elif engine == "local":
-                    from .engines.local import run_local
+                        run_pool(group, group_model, settings, out_dir, batch_size, timer, bar.update, placement, post_pool, post_workers)
+                    elif engine == "local":
+                        from .engines.local import run_local
 
-                    run_local(todo, loaded, settings, out_dir, batch_size, timer, bar.update)
-                else:
-                    from importlib import import_module
+                        run_local(group, group_model, settings, out_dir, batch_size, timer, bar.update)
+                    else:
+                        from importlib import import_module
 
-                    run_engine = import_module(f".engines.{engine}_engine", __package__).run_engine
-                    run_engine(todo, loaded, device, settings, out_dir, batch_size, timer, bar.update, placement, address=address, workers=workers, gpus_per_worker=gpus_per_worker)
+                        run_engine = import_module(f".engines.{engine}_engine", __package__).run_engine
+                        run_engine(group, group_model, device, settings, out_dir, batch_size, timer, bar.update, placement, address=address, workers=workers, gpus_per_worker=gpus_per_worker)
             finally:
                 bar.close()
             engine_seconds = time.perf_counter() - engine_started
+            busy = sum(m.usage.busy_seconds - usage_before[name][0] for name, m in models.models.items())
+            tiles = sum(m.usage.tiles - usage_before[name][1] for name, m in models.models.items())
+            shapes = sum((m.usage.batch_shapes - usage_before[name][2] for name, m in models.models.items()), Counter())
             faults.point("consolidate")
             rows = read_records(out_dir)
             write_images_table(out_dir, list(rows.values()))
@@ -367,9 +385,18 @@ def run_segment_job(
                 "settings": settings.to_dict() | {"batch_size": batch_size},
                 "post_workers": post_workers if engine == "local" else None,
                 "postprocess": settings.postprocess or loaded.postprocess.to_dict(),
-                "model": {"name": loaded.name, "sha256": loaded.sha256, "path": str(loaded.path)},
+                "model": (
+                    {"name": "auto", "sha256": "+".join(m.sha256[:12] for m in models.models.values()), "path": None}
+                    if models.routes
+                    else {"name": loaded.name, "sha256": loaded.sha256, "path": str(loaded.path)}
+                ),
+                "models": [entry | {"images": sum(r.get("model") == entry["name"] for r in current)} for entry in models.describe()],
+                "choose_seconds": round(choose_seconds, 3),
+                "pixel_size_um": settings.pixel_size,
+                "diameter": settings.diameter,
+                "scales": _scale_summary(current),
                 "versions": _versions(),
-                "units": "pixels (positions, lengths and areas in nuclei.parquet are in pixels of the full-resolution image)",
+                "units": "pixels (positions, lengths and areas in nuclei.parquet are in pixels of the full-resolution image; the *_um / *_um2 columns in micrometres where the pixel size is known)",
                 "counts": {"images": summary.n_images, "ok": summary.n_ok, "failed": summary.n_failed, "nuclei": summary.n_nuclei, "resumed": n_resumed},
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started_at)),
                 "wall_seconds": summary.wall_seconds,
@@ -377,11 +404,11 @@ def run_segment_job(
                 "mpix_per_s": round(processed_mpix / wall, 4) if wall > 0 else None,
                 "stage_seconds": {stage: round(timer.seconds.get(stage, 0.0), 3) for stage in STAGES},
                 # local engine: the one model's own count (distributed engines: the model workers' predict seconds are in stage_seconds)
-                "model_busy_seconds": round(loaded.usage.busy_seconds - busy_before, 3) if engine == "local" else None,
-                "engine_seconds": round(engine_seconds, 3),  # the images' processing, without model load and discovery
-                "model_idle_fraction": round(max(0.0, 1 - (loaded.usage.busy_seconds - busy_before) / engine_seconds), 4) if engine == "local" and engine_seconds > 0 else None,
-                "model_tiles": loaded.usage.tiles - tiles_before if engine == "local" else None,
-                "model_batches": [[*shape, count] for shape, count in sorted((loaded.usage.batch_shapes - shapes_before).items())] if engine == "local" else None,
+                "model_busy_seconds": round(busy, 3) if engine == "local" else None,
+                "engine_seconds": round(engine_seconds, 3),  # the images' processing, without model load, discovery and choosing models
+                "model_idle_fraction": round(max(0.0, 1 - busy / engine_seconds), 4) if engine == "local" and engine_seconds > 0 else None,
+                "model_tiles": tiles if engine == "local" else None,
+                "model_batches": [[*shape, count] for shape, count in sorted(shapes.items())] if engine == "local" else None,
                 "stage_seconds_note": "summed over the threads/workers that ran each stage",
             }
             if engine != "local" or placement:
@@ -394,6 +421,19 @@ def run_segment_job(
     finally:
         if post_pool is not None:
             post_pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _scale_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """How the run's images were scaled for their models: how many were resampled, the range of
+    factors, and how many had a known pixel size."""
+    scales = [float(r["scale"]) for r in rows if r.get("scale") is not None]
+    resampled = [s for s in scales if s != 1.0]
+    return {
+        "images_resampled": len(resampled),
+        "min": min(resampled) if resampled else None,
+        "max": max(resampled) if resampled else None,
+        "images_with_pixel_size": sum(r.get("pixel_size_um") is not None for r in rows),
+    }
 
 
 def _write_report(out_dir: Location) -> None:

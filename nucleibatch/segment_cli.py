@@ -20,7 +20,9 @@ def add_segment(subparsers) -> None:
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, zarr stores or manifest files (paths or file:// URLs)")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (path or file:// URL)")
-    p.add_argument("--model", default="default", help="'default' (shipped) or a bundle folder [default]")
+    p.add_argument("--model", default="auto", help="auto: each image to the shipped model of its modality (fluorescence and grey brightfield: default; H&E and stained tissue: he); or one model for every image: default, he, or a bundle folder [auto]")
+    p.add_argument("--pixel-size", type=float, default=None, metavar="UM", help="micrometres per pixel of every input, overriding the files' metadata (OME, SVS MPP, TIFF resolution, OME-Zarr scale); images are resampled to their model's scale [from each file]")
+    p.add_argument("--diameter", default=None, metavar="PX|auto", help="typical nucleus diameter in the inputs' pixels; images are resampled so that it matches their model's (it wins over --pixel-size); auto: estimated per image by segmenting its densest 1024x1024 window twice [off: the pixel size decides, else none]")
     p.add_argument("--engine", default="local", choices=("local", "ray", "dask"), help="scheduler [local]")
     p.add_argument("--address", default=None, help="Ray or Dask scheduler address (ray/dask engines)")
     p.add_argument("--workers", type=int, default=0, help="model workers for ray/dask [ray: one per GPU, else half the CPUs; dask: the workers declaring GPU, else all]")
@@ -51,6 +53,7 @@ def add_segment(subparsers) -> None:
 
 
 def run_segment(args) -> int:
+    from .choose import check_diameter
     from .pipeline import SegmentSettings
     from .segment import closing_summary, run_segment_job
 
@@ -65,6 +68,8 @@ def run_segment(args) -> int:
         **({} if args.context is None else {"context": args.context}),
         tta=None if args.tta == "auto" else args.tta == "on",
         instances_on=args.instances_on,
+        pixel_size=args.pixel_size,
+        diameter=check_diameter(args.diameter),
     )
     summary = run_segment_job(
         list(args.inputs),

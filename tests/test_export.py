@@ -42,7 +42,7 @@ from nucleibatch.export import (
 )
 from nucleibatch.io.store import create_image_group, store_name
 from nucleibatch.io.tables import IMAGES_SCHEMA, NUCLEI_SCHEMA
-from nucleibatch.measure import measure_labels
+from nucleibatch.measure import measure_labels, physical_columns
 from nucleibatch.synthetic import synthetic_nuclei
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,6 +102,7 @@ def write_out(out: Path, images: list[tuple[str, np.ndarray | None]], chunk: int
         group = create_image_group(root, name, image_id, labels.shape, 1, np.uint8, chunk=chunk)
         group["labels/nuclei/0"][:] = labels
         columns = measure_labels(labels, np.ones(labels.shape, np.float32))
+        columns.update(physical_columns(columns, None))
         frame = pd.DataFrame({"image_id": [image_id] * len(columns["label"]), **columns})
         pq.write_table(pa.Table.from_pandas(frame, schema=NUCLEI_SCHEMA, preserve_index=False), out / "nuclei.parquet" / f"{name}.parquet")
         rows.append(dict(image_id=image_id, source=f"{image_id}.png", height=labels.shape[0], width=labels.shape[1], n_nuclei=len(frame), status="ok", error=None, seconds=0.1, store_path=name))

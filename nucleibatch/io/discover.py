@@ -56,6 +56,12 @@ class ImageRecord:
             zarr ``{"node", "levels", "axes", "index"}``, plain ``{}``.
         error: set when the file was found but cannot be used; one line. The pipeline
             writes such a record as a 'failed' row with this reason.
+        pixel_size_um: micrometres per pixel, from the file's metadata or ``--pixel-size``;
+            None when unknown.
+        modality, model, scale: how ``segment`` treats the image, decided before it runs
+            (:mod:`nucleibatch.choose`): its modality (:mod:`nucleibatch.modality`), the name of
+            the model bundle it goes to (None: the run's one model), and the factor it is
+            resampled by for that model (:mod:`nucleibatch.scale`; 1: not resampled).
     """
 
     image_id: str
@@ -67,6 +73,10 @@ class ImageRecord:
     dtype: str | None
     selector: dict = field(default_factory=dict, hash=False)
     error: str | None = None
+    pixel_size_um: float | None = None
+    modality: str | None = None
+    model: str | None = None
+    scale: float = 1.0
 
     def to_dict(self) -> dict:
         """JSON-serialisable dict (inverse of :meth:`from_dict`)."""
@@ -338,7 +348,7 @@ def _records(candidate: _Candidate) -> list[ImageRecord]:
             image_id += "#" + "-".join(f"{'s' if name == 'series' else name}{value}" for name, value in image.parts)
             source += "#" + ",".join(f"{name}={value}" for name, value in image.parts)
         error = printable(image.error) if image.error else None
-        records.append(ImageRecord(printable(image_id), printable(source), path, image.kind or candidate.kind, image.shape, image.channels, image.dtype, image.selector, error))
+        records.append(ImageRecord(printable(image_id), printable(source), path, image.kind or candidate.kind, image.shape, image.channels, image.dtype, image.selector, error, image.pixel_size_um))
     return records
 
 

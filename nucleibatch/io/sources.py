@@ -52,6 +52,7 @@ from .imagefile import (
     too_many_pixels,
 )
 from .location import Location, is_remote, open_binary, to_location, zarr_store
+from .pixelsize import ome_zarr_pixel_size, tiff_pixel_size
 
 if TYPE_CHECKING:
     from .discover import ImageRecord
@@ -505,6 +506,7 @@ class ProbedImage:
     dtype: str | None = None
     error: str | None = None
     kind: str | None = None
+    pixel_size_um: float | None = None  # from the file's metadata (io/pixelsize.py), None when unknown
 
 
 def probe(path: str | Path | Location, kind: str) -> list[ProbedImage]:
@@ -728,6 +730,7 @@ def _probe_tiff(path: Location, file_size: int) -> list[ProbedImage]:
             except Exception as error:
                 found.append(ProbedImage(parts=prefix, selector={"series": number}, error=f"{one_line(error)}"))
                 continue
+            pixel_size = tiff_pixel_size(tif, number)
             for index in plan.planes():
                 parts = prefix + tuple((name, value) for name, value in index.items() if plan.shape[plan.names.index(name)] > 1)
                 found.append(
@@ -737,6 +740,7 @@ def _probe_tiff(path: Location, file_size: int) -> list[ProbedImage]:
                         shape=plan.hw,
                         channels=plan.channels,
                         dtype=str(native(series.dtype)),
+                        pixel_size_um=pixel_size,
                     )
                 )
         return found
@@ -775,7 +779,7 @@ def _ome_axis_names(multiscale: dict, ndim: int) -> tuple[str, ...] | None:
     return tuple(names)
 
 
-def _zarr_image(node_path: str, levels: list[Any], level_paths: list[str], names: tuple[str, ...] | None) -> list[ProbedImage]:
+def _zarr_image(node_path: str, levels: list[Any], level_paths: list[str], names: tuple[str, ...] | None, pixel_size_um: float | None = None) -> list[ProbedImage]:
     base = levels[0]
     try:
         if names is None:
@@ -801,7 +805,7 @@ def _zarr_image(node_path: str, levels: list[Any], level_paths: list[str], names
     for index in plan.planes():
         parts = tuple((name, value) for name, value in index.items() if plan.shape[plan.names.index(name)] > 1)
         selector = {"node": node_path, "levels": level_paths, "axes": list(plan.names), "index": index}
-        found.append(ProbedImage(parts=parts, node=node_path, selector=selector, shape=plan.hw, channels=plan.channels, dtype=str(native(base.dtype))))
+        found.append(ProbedImage(parts=parts, node=node_path, selector=selector, shape=plan.hw, channels=plan.channels, dtype=str(native(base.dtype)), pixel_size_um=pixel_size_um))
     return found
 
 
@@ -836,7 +840,7 @@ def _visit_zarr(node: Any, node_path: str, found: list[ProbedImage]) -> None:
             levels = [node[p] for p in paths]
             if not all(isinstance(level, zarr.Array) for level in levels):
                 raise ValueError("an OME-Zarr dataset path is not an array")
-            found.extend(_zarr_image(node_path, levels, paths, _ome_axis_names(multiscale, levels[0].ndim)))
+            found.extend(_zarr_image(node_path, levels, paths, _ome_axis_names(multiscale, levels[0].ndim), ome_zarr_pixel_size(multiscale)))
             return
         members = sorted(node.members(), key=lambda m: m[0])
     except Exception as error:

@@ -60,10 +60,12 @@ def pyramid_shapes(shape: tuple[int, int]) -> list[tuple[int, int]]:
     return shapes
 
 
-def _multiscales(name: str, axes: list[dict], n_levels: int) -> list[dict]:
+def _multiscales(name: str, axes: list[dict], n_levels: int, pixel_size_um: float | None = None) -> list[dict]:
+    """NGFF multiscales: level ``k`` is every ``2**k``-th pixel, its scale ``2**k`` pixels (or times
+    ``pixel_size_um`` micrometres, where the pixel size is known) on the space axes."""
     datasets = []
     for level in range(n_levels):
-        factor = float(2**level)
+        factor = float(2**level) * (pixel_size_um or 1.0)
         scale = [1.0 if a["type"] == "channel" else factor for a in axes]
         datasets.append({"path": str(level), "coordinateTransformations": [{"type": "scale", "scale": scale}]})
     return [{"name": name, "axes": axes, "datasets": datasets}]
@@ -82,8 +84,12 @@ def create_image_group(
     channels: int,
     dtype: np.dtype,
     chunk: int = CHUNK,
+    pixel_size_um: float | None = None,
 ) -> zarr.Group:
     """(Re)create the OME-Zarr group of one image with empty image and label levels.
+
+    ``pixel_size_um``: where known, the space axes are in micrometres and the scales physical
+    (NGFF ``unit: micrometer``); else in pixels.
 
     Any previous content under the group's path is removed first: an unfinished earlier
     attempt may have left a whole group, or only some of its nodes and chunks (a run killed
@@ -93,16 +99,17 @@ def create_image_group(
     prefix = f"{root.path}/{name}" if root.path else name
     zarr.core.sync.sync(root.store.delete_dir(prefix))
     levels = pyramid_shapes(shape)
-    space = [{"name": "y", "type": "space", "unit": "pixel"}, {"name": "x", "type": "space", "unit": "pixel"}]
+    unit = "micrometer" if pixel_size_um else "pixel"
+    space = [{"name": "y", "type": "space", "unit": unit}, {"name": "x", "type": "space", "unit": unit}]
     image_axes = [{"name": "c", "type": "channel"}] + space
     nodes: dict[str, Any] = {
-        name: GroupMetadata(attributes={"ome": {"version": NGFF_VERSION, "multiscales": _multiscales(image_id, image_axes, len(levels))}}, zarr_format=3),
+        name: GroupMetadata(attributes={"ome": {"version": NGFF_VERSION, "multiscales": _multiscales(image_id, image_axes, len(levels), pixel_size_um)}}, zarr_format=3),
         f"{name}/labels": GroupMetadata(attributes={"ome": {"version": NGFF_VERSION, "labels": [LABEL_NAME]}}, zarr_format=3),
         f"{name}/labels/{LABEL_NAME}": GroupMetadata(
             attributes={
                 "ome": {
                     "version": NGFF_VERSION,
-                    "multiscales": _multiscales(LABEL_NAME, space, len(levels)),
+                    "multiscales": _multiscales(LABEL_NAME, space, len(levels), pixel_size_um),
                     "image-label": {"version": NGFF_VERSION, "source": {"image": "../../"}},
                 }
             },

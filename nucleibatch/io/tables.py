@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from .. import faults
 from ..errors import NotSegmentOutputError
-from ..measure import NUCLEI_COLUMNS
+from ..measure import NUCLEI_COLUMNS, PHYSICAL_COLUMNS
 from .location import (
     Location,
     exists,
@@ -36,7 +36,7 @@ from .location import (
     write_bytes_atomic,
 )
 
-IMAGE_COLUMNS = ("image_id", "source", "height", "width", "n_nuclei", "status", "error", "seconds", "store_path")
+IMAGE_COLUMNS = ("image_id", "source", "height", "width", "n_nuclei", "status", "error", "seconds", "store_path", "modality", "model", "pixel_size_um", "scale")
 STATE_DIR = ".nucleibatch"
 
 NUCLEI_SCHEMA = pa.schema(
@@ -45,15 +45,18 @@ NUCLEI_SCHEMA = pa.schema(
     + [("area", pa.int64())]
     + [(name, pa.float64()) for name in ("perimeter", "eccentricity", "solidity", "mean_intensity")]
     + [(name, pa.int64()) for name in ("bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x")]
+    + [(name, pa.float64()) for name in PHYSICAL_COLUMNS]
 )
 IMAGES_SCHEMA = pa.schema(
     [
         ("image_id", pa.string()), ("source", pa.string()), ("height", pa.int64()), ("width", pa.int64()),
         ("n_nuclei", pa.int64()), ("status", pa.string()), ("error", pa.string()), ("seconds", pa.float64()),
-        ("store_path", pa.string()),
+        ("store_path", pa.string()), ("modality", pa.string()), ("model", pa.string()), ("pixel_size_um", pa.float64()),
+        ("scale", pa.float64()),
     ]
 )  # fmt: skip
-assert tuple(NUCLEI_SCHEMA.names) == NUCLEI_COLUMNS
+assert tuple(NUCLEI_SCHEMA.names) == NUCLEI_COLUMNS + tuple(PHYSICAL_COLUMNS)
+assert tuple(IMAGES_SCHEMA.names) == IMAGE_COLUMNS
 
 
 def check_segment_output(out: str | Location, finished: bool = False) -> Location:
@@ -111,10 +114,12 @@ def remove_stale_temporaries(out_dir: Location) -> int:
 
 
 def write_nuclei_part(out_dir: Location, name: str, image_id: str, columns: dict[str, np.ndarray]) -> Location:
-    """Write one image's nuclei (columns of :func:`nucleibatch.measure.measure_labels`) as a parquet part."""
+    """Write one image's nuclei (columns of :func:`nucleibatch.measure.measure_labels` and
+    :func:`~nucleibatch.measure.physical_columns`, whose NaN become nulls) as a parquet part."""
     n = len(columns["label"])
     arrays = {"image_id": pa.array([image_id] * n, pa.string())}
     arrays.update({key: pa.array(columns[key], NUCLEI_SCHEMA.field(key).type) for key in NUCLEI_COLUMNS if key != "image_id"})
+    arrays.update({key: pa.array(columns[key], pa.float64(), from_pandas=True) for key in PHYSICAL_COLUMNS})
     table = pa.table(arrays, schema=NUCLEI_SCHEMA)
     path = out_dir / "nuclei.parquet" / f"{name}.parquet"
     if is_remote(path):

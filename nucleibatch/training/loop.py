@@ -22,8 +22,8 @@ import torch
 
 from ..instances import InstanceParams, probabilities_to_labels
 from ..metrics import image_scores
-from ..model import build_network, predict_image
-from .data import Example, PatchDataset
+from ..model import build_network, predict_image, uses_bf16
+from .data import AugmentSettings, Example, PatchDataset
 from .losses import segmentation_loss
 from .overlays import OVERLAY_IMAGES, overlay_panel, overlay_path, write_png
 
@@ -324,9 +324,11 @@ def run_epochs(context: RayWorkerContext | LocalWorkerContext, settings: dict[st
     rank, world, device = context.rank, context.world, context.device
     train_examples = context.train_examples
     val_examples = context.val_examples[rank::world]
-    use_amp = device.type == "cuda"
+    use_amp = uses_bf16(settings.get("precision", "auto"), device)
 
     network = build_network(bundle_config)
+    if use_amp and device.type == "cpu":  # bf16 convolutions on the CPU want channels-last
+        network = network.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(network.parameters(), lr=settings["learning_rate"], weight_decay=1e-4)
     checkpoint_state = context.checkpoint_state()
     init_state = context.init_state() if checkpoint_state is None else None
@@ -340,7 +342,8 @@ def run_epochs(context: RayWorkerContext | LocalWorkerContext, settings: dict[st
     freeze_epochs = int(settings.get("freeze_encoder_epochs", 0))
     model, frozen = None, None
 
-    dataset = PatchDataset(train_examples, settings["patch_size"], settings["patches_per_epoch"], seed=settings["seed"])
+    augment = AugmentSettings(stain=float(settings.get("stain_jitter") or 0.0), blur=float(settings.get("blur", 0.0)))
+    dataset = PatchDataset(train_examples, settings["patch_size"], settings["patches_per_epoch"], seed=settings["seed"], augment=augment)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=settings["batch_size"],
@@ -384,6 +387,8 @@ def run_epochs(context: RayWorkerContext | LocalWorkerContext, settings: dict[st
             lr = learning_rate(epoch * steps_per_epoch + step, total_steps, settings["learning_rate"], warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            if use_amp and device.type == "cpu":
+                x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits = model(x)
             loss = segmentation_loss(logits, y)

@@ -17,7 +17,17 @@ import torch
 from ..errors import ModelBundleError, UsageError
 from ..instances import InstanceParams
 from ..io.annotated import discover_annotated, iter_annotated
-from ..model import CONFIG_NAME, WEIGHTS_NAME, default_config, load_model, save_bundle, sha256_file
+from ..model import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    default_config,
+    load_model,
+    normalization_config,
+    save_bundle,
+    sha256_file,
+)
+from ..normalize import INPUTS
+from ..options import PRECISIONS
 from .data import Example, split_ids, to_example
 from .loop import (
     LOCAL_METRICS_NAME,
@@ -35,8 +45,10 @@ log = logging.getLogger(__name__)
 SETTINGS_NAME = "train_settings.json"
 RAY_RUN_NAME = "ray_train"
 # Settings that must not change when a run resumes (they change what the checkpoint means).
-FIXED_ON_RESUME = ("encoder", "architecture", "patch_size", "val_fraction", "seed", "data", "limit_images", "init", "engine")
-DEFAULTS_OF_OLDER_RUNS = {"engine": "ray"}  # settings files written before the setting existed
+FIXED_ON_RESUME = ("encoder", "architecture", "patch_size", "val_fraction", "val_images", "seed", "data", "limit_images", "init", "engine", "input")
+# settings files written before the setting existed
+DEFAULTS_OF_OLDER_RUNS = {"engine": "ray", "val_images": None, "input": "grey"}
+DEFAULT_STAIN_JITTER = 0.1  # --input haematoxylin: see AugmentSettings.stain
 SCRATCH_LEARNING_RATE = 2e-3
 FINETUNE_LR_FACTOR = 0.1  # --init: the default peak learning rate is 10x lower (2e-4)
 SCRATCH_ENCODER = "resnet18"
@@ -60,6 +72,12 @@ class TrainSettings:
     architecture: str | None = None  # None: Unet from scratch, the --init bundle's otherwise
     learning_rate: float | None = None  # None: 2e-3 from scratch, 2e-4 (FINETUNE_LR_FACTOR x) with --init
     val_fraction: float = 0.1
+    val_images: str | None = None  # a file of validation image ids (replaces val_fraction)
+    input: str | None = None  # the network's input (normalize.INPUTS); None: grey, or the --init bundle's
+    pixel_size: float | None = None  # micrometres per pixel of DATA, recorded as the bundle's scale
+    stain_jitter: float | None = None  # None: DEFAULT_STAIN_JITTER with the haematoxylin input, else 0
+    blur: float = 0.0
+    precision: str = "auto"  # training arithmetic (options.PRECISIONS)
     limit_images: int = 0
     seed: int = 0
     skip_bad: bool = False
@@ -91,6 +109,12 @@ class TrainSettings:
             (self.freeze_encoder_epochs >= 0, "--freeze-encoder-epochs must be >= 0"),
             (self.freeze_encoder_epochs == 0 or self.init, "--freeze-encoder-epochs needs --init (a frozen random encoder learns nothing)"),
             (self.overlay_every >= 0, "--overlay-every must be >= 0"),
+            (self.input is None or self.input in INPUTS, f"--input must be one of {', '.join(INPUTS)}"),
+            (self.pixel_size is None or (math.isfinite(self.pixel_size) and self.pixel_size > 0), "--pixel-size must be a positive number of micrometres"),
+            (self.stain_jitter is None or 0 <= self.stain_jitter <= 1, "--stain-jitter must be in [0, 1]"),
+            (0 <= self.blur <= 1, "--blur is a probability, in [0, 1]"),
+            (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
+            (self.val_images is None or Path(self.val_images).is_file(), f"--val-images {self.val_images}: no such file; give a text file with one image id per line"),
         ]
         for ok, message in checks:
             if not ok:
@@ -124,7 +148,7 @@ def resolve_init(settings: TrainSettings) -> tuple[TrainSettings, dict[str, Any]
     from dataclasses import replace
 
     if not settings.init:
-        config = default_config(settings.encoder or SCRATCH_ENCODER, settings.architecture or SCRATCH_ARCHITECTURE, settings.tile_size, settings.halo)
+        config = default_config(settings.encoder or SCRATCH_ENCODER, settings.architecture or SCRATCH_ARCHITECTURE, settings.tile_size, settings.halo, settings.input or "grey")
         config["init"] = None
         resolved = replace(
             settings,
@@ -132,7 +156,7 @@ def resolve_init(settings: TrainSettings) -> tuple[TrainSettings, dict[str, Any]
             architecture=config["architecture"],
             learning_rate=settings.learning_rate or SCRATCH_LEARNING_RATE,
         )
-        return resolved, config, None
+        return _with_input(resolved, config), config, None
     try:
         model = load_model(settings.init, precision="float32")  # only its weights are used: standard layout
     except ModelBundleError as error:
@@ -151,6 +175,8 @@ def resolve_init(settings: TrainSettings) -> tuple[TrainSettings, dict[str, Any]
     }
     config = {k: v for k, v in source.items() if k not in ("weights", "weights_dtype", "weights_sha256", "training", "metrics", "init")}
     config.update(name=f"{model.name}-finetuned", encoder_weights=None, training={}, metrics={}, init=init_record)
+    if settings.input and settings.input != config.get("normalization", {}).get("input", "grey"):
+        config.update(normalization_config(settings.input))  # the same one-channel network, another channel fed to it
     resolved = replace(
         settings,
         init=init_record["source"],
@@ -162,7 +188,16 @@ def resolve_init(settings: TrainSettings) -> tuple[TrainSettings, dict[str, Any]
         extra={**settings.extra, "init": init_record},
     )
     state = {name: tensor.detach().cpu() for name, tensor in model.network.state_dict().items()}
-    return resolved, config, state
+    return _with_input(resolved, config), config, state
+
+
+def _with_input(settings: TrainSettings, config: dict[str, Any]) -> TrainSettings:
+    """Settings with ``input`` and ``stain_jitter`` filled in from the bundle config to train."""
+    from dataclasses import replace
+
+    input = config["normalization"].get("input", "grey")
+    jitter = settings.stain_jitter if settings.stain_jitter is not None else (DEFAULT_STAIN_JITTER if input == "haematoxylin" else 0.0)
+    return replace(settings, input=input, stain_jitter=jitter)
 
 
 def load_examples(settings: TrainSettings, normalization: dict) -> tuple[list[Example], list[Example]]:
@@ -173,9 +208,34 @@ def load_examples(settings: TrainSettings, normalization: dict) -> tuple[list[Ex
     examples = [to_example(a, normalization) for a in iter_annotated(sources, skip_bad=settings.skip_bad)]
     if len(examples) < 1:
         raise UsageError("no usable annotated image; check the DATA folders")
-    train_ids, val_ids = split_ids([e.image_id for e in examples], settings.val_fraction, settings.seed)
+    if settings.val_images:
+        train_ids, val_ids = split_by_list([e.image_id for e in examples], read_id_list(settings.val_images))
+    else:
+        train_ids, val_ids = split_ids([e.image_id for e in examples], settings.val_fraction, settings.seed)
     by_id = {e.image_id: e for e in examples}
     return [by_id[i] for i in train_ids], [by_id[i] for i in val_ids]
+
+
+def read_id_list(path: str | Path) -> list[str]:
+    """Image ids of a text file, one per line (blank lines and ``#`` comments ignored)."""
+    lines = (line.split("#", 1)[0].strip() for line in Path(path).read_text().splitlines())
+    return [line for line in lines if line]
+
+
+def split_by_list(image_ids: list[str], val_ids: list[str]) -> tuple[list[str], list[str]]:
+    """Train/validation split with the validation images named: ``(train ids, validation ids)``, sorted.
+
+    Raises:
+        UsageError: a named image is not in the data, or no training image is left.
+    """
+    missing = sorted(set(val_ids) - set(image_ids))
+    if missing:
+        raise UsageError(f"--val-images names {len(missing)} image(s) not in DATA, e.g. {missing[:3]}; list ids of the annotated images given")
+    wanted = set(val_ids)
+    train = sorted(i for i in image_ids if i not in wanted)
+    if not train:
+        raise UsageError("--val-images names every image of DATA: nothing is left to train on")
+    return train, sorted(wanted)
 
 
 def _check_resume(run_dir: Path, settings: TrainSettings, overwrite: bool) -> None:
@@ -239,7 +299,11 @@ def run_training(settings: TrainSettings, overwrite: bool = False) -> dict[str, 
         "engine": settings.engine,
         "init": bundle_config["init"],
         "freeze_encoder_epochs": settings.freeze_encoder_epochs,
+        "input": settings.input,
+        "augment": {"stain_jitter": settings.stain_jitter, "blur": settings.blur},
+        "precision": settings.precision,
     }
+    bundle_config["scale"] = training_scale(train_examples, settings.pixel_size)
     if settings.engine == "local":
         state, best_metrics, history = _train_here(settings, worker_settings, bundle_config, run_dir, train_examples, val_examples, init_state)
     else:
@@ -257,6 +321,15 @@ def run_training(settings: TrainSettings, overwrite: bool = False) -> dict[str, 
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def training_scale(examples: list[Example], pixel_size: float | None) -> dict[str, Any]:
+    """The scale a bundle is trained at: the median equivalent diameter (px) of the training
+    images' nuclei, and the data's pixel size (micrometres, None when unknown)."""
+    from ..scale import median_diameter
+
+    areas = np.concatenate([np.bincount(e.labels.ravel())[1:] for e in examples]) if examples else np.zeros(0)
+    return {"nucleus_diameter_px": round(median_diameter(areas), 2), "pixel_size_um": pixel_size}
 
 
 def _train_with_ray(

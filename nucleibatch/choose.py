@@ -1,0 +1,163 @@
+"""Which model each image of a `segment` run goes to, and at which scale (decided by the driver
+before the images are dispatched, so that every engine runs the same units).
+
+* **Model.** ``--model auto`` (the default) loads every shipped bundle and sends each image to
+  the one whose ``modalities`` hold the image's modality (:mod:`nucleibatch.modality`, from the
+  image's overview): fluorescence and grey brightfield to ``default``, H&E and other stained
+  tissue to ``he``. ``--model NAME|BUNDLE`` sends every image to that one bundle.
+* **Scale** (:mod:`nucleibatch.scale`): from the image's pixel size (its metadata, or
+  ``--pixel-size``) and the bundle's, or from the nucleus diameter (``--diameter PX``, or
+  ``--diameter auto``: estimated by segmenting the densest window of the image twice).
+
+The decision is written into the image's :class:`~nucleibatch.io.discover.ImageRecord`
+(``modality``, ``model``, ``pixel_size_um``, ``scale``), which travels with the image to every
+worker and into ``images.parquet``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+
+from .errors import UsageError
+from .io.discover import ImageRecord
+from .io.sources import ImageSource, open_source
+from .modality import MODALITIES, classify_modality
+from .model import SHIPPED_BUNDLES, NucleiModel, load_model
+from .normalize import normalise_pixels, stats_for_bundle
+from .scale import resample_scale
+from .segment_array import ESTIMATE_WINDOW, densest_window, estimate_diameter
+
+log = logging.getLogger(__name__)
+AUTO = "auto"
+# images decided at once (their overviews are read in threads: most of the time is I/O and decoding)
+CHOOSE_THREADS = 4
+
+
+@dataclass
+class ModelSet:
+    """The models of a run, by name (the ``--model`` value, or a shipped bundle's name), and
+    which one each modality goes to (empty: one model takes every image)."""
+
+    models: dict[str, NucleiModel]
+    routes: dict[str, str]
+
+    @property
+    def first(self) -> NucleiModel:
+        return next(iter(self.models.values()))
+
+    def name_for(self, modality: str | None) -> str:
+        """The model an image of ``modality`` goes to."""
+        if self.routes and modality in self.routes:
+            return self.routes[modality]
+        return next(iter(self.models))
+
+    def describe(self) -> list[dict]:
+        """One entry per model for run.json: name, bundle name, sha256, path, modalities routed to it."""
+        return [
+            {
+                "name": name,
+                "bundle": model.name,
+                "sha256": model.sha256,
+                "path": str(model.path),
+                "modalities": sorted(m for m, routed in self.routes.items() if routed == name),
+                "licence": (model.config.get("licence") or {}).get("name"),
+            }
+            for name, model in self.models.items()
+        ]
+
+
+def load_models(spec: str | NucleiModel, device: str = "auto", precision: str = "auto") -> ModelSet:
+    """The models of a run: every shipped bundle, routed by modality, for ``auto``; else the one
+    bundle ``spec`` names (``default``, another shipped name, a bundle folder, or a loaded model).
+
+    Raises:
+        ModelBundleError: a bundle that cannot be loaded.
+    """
+    if isinstance(spec, NucleiModel):
+        return ModelSet({str(spec.path or spec.name): spec}, {})
+    if spec != AUTO:
+        return ModelSet({str(spec): load_model(spec, device=device, precision=precision)}, {})
+    models = {name: load_model(name, device=device, precision=precision) for name in SHIPPED_BUNDLES}
+    routes: dict[str, str] = {}
+    for name, model in models.items():
+        for modality in model.config.get("modalities", ["fluorescence", "brightfield"]):
+            routes.setdefault(modality, name)
+    missing = [m for m in MODALITIES if m not in routes]
+    if missing:
+        raise UsageError(f"the shipped bundles serve no model for {', '.join(missing)} images; reinstall the package, or give --model")
+    return ModelSet(models, routes)
+
+
+def check_diameter(value: str | float | None) -> float | str | None:
+    """``--diameter``: None, ``"auto"`` or a positive number of pixels."""
+    if value is None or value == AUTO:
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"--diameter must be a number of pixels or auto, got {value!r}") from None
+    if not (math.isfinite(number) and number > 0):
+        raise UsageError(f"--diameter must be a positive number of pixels, got {value!r}")
+    return number
+
+
+def choose_all(records: Sequence[ImageRecord], models: ModelSet, channel: int | None = None, invert: str | None = None, pixel_size: float | None = None, diameter: float | str | None = None) -> list[ImageRecord]:
+    """:func:`choose` for every record (in threads), in order."""
+    if not records:
+        return []
+    with ThreadPoolExecutor(max_workers=CHOOSE_THREADS, thread_name_prefix="nb-choose") as pool:
+        return list(pool.map(lambda record: choose(record, models, channel, invert, pixel_size, diameter), records))
+
+
+def choose(record: ImageRecord, models: ModelSet, channel: int | None = None, invert: str | None = None, pixel_size: float | None = None, diameter: float | str | None = None) -> ImageRecord:
+    """The record with its modality, model and scale decided (see the module docstring).
+
+    An image that cannot be read here keeps the first model and scale 1: the run then fails it
+    with its reason, as any unreadable image.
+    """
+    pixel = pixel_size if pixel_size is not None else record.pixel_size_um
+    if record.error:
+        return replace(record, pixel_size_um=pixel, model=models.name_for(None))
+    needs_pixels = bool(models.routes) or diameter == AUTO
+    modality, found_diameter = None, diameter if isinstance(diameter, float) else None
+    if needs_pixels:
+        try:
+            source = open_source(record)
+        except Exception as error:  # the run reports it as this image's failure
+            log.debug("%s: not read to choose its model (%s)", record.source, error)
+            return replace(record, pixel_size_um=pixel, model=models.name_for(None))
+        try:
+            overview = source.overview()
+            if models.routes:
+                modality = classify_modality(overview, channel).modality
+            if diameter == AUTO:
+                found_diameter = image_diameter(source, overview, models.models[models.name_for(modality)], channel, invert)
+        except Exception as error:
+            log.debug("%s: not read to choose its model (%s)", record.source, error)
+            return replace(record, pixel_size_um=pixel, model=models.name_for(None))
+        finally:
+            source.close()
+    name = models.name_for(modality)
+    scale = resample_scale(models.models[name].config.get("scale") or {}, pixel, found_diameter)
+    return replace(record, pixel_size_um=pixel, modality=modality, model=name, scale=scale)
+
+
+def image_diameter(source: ImageSource, overview, model: NucleiModel, channel: int | None, invert: str | None) -> float | None:
+    """``--diameter auto`` for one image: :func:`~nucleibatch.segment_array.estimate_diameter` on
+    the window of at most ``ESTIMATE_WINDOW``² full-resolution pixels where the overview is densest,
+    normalised with the whole image's statistics."""
+    stats = stats_for_bundle(overview, model.config.get("normalization", {}), invert, channel)
+    height, width = source.shape
+    step = max(height / overview.shape[0], width / overview.shape[1])
+    y0, y1, x0, x1 = densest_window(normalise_pixels(overview, stats, channel), max(1, int(ESTIMATE_WINDOW / step)))
+    fy, fx = height / overview.shape[0], width / overview.shape[1]
+    cy, cx = (y0 + y1) / 2 * fy, (x0 + x1) / 2 * fx
+    half = ESTIMATE_WINDOW // 2
+    top = int(min(max(0, cy - half), max(0, height - ESTIMATE_WINDOW)))
+    left = int(min(max(0, cx - half), max(0, width - ESTIMATE_WINDOW)))
+    window = source.read(top, min(height, top + ESTIMATE_WINDOW), left, min(width, left + ESTIMATE_WINDOW))
+    return estimate_diameter(window, model, channel, invert, stats)

@@ -1,0 +1,107 @@
+"""Which kind of microscopy an image is, from its pixels (pure functions).
+
+Three modalities, each served by a shipped bundle (``modalities`` in its ``config.json``):
+
+* ``fluorescence``: bright nuclei on a dark background (one channel, grey, or a colour composite);
+* ``brightfield``: transmitted light without colour (dark nuclei on a bright background);
+* ``stained``: colour brightfield, H&E and IHC (haematoxylin-stained nuclei on a light, coloured
+  background).
+
+The rule reads colour and background, not the median alone, so that dense tissue with no white
+background is still found to be stained:
+
+1. an RGB(A) image whose typical pixel is coloured (median of ``max - min`` over R, G, B at least
+   :data:`MIN_CHROMA` of the full scale) is ``stained`` when its typical pixel is bright (median of
+   ``max`` over R, G, B at least :data:`MIN_STAINED_BRIGHTNESS`: light is transmitted through tissue,
+   also through nuclei-dense tissue), and ``fluorescence`` otherwise (a colour composite of
+   fluorescence channels: a dark background);
+2. otherwise (one channel, grey stored as RGB, other channel counts, or ``--channel``) it is
+   ``brightfield`` when the background is bright: the median lies in the upper half of the
+   1-99.8 percentile range (the rule the grey model's ``invert: auto`` uses), else ``fluorescence``.
+
+Measured on ../shared/data (tests/test_modality.py): every MoNuSeg H&E tile and its densest 256²
+crops (a median brightness of 0.41 at the least) are ``stained``; DSB's grey fluorescence stays
+``fluorescence`` (chroma 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+MODALITIES = ("fluorescence", "brightfield", "stained")
+MIN_CHROMA = 0.025  # grey images have 0; the palest stained DSB images 0.031, H&E tiles >= 0.12
+MIN_STAINED_BRIGHTNESS = 0.25  # H&E tiles >= 0.43, their densest crops >= 0.41; fluorescence composites ~0
+# pixels looked at (a regular subsample): the decision needs the typical pixel, not every one
+MAX_PIXELS = 1_000_000
+
+
+@dataclass(frozen=True)
+class ModalityEvidence:
+    """What the decision read: ``chroma`` and ``brightness`` (medians, fractions of the full
+    scale; None for images that are not RGB), ``background`` (the grey median's place in the
+    1-99.8 percentile range) and the ``modality``."""
+
+    modality: str
+    chroma: float | None
+    brightness: float | None
+    background: float
+
+
+def full_scale(values: np.ndarray, dtype: np.dtype) -> float:
+    """The value of full brightness for an image of ``dtype``: 255 for 8 bits; for 16 bits the
+    smallest of 2^10, 2^12, 2^14, 2^16 (minus one) that holds the image's maximum (cameras write
+    10-14 bits into 16-bit files); for floats 1 when the image lies in [0, 1], else its 99.9th
+    percentile."""
+    dtype = np.dtype(dtype)
+    top = float(np.max(values)) if values.size else 0.0
+    if dtype == np.uint8:
+        return 255.0
+    if np.issubdtype(dtype, np.integer):
+        for bits in (10, 12, 14, 16, 32):
+            if top <= 2**bits - 1:
+                return float(2**bits - 1)
+        return float(np.iinfo(dtype).max)
+    if top <= 1.0:
+        return 1.0
+    finite = values[np.isfinite(values)]
+    return float(np.percentile(finite, 99.9)) if finite.size else 1.0
+
+
+def classify_modality(image: np.ndarray, channel: int | None = None) -> ModalityEvidence:
+    """The modality of an image (see the module docstring).
+
+    Args:
+        image: ``(H, W)`` or ``(H, W, C)``, any real dtype: the image or its overview (a pyramid
+            level, a strided read).
+        channel: the ``--channel`` picked, if any (one channel: rule 2).
+
+    Returns:
+        :class:`ModalityEvidence` with ``modality`` in :data:`MODALITIES`.
+    """
+    step = max(1, int(np.ceil(np.sqrt(image.shape[0] * image.shape[1] / MAX_PIXELS))))
+    sample = np.asarray(image[::step, ::step])
+    chroma = brightness = None
+    if sample.ndim == 3 and sample.shape[2] in (3, 4) and channel is None:
+        colour = np.nan_to_num(sample[:, :, :3].astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        scale = full_scale(colour, sample.dtype) or 1.0
+        top, bottom = colour.max(axis=2), colour.min(axis=2)
+        chroma = float(np.median(top - bottom)) / scale
+        brightness = float(np.median(top)) / scale
+    if sample.ndim == 2:
+        grey = sample.astype(np.float32)
+    elif channel is not None:
+        grey = sample[:, :, channel].astype(np.float32)
+    else:
+        grey = (sample[:, :, :3] if sample.shape[2] in (3, 4) else sample).astype(np.float32).mean(axis=2)
+    grey = grey[np.isfinite(grey)]
+    background = 0.0
+    if grey.size:
+        low, high, median = np.percentile(grey, [1.0, 99.8, 50.0])
+        background = float((median - low) / (high - low)) if high > low else 0.0
+    if chroma is not None and chroma >= MIN_CHROMA:
+        modality = "stained" if brightness >= MIN_STAINED_BRIGHTNESS else "fluorescence"
+    else:
+        modality = "brightfield" if background > 0.5 else "fluorescence"
+    return ModalityEvidence(modality, chroma, brightness, background)

@@ -1,0 +1,134 @@
+"""Physical and nuclear scale: how much an image is resampled for a network (pure functions).
+
+A bundle records the scale it was trained at: the median nucleus diameter in its pixels, and the
+pixel size of its training data where known. An image is resampled by ``scale`` (> 1 enlarges)
+so that its nuclei have the size the network saw in training:
+
+* from pixel sizes, when both are known: ``scale = image_pixel_size / model_pixel_size``;
+* from diameters, when the user gives the image's nucleus diameter (``--diameter PX``) or asks
+  for it to be estimated (``--diameter auto``): ``scale = model_diameter / image_diameter``;
+* else 1 (the image is taken to be at the model's scale).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+# a resampling this close to 1 is skipped: it would cost a pass and move outlines by < 1 px
+SCALE_TOLERANCE = 0.03
+# the most an image is resampled by (beyond, something is wrong with its metadata or --diameter)
+MAX_SCALE = 8.0
+
+
+def median_diameter(areas: np.ndarray) -> float:
+    """Median equivalent diameter ``sqrt(4 area / pi)`` of objects of ``areas`` (pixels, > 0
+    counted); NaN when there is none."""
+    areas = np.asarray(areas, dtype=np.float64)
+    areas = areas[areas > 0]
+    if areas.size == 0:
+        return float("nan")
+    return float(np.median(np.sqrt(4.0 * areas / np.pi)))
+
+
+def resample_scale(
+    model_scale: dict,
+    pixel_size_um: float | None = None,
+    diameter_px: float | None = None,
+) -> float:
+    """The factor by which an image is resampled for a network (1: not at all).
+
+    Args:
+        model_scale: the bundle's ``scale`` (``nucleus_diameter_px``, ``pixel_size_um``; either None).
+        pixel_size_um: the image's pixel size, micrometres (None: unknown).
+        diameter_px: the image's nucleus diameter in its own pixels (``--diameter``, or the
+            estimate of ``--diameter auto``); it wins over the pixel size.
+
+    Returns:
+        ``scale`` > 0: the network sees the image enlarged ``scale`` times; rounded to 1 within
+        :data:`SCALE_TOLERANCE`, and clipped to ``[1 / MAX_SCALE, MAX_SCALE]``.
+    """
+    scale = 1.0
+    model_diameter = model_scale.get("nucleus_diameter_px")
+    model_pixel = model_scale.get("pixel_size_um")
+    if diameter_px is not None and model_diameter:
+        scale = float(model_diameter) / float(diameter_px)
+    elif pixel_size_um is not None and model_pixel:
+        scale = float(pixel_size_um) / float(model_pixel)
+    if not math.isfinite(scale) or scale <= 0:
+        return 1.0
+    if abs(scale - 1.0) <= SCALE_TOLERANCE:
+        return 1.0
+    return float(min(MAX_SCALE, max(1.0 / MAX_SCALE, scale)))
+
+
+def scaled_shape(shape: tuple[int, int], scale: float) -> tuple[int, int]:
+    """The shape of an ``(H, W)`` region resampled by ``scale`` (at least 1 x 1)."""
+    return max(1, int(round(shape[0] * scale))), max(1, int(round(shape[1] * scale)))
+
+
+
+def network_box(box: tuple[int, int, int, int], scale: float, shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The box of a region resampled by ``scale`` (of shape ``shape``) whose pixels
+    :func:`from_network_scale` needs for the box ``(y0, y1, x0, x1)`` of the region: the box scaled,
+    grown to whole pixels plus one for the interpolation, inside ``shape``."""
+    y0, y1, x0, x1 = box
+    return (
+        max(0, math.floor(y0 * scale) - 1),
+        min(shape[0], math.ceil(y1 * scale) + 1),
+        max(0, math.floor(x0 * scale) - 1),
+        min(shape[1], math.ceil(x1 * scale) + 1),
+    )
+
+
+def to_network_scale(image: np.ndarray, scale: float) -> np.ndarray:
+    """An image ``(H, W)`` float32 resampled by ``scale`` to :func:`scaled_shape`: the pixel centres
+    of both grids on the same positions (pixel ``j`` of the result samples ``(j + 0.5) / scale - 0.5``),
+    bilinear, smoothed first when shrinking (no aliasing). ``(h, w)`` float32."""
+    if scale == 1.0:
+        return image
+    shape = scaled_shape(image.shape, scale)
+    if scale < 1.0:
+        from scipy import ndimage as ndi
+
+        image = ndi.gaussian_filter(image.astype(np.float32, copy=False), (1.0 / scale - 1.0) / 2.0, mode="nearest")
+    out = image.astype(np.float32, copy=False)
+    for axis, size in enumerate(shape):
+        out = _interpolate(out, axis + out.ndim - 2, (np.arange(size) + 0.5) / scale - 0.5)
+    return out
+
+
+def from_network_scale(array: np.ndarray, scale: float, origin: tuple[int, int], box: tuple[int, int, int, int]) -> np.ndarray:
+    """Back to the input's pixels: ``array`` ``(K, h', w')`` holds values of a region resampled by
+    ``scale`` (:func:`to_network_scale`) from its pixel ``origin`` = ``(y, x)`` on; returns them at
+    the region's pixels of ``box`` = ``(y0, y1, x0, x1)``: ``(K, y1 - y0, x1 - x0)``, bilinear,
+    smoothed first when shrinking, in the dtype of ``array`` (float16 or float32)."""
+    y0, y1, x0, x1 = box
+    out = array.astype(np.float32, copy=False)
+    if scale > 1.0:
+        from scipy import ndimage as ndi
+
+        out = ndi.gaussian_filter(out, (0.0, (scale - 1.0) / 2.0, (scale - 1.0) / 2.0), mode="nearest")
+    out = _interpolate(out, 1, (np.arange(y0, y1) + 0.5) * scale - 0.5 - origin[0])
+    out = _interpolate(out, 2, (np.arange(x0, x1) + 0.5) * scale - 0.5 - origin[1])
+    return out.astype(array.dtype, copy=False)
+
+
+def _interpolate(array: np.ndarray, axis: int, positions: np.ndarray) -> np.ndarray:
+    """Linear interpolation of ``array`` along ``axis`` at fractional ``positions`` (edge values
+    beyond the ends): float32."""
+    size = array.shape[axis]
+    positions = np.clip(positions, 0.0, size - 1)
+    below = np.floor(positions).astype(np.intp)
+    above = np.minimum(below + 1, size - 1)
+    weight = (positions - below).astype(np.float32)
+    shape = [1] * array.ndim
+    shape[axis] = -1
+    weight = weight.reshape(shape)
+    low = np.take(array, below, axis=axis)
+    high = np.take(array, above, axis=axis)
+    low *= 1.0 - weight
+    high *= weight
+    low += high
+    return low.astype(np.float32, copy=False)
