@@ -28,7 +28,7 @@ from .io.sources import ImageSource, open_source
 from .modality import MODALITIES, classify_modality
 from .model import SHIPPED_BUNDLES, NucleiModel, load_model
 from .normalize import normalise_pixels, stats_for_bundle
-from .scale import resample_scale
+from .scale import AUTO_PULL, resample_scale
 from .segment_array import ESTIMATE_WINDOW, densest_window, estimate_diameter
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def choose(record: ImageRecord, models: ModelSet, channel: int | None = None, in
         finally:
             source.close()
     name = models.name_for(modality)
-    scale = resample_scale(models.models[name].config.get("scale") or {}, pixel, found_diameter)
+    scale = resample_scale(models.models[name].config.get("scale") or {}, pixel, found_diameter, AUTO_PULL if diameter == AUTO else 1.0)
     return replace(record, pixel_size_um=pixel, modality=modality, model=name, scale=scale)
 
 

@@ -52,6 +52,8 @@ def _add_train(subparsers) -> None:
     p.add_argument("--pixel-size", type=float, default=None, metavar="UM", help="pixel size of DATA in micrometres, recorded in the bundle as the scale it was trained at (segment resamples images of known pixel size to it)")
     p.add_argument("--stain-jitter", type=float, default=None, metavar="S", help="stain augmentation of the haematoxylin input: the stain vector's weights jittered by S [0.1 with --input haematoxylin]")
     p.add_argument("--blur", type=float, default=0.0, metavar="P", help="probability of a Gaussian blur (sigma 0.5-1.5 px) per patch [0]")
+    p.add_argument("--licence", default=None, metavar="NAME", help="licence of DATA (e.g. CC0-1.0, CC-BY-NC-SA-4.0), recorded in the bundle: a model inherits its training data's terms")
+    p.add_argument("--citation", default=None, metavar="TEXT", help="how to cite DATA, recorded in the bundle")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="training arithmetic: auto = bf16 autocast on CUDA and on CPUs with native bf16 (2.8x faster on such a CPU), else float32 [auto]")
     p.add_argument("--limit-images", type=int, default=0, help="use only the first K images (smoke runs)")
     p.add_argument("--seed", type=int, default=0, help="random seed (split, patches) [0]")
@@ -72,13 +74,16 @@ def _add_evaluate(subparsers) -> None:
         "TP/(TP+FP+FN), plus AP@0.5, AP@0.75 and F1@0.5.",
     )
     p.add_argument("data", nargs="+", metavar="DATA", help="annotated folder(s): DSB layout or images/ + labels/")
-    p.add_argument("--model", default="default", help="'default' or a bundle folder [default]")
+    p.add_argument("--model", default="auto", help="auto: each image to the shipped model of its modality, as segment does; or one model: default, he, or a bundle folder [auto]")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda [auto]")
+    p.add_argument("--invert", default=None, choices=("auto", "never", "always"), help="invert intensities, as segment's [the model's]")
+    p.add_argument("--pixel-size", type=float, default=None, metavar="UM", help="micrometres per pixel of every image, as segment's [from each file's metadata]")
+    p.add_argument("--diameter", default=None, metavar="PX|auto", help="nucleus diameter in the images' pixels, or auto (estimated per image), as segment's")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="network arithmetic, as segment's [auto: bf16 on CUDA and on CPUs with native bf16]")
     p.add_argument("--channel", type=int, default=None, help="nuclear-stain channel index [mean of colours]")
     p.add_argument("--csv", default=None, help="write per-image scores to this CSV file")
     p.add_argument("--limit-images", type=int, default=0, help="evaluate only the first K images")
-    p.add_argument("--ids-from-bundle", action="store_true", help="evaluate only the validation images recorded in the bundle's config")
+    p.add_argument("--ids-from-bundle", action="store_true", help="evaluate only the validation images recorded in the bundle's config (with --model auto: in any shipped bundle's)")
     p.add_argument("--skip-bad", action="store_true", help="skip bad annotations with a warning")
     p.add_argument("--tta", default="auto", choices=TTA_CHOICES, help="average predictions over 4 flips [the model's setting]")
     p.add_argument("--instances-on", default="auto", choices=INSTANCES_ON, help="where probabilities become nuclei, as segment's: cpu (watershed) or device (torch) [auto: device on CUDA, else cpu]")
@@ -167,6 +172,8 @@ def _run_train(args) -> int:
         stain_jitter=args.stain_jitter,
         blur=args.blur,
         precision=args.precision,
+        licence=args.licence,
+        citation=args.citation,
         limit_images=args.limit_images,
         seed=args.seed,
         skip_bad=args.skip_bad,
@@ -186,25 +193,40 @@ def _run_train(args) -> int:
 
 
 def _run_evaluate(args) -> int:
+    from .choose import check_diameter, load_models
     from .evaluate import evaluate_model, write_rows_csv
-    from .model import load_model
 
-    model = load_model(args.model, device=args.device, precision=args.precision)
-    if args.tta != "auto":
-        model.config["tta"] = args.tta == "on"
-    image_ids = model.config.get("training", {}).get("val_image_ids") if args.ids_from_bundle else None
-    if args.ids_from_bundle and not image_ids:
-        raise UsageError(f"--ids-from-bundle: the bundle {args.model} records no validation image ids")
-    instances_on = resolve_instances_on(args.instances_on, model.device.type)
-    summary, rows = evaluate_model(model, args.data, limit_images=args.limit_images, skip_bad=args.skip_bad, image_ids=image_ids, channel=args.channel, instances_on=instances_on)
+    diameter = check_diameter(args.diameter)
+    if args.pixel_size is not None and not args.pixel_size > 0:
+        raise UsageError(f"--pixel-size must be a positive number of micrometres, got {args.pixel_size}")
+    models = load_models(args.model, device=args.device, precision=args.precision)
+    for model in models.models.values():
+        if args.tta != "auto":
+            model.config["tta"] = args.tta == "on"
+    image_ids = None
+    if args.ids_from_bundle:
+        image_ids = sorted({i for model in models.models.values() for i in model.config.get("training", {}).get("val_image_ids") or []})
+        if not image_ids:
+            raise UsageError(f"--ids-from-bundle: the bundle {args.model} records no validation image ids")
+    instances_on = resolve_instances_on(args.instances_on, models.first.device.type)
+    summary, rows = evaluate_model(
+        models, args.data, limit_images=args.limit_images, skip_bad=args.skip_bad, image_ids=image_ids, channel=args.channel,
+        instances_on=instances_on, invert=args.invert, pixel_size=args.pixel_size, diameter=diameter,
+    )  # fmt: skip
     if args.csv:
         write_rows_csv(rows, args.csv)
     if args.json:
         print(json.dumps(summary))
-    else:
+        return 0
+    names = ", ".join(model.name for model in models.models.values())
+    print(
+        f"{summary['n_images']} images: mAP@[.5:.95] {summary['map']:.4f}  AP@0.5 {summary['ap50']:.4f}  "
+        f"AP@0.75 {summary['ap75']:.4f}  F1@0.5 {summary['f1_50']:.4f}  (model {names}, instances on {instances_on})"
+    )
+    for modality, scores in summary["by_modality"].items():
         print(
-            f"{summary['n_images']} images: mAP@[.5:.95] {summary['map']:.4f}  AP@0.5 {summary['ap50']:.4f}  "
-            f"AP@0.75 {summary['ap75']:.4f}  F1@0.5 {summary['f1_50']:.4f}  (model {model.name}, instances on {instances_on})"
+            f"  {modality:<12} {scores['n_images']:>4} images: mAP@[.5:.95] {scores['map']:.4f}  AP@0.5 {scores['ap50']:.4f}  "
+            f"AP@0.75 {scores['ap75']:.4f}  F1@0.5 {scores['f1_50']:.4f}"
         )
     return 0
 

@@ -1,4 +1,4 @@
-"""DSB-metric evaluation of a model on annotated folders."""
+"""DSB-metric evaluation of a model (or of the per-image model choice of ``segment``) on annotated folders."""
 
 from __future__ import annotations
 
@@ -8,33 +8,47 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .choose import AUTO, ModelSet
 from .errors import UsageError
-from .io.annotated import discover_annotated, iter_annotated
+from .io.annotated import AnnotatedImage, discover_annotated, iter_annotated
+from .io.sources import file_pixel_size
 from .metrics import image_scores, mean_scores
+from .modality import MODALITIES, classify_modality
 from .model import NucleiModel
-from .segment_array import segment_image
+from .scale import AUTO_PULL, resample_scale
+from .segment_array import estimate_diameter, segment_image
 
 log = logging.getLogger(__name__)
 
 
 def evaluate_model(
-    model: NucleiModel,
+    model: NucleiModel | ModelSet,
     data: Sequence[str | Path],
     limit_images: int = 0,
     skip_bad: bool = False,
     image_ids: Sequence[str] | None = None,
     channel: int | None = None,
     instances_on: str = "cpu",
-) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    invert: str | None = None,
+    pixel_size: float | None = None,
+    diameter: float | str | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Segment every annotated image exactly as ``segment`` does and score it.
+
+    Each image gets the model, normalisation and scale ``segment`` would give it
+    (:mod:`nucleibatch.choose`): its modality picks the model of a :class:`ModelSet` that routes
+    by modality; its scale comes from ``diameter`` (pixels, or ``"auto"``), else from its pixel
+    size (``pixel_size``, else the image file's metadata) and the model's.
 
     ``instances_on``: where probabilities become labels, ``"cpu"`` or ``"device"`` (see
     :func:`nucleibatch.segment_array.segment_image`).
 
     Returns:
-        ``(summary, rows)``: the mean ``map``, ``ap50``, ``ap75``, ``f1_50`` (+ ``n_images``)
-        and one row per image with its scores.
+        ``(summary, rows)``: the mean ``map``, ``ap50``, ``ap75``, ``f1_50`` (+ ``n_images``, and
+        ``by_modality``: the same per modality present) and one row per image with its scores,
+        modality, model and scale.
     """
+    models = model if isinstance(model, ModelSet) else ModelSet({model.name: model}, {})
     sources = discover_annotated(data)
     if image_ids is not None:
         wanted = set(image_ids)
@@ -43,8 +57,8 @@ def evaluate_model(
         sources = sources[:limit_images]
     rows = []
     for index, annotated in enumerate(iter_annotated(sources, skip_bad=skip_bad), start=1):
-        labels = segment_image(annotated.image, model, channel=channel, instances_on=instances_on)
-        rows.append({"image_id": annotated.image_id, **image_scores(annotated.labels, labels)})
+        row = evaluate_image(annotated, models, channel, instances_on, invert, pixel_size, diameter)
+        rows.append(row)
         if index % 25 == 0:
             log.info("evaluated %d/%d images, running mAP %.4f", index, len(sources), mean_scores(rows)["map"])
     if not rows:
@@ -52,12 +66,38 @@ def evaluate_model(
             "no annotated image left to evaluate (all skipped as bad, or none of DATA matches the selected ids); "
             "check DATA, --ids-from-bundle and --skip-bad"
         )
-    summary = {**mean_scores(rows), "n_images": len(rows)}
+    summary: dict[str, Any] = {**mean_scores(rows), "n_images": len(rows)}
+    summary["by_modality"] = {
+        modality: {**mean_scores(chosen), "n_images": len(chosen)}
+        for modality in MODALITIES
+        if (chosen := [r for r in rows if r["modality"] == modality])
+    }
     return summary, rows
 
 
+def evaluate_image(
+    annotated: AnnotatedImage,
+    models: ModelSet,
+    channel: int | None = None,
+    instances_on: str = "cpu",
+    invert: str | None = None,
+    pixel_size: float | None = None,
+    diameter: float | str | None = None,
+) -> dict[str, Any]:
+    """One annotated image segmented as ``segment`` would, and its scores (a row of :func:`evaluate_model`)."""
+    image = annotated.image
+    modality = classify_modality(image, channel).modality
+    name = models.name_for(modality)
+    model = models.models[name]
+    pixel = pixel_size if pixel_size is not None else file_pixel_size(annotated.source.image_path)
+    found = estimate_diameter(image, model, channel, invert) if diameter == AUTO else diameter
+    scale = resample_scale(model.config.get("scale") or {}, pixel, found, AUTO_PULL if diameter == AUTO else 1.0)
+    labels = segment_image(image, model, channel=channel, instances_on=instances_on, scale=scale, invert=invert)
+    return {"image_id": annotated.image_id, **image_scores(annotated.labels, labels), "modality": modality, "model": name, "pixel_size_um": pixel, "scale": round(scale, 4)}
+
+
 def write_rows_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
-    """Per-image scores as CSV (columns: image_id, map, ap50, ap75, f1_50, n_true, n_pred)."""
+    """Per-image scores as CSV (columns: image_id, map, ap50, ap75, f1_50, n_true, n_pred, modality, model, pixel_size_um, scale)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as handle:

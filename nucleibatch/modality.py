@@ -10,18 +10,21 @@ Three modalities, each served by a shipped bundle (``modalities`` in its ``confi
 The rule reads colour and background, not the median alone, so that dense tissue with no white
 background is still found to be stained:
 
-1. an RGB(A) image whose typical pixel is coloured (median of ``max - min`` over R, G, B at least
-   :data:`MIN_CHROMA` of the full scale) is ``stained`` when its typical pixel is bright (median of
-   ``max`` over R, G, B at least :data:`MIN_STAINED_BRIGHTNESS`: light is transmitted through tissue,
-   also through nuclei-dense tissue), and ``fluorescence`` otherwise (a colour composite of
+1. an RGB(A) image whose typical specimen pixel is coloured (median of ``max - min`` over R, G, B
+   at least :data:`MIN_CHROMA` of the full scale; specimen pixels are those not as bright as the
+   glass, :data:`GLASS_MARGIN` below the 99th percentile of ``max``, so that a slide's white
+   background does not hide its tissue) is ``stained`` when that pixel is bright (median of
+   ``max`` at least :data:`MIN_STAINED_BRIGHTNESS`: light is transmitted through tissue, also
+   through nuclei-dense tissue), and ``fluorescence`` otherwise (a colour composite of
    fluorescence channels: a dark background);
 2. otherwise (one channel, grey stored as RGB, other channel counts, or ``--channel``) it is
    ``brightfield`` when the background is bright: the median lies in the upper half of the
    1-99.8 percentile range (the rule the grey model's ``invert: auto`` uses), else ``fluorescence``.
 
-Measured on ../shared/data (tests/test_modality.py): every MoNuSeg H&E tile and its densest 256²
-crops (a median brightness of 0.41 at the least) are ``stained``; DSB's grey fluorescence stays
-``fluorescence`` (chroma 0).
+On ../shared/data: the 30 MoNuSeg H&E tiles are ``stained`` (chroma 0.125-0.361, brightness
+0.43-0.82), also on a white slide background and as their densest 256² crops (tests/test_tissue.py);
+of DSB's 545 images, the 91 colour ones are ``stained`` (chroma >= 0.027), the 13 grey ones on a
+bright background ``brightfield`` and the other 441 ``fluorescence``.
 """
 
 from __future__ import annotations
@@ -31,8 +34,10 @@ from dataclasses import dataclass
 import numpy as np
 
 MODALITIES = ("fluorescence", "brightfield", "stained")
-MIN_CHROMA = 0.025  # grey images have 0; the palest stained DSB images 0.031, H&E tiles >= 0.12
-MIN_STAINED_BRIGHTNESS = 0.25  # H&E tiles >= 0.43, their densest crops >= 0.41; fluorescence composites ~0
+MIN_CHROMA = 0.025  # grey images have 0; the palest stained DSB image 0.027, H&E tiles >= 0.125
+MIN_STAINED_BRIGHTNESS = 0.25  # H&E tiles >= 0.43; fluorescence composites: their dark background
+# pixels within this fraction of the full scale of the brightest are glass (a slide's background)
+GLASS_MARGIN = 0.08
 # pixels looked at (a regular subsample): the decision needs the typical pixel, not every one
 MAX_PIXELS = 1_000_000
 
@@ -87,8 +92,12 @@ def classify_modality(image: np.ndarray, channel: int | None = None) -> Modality
         colour = np.nan_to_num(sample[:, :, :3].astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
         scale = full_scale(colour, sample.dtype) or 1.0
         top, bottom = colour.max(axis=2), colour.min(axis=2)
-        chroma = float(np.median(top - bottom)) / scale
-        brightness = float(np.median(top)) / scale
+        # the specimen, not the glass: a slide is mostly white background, which has no colour
+        specimen = top < np.percentile(top, 99.0) - GLASS_MARGIN * scale
+        if specimen.mean() < 0.01:
+            specimen = np.ones_like(specimen)
+        chroma = float(np.median((top - bottom)[specimen])) / scale
+        brightness = float(np.median(top[specimen])) / scale
     if sample.ndim == 2:
         grey = sample.astype(np.float32)
     elif channel is not None:

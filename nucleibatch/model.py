@@ -526,7 +526,8 @@ def predict_images(
     as many small 256² images, so that the network's memory per call does not depend on the
     window. Small images (one tile each, e.g. 256 x 320 DSB fields) are batched across images,
     so a GPU gets full calls instead of one image per call. A tile's probabilities do not depend
-    on which tiles share its batch (the network is in eval mode; on the CPU they are bit-identical).
+    on which tiles share its batch (the network is in eval mode; on the CPU in float32 they are
+    bit-identical, in bf16 on AVX512-BF16 the convolutions round differently with the batch size).
 
     Args:
         images: ``(H_i, W_i)`` float32 normalised to [0, 1].

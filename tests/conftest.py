@@ -9,6 +9,7 @@ import pytest
 
 # The real annotated data sits beside the repo (../shared/data); CI lays it there too.
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dsb2018" / "stage1_train"
+MONUSEG_DATA = SHARED_DATA.parents[1] / "monuseg2018_train"
 
 
 @pytest.fixture(scope="session")
@@ -16,6 +17,13 @@ def dsb_root() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"the shared DSB data is missing at {SHARED_DATA}; clone the repo beside ../shared")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def monuseg_root() -> Path:
+    if not MONUSEG_DATA.is_dir():
+        pytest.fail(f"the shared MoNuSeg data is missing at {MONUSEG_DATA}; clone the repo beside ../shared")
+    return MONUSEG_DATA
 
 
 @pytest.fixture(scope="session")

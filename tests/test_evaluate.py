@@ -31,7 +31,7 @@ from nucleibatch.model import (
 from nucleibatch.targets import make_targets
 from nucleibatch.training.data import to_example
 
-CSV_COLUMNS = ["image_id", "map", "ap50", "ap75", "f1_50", "n_true", "n_pred"]
+CSV_COLUMNS = ["image_id", "map", "ap50", "ap75", "f1_50", "n_true", "n_pred", "modality", "model", "pixel_size_um", "scale"]
 
 
 def tiny_config() -> dict:

@@ -37,6 +37,7 @@ from ..io.location import Location
 from ..io.store import open_root, store_name
 from ..io.tables import write_record
 from ..pipeline import ImagePlan, SegmentSettings, Timer, fits_one_tile, record_failed_image
+from ..scale import scaled_shape
 from ..tiling import small_image_window
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def batching_order(records: Sequence[ImageRecord], tile_size: int) -> list[Image
     window shapes, so a model call holds one shape instead of several partial batches."""
 
     def key(record: ImageRecord) -> tuple[int, int]:
-        window = small_image_window(record.shape, tile_size) if record.shape else None
+        window = small_image_window(scaled_shape(record.shape, record.scale), tile_size) if record.shape else None
         return window or (0, 0)
 
     return sorted(records, key=key)

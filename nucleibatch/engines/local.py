@@ -22,6 +22,7 @@ from ..pipeline import (
     segment_record,
     segment_small_records,
 )
+from ..scale import scaled_shape
 from ..tiling import small_image_window
 
 if TYPE_CHECKING:
@@ -89,7 +90,7 @@ def group_small_images(records: Sequence[ImageRecord], tile_size: int, block_siz
 
     def window(record: ImageRecord) -> tuple[int, int] | None:
         one_block = record.shape is not None and not record.error and max(record.shape) <= block_size
-        return small_image_window(record.shape, tile_size) if one_block else None
+        return small_image_window(scaled_shape(record.shape, record.scale), tile_size) if one_block else None
 
     groups: list[list[ImageRecord]] = []
     for shape, run in groupby(batching_order(records, tile_size), key=window):

@@ -946,3 +946,10 @@ def _as_int(value: Any) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"region bounds must be integers, got {value!r}")
     return int(value)
+
+
+def file_pixel_size(path: str | Path | Location) -> float | None:
+    """The pixel size (micrometres) that an image file's metadata declares for its first image,
+    or None (unknown, or not a file we read metadata from: :mod:`nucleibatch.io.pixelsize`)."""
+    found = probe(path, "plain")  # the file's first bytes choose the reader
+    return found[0].pixel_size_um if found else None

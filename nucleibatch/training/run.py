@@ -78,6 +78,8 @@ class TrainSettings:
     stain_jitter: float | None = None  # None: DEFAULT_STAIN_JITTER with the haematoxylin input, else 0
     blur: float = 0.0
     precision: str = "auto"  # training arithmetic (options.PRECISIONS)
+    licence: str | None = None  # of DATA, recorded in the bundle
+    citation: str | None = None
     limit_images: int = 0
     seed: int = 0
     skip_bad: bool = False
@@ -304,6 +306,8 @@ def run_training(settings: TrainSettings, overwrite: bool = False) -> dict[str, 
         "precision": settings.precision,
     }
     bundle_config["scale"] = training_scale(train_examples, settings.pixel_size)
+    if settings.licence or settings.citation:
+        bundle_config["licence"] = licence_record(settings.licence, settings.citation, settings.data)
     if settings.engine == "local":
         state, best_metrics, history = _train_here(settings, worker_settings, bundle_config, run_dir, train_examples, val_examples, init_state)
     else:
@@ -321,6 +325,11 @@ def run_training(settings: TrainSettings, overwrite: bool = False) -> dict[str, 
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def licence_record(name: str | None, citation: str | None, data: list[str]) -> dict[str, Any]:
+    """A bundle's ``licence``: the terms of its training data, which the weights inherit."""
+    return {"name": name, "citation": citation, "training_data": [str(Path(d)) for d in data]}
 
 
 def training_scale(examples: list[Example], pixel_size: float | None) -> dict[str, Any]:
