@@ -7,6 +7,8 @@
 #   bash benchmarks/gpu.sh bench OUT_DIR WHEELS DSB_IMAGES   # bare model (bf16, channels-last), pipeline vs bare (post-processing processes,
 #                                                              # instance labels on the GPU and on the CPU), the GPU's instance labels on validation
 #   bash benchmarks/gpu.sh train OUT_DIR WHEELS TRAIN_DATA    # the shipped model's training run (--engine local --gpu)
+#   bash benchmarks/gpu.sh train-he OUT_DIR WHEELS HE_DATA    # the he model's recipe on a GPU: HE_DATA holds monuseg/ (images/ +
+#                                                              # labels/), dsb_stained/ (DSB layout) and val.txt (docs/performance.md)
 #   bash benchmarks/gpu.sh profile OUT_DIR WHEELS DSB_IMAGES  # after bench: py-spy profiles of segment on both workloads
 #                                                              # (WHEELS with py-spy), and their summaries
 #
@@ -69,4 +71,13 @@ elif [ "$mode" = train ]; then
     cp /tmp/run-default/metrics.csv /tmp/run-default/curves.png /tmp/run-default/train_settings.json "$out/" 2>/dev/null
     # model.safetensors is larger than one returned file may be: split, joined again here
     (cd /tmp/run-default/bundle && split -b 15M model.safetensors "$out/model.safetensors.part-" && cp config.json "$out/bundle_config.json")
+elif [ "$mode" = train-he ]; then
+    # the he model's CPU recipe (docs/performance.md) with 8x the patches per epoch, on one GPU
+    timeout 420 python3 -m nucleibatch train "$data/monuseg" "$data/dsb_stained" -o /tmp/run-he --engine local --gpu \
+        --init default --input haematoxylin --val-images "$data/val.txt" --pixel-size 0.25 --blur 0.2 \
+        --licence CC-BY-NC-SA-4.0 --citation "Kumar et al., IEEE TMI 2017 and 2019 (MoNuSeg)" \
+        --epochs 24 --batch-size 32 --patches-per-epoch 19200 --lr 5e-4 --loader-workers 14 --overlay-every 6 --seed 0 \
+        2>&1 | tee "$out/train_he.log"
+    cp /tmp/run-he/metrics.csv /tmp/run-he/curves.png /tmp/run-he/train_settings.json "$out/" 2>/dev/null
+    (cd /tmp/run-he/bundle && split -b 15M model.safetensors "$out/model.safetensors.part-" && cp config.json "$out/bundle_config.json")
 fi

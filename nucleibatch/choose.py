@@ -17,12 +17,11 @@ worker and into ``images.parquet``.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
-from .errors import UsageError
+from .errors import UsageError, is_fatal
 from .io.discover import ImageRecord
 from .io.sources import ImageSource, open_source
 from .modality import MODALITIES, classify_modality
@@ -65,6 +64,7 @@ class ModelSet:
                 "path": str(model.path),
                 "modalities": sorted(m for m, routed in self.routes.items() if routed == name),
                 "licence": (model.config.get("licence") or {}).get("name"),
+                "postprocess": model.postprocess.to_dict(),
             }
             for name, model in self.models.items()
         ]
@@ -92,19 +92,6 @@ def load_models(spec: str | NucleiModel, device: str = "auto", precision: str = 
     return ModelSet(models, routes)
 
 
-def check_diameter(value: str | float | None) -> float | str | None:
-    """``--diameter``: None, ``"auto"`` or a positive number of pixels."""
-    if value is None or value == AUTO:
-        return value
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"--diameter must be a number of pixels or auto, got {value!r}") from None
-    if not (math.isfinite(number) and number > 0):
-        raise UsageError(f"--diameter must be a positive number of pixels, got {value!r}")
-    return number
-
-
 def choose_all(records: Sequence[ImageRecord], models: ModelSet, channel: int | None = None, invert: str | None = None, pixel_size: float | None = None, diameter: float | str | None = None) -> list[ImageRecord]:
     """:func:`choose` for every record (in threads), in order."""
     if not records:
@@ -122,9 +109,8 @@ def choose(record: ImageRecord, models: ModelSet, channel: int | None = None, in
     pixel = pixel_size if pixel_size is not None else record.pixel_size_um
     if record.error:
         return replace(record, pixel_size_um=pixel, model=models.name_for(None))
-    needs_pixels = bool(models.routes) or diameter == AUTO
-    modality, found_diameter = None, diameter if isinstance(diameter, float) else None
-    if needs_pixels:
+    modality, found_diameter = None, None if diameter in (None, AUTO) else float(diameter)
+    if models.routes or diameter == AUTO:
         try:
             source = open_source(record)
         except Exception as error:  # the run reports it as this image's failure
@@ -135,10 +121,17 @@ def choose(record: ImageRecord, models: ModelSet, channel: int | None = None, in
             if models.routes:
                 modality = classify_modality(overview, channel).modality
             if diameter == AUTO:
-                found_diameter = image_diameter(source, overview, models.models[models.name_for(modality)], channel, invert)
+                try:
+                    found_diameter = image_diameter(source, overview, models.models[models.name_for(modality)], channel, invert)
+                except Exception as error:  # noqa: BLE001 - the image is still segmented, at its pixel size's scale
+                    if is_fatal(error):
+                        raise
+                    log.warning("%s: nucleus diameter not estimated (%s: %s); its scale comes from its pixel size", record.source, type(error).__name__, error)
         except Exception as error:
+            if is_fatal(error):
+                raise
             log.debug("%s: not read to choose its model (%s)", record.source, error)
-            return replace(record, pixel_size_um=pixel, model=models.name_for(None))
+            return replace(record, pixel_size_um=pixel, modality=modality, model=models.name_for(modality))
         finally:
             source.close()
     name = models.name_for(modality)

@@ -193,12 +193,12 @@ def _run_train(args) -> int:
 
 
 def _run_evaluate(args) -> int:
-    from .choose import check_diameter, load_models
+    from .choose import load_models
     from .evaluate import evaluate_model, write_rows_csv
+    from .scale import check_diameter, check_pixel_size
 
     diameter = check_diameter(args.diameter)
-    if args.pixel_size is not None and not args.pixel_size > 0:
-        raise UsageError(f"--pixel-size must be a positive number of micrometres, got {args.pixel_size}")
+    check_pixel_size(args.pixel_size)
     models = load_models(args.model, device=args.device, precision=args.precision)
     for model in models.models.values():
         if args.tta != "auto":

@@ -8,15 +8,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .choose import AUTO, ModelSet
+from .choose import AUTO, ModelSet, image_diameter
 from .errors import UsageError
 from .io.annotated import AnnotatedImage, discover_annotated, iter_annotated
-from .io.sources import file_pixel_size
+from .io.sources import ArraySource, file_pixel_size
 from .metrics import image_scores, mean_scores
 from .modality import MODALITIES, classify_modality
 from .model import NucleiModel
 from .scale import AUTO_PULL, resample_scale
-from .segment_array import estimate_diameter, segment_image
+from .segment_array import segment_image
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def evaluate_image(
     name = models.name_for(modality)
     model = models.models[name]
     pixel = pixel_size if pixel_size is not None else file_pixel_size(annotated.source.image_path)
-    found = estimate_diameter(image, model, channel, invert) if diameter == AUTO else diameter
+    found = image_diameter(ArraySource(image, annotated.image_id), image, model, channel, invert) if diameter == AUTO else diameter
     scale = resample_scale(model.config.get("scale") or {}, pixel, found, AUTO_PULL if diameter == AUTO else 1.0)
     labels = segment_image(image, model, channel=channel, instances_on=instances_on, scale=scale, invert=invert)
     return {"image_id": annotated.image_id, **image_scores(annotated.labels, labels), "modality": modality, "model": name, "pixel_size_um": pixel, "scale": round(scale, 4)}

@@ -36,7 +36,7 @@ DEFAULT_BUNDLE = Path(__file__).parent / "models" / "default"
 # image to the one serving its modality (nucleibatch.choose), the first listed where several do
 SHIPPED_BUNDLES = {
     "default": DEFAULT_BUNDLE,  # fluorescence and grey brightfield; trained on DSB 2018 only (CC0)
-    "he": DEFAULT_BUNDLE.parent / "he",  # H&E and other stained tissue; MoNuSeg 2018 (CC BY-NC-SA 4.0)
+    "he": DEFAULT_BUNDLE.parent / "he",  # H&E and other stained tissue; MoNuSeg 2018 (CC BY-NC-SA 4.0) + DSB's stained images
 }
 ARCHITECTURES = ("Unet", "UnetPlusPlus", "FPN", "Linknet")
 # --batch-size counts pixels in tiles of this area: a call's memory does not depend on the window

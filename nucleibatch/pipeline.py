@@ -40,7 +40,14 @@ from .io.tables import output_manifest, remove_image_outputs, write_nuclei_part,
 from .measure import concat_columns, measure_labels, physical_columns
 from .normalize import NormStats, normalise_pixels, stats_for_bundle, to_grey
 from .options import INSTANCES_ON, resolve_instances_on
-from .scale import from_network_scale, network_box, scaled_shape, to_network_scale
+from .scale import (
+    check_diameter,
+    check_pixel_size,
+    from_network_scale,
+    network_box,
+    scaled_shape,
+    to_network_scale,
+)
 from .stitching import OwnedObjects, block_offsets, paint_region, select_owned
 from .tiling import PAD_MULTIPLE, Block, block_grid, floor_to, small_image_window
 
@@ -84,10 +91,8 @@ class SegmentSettings:
             raise UsageError(f"--invert must be auto, never or always (got {self.invert})")
         if self.instances_on not in INSTANCES_ON:
             raise UsageError(f"--instances-on must be {', '.join(INSTANCES_ON)} (got {self.instances_on})")
-        if self.pixel_size is not None and not (math.isfinite(self.pixel_size) and self.pixel_size > 0):
-            raise UsageError(f"--pixel-size must be a positive number of micrometres (got {self.pixel_size})")
-        if self.diameter is not None and self.diameter != "auto" and not (isinstance(self.diameter, (int, float)) and math.isfinite(self.diameter) and self.diameter > 0):
-            raise UsageError(f"--diameter must be a positive number of pixels or auto (got {self.diameter!r})")
+        check_pixel_size(self.pixel_size)
+        check_diameter(self.diameter)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -177,8 +182,19 @@ def plan_image(record: ImageRecord, source: ImageSource, settings: SegmentSettin
         overview = source.overview()
     with timer("normalise"):
         stats = stats_for_bundle(overview, model_config.get("normalization", {}), settings.invert, settings.channel)
-    blocks = block_grid((height, width), settings.block_size, settings.block_margin)
+    blocks = block_grid((height, width), block_size_at(settings.block_size, record.scale, settings.block_margin), settings.block_margin)
     return ImagePlan(record, store_name(record.image_id), (height, width), source.channels, np.dtype(source.dtype), stats, blocks)
+
+
+def block_size_at(block_size: int, scale: float, margin: int) -> int:
+    """The block size for an image the network sees enlarged ``scale`` times: ``--block-size``
+    halved until the enlarged block is no larger than ``block_size`` (memory follows the network's
+    pixels, not the image's), while it stays a multiple of 32 above ``margin``; halving keeps the
+    zarr chunks dividing it."""
+    size = block_size
+    while scale * size > block_size * 1.0001 and size % 64 == 0 and size // 2 > margin:
+        size //= 2
+    return size
 
 
 def open_image(record: ImageRecord, timer: Timer) -> ImageSource:
@@ -214,7 +230,7 @@ def _start_image(record: ImageRecord, settings: SegmentSettings, model_config: d
         if own_source:
             source.close()
     with timer("write"):
-        chunk = chunk_for_blocks(settings.block_size)
+        chunk = chunk_for_blocks(block_size_at(settings.block_size, record.scale, settings.block_margin))
         group = create_image_group(open_root(out_dir / "masks.zarr"), name, record.image_id, plan.shape, plan.channels, plan.dtype, chunk=chunk, pixel_size_um=record.pixel_size_um)
     return plan, group
 
@@ -222,7 +238,9 @@ def _start_image(record: ImageRecord, settings: SegmentSettings, model_config: d
 def prediction_region(block: Block, shape: tuple[int, int], halo: int) -> tuple[int, int, int, int]:
     """The block's read region grown by ``halo`` pixels of context for the network, clipped to
     the image; it starts on a multiple of PAD_MULTIPLE, so that the tiles laid from its corner
-    are on the network's pixel grid of the whole image (:func:`nucleibatch.tiling.tiles_over_box`)."""
+    are on the network's pixel grid of the whole image (:func:`nucleibatch.tiling.tiles_over_box`).
+    An image resampled for the network is resampled block by block: there neighbouring blocks'
+    grids may differ by a fraction of a pixel, and each nucleus still has one owner block."""
     y0, y1, x0, x1 = block.read
     return (max(0, floor_to(y0 - halo, PAD_MULTIPLE)), min(shape[0], y1 + halo), max(0, floor_to(x0 - halo, PAD_MULTIPLE)), min(shape[1], x1 + halo))
 
@@ -241,7 +259,8 @@ class BlockPrediction:
     """The model's output for one block: what the post-processing of the block needs.
 
     probabilities: ``(K, h, w)`` over ``block.read``, float16 where the network ran in bf16, else
-        float32; None where the labels were made on the network's device.
+        float32; None where the labels were made on the network's device. For an image resampled
+        for the network, at the network's scale (see ``resampling`` and :func:`at_image_pixels`).
     pixels: ``(h, w, C)`` the image's raw pixels over ``block.read`` (for intensities and the image copy).
     labels: ``(h, w)`` int32 instance labels over ``block.read`` made on the network's device
         (:func:`instances_on_device`; raw ids, objects of every size), else None.
@@ -254,11 +273,15 @@ class BlockPrediction:
     worker: str | None = None  # where it ran (distributed engines)
     predict_group: int = 1  # blocks predicted in the same model call (small images are grouped)
     labels: np.ndarray | None = None
+    # probabilities at the network's scale, of an image resampled for it: (scale, origin of the
+    # probabilities in the resampled region, block.read in the region's own pixels)
+    resampling: tuple[float, tuple[int, int], tuple[int, int, int, int]] | None = None
 
 
 def normalise_region(plan: ImagePlan, raw: np.ndarray, settings: SegmentSettings) -> np.ndarray:
-    """The network's input for raw pixels ``(h, w, C)`` of an image: ``(h, w)`` float32."""
-    return normalise_pixels(raw, plan.stats, settings.channel)
+    """The network's input for raw pixels ``(h, w, C)`` of an image: ``(h, w)`` float32, resampled
+    by the image's scale (:func:`~nucleibatch.scale.to_network_scale`) where it has one."""
+    return to_network_scale(normalise_pixels(raw, plan.stats, settings.channel), plan.scale)
 
 
 def predict_blocks(
@@ -271,7 +294,10 @@ def predict_blocks(
     """Normalise the blocks' prediction regions and run the model on them: the tiles of several
     blocks (of one image or of several small ones) are batched together. Each prediction's
     stage seconds are its share by pixels. Where :func:`instances_on_device`, each block's
-    instance labels are made on the model's device too, and replace its probabilities.
+    instance labels are made on the model's device too (at the image's own pixels), and replace
+    its probabilities; else the probabilities of an image resampled for the network stay at the
+    network's scale, and :func:`finish_block` takes them back to the image's pixels (outside the
+    model's thread).
 
     Args:
         items: ``(plan, block, raw, region)``: ``raw`` the ``(h, w, C)`` pixels of ``region``
@@ -288,33 +314,36 @@ def predict_blocks(
         with timer("normalise"):
             normalised = [normalise_region(plan, raw, settings) for plan, _, raw, _ in items]
     scales = [plan.scale for plan, *_ in items]
-    with timer("normalise"):  # images resampled for the network: their regions at its scale
-        normalised = [to_network_scale(image, scale) for image, scale in zip(normalised, scales, strict=True)]
-        boxes = [inner if scale == 1.0 else network_box(inner, scale, image.shape) for inner, scale, image in zip(inners, scales, normalised, strict=True)]
+    # the part of each (resampled) region that the block's read region needs
+    boxes = [inner if scale == 1.0 else network_box(inner, scale, image.shape) for inner, scale, image in zip(inners, scales, normalised, strict=True)]
     with timer("predict"):
         probabilities = model.predict_many(normalised, batch_size=batch_size, tta=settings.tta, output_boxes=boxes, keep_half=True)
     del normalised
-    with timer("instances"):  # and their probabilities back at the image's pixels
-        probabilities = [
-            p if scale == 1.0 else from_network_scale(p, scale, (box[0], box[2]), inner)
-            for p, scale, box, inner in zip(probabilities, scales, boxes, inners, strict=True)
-        ]
+    resamplings = [None if scale == 1.0 else (scale, (box[0], box[2]), inner) for scale, box, inner in zip(scales, boxes, inners, strict=True)]
     labels: list[np.ndarray | None] = [None] * len(items)
     if instances_on_device(settings, model.device.type):
         from .instances_torch import instance_labels_on
 
         params = instance_params(settings, model)
         with timer("instances"):
+            probabilities = [at_image_pixels(p, resampling) for p, resampling in zip(probabilities, resamplings, strict=True)]
             labels = [instance_labels_on(model.device, block_probabilities, params.at_scale(scale)) for block_probabilities, scale in zip(probabilities, scales, strict=True)]
         probabilities = [None] * len(items)
+        resamplings = [None] * len(items)
     pixels = [raw[y0:y1, x0:x1] for (_, _, raw, _), (y0, y1, x0, x1) in zip(items, inners, strict=True)]
     total = sum(p.shape[0] * p.shape[1] for p in pixels)
     predictions = []
-    for (_, block, _, _), block_probabilities, block_labels, block_pixels in zip(items, probabilities, labels, pixels, strict=True):
+    for (_, block, _, _), block_probabilities, block_labels, block_pixels, resampling in zip(items, probabilities, labels, pixels, resamplings, strict=True):
         share = block_pixels.shape[0] * block_pixels.shape[1] / total
         seconds = {stage: value * share for stage, value in timer.seconds.items()}
-        predictions.append(BlockPrediction(block.index, block_probabilities, block_pixels, seconds, labels=block_labels))
+        predictions.append(BlockPrediction(block.index, block_probabilities, block_pixels, seconds, labels=block_labels, resampling=resampling))
     return predictions
+
+
+def at_image_pixels(probabilities: np.ndarray, resampling: tuple | None) -> np.ndarray:
+    """Probabilities of a block's read region at the image's own pixels: as they are, or taken back
+    from the network's scale (``resampling`` = ``(scale, origin, box)``, see :class:`BlockPrediction`)."""
+    return probabilities if resampling is None else from_network_scale(probabilities, *resampling)
 
 
 def fits_one_tile(plan: ImagePlan, model_config: dict) -> bool:
@@ -330,7 +359,10 @@ def finish_block(plan: ImagePlan, block: Block, prediction: BlockPrediction, set
     ry0, ry1, rx0, rx1 = block.read
     params = params.at_scale(plan.scale)  # the labels are made at the image's own pixels
     with timer("instances"):
-        labels = prediction.labels if prediction.labels is not None else instance_labels(prediction.probabilities, params)
+        if prediction.labels is not None:
+            labels = prediction.labels
+        else:
+            labels = instance_labels(at_image_pixels(prediction.probabilities, prediction.resampling), params)
         owned_labels, owned = select_owned(labels, block, plan.shape, settings.block_margin, params.min_size)
         del labels
     with timer("measure"):

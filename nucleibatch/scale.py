@@ -18,9 +18,14 @@ so that its nuclei have the size the network saw in training:
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
+
+from .errors import UsageError
+
+log = logging.getLogger(__name__)
 
 # a resampling this close to 1 is skipped: it would cost a pass and move outlines by < 1 px
 SCALE_TOLERANCE = 0.03
@@ -28,6 +33,34 @@ SCALE_TOLERANCE = 0.03
 MAX_SCALE = 8.0
 # --diameter auto: how far (in log scale) an image's estimated diameter is brought to the model's
 AUTO_PULL = 0.5
+
+
+def check_diameter(value: str | float | None) -> float | str | None:
+    """``--diameter``: None, ``"auto"``, or a positive number of pixels (returned as a float).
+
+    Raises:
+        UsageError: anything else.
+    """
+    if value is None or value == "auto":
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"--diameter must be a number of pixels or auto, got {value!r}") from None
+    if not (math.isfinite(number) and number > 0):
+        raise UsageError(f"--diameter must be a positive number of pixels, got {value!r}")
+    return number
+
+
+def check_pixel_size(value: float | None) -> float | None:
+    """``--pixel-size``: None or a positive number of micrometres.
+
+    Raises:
+        UsageError: anything else.
+    """
+    if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise UsageError(f"--pixel-size must be a positive number of micrometres, got {value!r}")
+    return value
 
 
 def median_diameter(areas: np.ndarray) -> float:
@@ -57,8 +90,9 @@ def resample_scale(
             that the scale goes (1: all the way; :data:`AUTO_PULL` for estimates).
 
     Returns:
-        ``scale`` > 0: the network sees the image enlarged ``scale`` times; rounded to 1 within
-        :data:`SCALE_TOLERANCE`, and clipped to ``[1 / MAX_SCALE, MAX_SCALE]``.
+        ``scale`` > 0: the network sees the image enlarged ``scale`` times; 1 within
+        :data:`SCALE_TOLERANCE`, and 1 (with a warning) beyond ``[1 / MAX_SCALE, MAX_SCALE]``: such
+        a factor says that the metadata or the diameter is wrong, not that the image needs it.
     """
     scale = 1.0
     model_diameter = model_scale.get("nucleus_diameter_px")
@@ -67,11 +101,15 @@ def resample_scale(
         scale = (float(model_diameter) / float(diameter_px)) ** pull
     elif pixel_size_um is not None and model_pixel:
         scale = float(pixel_size_um) / float(model_pixel)
-    if not math.isfinite(scale) or scale <= 0:
+    if not math.isfinite(scale) or scale <= 0 or abs(scale - 1.0) <= SCALE_TOLERANCE:
         return 1.0
-    if abs(scale - 1.0) <= SCALE_TOLERANCE:
+    if not 1.0 / MAX_SCALE <= scale <= MAX_SCALE:
+        log.warning(
+            "resampling by %.3g for a model trained at %s (image: %s um/px, diameter %s px) is beyond %g: "
+            "not resampled; check the file's pixel size, or give --pixel-size / --diameter", scale, model_scale, pixel_size_um, diameter_px, MAX_SCALE
+        )  # fmt: skip
         return 1.0
-    return float(min(MAX_SCALE, max(1.0 / MAX_SCALE, scale)))
+    return float(scale)
 
 
 def scaled_shape(shape: tuple[int, int], scale: float) -> tuple[int, int]:
@@ -83,14 +121,22 @@ def scaled_shape(shape: tuple[int, int], scale: float) -> tuple[int, int]:
 def network_box(box: tuple[int, int, int, int], scale: float, shape: tuple[int, int]) -> tuple[int, int, int, int]:
     """The box of a region resampled by ``scale`` (of shape ``shape``) whose pixels
     :func:`from_network_scale` needs for the box ``(y0, y1, x0, x1)`` of the region: the box scaled,
-    grown to whole pixels plus one for the interpolation, inside ``shape``."""
+    grown to whole pixels, by one for the interpolation and by the reach of the smoothing that
+    shrinking back applies (4 sigma), inside ``shape``."""
     y0, y1, x0, x1 = box
+    grow = 1 + (math.ceil(4 * _shrink_sigma(scale)) if scale > 1.0 else 0)
     return (
-        max(0, math.floor(y0 * scale) - 1),
-        min(shape[0], math.ceil(y1 * scale) + 1),
-        max(0, math.floor(x0 * scale) - 1),
-        min(shape[1], math.ceil(x1 * scale) + 1),
+        max(0, math.floor(y0 * scale) - grow),
+        min(shape[0], math.ceil(y1 * scale) + grow),
+        max(0, math.floor(x0 * scale) - grow),
+        min(shape[1], math.ceil(x1 * scale) + grow),
     )
+
+
+def _shrink_sigma(factor: float) -> float:
+    """The Gaussian smoothing (pixels of the larger grid) before shrinking by ``factor`` > 1: scikit-image's
+    anti-aliasing choice, ``(factor - 1) / 2``."""
+    return (factor - 1.0) / 2.0
 
 
 def to_network_scale(image: np.ndarray, scale: float) -> np.ndarray:
@@ -103,7 +149,7 @@ def to_network_scale(image: np.ndarray, scale: float) -> np.ndarray:
     if scale < 1.0:
         from scipy import ndimage as ndi
 
-        image = ndi.gaussian_filter(image.astype(np.float32, copy=False), (1.0 / scale - 1.0) / 2.0, mode="nearest")
+        image = ndi.gaussian_filter(image.astype(np.float32, copy=False), _shrink_sigma(1.0 / scale), mode="nearest")
     out = image.astype(np.float32, copy=False)
     for axis, size in enumerate(shape):
         out = _interpolate(out, axis + out.ndim - 2, (np.arange(size) + 0.5) / scale - 0.5)
@@ -120,7 +166,7 @@ def from_network_scale(array: np.ndarray, scale: float, origin: tuple[int, int],
     if scale > 1.0:
         from scipy import ndimage as ndi
 
-        out = ndi.gaussian_filter(out, (0.0, (scale - 1.0) / 2.0, (scale - 1.0) / 2.0), mode="nearest")
+        out = ndi.gaussian_filter(out, (0.0, _shrink_sigma(scale), _shrink_sigma(scale)), mode="nearest")
     out = _interpolate(out, 1, (np.arange(y0, y1) + 0.5) * scale - 0.5 - origin[0])
     out = _interpolate(out, 2, (np.arange(x0, x1) + 0.5) * scale - 0.5 - origin[1])
     return out.astype(array.dtype, copy=False)

@@ -48,6 +48,9 @@ from .verify import verify_records
 log = logging.getLogger(__name__)
 ENGINES = ("local", "ray", "dask")
 OUTPUT_NAMES = ("masks.zarr", "nuclei.parquet", "images.parquet", "run.json", "report.html", STATE_DIR)
+# the tables' columns: 2 added the micrometre and model-choice columns (an OUT of version 1 would
+# mix parts of two schemas in nuclei.parquet: refused, start it over)
+TABLES_VERSION = 2
 
 
 @dataclass
@@ -235,8 +238,13 @@ def _check_settings(out_dir: Location, fingerprint: dict[str, Any]) -> None:
         now = _flatten(fingerprint)
         changed = [f"{k.removeprefix('settings.')}: {previous.get(k)} -> {now.get(k)}" for k in sorted(set(previous) | set(now)) if previous.get(k) != now.get(k)]
         if changed:
+            hint = ""
+            if any(key.startswith("model_sha256") for key in changed):
+                hint = " (an OUT segmented with one model resumes with that --model, e.g. --model default; one made with --model auto, without --model)"
+            if any(key.startswith("tables") for key in changed):
+                hint += " (made by an older nucleibatch, whose tables lack the micrometre and model columns)"
             raise UsageError(
-                f"{out_dir} holds results of another model or settings (differs in: {', '.join(changed)}); "
+                f"{out_dir} holds results of another model or settings (differs in: {', '.join(changed)}){hint}; "
                 "re-run with the same settings to resume, pass --overwrite to start over, or give a new -o OUT"
             )
     else:
@@ -310,7 +318,7 @@ def run_segment_job(
             instances_on = resolve_instances_on(settings.instances_on, loaded.device.type) if engine == "local" else settings.instances_on
             # one model: as recorded before models were chosen per image (such OUTs resume alike)
             model_sha256 = {name: m.sha256 for name, m in models.models.items()} if models.routes else loaded.sha256
-            _check_settings(out_dir, {"model_sha256": model_sha256, "settings": settings.to_dict() | {"instances_on": instances_on}})
+            _check_settings(out_dir, {"model_sha256": model_sha256, "settings": settings.to_dict() | {"instances_on": instances_on}, "tables": TABLES_VERSION})
             remove_stale_temporaries(out_dir)
             open_root(out_dir / "masks.zarr")  # once, here: units running at once then only add groups
             finished = read_records(out_dir)
@@ -322,10 +330,10 @@ def run_segment_job(
             import pandas  # noqa: F401 - pyarrow imports it on its first NumPy conversion (~0.5 s): here, not inside the first image's table write
 
             timer = Timer()
-            usage_before = {name: (m.usage.busy_seconds, m.usage.tiles, Counter(m.usage.batch_shapes)) for name, m in models.models.items()}
             choose_started = time.perf_counter()
             todo = choose_all(todo, models, settings.channel, settings.invert, settings.pixel_size, settings.diameter)
             choose_seconds = time.perf_counter() - choose_started
+            usage_before = {name: (m.usage.busy_seconds, m.usage.tiles, Counter(m.usage.batch_shapes)) for name, m in models.models.items()}
             if models.routes or settings.diameter == "auto":
                 log.info("models and scales chosen for %d images in %.1f s: %s", len(todo), choose_seconds, dict(Counter(r.model for r in todo)))
             engine_started = time.perf_counter()
@@ -384,6 +392,7 @@ def run_segment_job(
                 "instances_on": instances_on,
                 "settings": settings.to_dict() | {"batch_size": batch_size},
                 "post_workers": post_workers if engine == "local" else None,
+                # one model: its post-processing (each model's is in "models")
                 "postprocess": settings.postprocess or loaded.postprocess.to_dict(),
                 "model": (
                     {"name": "auto", "sha256": "+".join(m.sha256[:12] for m in models.models.values()), "path": None}

@@ -53,8 +53,8 @@ def add_segment(subparsers) -> None:
 
 
 def run_segment(args) -> int:
-    from .choose import check_diameter
     from .pipeline import SegmentSettings
+    from .scale import check_diameter
     from .segment import closing_summary, run_segment_job
 
     if args.context is not None:

@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name", choices=sorted(SHIPPED_BUNDLES))
     parser.add_argument("--licence", default=None)
     parser.add_argument("--citation", default=None)
+    parser.add_argument("--training-data", action="append", default=None, metavar="TEXT", help="what the model was trained on, for the licence record (repeatable) [the run's DATA paths]")
     parser.add_argument("--bundle-name", default=None, help="the config's name [kept]")
     args = parser.parse_args(argv)
     config = json.loads((args.bundle / CONFIG_NAME).read_text())
@@ -37,13 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     if weights.stat().st_size > MAX_BYTES:
         sys.exit(f"{weights}: {weights.stat().st_size:,} bytes, over the 32 MB a shipped bundle may take")
     if args.licence or args.citation:
-        config["licence"] = licence_record(args.licence, args.citation, config.get("training", {}).get("data", []))
+        config["licence"] = licence_record(args.licence, args.citation, args.training_data or config.get("training", {}).get("data", []))
     if args.bundle_name:
         config["name"] = args.bundle_name
     target = SHIPPED_BUNDLES[args.name]
     target.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(weights, target / WEIGHTS_NAME)
     (target / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    for path in (target / WEIGHTS_NAME, target / CONFIG_NAME):
+        path.chmod(0o644)  # readable by every user of an installation
     load_model(args.name)  # it loads as shipped
     print(f"{args.name}: {target} ({weights.stat().st_size / 1e6:.1f} MB, sha256 {config['weights_sha256'][:12]})")
     return 0

@@ -14,7 +14,7 @@ import pytest
 import tifffile
 import zarr
 
-from nucleibatch.choose import ModelSet, check_diameter, choose
+from nucleibatch.choose import ModelSet, choose
 from nucleibatch.errors import UsageError
 from nucleibatch.instances import InstanceParams
 from nucleibatch.io.annotated import discover_annotated, load_annotated
@@ -31,7 +31,14 @@ from nucleibatch.normalize import (
     normalise_pixels,
 )
 from nucleibatch.pipeline import SegmentSettings
-from nucleibatch.scale import from_network_scale, network_box, resample_scale, to_network_scale
+from nucleibatch.scale import (
+    AUTO_PULL,
+    check_diameter,
+    from_network_scale,
+    network_box,
+    resample_scale,
+    to_network_scale,
+)
 from nucleibatch.segment import run_segment_job
 from nucleibatch.segment_array import densest_window, segment_image
 from nucleibatch.synthetic import synthetic_nuclei, threshold_model
@@ -51,9 +58,10 @@ def test_pixel_size_of_every_tiff_flavour(tmp_path):
     tifffile.imwrite(tmp_path / "inch.tif", rgb(), photometric="rgb", resolution=(25400 / 0.25, 25400 / 0.25), resolutionunit="INCH")
     tifffile.imwrite(tmp_path / "imagej.tif", rgb()[..., 0], imagej=True, resolution=(1 / 0.325, 1 / 0.325), metadata={"unit": "micron"})
     tifffile.imwrite(tmp_path / "dpi72.tif", rgb(), photometric="rgb", resolution=(72, 72), resolutionunit="INCH")  # a drawing program's
+    tifffile.imwrite(tmp_path / "dpi1200.tif", rgb(), photometric="rgb", resolution=(1200, 1200), resolutionunit="INCH")
     tifffile.imwrite(tmp_path / "bare.tif", rgb(), photometric="rgb")
     found = {r.image_id: r.pixel_size_um for r in discover_inputs([str(tmp_path)])}
-    assert found == pytest.approx({"ome": 0.65, "nm": 0.325, "svs": 0.499, "cm": 0.5, "inch": 0.25, "imagej": 0.325, "dpi72": None, "bare": None})
+    assert found == pytest.approx({"ome": 0.65, "nm": 0.325, "svs": 0.499, "cm": 0.5, "inch": 0.25, "imagej": 0.325, "dpi72": None, "dpi1200": None, "bare": None})
 
 
 def test_pixel_size_of_ome_zarr_and_of_our_own_output(tmp_path):
@@ -148,7 +156,7 @@ def test_resample_scale_from_pixel_sizes_and_diameters():
     assert resample_scale(model, None) == 1.0
     assert resample_scale(model, 0.5, diameter_px=40.0) == 0.5  # the diameter wins
     assert resample_scale({"nucleus_diameter_px": 20.0, "pixel_size_um": None}, 0.5) == 1.0
-    assert resample_scale(model, 100.0) == 8.0  # clipped
+    assert resample_scale(model, 100.0) == 1.0  # beyond 8x: wrong metadata, not resampled
     assert check_diameter("auto") == "auto" and check_diameter("12.5") == 12.5
     with pytest.raises(UsageError):
         check_diameter("-3")
@@ -291,7 +299,8 @@ def test_diameter_auto_finds_the_magnification(tmp_path):
     summary = run_segment_job([str(tmp_path / "in")], out, model=model, settings=SegmentSettings(diameter="auto"), progress=False)
     assert summary.exit_code == 0
     images = pd.read_parquet(out / "images.parquet").set_index("image_id")
-    assert images.loc["twice", "scale"] == pytest.approx(0.5, rel=0.1) and images.loc["native", "scale"] == pytest.approx(1.0, abs=0.1)
+    # auto pulls halfway (log scale) to the model's diameter: 0.5 ** 0.5 for nuclei twice its size
+    assert images.loc["twice", "scale"] == pytest.approx(0.5**AUTO_PULL, rel=0.1) and images.loc["native", "scale"] == pytest.approx(1.0, abs=0.1)
     run = json.loads((out / "run.json").read_text())
     assert run["diameter"] == "auto" and run["scales"]["min"] == images.loc["twice", "scale"]
     labels = zarr.open_group(str(out / "masks.zarr"), mode="r")[images.loc["twice", "store_path"]]["labels/nuclei/0"][:]
@@ -323,3 +332,83 @@ def test_evaluate_prints_per_modality_figures_and_takes_segments_scale_options(d
     rows = pd.read_csv(csv).set_index("image_id")
     assert set(rows.model) == {"he"} and rows.loc["tissue", "scale"] == 2.0
     assert main(["evaluate", str(folder), "--diameter", "-2"]) == 2
+
+
+@pytest.mark.slow
+def test_a_mixed_archive_goes_to_the_shipped_models_alike_on_every_engine(dsb_root, monuseg_root, tmp_path):
+    """Without --model: fluorescence fields to `default`, stained tissue (at 20x, resampled 2x for
+    `he`) to `he`; the Dask engine runs each model's images and writes what the local one does."""
+    from tests.outputs import assert_same_outputs
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    fluorescence = [s for s in discover_annotated([dsb_root]) if classify_modality(read_image_file(s.image_path)).modality == "fluorescence"][:2]
+    for source in fluorescence:
+        Image = pytest.importorskip("PIL.Image")
+        Image.fromarray(read_image_file(source.image_path)).save(folder / f"{source.image_id[:8]}.png")
+    tile = load_annotated(discover_annotated([monuseg_root])[0]).image[:400, :400, :3]
+    tifffile.imwrite(folder / "tissue20x.ome.tif", tile[::2, ::2], photometric="rgb", metadata={"axes": "YXS", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+    local = run_segment_job([str(folder)], tmp_path / "local", device="cpu", precision="float32", progress=False)
+    assert local.exit_code == 0
+    images = pd.read_parquet(tmp_path / "local" / "images.parquet").set_index("image_id")
+    assert images.loc["tissue20x", ["modality", "model", "scale"]].tolist() == ["stained", "he", 2.0]
+    assert set(images.drop(index="tissue20x").model) == {"default"} and set(images.drop(index="tissue20x").modality) == {"fluorescence"}
+    assert (images.n_nuclei > 0).all()
+    run = json.loads((tmp_path / "local" / "run.json").read_text())
+    assert run["model"]["name"] == "auto" and {m["name"]: m["images"] for m in run["models"]} == {"default": 2, "he": 1}
+    assert {m["name"]: m["licence"] for m in run["models"]} == {"default": "CC0-1.0", "he": "CC-BY-NC-SA-4.0"}
+    dask = run_segment_job([str(folder)], tmp_path / "dask", device="cpu", precision="float32", engine="dask", workers=1, progress=False)
+    assert dask.exit_code == 0
+    assert_same_outputs(tmp_path / "local", tmp_path / "dask")
+    # the same OUT with one model forced is another run: refused, as other settings are
+    with pytest.raises(UsageError, match="model_sha256"):
+        run_segment_job([str(folder)], tmp_path / "local", model="default", device="cpu", precision="float32", progress=False)
+
+
+def test_an_image_that_cannot_be_read_while_choosing_fails_alone(tmp_path, monuseg_root):
+    from nucleibatch.io.location import to_location
+
+    fluorescence, tissue = threshold_model(), threshold_model()
+    tissue.config.update(modalities=["stained"])
+    models = ModelSet({"default": fluorescence, "he": tissue}, {"fluorescence": "default", "brightfield": "default", "stained": "he"})
+    (tmp_path / "in").mkdir()
+    Image = pytest.importorskip("PIL.Image")
+    Image.fromarray(synthetic_nuclei((96, 96), n_nuclei=8, seed=9)[0]).save(tmp_path / "in" / "good.png")
+    data = (tmp_path / "in" / "good.png").read_bytes()
+    (tmp_path / "in" / "cut.png").write_bytes(data[: len(data) // 2])  # its header reads, its pixels do not
+    records = {r.image_id: r for r in discover_inputs([str(tmp_path / "in")])}
+    assert records["cut"].error is None and to_location(records["cut"].path).exists()
+    assert choose(records["cut"], models).model == "default"
+    summary = run_segment_job([str(tmp_path / "in")], tmp_path / "out", model=fluorescence, progress=False)
+    assert (summary.n_ok, summary.n_failed) == (1, 1)
+    images = pd.read_parquet(tmp_path / "out" / "images.parquet").set_index("image_id")
+    assert images.loc["cut", "status"] == "failed" and images.loc["cut", "error"]
+
+
+def test_a_whole_number_diameter_and_smaller_blocks_for_enlarged_images(tmp_path):
+    from nucleibatch.pipeline import block_size_at
+
+    image, _ = synthetic_nuclei((200, 200), n_nuclei=12, radius=(8, 12), seed=10)
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "cells.tif", image)
+    model = threshold_model()
+    model.config["scale"] = {"nucleus_diameter_px": 40.0, "pixel_size_um": None}
+    run_segment_job([str(tmp_path / "in")], tmp_path / "out", model=model, settings=SegmentSettings(diameter=20), progress=False)
+    assert pd.read_parquet(tmp_path / "out" / "images.parquet").scale.tolist() == [2.0]
+    assert [block_size_at(2048, s, 128) for s in (0.5, 1.0, 1.02, 1.37, 2.0, 3.0, 8.0)] == [2048, 2048, 1024, 1024, 1024, 512, 256]
+    assert block_size_at(256, 8.0, 128) == 256 and block_size_at(2048, 8.0, 600) == 1024  # stays above the margin
+
+
+def test_an_out_written_before_the_micrometre_columns_is_refused_with_the_reason(tmp_path):
+    image, _ = synthetic_nuclei((96, 96), n_nuclei=8, seed=11)
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "cells.tif", image)
+    out = tmp_path / "out"
+    run_segment_job([str(tmp_path / "in")], out, model=threshold_model(), progress=False)
+    settings = out / ".nucleibatch" / "settings.json"
+    recorded = json.loads(settings.read_text())
+    del recorded["tables"]  # as an older nucleibatch recorded it
+    settings.write_text(json.dumps(recorded))
+    with pytest.raises(UsageError, match="older nucleibatch.*--overwrite"):
+        run_segment_job([str(tmp_path / "in")], out, model=threshold_model(), progress=False)
+    assert run_segment_job([str(tmp_path / "in")], out, model=threshold_model(), overwrite=True, progress=False).n_ok == 1

@@ -10,8 +10,8 @@ Read, in this order, from:
 * OME-Zarr: the ``scale`` coordinate transformations of the multiscale (its own and its first
   dataset's) on the ``x`` axis, with that axis' ``unit``.
 
-Only sizes in :data:`PLAUSIBLE_UM` are kept: a TIFF saved by a generic program declares 72 or 300
-dots per inch (353 or 85 um per pixel), which says nothing about a microscope.
+Only sizes in :data:`PLAUSIBLE_UM` are kept: a TIFF saved by a generic program declares 72 to 1200
+dots per inch (353 to 21 um per pixel), which says nothing about a microscope.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-PLAUSIBLE_UM = (1e-3, 50.0)
+PLAUSIBLE_UM = (1e-3, 20.0)
 UNIT_UM = {
     "um": 1.0, "µm": 1.0, "\u03bcm": 1.0, "micron": 1.0, "microns": 1.0, "micrometer": 1.0, "micrometre": 1.0,
     "nm": 1e-3, "nanometer": 1e-3, "nanometre": 1e-3,
