@@ -52,6 +52,7 @@ def _add_train(subparsers) -> None:
     p.add_argument("--pixel-size", type=float, default=None, metavar="UM", help="pixel size of DATA in micrometres, recorded in the bundle as the scale it was trained at (segment resamples images of known pixel size to it)")
     p.add_argument("--stain-jitter", type=float, default=None, metavar="S", help="stain augmentation of the haematoxylin input: the stain vector's weights jittered by S [0.1 with --input haematoxylin]")
     p.add_argument("--blur", type=float, default=0.0, metavar="P", help="probability of a Gaussian blur (sigma 0.5-1.5 px) per patch [0]")
+    p.add_argument("--scale-jitter", type=float, nargs=2, default=(0.6, 1.6), metavar=("LOW", "HIGH"), help="range of the random zoom of patches; narrow it for data of one known magnification [0.6 1.6]")
     p.add_argument("--licence", default=None, metavar="NAME", help="licence of DATA (e.g. CC0-1.0, CC-BY-NC-SA-4.0), recorded in the bundle: a model inherits its training data's terms")
     p.add_argument("--citation", default=None, metavar="TEXT", help="how to cite DATA, recorded in the bundle")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="training arithmetic: auto = bf16 autocast on CUDA and on CPUs with native bf16 (2.8x faster on such a CPU), else float32 [auto]")
@@ -171,6 +172,7 @@ def _run_train(args) -> int:
         pixel_size=args.pixel_size,
         stain_jitter=args.stain_jitter,
         blur=args.blur,
+        scale_jitter=tuple(args.scale_jitter),
         precision=args.precision,
         licence=args.licence,
         citation=args.citation,

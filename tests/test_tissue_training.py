@@ -83,7 +83,7 @@ def test_fine_tune_the_default_model_on_haematoxylin_records_input_scale_and_spl
     run_dir = tmp_path / "run"
     argv = [
         "train", str(data), "-o", str(run_dir), "--engine", "local", "--init", "default", "--input", "haematoxylin",
-        "--val-images", str(val_file), "--pixel-size", "0.25", "--blur", "0.5", "--epochs", "1",
+        "--val-images", str(val_file), "--pixel-size", "0.25", "--blur", "0.5", "--scale-jitter", "0.8", "1.25", "--epochs", "1",
         "--patches-per-epoch", "4", "--batch-size", "2", "--patch-size", "128", "--no-tune", "--overlay-every", "0",
     ]  # fmt: skip
     assert main(argv) == 0
@@ -91,7 +91,7 @@ def test_fine_tune_the_default_model_on_haematoxylin_records_input_scale_and_spl
     assert config["normalization"]["input"] == "haematoxylin" and config["normalization"]["invert"] == "never"
     assert config["modalities"] == ["stained"]
     assert config["training"]["val_image_ids"] == [ids[1]] and config["training"]["n_train_images"] == 2
-    assert config["training"]["augment"] == {"stain_jitter": 0.1, "blur": 0.5}
+    assert config["training"]["augment"] == {"stain_jitter": 0.1, "blur": 0.5, "scale": [0.8, 1.25]}
     assert config["scale"]["pixel_size_um"] == 0.25 and 10 < config["scale"]["nucleus_diameter_px"] < 40
     model = nucleibatch.load_model(run_dir / "bundle")
     from nucleibatch.segment_array import segment_image
@@ -109,6 +109,7 @@ def test_bad_tissue_training_arguments_exit_2(dsb_root, tmp_path, capsys):
         (["--pixel-size", "-1"], "--pixel-size"),
         (["--stain-jitter", "3"], "--stain-jitter"),
         (["--blur", "2"], "--blur"),
+        (["--scale-jitter", "1.2", "1.5"], "--scale-jitter"),
     ):
         assert main(base + extra) == 2
         err = capsys.readouterr().err.strip().splitlines()

@@ -342,7 +342,9 @@ def run_epochs(context: RayWorkerContext | LocalWorkerContext, settings: dict[st
     freeze_epochs = int(settings.get("freeze_encoder_epochs", 0))
     model, frozen = None, None
 
-    augment = AugmentSettings(stain=float(settings.get("stain_jitter") or 0.0), blur=float(settings.get("blur", 0.0)))
+    augment = AugmentSettings(
+        scale=tuple(settings.get("scale_jitter", AugmentSettings.scale)), stain=float(settings.get("stain_jitter") or 0.0), blur=float(settings.get("blur", 0.0))
+    )
     dataset = PatchDataset(train_examples, settings["patch_size"], settings["patches_per_epoch"], seed=settings["seed"], augment=augment)
     loader = torch.utils.data.DataLoader(
         dataset,

@@ -77,6 +77,7 @@ class TrainSettings:
     pixel_size: float | None = None  # micrometres per pixel of DATA, recorded as the bundle's scale
     stain_jitter: float | None = None  # None: DEFAULT_STAIN_JITTER with the haematoxylin input, else 0
     blur: float = 0.0
+    scale_jitter: tuple[float, float] = (0.6, 1.6)  # AugmentSettings.scale
     precision: str = "auto"  # training arithmetic (options.PRECISIONS)
     licence: str | None = None  # of DATA, recorded in the bundle
     citation: str | None = None
@@ -115,6 +116,7 @@ class TrainSettings:
             (self.pixel_size is None or (math.isfinite(self.pixel_size) and self.pixel_size > 0), "--pixel-size must be a positive number of micrometres"),
             (self.stain_jitter is None or 0 <= self.stain_jitter <= 1, "--stain-jitter must be in [0, 1]"),
             (0 <= self.blur <= 1, "--blur is a probability, in [0, 1]"),
+            (0 < self.scale_jitter[0] <= 1 <= self.scale_jitter[1], "--scale-jitter LOW HIGH needs 0 < LOW <= 1 <= HIGH"),
             (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
             (self.val_images is None or Path(self.val_images).is_file(), f"--val-images {self.val_images}: no such file; give a text file with one image id per line"),
         ]
@@ -302,7 +304,7 @@ def run_training(settings: TrainSettings, overwrite: bool = False) -> dict[str, 
         "init": bundle_config["init"],
         "freeze_encoder_epochs": settings.freeze_encoder_epochs,
         "input": settings.input,
-        "augment": {"stain_jitter": settings.stain_jitter, "blur": settings.blur},
+        "augment": {"stain_jitter": settings.stain_jitter, "blur": settings.blur, "scale": list(settings.scale_jitter)},
         "precision": settings.precision,
     }
     bundle_config["scale"] = training_scale(train_examples, settings.pixel_size)
