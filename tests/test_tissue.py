@@ -299,7 +299,7 @@ def test_diameter_auto_finds_the_magnification(tmp_path):
     summary = run_segment_job([str(tmp_path / "in")], out, model=model, settings=SegmentSettings(diameter="auto"), progress=False)
     assert summary.exit_code == 0
     images = pd.read_parquet(out / "images.parquet").set_index("image_id")
-    # auto pulls halfway (log scale) to the model's diameter: 0.5 ** 0.5 for nuclei twice its size
+    # auto pulls AUTO_PULL of the way (log scale) to the model's diameter: 0.5 ** AUTO_PULL for nuclei twice its size
     assert images.loc["twice", "scale"] == pytest.approx(0.5**AUTO_PULL, rel=0.1) and images.loc["native", "scale"] == pytest.approx(1.0, abs=0.1)
     run = json.loads((out / "run.json").read_text())
     assert run["diameter"] == "auto" and run["scales"]["min"] == images.loc["twice", "scale"]
