@@ -50,7 +50,7 @@ def main() -> None:
     default_val = set(json.loads((DEFAULT_BUNDLE / "config.json").read_text())["training"]["val_image_ids"])
     args.out.mkdir(parents=True, exist_ok=True)
 
-    stained = [s for s in discover_annotated([dsb]) if classify_modality(read_image_file(s.image_path)).modality == "stained"]
+    stained = [s for s in discover_annotated([dsb]) if classify_modality(read_image_file(s.image_path)).kind == "stained"]
     (args.out / "dsb_stained").mkdir(exist_ok=True)
     for source in stained:
         link = args.out / "dsb_stained" / source.image_id

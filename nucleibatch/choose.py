@@ -2,9 +2,9 @@
 before the images are dispatched, so that every engine runs the same units).
 
 * **Model.** ``--model auto`` (the default) loads every shipped bundle and sends each image to
-  the one whose ``modalities`` hold the image's modality (:mod:`nucleibatch.modality`, from the
-  image's overview): fluorescence and grey brightfield to ``default``, H&E and other stained
-  tissue to ``he``. ``--model NAME|BUNDLE`` sends every image to that one bundle.
+  the one that ``serves`` its kind (:mod:`nucleibatch.modality`, from the image's overview):
+  fluorescence and unstained (grey) brightfield to ``default``, stained brightfield (H&E, IHC)
+  to ``he``. ``--model NAME|BUNDLE`` sends every image to that one bundle.
 * **Scale** (:mod:`nucleibatch.scale`): from the image's pixel size (its metadata, or
   ``--pixel-size``) and the bundle's, or from the nucleus diameter (``--diameter PX``, or
   ``--diameter auto``: estimated by segmenting the densest window of the image twice).
@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from .errors import UsageError, is_fatal
 from .io.discover import ImageRecord
 from .io.sources import ImageSource, open_source
-from .modality import MODALITIES, classify_modality
+from .modality import IMAGE_KINDS, classify_modality
 from .model import SHIPPED_BUNDLES, NucleiModel, load_model
 from .normalize import normalise_pixels, stats_for_bundle
 from .scale import AUTO_PULL, resample_scale
@@ -39,7 +39,8 @@ CHOOSE_THREADS = 4
 @dataclass
 class ModelSet:
     """The models of a run, by name (the ``--model`` value, or a shipped bundle's name), and
-    which one each modality goes to (empty: one model takes every image)."""
+    which one each image kind (:data:`~nucleibatch.modality.IMAGE_KINDS`) goes to (empty: one
+    model takes every image)."""
 
     models: dict[str, NucleiModel]
     routes: dict[str, str]
@@ -48,21 +49,21 @@ class ModelSet:
     def first(self) -> NucleiModel:
         return next(iter(self.models.values()))
 
-    def name_for(self, modality: str | None) -> str:
-        """The model an image of ``modality`` goes to."""
-        if self.routes and modality in self.routes:
-            return self.routes[modality]
+    def name_for(self, kind: str | None) -> str:
+        """The model an image of ``kind`` goes to (None: unknown, the first model)."""
+        if self.routes and kind in self.routes:
+            return self.routes[kind]
         return next(iter(self.models))
 
     def describe(self) -> list[dict]:
-        """One entry per model for run.json: name, bundle name, sha256, path, modalities routed to it."""
+        """One entry per model for run.json: name, bundle name, sha256, path, the image kinds routed to it."""
         return [
             {
                 "name": name,
                 "bundle": model.name,
                 "sha256": model.sha256,
                 "path": str(model.path),
-                "modalities": sorted(m for m, routed in self.routes.items() if routed == name),
+                "serves": sorted(kind for kind, routed in self.routes.items() if routed == name),
                 "licence": (model.config.get("licence") or {}).get("name"),
                 "postprocess": model.postprocess.to_dict(),
             }
@@ -71,7 +72,7 @@ class ModelSet:
 
 
 def load_models(spec: str | NucleiModel, device: str = "auto", precision: str = "auto") -> ModelSet:
-    """The models of a run: every shipped bundle, routed by modality, for ``auto``; else the one
+    """The models of a run: every shipped bundle, routed by image kind, for ``auto``; else the one
     bundle ``spec`` names (``default``, another shipped name, a bundle folder, or a loaded model).
 
     Raises:
@@ -84,9 +85,9 @@ def load_models(spec: str | NucleiModel, device: str = "auto", precision: str = 
     models = {name: load_model(name, device=device, precision=precision) for name in SHIPPED_BUNDLES}
     routes: dict[str, str] = {}
     for name, model in models.items():
-        for modality in model.config.get("modalities", ["fluorescence", "brightfield"]):
-            routes.setdefault(modality, name)
-    missing = [m for m in MODALITIES if m not in routes]
+        for kind in model.config.get("serves", ["fluorescence", "brightfield"]):
+            routes.setdefault(kind, name)
+    missing = [kind for kind in IMAGE_KINDS if kind not in routes]
     if missing:
         raise UsageError(f"the shipped bundles serve no model for {', '.join(missing)} images; reinstall the package, or give --model")
     return ModelSet(models, routes)
@@ -109,7 +110,8 @@ def choose(record: ImageRecord, models: ModelSet, channel: int | None = None, in
     pixel = pixel_size if pixel_size is not None else record.pixel_size_um
     if record.error:
         return replace(record, pixel_size_um=pixel, model=models.name_for(None))
-    modality, found_diameter = None, None if diameter in (None, AUTO) else float(diameter)
+    modality = kind = None
+    found_diameter = None if diameter in (None, AUTO) else float(diameter)
     if models.routes or diameter == AUTO:
         try:
             source = open_source(record)
@@ -119,10 +121,11 @@ def choose(record: ImageRecord, models: ModelSet, channel: int | None = None, in
         try:
             overview = source.overview()
             if models.routes:
-                modality = classify_modality(overview, channel).modality
+                evidence = classify_modality(overview, channel)
+                modality, kind = evidence.modality, evidence.kind
             if diameter == AUTO:
                 try:
-                    found_diameter = image_diameter(source, overview, models.models[models.name_for(modality)], channel, invert)
+                    found_diameter = image_diameter(source, overview, models.models[models.name_for(kind)], channel, invert)
                 except Exception as error:  # noqa: BLE001 - the image is still segmented, at its pixel size's scale
                     if is_fatal(error):
                         raise
@@ -131,10 +134,10 @@ def choose(record: ImageRecord, models: ModelSet, channel: int | None = None, in
             if is_fatal(error):
                 raise
             log.debug("%s: not read to choose its model (%s)", record.source, error)
-            return replace(record, pixel_size_um=pixel, modality=modality, model=models.name_for(modality))
+            return replace(record, pixel_size_um=pixel, modality=modality, model=models.name_for(kind))
         finally:
             source.close()
-    name = models.name_for(modality)
+    name = models.name_for(kind)
     scale = resample_scale(models.models[name].config.get("scale") or {}, pixel, found_diameter, AUTO_PULL if diameter == AUTO else 1.0)
     return replace(record, pixel_size_um=pixel, modality=modality, model=name, scale=scale)
 

@@ -36,8 +36,8 @@ def evaluate_model(
     """Segment every annotated image exactly as ``segment`` does and score it.
 
     Each image gets the model, normalisation and scale ``segment`` would give it
-    (:mod:`nucleibatch.choose`): its modality picks the model of a :class:`ModelSet` that routes
-    by modality; its scale comes from ``diameter`` (pixels, or ``"auto"``), else from its pixel
+    (:mod:`nucleibatch.choose`): its kind picks the model of a :class:`ModelSet` that routes
+    by image kind; its scale comes from ``diameter`` (pixels, or ``"auto"``), else from its pixel
     size (``pixel_size``, else the image file's metadata) and the model's.
 
     ``instances_on``: where probabilities become labels, ``"cpu"`` or ``"device"`` (see
@@ -86,8 +86,9 @@ def evaluate_image(
 ) -> dict[str, Any]:
     """One annotated image segmented as ``segment`` would, and its scores (a row of :func:`evaluate_model`)."""
     image = annotated.image
-    modality = classify_modality(image, channel).modality
-    name = models.name_for(modality)
+    evidence = classify_modality(image, channel)
+    modality = evidence.modality
+    name = models.name_for(evidence.kind)
     model = models.models[name]
     pixel = pixel_size if pixel_size is not None else file_pixel_size(annotated.source.image_path)
     found = image_diameter(ArraySource(image, annotated.image_id), image, model, channel, invert) if diameter == AUTO else diameter

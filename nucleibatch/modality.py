@@ -1,30 +1,30 @@
 """Which kind of microscopy an image is, from its pixels (pure functions).
 
-Three modalities, each served by a shipped bundle (``modalities`` in its ``config.json``):
-
-* ``fluorescence``: bright nuclei on a dark background (one channel, grey, or a colour composite);
-* ``brightfield``: transmitted light without colour (dark nuclei on a bright background);
-* ``stained``: colour brightfield, H&E and IHC (haematoxylin-stained nuclei on a light, coloured
-  background).
+The modality is ``fluorescence`` (bright nuclei on a dark background: one channel, grey, several
+channels or a colour composite) or ``brightfield`` (transmitted light: dark nuclei on a bright
+background). A brightfield image in colour is ``stained`` (H&E, IHC: haematoxylin-stained nuclei
+on a light, coloured background). Shipped bundles say which of the three image kinds they serve
+(``serves`` in ``config.json``): ``fluorescence``, ``brightfield`` (unstained, grey) and ``stained``.
 
 The rule reads colour and background, not the median alone, so that dense tissue with no white
-background is still found to be stained:
+background is still found to be stained brightfield:
 
 1. an RGB(A) image whose typical specimen pixel is coloured (median of ``max - min`` over R, G, B
    at least :data:`MIN_CHROMA` of the full scale; specimen pixels are those not as bright as the
    glass, :data:`GLASS_MARGIN` below the 99th percentile of ``max``, so that a slide's white
-   background does not hide its tissue) is ``stained`` when that pixel is bright (median of
-   ``max`` at least :data:`MIN_STAINED_BRIGHTNESS`: light is transmitted through tissue, also
-   through nuclei-dense tissue), and ``fluorescence`` otherwise (a colour composite of
+   background does not hide its tissue) is stained ``brightfield`` when that pixel is bright
+   (median of ``max`` at least :data:`MIN_STAINED_BRIGHTNESS`: light is transmitted through tissue,
+   also through nuclei-dense tissue), and ``fluorescence`` otherwise (a colour composite of
    fluorescence channels: a dark background);
 2. otherwise (one channel, grey stored as RGB, other channel counts, or ``--channel``) it is
    ``brightfield`` when the background is bright: the median lies in the upper half of the
    1-99.8 percentile range (the rule the grey model's ``invert: auto`` uses), else ``fluorescence``.
 
-On ../shared/data: the 30 MoNuSeg H&E tiles are ``stained`` (chroma 0.125-0.361, brightness
-0.43-0.82), also on a white slide background and as their densest 256² crops (tests/test_tissue.py);
-of DSB's 545 images, the 91 colour ones are ``stained`` (chroma >= 0.027), the 13 grey ones on a
-bright background ``brightfield`` and the other 441 ``fluorescence``.
+On ../shared/data: the 30 MoNuSeg H&E tiles are stained brightfield (chroma 0.125-0.361,
+brightness 0.43-0.82), also on a white slide background and as their densest 256² crops
+(tests/test_tissue.py); of DSB's 545 images, the 91 colour ones are stained brightfield (chroma
+>= 0.027), the 13 grey ones on a bright background (unstained) brightfield and the other 441
+fluorescence.
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MODALITIES = ("fluorescence", "brightfield", "stained")
+MODALITIES = ("fluorescence", "brightfield")
+# what a bundle serves: the modalities, brightfield split into unstained (grey) and stained (colour)
+IMAGE_KINDS = ("fluorescence", "brightfield", "stained")
 MIN_CHROMA = 0.025  # grey images have 0; the palest stained DSB image 0.027, H&E tiles >= 0.125
 MIN_STAINED_BRIGHTNESS = 0.25  # H&E tiles >= 0.43; fluorescence composites: their dark background
 # pixels within this fraction of the full scale of the brightest are glass (a slide's background)
@@ -46,12 +48,18 @@ MAX_PIXELS = 1_000_000
 class ModalityEvidence:
     """What the decision read: ``chroma`` and ``brightness`` (medians, fractions of the full
     scale; None for images that are not RGB), ``background`` (the grey median's place in the
-    1-99.8 percentile range) and the ``modality``."""
+    1-99.8 percentile range), the ``modality`` and whether the image is ``stained`` brightfield."""
 
     modality: str
+    stained: bool
     chroma: float | None
     brightness: float | None
     background: float
+
+    @property
+    def kind(self) -> str:
+        """The image kind a bundle serves (:data:`IMAGE_KINDS`)."""
+        return "stained" if self.stained else self.modality
 
 
 def full_scale(values: np.ndarray, dtype: np.dtype) -> float:
@@ -83,7 +91,7 @@ def classify_modality(image: np.ndarray, channel: int | None = None) -> Modality
         channel: the ``--channel`` picked, if any (one channel: rule 2).
 
     Returns:
-        :class:`ModalityEvidence` with ``modality`` in :data:`MODALITIES`.
+        :class:`ModalityEvidence` with ``modality`` in :data:`MODALITIES` and ``kind`` in :data:`IMAGE_KINDS`.
     """
     step = max(1, int(np.ceil(np.sqrt(image.shape[0] * image.shape[1] / MAX_PIXELS))))
     sample = np.asarray(image[::step, ::step])
@@ -110,7 +118,9 @@ def classify_modality(image: np.ndarray, channel: int | None = None) -> Modality
         low, high, median = np.percentile(grey, [1.0, 99.8, 50.0])
         background = float((median - low) / (high - low)) if high > low else 0.0
     if chroma is not None and chroma >= MIN_CHROMA:
-        modality = "stained" if brightness >= MIN_STAINED_BRIGHTNESS else "fluorescence"
+        stained = brightness >= MIN_STAINED_BRIGHTNESS
+        modality = "brightfield" if stained else "fluorescence"
     else:
+        stained = False
         modality = "brightfield" if background > 0.5 else "fluorescence"
-    return ModalityEvidence(modality, chroma, brightness, background)
+    return ModalityEvidence(modality, stained, chroma, brightness, background)

@@ -51,7 +51,7 @@ CLASS_MEANING = {
 
 def normalization_config(input: str = "grey") -> dict[str, Any]:
     """The bundle keys that follow from the network's input channel (:data:`nucleibatch.normalize.INPUTS`):
-    ``normalization`` and the ``modalities`` (:mod:`nucleibatch.modality`) the bundle is meant for."""
+    ``normalization`` and the image kinds it ``serves`` (:data:`nucleibatch.modality.IMAGE_KINDS`)."""
     if check_input(input) == "haematoxylin":
         normalization = {
             "input": "haematoxylin",
@@ -60,7 +60,7 @@ def normalization_config(input: str = "grey") -> dict[str, Any]:
             "invert": "never",
             "range": "clip((x - p_low) / (p_high - p_low), 0, 1)",
         }
-        return {"normalization": normalization, "modalities": ["stained"]}
+        return {"normalization": normalization, "serves": ["stained"]}
     normalization = {
         "input": "grey",
         "grey": "mean of the colour channels (RGB/RGBA), or the channel picked by --channel",
@@ -68,7 +68,7 @@ def normalization_config(input: str = "grey") -> dict[str, Any]:
         "invert": "auto",
         "range": "clip((x - p_low) / (p_high - p_low), 0, 1); 1 - x when the background is bright",
     }
-    return {"normalization": normalization, "modalities": ["fluorescence", "brightfield"]}
+    return {"normalization": normalization, "serves": ["fluorescence", "brightfield"]}
 
 
 def default_config(encoder: str = "resnet18", architecture: str = "Unet", tile_size: int = 1024, halo: int = 64, input: str = "grey") -> dict[str, Any]:

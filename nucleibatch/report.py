@@ -628,7 +628,7 @@ def _summary_html(out: Location, run: dict[str, Any], images) -> str:
         ("output", _e(out if is_remote(out) else out.resolve())),
         ("model", f"{_e(model.get('name') or '–')} <code>sha256 {_e(sha[:12]) or '–'}</code>"),
         *(
-            (f"model {_e(entry.get('name'))}", f"{_e(', '.join(entry.get('modalities') or []) or 'every image')}: {int(entry.get('images') or 0):,} images <code>sha256 {_e(str(entry.get('sha256') or '')[:12])}</code>")
+            (f"model {_e(entry.get('name'))}", f"{_e(', '.join(entry.get('serves') or []) or 'every image')}: {int(entry.get('images') or 0):,} images <code>sha256 {_e(str(entry.get('sha256') or '')[:12])}</code>")
             for entry in (run.get("models") or [])
             if len(run.get("models") or []) > 1
         ),

@@ -16,7 +16,14 @@ import shutil
 import sys
 from pathlib import Path
 
-from nucleibatch.model import CONFIG_NAME, SHIPPED_BUNDLES, WEIGHTS_NAME, load_model, sha256_file
+from nucleibatch.model import (
+    CONFIG_NAME,
+    SHIPPED_BUNDLES,
+    WEIGHTS_NAME,
+    load_model,
+    normalization_config,
+    sha256_file,
+)
 from nucleibatch.training.run import licence_record
 
 MAX_BYTES = 32 * 1024 * 1024
@@ -41,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         config["licence"] = licence_record(args.licence, args.citation, args.training_data or config.get("training", {}).get("data", []))
     if args.bundle_name:
         config["name"] = args.bundle_name
+    config.pop("modalities", None)  # what bundles trained before "serves" recorded instead
+    config.setdefault("serves", normalization_config(config.get("normalization", {}).get("input", "grey"))["serves"])
     target = SHIPPED_BUNDLES[args.name]
     target.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(weights, target / WEIGHTS_NAME)

@@ -114,17 +114,19 @@ def test_modality_of_fluorescence_brightfield_and_stained_images(dsb_root, monus
     for source in discover_annotated([monuseg_root])[::3]:
         annotated = load_annotated(source)
         tile = annotated.image[..., :3]
-        assert classify_modality(tile).modality == "stained", source.image_id
+        evidence = classify_modality(tile)
+        assert (evidence.modality, evidence.kind) == ("brightfield", "stained"), source.image_id
         # a slide: the tile on a wide white background
         slide = np.full((3000, 3000, 3), 242, np.uint8)
         slide[1000:2000, 1000:2000] = tile
-        assert classify_modality(slide).modality == "stained"
+        assert classify_modality(slide).kind == "stained"
         # the densest 256 x 256 crop: nuclei everywhere, no white background
         fraction = np.lib.stride_tricks.sliding_window_view(annotated.labels > 0, (256, 256))[::64, ::64].mean(axis=(2, 3))
         y, x = np.unravel_index(int(np.argmax(fraction)), fraction.shape)
         crop = tile[64 * y : 64 * y + 256, 64 * x : 64 * x + 256]
-        assert classify_modality(crop).modality == "stained", (source.image_id, fraction.max())
-        assert classify_modality(crop, channel=0).modality != "stained"  # one channel picked: no colour to read
+        evidence = classify_modality(crop)  # dense tissue: brightfield all the same
+        assert (evidence.modality, evidence.kind) == ("brightfield", "stained"), (source.image_id, fraction.max())
+        assert classify_modality(crop, channel=0).kind != "stained"  # one channel picked: no colour to read
 
 
 # --------------------------------------------------------------------------- haematoxylin input
@@ -243,7 +245,7 @@ def test_micrometre_columns_and_physical_ngff_scales(tmp_path):
 
 def test_choose_routes_by_modality_and_scales_by_pixel_size(tmp_path):
     fluorescence, brightfield = threshold_model(), threshold_model()
-    brightfield.config.update(name="stained-oracle", modalities=["stained"], scale={"nucleus_diameter_px": 20.0, "pixel_size_um": 0.25})
+    brightfield.config.update(name="stained-oracle", serves=["stained"], scale={"nucleus_diameter_px": 20.0, "pixel_size_um": 0.25})
     models = ModelSet({"default": fluorescence, "he": brightfield}, {"fluorescence": "default", "brightfield": "default", "stained": "he"})
     (tmp_path / "in").mkdir()
     grey, _ = synthetic_nuclei((96, 96), n_nuclei=8, seed=6)
@@ -253,7 +255,7 @@ def test_choose_routes_by_modality_and_scales_by_pixel_size(tmp_path):
     records = {r.image_id: r for r in discover_inputs([str(tmp_path / "in")])}
     chosen = {name: choose(record, models) for name, record in records.items()}
     assert (chosen["grey"].modality, chosen["grey"].model, chosen["grey"].scale) == ("fluorescence", "default", 1.0)
-    assert (chosen["tissue"].modality, chosen["tissue"].model, chosen["tissue"].scale) == ("stained", "he", 2.0)
+    assert (chosen["tissue"].modality, chosen["tissue"].model, chosen["tissue"].scale) == ("brightfield", "he", 2.0)
     assert choose(records["tissue"], models, pixel_size=0.25).scale == 1.0  # --pixel-size wins over the file
     forced = ModelSet({"he": brightfield}, {})
     assert choose(records["grey"], forced).model == "he" and choose(records["grey"], forced).modality is None
@@ -324,7 +326,7 @@ def test_evaluate_prints_per_modality_figures_and_takes_segments_scale_options(d
     csv = tmp_path / "rows.csv"
     assert main(["evaluate", str(folder), "--csv", str(csv)]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("2 images") and re.search(r"fluorescence +1 images", out) and re.search(r"stained +1 images", out)
+    assert out.startswith("2 images") and re.search(r"fluorescence +1 images", out) and re.search(r"brightfield +1 images", out)
     rows = pd.read_csv(csv).set_index("image_id")
     assert rows.loc["tissue", "model"] == "he" and rows.loc["fluo", "model"] == "default"
     assert rows.loc["tissue", "pixel_size_um"] == 0.25 and rows.loc["tissue", "scale"] == 1.0
@@ -351,7 +353,7 @@ def test_a_mixed_archive_goes_to_the_shipped_models_alike_on_every_engine(dsb_ro
     local = run_segment_job([str(folder)], tmp_path / "local", device="cpu", precision="float32", progress=False)
     assert local.exit_code == 0
     images = pd.read_parquet(tmp_path / "local" / "images.parquet").set_index("image_id")
-    assert images.loc["tissue20x", ["modality", "model", "scale"]].tolist() == ["stained", "he", 2.0]
+    assert images.loc["tissue20x", ["modality", "model", "scale"]].tolist() == ["brightfield", "he", 2.0]
     assert set(images.drop(index="tissue20x").model) == {"default"} and set(images.drop(index="tissue20x").modality) == {"fluorescence"}
     assert (images.n_nuclei > 0).all()
     run = json.loads((tmp_path / "local" / "run.json").read_text())
@@ -369,7 +371,7 @@ def test_an_image_that_cannot_be_read_while_choosing_fails_alone(tmp_path, monus
     from nucleibatch.io.location import to_location
 
     fluorescence, tissue = threshold_model(), threshold_model()
-    tissue.config.update(modalities=["stained"])
+    tissue.config.update(serves=["stained"])
     models = ModelSet({"default": fluorescence, "he": tissue}, {"fluorescence": "default", "brightfield": "default", "stained": "he"})
     (tmp_path / "in").mkdir()
     Image = pytest.importorskip("PIL.Image")

@@ -89,7 +89,7 @@ def test_fine_tune_the_default_model_on_haematoxylin_records_input_scale_and_spl
     assert main(argv) == 0
     config = json.loads((run_dir / "bundle" / "config.json").read_text())
     assert config["normalization"]["input"] == "haematoxylin" and config["normalization"]["invert"] == "never"
-    assert config["modalities"] == ["stained"]
+    assert config["serves"] == ["stained"]
     assert config["training"]["val_image_ids"] == [ids[1]] and config["training"]["n_train_images"] == 2
     assert config["training"]["augment"] == {"stain_jitter": 0.1, "blur": 0.5, "scale": [0.8, 1.25]}
     assert config["scale"]["pixel_size_um"] == 0.25 and 10 < config["scale"]["nucleus_diameter_px"] < 40

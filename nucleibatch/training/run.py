@@ -181,6 +181,7 @@ def resolve_init(settings: TrainSettings) -> tuple[TrainSettings, dict[str, Any]
     config.update(name=f"{model.name}-finetuned", encoder_weights=None, training={}, metrics={}, init=init_record)
     if settings.input and settings.input != config.get("normalization", {}).get("input", "grey"):
         config.update(normalization_config(settings.input))  # the same one-channel network, another channel fed to it
+    config.setdefault("serves", normalization_config(config["normalization"].get("input", "grey"))["serves"])
     resolved = replace(
         settings,
         init=init_record["source"],
