@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
 from .errors import NucleibatchError, UsageError
 from .normalize import INPUTS
@@ -127,7 +131,7 @@ def _run_verify(args) -> int:
     report = verify_output(args.out)
     if args.json:
         damaged = [{"image_id": d.image_id, "problems": d.problems} for d in report.damaged]
-        print(json.dumps({"checked": report.checked, "damaged": damaged, "unverifiable": report.unverifiable}))
+        print(json.dumps({"checked": report.checked, "damaged": damaged, "unverifiable": report.unverifiable, "tables": report.table_problems}))
     else:
         print("\n".join(report.lines()))
     return 0 if report.intact else 3
@@ -233,6 +237,44 @@ def _run_evaluate(args) -> int:
     return 0
 
 
+# after SIGTERM, how long the command may take to stop cleanly (images in flight are then left to
+# the next run, which redoes them)
+STOP_GRACE_S = 30.0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (how SLURM, Kubernetes and systemd stop a job): stops the command as Ctrl-C does."""
+
+
+@contextlib.contextmanager
+def stop_on_sigterm(command: str) -> Iterator[None]:
+    """While the command runs, SIGTERM raises :class:`Terminated` in the main thread; if the
+    command has not stopped :data:`STOP_GRACE_S` later (or a second SIGTERM comes), the process
+    exits with status 1 at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_now(reason: str) -> None:
+        print(f"nucleibatch {command}: stopped: {reason}; finished work is kept, re-run the same command to resume", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    def on_sigterm(signum, frame) -> None:
+        if getattr(on_sigterm, "fired", False):
+            exit_now("a second SIGTERM")
+        on_sigterm.fired = True
+        timer = threading.Timer(STOP_GRACE_S, exit_now, args=(f"SIGTERM, and images still in flight after {STOP_GRACE_S:.0f} s",))
+        timer.daemon = True
+        timer.start()
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `nucleibatch` console script; returns the exit status."""
     from .allocator import tune_allocator
@@ -242,30 +284,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        if args.command == "train":
-            return _run_train(args)
-        if args.command == "evaluate":
-            return _run_evaluate(args)
-        if args.command == "export":
-            from .export import run_export
-
-            return run_export(args)
-        if args.command == "report":
-            return _run_report(args)
-        if args.command == "verify":
-            return _run_verify(args)
-        from .segment_cli import run_segment
-
-        return run_segment(args)
+        with stop_on_sigterm(args.command):
+            return _run_command(args)
     except NucleibatchError as error:
         print(f"nucleibatch {args.command}: error: {error}", file=sys.stderr)
         return error.exit_code
+    except BrokenPipeError:  # the reader of our output left (`nucleibatch verify OUT | head -1`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 1
     except OSError as error:  # disk full, output not writable, ...: the run stops, what is done stays
         print(f"nucleibatch {args.command}: stopped: {error} (finished work is kept; fix the cause and re-run to resume)", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"nucleibatch {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as stop:
+        cause = "SIGTERM" if isinstance(stop, Terminated) else "interrupted (Ctrl-C)"
+        print(f"nucleibatch {args.command}: stopped: {cause} (finished work is kept; re-run the same command to resume)", file=sys.stderr)
         return 1
+
+
+def _run_command(args) -> int:
+    """Run the parsed subcommand; returns its exit status."""
+    if args.command == "train":
+        return _run_train(args)
+    if args.command == "evaluate":
+        return _run_evaluate(args)
+    if args.command == "export":
+        from .export import run_export
+
+        return run_export(args)
+    if args.command == "report":
+        return _run_report(args)
+    if args.command == "verify":
+        return _run_verify(args)
+    from .segment_cli import run_segment
+
+    return run_segment(args)
 
 
 if __name__ == "__main__":

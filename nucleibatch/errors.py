@@ -33,6 +33,10 @@ class ModelBundleError(NucleibatchError):
     """A model bundle is missing, incomplete or does not match its config."""
 
 
+class ModelNotFoundError(ModelBundleError, UsageError):
+    """``--model`` names neither a shipped bundle nor a folder holding one (a usage error: exit 2)."""
+
+
 class ObjectTooLargeError(NucleibatchError):
     """A nucleus is larger than the stitching margin: raise `--block-margin`."""
 

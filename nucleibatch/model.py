@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .errors import ModelBundleError, UsageError
+from .errors import ModelBundleError, ModelNotFoundError, UsageError
 from .instances import InstanceParams
 from .normalize import check_input
 from .options import PRECISIONS
 from .targets import TARGET_CLASSES
-from .tiling import PAD_MULTIPLE, block_grid, padded_size, small_image_window, tiles_over_box
+from .tiling import PAD_MULTIPLE, block_grid, network_window, small_image_window, tiles_over_box
 
 log = logging.getLogger(__name__)
 
@@ -300,6 +300,23 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def bundle_folder(spec: str | Path) -> Path:
+    """The folder of the bundle that ``spec`` names (a shipped name, a folder or its config.json),
+    checked to hold a config (cheap: nothing is loaded).
+
+    Raises:
+        ModelNotFoundError: no such shipped name, or no bundle there.
+    """
+    shipped = str(spec) in SHIPPED_BUNDLES
+    path = SHIPPED_BUNDLES[str(spec)] if shipped else Path(spec)
+    if path.is_file() and path.name == CONFIG_NAME:
+        path = path.parent
+    if not (path / CONFIG_NAME).is_file():
+        hint = f" (the shipped model {spec!r} is not in this installation; reinstall the package)" if shipped else ""
+        raise ModelNotFoundError(f"{path}: not a model bundle, no {CONFIG_NAME} found{hint}; give --model {' or '.join(SHIPPED_BUNDLES)} or a folder written by `nucleibatch train`")
+    return path
+
+
 def load_model(spec: str | Path = "default", device: str | torch.device = "cpu", precision: str = "auto") -> NucleiModel:
     """Load a model bundle.
 
@@ -318,14 +335,8 @@ def load_model(spec: str | Path = "default", device: str | torch.device = "cpu",
     """
     from safetensors.torch import load_file
 
-    shipped = str(spec) in SHIPPED_BUNDLES
-    path = SHIPPED_BUNDLES[str(spec)] if shipped else Path(spec)
-    if path.is_file() and path.name == CONFIG_NAME:
-        path = path.parent
+    path = bundle_folder(spec)
     config_path = path / CONFIG_NAME
-    if not config_path.is_file():
-        hint = f" (the shipped model {spec!r} is not in this installation; reinstall the package)" if shipped else ""
-        raise ModelBundleError(f"{path}: not a model bundle, no {CONFIG_NAME} found{hint}; give --model {' or '.join(SHIPPED_BUNDLES)} or a folder written by `nucleibatch train`")
     try:
         config = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as error:
@@ -602,12 +613,12 @@ def windows_per_call(batch_size: int, window: tuple[int, int]) -> int:
 
 def _tile_window(tile) -> tuple[int, int]:
     """The network window of one tile of a larger image: its read region (core and halo, cut at
-    the image's edges) rounded up to multiples of PAD_MULTIPLE; not above ``tile_size`` where
+    the image's edges) as :func:`~nucleibatch.tiling.network_window` makes it; not above ``tile_size`` where
     the halo is a multiple of 32, as the bundles' is. The network computes no padding beyond
     that rounding (with 1024² windows, a 2048² image costs
     5.3 MPix of windows instead of the 9.4 of full windows)."""
     ry0, ry1, rx0, rx1 = tile.read
-    return padded_size(ry1 - ry0, PAD_MULTIPLE), padded_size(rx1 - rx0, PAD_MULTIPLE)
+    return network_window(ry1 - ry0, rx1 - rx0)
 
 
 def _kept_window(core: tuple[int, int, int, int], box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:

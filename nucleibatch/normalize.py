@@ -113,26 +113,34 @@ def to_grey(image: np.ndarray, channel: int | None = None) -> np.ndarray:
             channels (the first three of RGB/RGBA, all of them otherwise).
 
     Returns:
-        ``(H, W)`` float32 array in the input's intensity units.
+        ``(H, W)`` float32 array in the input's intensity units; float64 for 64-bit pixels
+        (float64, int64, uint64), whose variation may lie below float32's resolution at their
+        level (1e9 + small signal): :func:`apply_stats` subtracts the low level in float64.
     """
+    if image.dtype.itemsize == 8 and image.dtype.kind in "fiu":
+        return _grey_of(image, channel, np.float64)
+    return _grey_of(image, channel, np.float32)
+
+
+def _grey_of(image: np.ndarray, channel: int | None, dtype: type) -> np.ndarray:
     if image.ndim == 2:
         if channel not in (None, 0):
             raise UsageError(f"--channel {channel} asked for, but the image has a single channel; drop --channel")
-        return image.astype(np.float32, copy=False)
+        return image.astype(dtype, copy=False)
     if image.ndim != 3:
         raise ImageReadError(f"expected a 2-D image (H, W) or (H, W, C), got shape {image.shape}")
     n_channels = image.shape[2]
     if channel is not None:
         if not 0 <= channel < n_channels:
             raise UsageError(f"--channel {channel} is out of range: the image has {n_channels} channels (0..{n_channels - 1})")
-        return image[:, :, channel].astype(np.float32)
+        return image[:, :, channel].astype(dtype)
     colour = image[:, :, :3] if n_channels in (3, 4) else image
     # the channels' mean, summed plane by plane: bit-identical to mean(axis=2) in float32 (which
     # adds them in the same order), without its strided reduction over the last axis
-    total = colour[:, :, 0].astype(np.float32)
+    total = colour[:, :, 0].astype(dtype)
     for c in range(1, colour.shape[2]):
-        np.add(total, colour[:, :, c], out=total, dtype=np.float32)
-    total /= np.float32(colour.shape[2])
+        np.add(total, colour[:, :, c], out=total, dtype=dtype)
+    total /= dtype(colour.shape[2])
     return total
 
 
@@ -158,7 +166,7 @@ def compute_stats(
     if invert not in INVERT_MODES:
         raise UsageError(f"invert must be one of {INVERT_MODES}, got {invert!r}")
     step = max(1, int(np.ceil(np.sqrt(grey.size / MAX_STATS_PIXELS))))
-    sample = np.asarray(grey[::step, ::step], dtype=np.float32).ravel()
+    sample = np.asarray(grey[::step, ::step], dtype=np.float64 if grey.dtype == np.float64 else np.float32).ravel()
     sample = sample[np.isfinite(sample)]
     if sample.size == 0:
         raise ImageReadError("the image has no finite pixel values (all NaN or inf)")
@@ -197,7 +205,10 @@ def apply_stats(grey: np.ndarray, stats: NormStats) -> np.ndarray:
     Returns:
         ``(H, W)`` float32 in [0, 1], nuclei bright. Non-finite pixels become 0.
     """
-    out = np.subtract(grey, np.float32(stats.low), dtype=np.float32)  # the one new array; the rest in place
+    if grey.dtype == np.float64:  # 64-bit pixels: their level off in float64, the small rest in float32
+        out = np.subtract(grey, stats.low).astype(np.float32)
+    else:
+        out = np.subtract(grey, np.float32(stats.low), dtype=np.float32)  # the one new array; the rest in place
     out /= np.float32(stats.high - stats.low)
     np.nan_to_num(out, copy=False, nan=0.0, posinf=1.0, neginf=0.0)
     np.clip(out, 0.0, 1.0, out=out)

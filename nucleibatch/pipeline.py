@@ -704,11 +704,13 @@ def choice_columns(record: ImageRecord) -> dict[str, Any]:
 
 
 def record_failed_image(out_dir: Location, record: ImageRecord, error: BaseException | str, seconds: float) -> dict[str, Any]:
-    """Record an image as failed: drop its partial OME-Zarr group, write its completion record
-    (the 'failed' row of :func:`failed_row`) and return that row."""
+    """Record an image as failed: drop what an earlier run wrote for it (nuclei part, record,
+    OME-Zarr group), write its completion record (the 'failed' row of :func:`failed_row`) and
+    return that row."""
     row = failed_row(record, error, seconds)
     row["input"] = input_fingerprint(record)
     name = store_name(record.image_id)
+    remove_image_outputs(out_dir, name)
     try:
         root = open_root(out_dir / "masks.zarr")
         if name in root:

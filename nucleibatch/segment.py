@@ -19,7 +19,7 @@ from typing import Any
 from . import __version__, faults
 from .choose import choose_all, load_models
 from .errors import OutputError, UsageError
-from .io.discover import ImageRecord, discover_inputs
+from .io.discover import ImageRecord, check_inputs_exist, discover_inputs
 from .io.location import (
     Location,
     exists,
@@ -40,7 +40,7 @@ from .io.tables import (
     remove_stale_temporaries,
     write_images_table,
 )
-from .model import NucleiModel, resolve_device, resolve_device_name
+from .model import NucleiModel, bundle_folder, resolve_device, resolve_device_name
 from .options import resolve_instances_on
 from .pipeline import STAGES, SegmentSettings, Timer, input_fingerprint
 from .verify import verify_records
@@ -193,15 +193,32 @@ class Progress:
             self.bar.close()
 
 
+# written before --overwrite clears OUT, removed when it is done: a run killed in between leaves it,
+# and the next run (with --overwrite or not) finishes the clearing instead of resuming half an OUT
+OVERWRITE_MARKER = "overwriting"
+
+
 def clear_outputs(out_dir: Location) -> None:
-    """Remove what a previous run wrote to OUT (only our own names; other files are kept)."""
+    """Remove what a previous run wrote to OUT (only our own names; other files are kept).
+
+    Resumable: :data:`OVERWRITE_MARKER` says a clearing is under way until it is complete."""
+    marker = out_dir / STATE_DIR / OVERWRITE_MARKER
+    atomic_write_bytes(marker, b"--overwrite under way: the next run of any segment command on this OUT finishes it\n")
     for name in OUTPUT_NAMES:
         if name == STATE_DIR:
-            for child in fresh_listing(out_dir / name):  # keep the lock of the run that clears
-                if child.name != "lock":
+            for child in fresh_listing(out_dir / name):  # keep the lock of the run that clears, and the marker
+                if child.name not in ("lock", OVERWRITE_MARKER):
                     remove(child)
         else:
             remove(out_dir / name)
+        faults.point(f"clear:{name}")
+    remove(marker)
+
+
+def overwrite_under_way(out_dir: Location) -> bool:
+    """Whether a run was killed while ``--overwrite`` cleared OUT (see :func:`clear_outputs`)."""
+    marker = out_dir / STATE_DIR / OVERWRITE_MARKER
+    return bool(fresh_listing(marker.parent, marker.name))
 
 
 def _versions() -> dict[str, str]:
@@ -286,32 +303,42 @@ def run_segment_job(
         raise UsageError(f"--post-workers must be >= 0 (0: post-process in the model's process), got {post_workers}")
     settings = settings or SegmentSettings()
     settings.validate()
+    if not str(out).strip():
+        raise UsageError("-o is empty; give the output folder, e.g. -o results (use -o . for the current folder)")
     inputs = [str(to_location(i)) for i in inputs]
     out_dir = to_location(out)
     started_at = time.time()
     started = time.perf_counter()
     if exists(out_dir) and not out_dir.is_dir():
         raise UsageError(f"-o {out_dir} is a file; give a folder")
-    # model and inputs first: a mistyped argument fails before OUT is touched
+    # cheap checks first: a mistyped argument fails before OUT is touched
     # distributed engines: the driver's copy stays on the CPU; it is shipped to the model workers
     driver_device = device if engine == "local" else "cpu"
     if engine != "local" and device != "auto":
         resolve_device_name(device)
-    post_pool = None
-    if engine == "local":
-        from .engines.process_pool import default_post_workers, start_post_pool
+    elif engine == "local" and not isinstance(model, NucleiModel):
+        resolve_device(driver_device)
+    if not isinstance(model, NucleiModel) and model != "auto":
+        bundle_folder(model)
+    check_inputs_exist(inputs)
+    make_dirs(out_dir)
+    # then the lock: a second run on a live OUT is refused before it loads models or reads inputs
+    with Lock(out_dir):
+        post_pool = None
+        try:
+            if engine == "local":
+                from .engines.process_pool import default_post_workers, start_post_pool
 
-        if post_workers is None:
-            post_workers = default_post_workers(model.device.type if isinstance(model, NucleiModel) else resolve_device(driver_device).type)
-        if post_workers:
-            post_pool = start_post_pool(post_workers)  # the processes start while the model loads
-    try:
-        models = load_models(model, device=driver_device, precision=precision)
-        loaded = models.first  # the device, precision and post-processing processes are the same for every model
-        records = discover_inputs(inputs, channel=settings.channel)
-        make_dirs(out_dir)
-        with Lock(out_dir):
-            if overwrite:
+                if post_workers is None:
+                    post_workers = default_post_workers(model.device.type if isinstance(model, NucleiModel) else resolve_device(driver_device).type)
+                if post_workers:
+                    post_pool = start_post_pool(post_workers)  # the processes start while the model loads
+            models = load_models(model, device=driver_device, precision=precision)
+            loaded = models.first  # the device, precision and post-processing processes are the same for every model
+            records = discover_inputs(inputs, channel=settings.channel, exclude=out_dir)
+            if overwrite or overwrite_under_way(out_dir):
+                if not overwrite:
+                    log.warning("%s: an earlier run was stopped while --overwrite cleared it; finishing that first", out_dir)
                 clear_outputs(out_dir)
             # local engine: "auto" recorded as what it means here (a GPU rerun must not mix methods);
             # distributed: each model worker resolves it for its own device, as the precision
@@ -366,7 +393,7 @@ def run_segment_job(
             faults.point("consolidate")
             rows = read_records(out_dir)
             write_images_table(out_dir, list(rows.values()))
-            finish_nuclei_dataset(out_dir)
+            finish_nuclei_dataset(out_dir, {row["store_path"] for row in rows.values() if row["status"] == "ok"})
             current = [rows[r.image_id] for r in records if r.image_id in rows]
             wall = time.perf_counter() - started
             megapixels = sum((r.get("height") or 0) * (r.get("width") or 0) for r in current if r["status"] == "ok") / 1e6
@@ -426,10 +453,10 @@ def run_segment_job(
                     _append_placement(out_dir, placement)
             atomic_write_bytes(out_dir / "run.json", (json.dumps(summary.run, indent=2) + "\n").encode())
             _write_report(out_dir)
-        return summary
-    finally:
-        if post_pool is not None:
-            post_pool.shutdown(wait=True, cancel_futures=True)
+            return summary
+        finally:
+            if post_pool is not None:
+                post_pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _scale_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:

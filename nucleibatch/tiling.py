@@ -15,6 +15,10 @@ from .errors import UsageError
 
 # U-Nets take sides that are multiples of 32 (five halvings)
 PAD_MULTIPLE = 32
+# Smallest network window side: 2 pixels at the U-Net's deepest level (1/32). Windows of 32 px
+# (1 pixel there) gave NaN or different probabilities from one identical call to the next in
+# oneDNN's bf16 channels-last kernels on some CPUs (issue 21): narrow images are padded instead.
+MIN_WINDOW = 64
 
 
 @dataclass(frozen=True)
@@ -118,12 +122,19 @@ def _aligned_cuts(start: int, stop: int, longest: int, align: int) -> list[tuple
 
 
 def small_image_window(shape: tuple[int, int], tile_size: int) -> tuple[int, int] | None:
-    """The network's input window for an image that is one tile (its sides rounded up to
-    multiples of :data:`PAD_MULTIPLE`), or None for a larger image (tiled in ``tile_size`` windows)."""
+    """The network's input window for an image that is one tile (:func:`network_window` of its
+    shape), or None for a larger image (tiled in ``tile_size`` windows)."""
     height, width = shape
     if height > tile_size or width > tile_size:
         return None
-    return padded_size(height, PAD_MULTIPLE), padded_size(width, PAD_MULTIPLE)
+    return network_window(height, width)
+
+
+def network_window(height: int, width: int) -> tuple[int, int]:
+    """The network's input window for ``height x width`` pixels: the sides rounded up to multiples
+    of :data:`PAD_MULTIPLE`, and at least :data:`MIN_WINDOW` (the pixels beyond are the image
+    mirrored, and dropped from the output)."""
+    return max(MIN_WINDOW, padded_size(height, PAD_MULTIPLE)), max(MIN_WINDOW, padded_size(width, PAD_MULTIPLE))
 
 
 def floor_to(value: int, multiple: int) -> int:

@@ -3,18 +3,25 @@
 Each image's completion record lists what the image wrote when it finished (every file of its
 masks.zarr group with its size, and its nuclei part's size). Verifying compares that list with
 what is there now: a deleted or truncated chunk, a lost metadata file or nuclei part marks the
-image damaged. ``nucleibatch segment ... --verify`` verifies before resuming and redoes the
-damaged images. Sizes, not checksums: a bit flipped in place is not detected (reading every
+image damaged, and so does a nuclei part left beside a failed image. The tables are checked
+too: ``images.parquet`` must hold exactly the finished images' rows, and every nuclei part must
+belong to a finished image. ``nucleibatch segment ... --verify`` verifies before resuming, redoes
+the damaged images and rebuilds the tables. Sizes, not checksums: a bit flipped in place is not detected (reading every
 chunk back would cost as much as writing it).
 """
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
-from .io.location import Location, file_size, file_sizes
-from .io.tables import check_segment_output, read_records
+from .io.location import Location, exists, file_size, file_sizes, fresh_listing
+from .io.store import store_name
+from .io.tables import EMPTY_PART, IMAGE_COLUMNS, check_segment_output, read_records
+
+# images.parquet columns whose values must equal the completion records'
+TABLE_CHECKED = ("status", "n_nuclei", "height", "width", "store_path")
 
 
 @dataclass
@@ -34,22 +41,26 @@ class VerifyReport:
     checked: int = 0
     damaged: list[Damage] = field(default_factory=list)
     unverifiable: list[str] = field(default_factory=list)  # records written before manifests existed
+    table_problems: list[str] = field(default_factory=list)  # images.parquet and nuclei parts against the records
 
     @property
     def intact(self) -> bool:
-        return not self.damaged
+        return not self.damaged and not self.table_problems
 
     def lines(self) -> list[str]:
         """Human-readable summary, one line per damaged image (at most 20 shown)."""
         lines = [f"verified {self.checked} finished images in {self.out_dir}: {len(self.damaged)} damaged"]
+        lines += [f"  tables: {problem}" for problem in self.table_problems[:20]]
+        if len(self.table_problems) > 20:
+            lines.append(f"  tables: ... and {len(self.table_problems) - 20} more")
         for damage in self.damaged[:20]:
             lines.append(f"  {damage.image_id}: {'; '.join(damage.problems[:3])}{' ...' if len(damage.problems) > 3 else ''}")
         if len(self.damaged) > 20:
             lines.append(f"  ... and {len(self.damaged) - 20} more")
         if self.unverifiable:
             lines.append(f"  {len(self.unverifiable)} image(s) have no output list (written by an older version): not checked")
-        if self.damaged:
-            lines.append("  re-run the same `nucleibatch segment ... -o OUT` command with --verify to redo them")
+        if self.damaged or self.table_problems:
+            lines.append("  re-run the same `nucleibatch segment ... -o OUT` command with --verify to redo them and rebuild the tables")
         return lines
 
 
@@ -79,6 +90,9 @@ def verify_records(out_dir: Location, records: dict[str, dict[str, Any]]) -> Ver
     report = VerifyReport(out_dir)
     for image_id, row in sorted(records.items()):
         if row.get("status") != "ok":
+            part = out_dir / "nuclei.parquet" / f"{store_name(image_id)}.parquet"
+            if file_size(part) is not None:
+                report.damaged.append(Damage(image_id, store_name(image_id), [f"nuclei.parquet/{part.name} is left from before the image failed"]))
             continue
         if not isinstance(row.get("outputs"), dict):
             report.unverifiable.append(image_id)
@@ -90,11 +104,58 @@ def verify_records(out_dir: Location, records: dict[str, dict[str, Any]]) -> Ver
     return report
 
 
+def table_problems(out_dir: Location, records: dict[str, dict[str, Any]]) -> list[str]:
+    """What is wrong with ``images.parquet`` and the nuclei parts against the completion records
+    ``records`` (by image_id): rows missing, extra, duplicated or disagreeing; parts of no
+    finished image. [] when they agree (or when no table was written yet: a run in progress)."""
+    import pandas as pd
+
+    problems = []
+    table = out_dir / "images.parquet"
+    if exists(table):
+        try:
+            rows = pd.read_parquet(str(table), columns=list(IMAGE_COLUMNS))
+        except Exception as error:
+            return [f"images.parquet is unreadable ({type(error).__name__}: {error})"]
+        ids = rows["image_id"].tolist()
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        if twice:
+            problems.append(f"images.parquet has {len(twice)} image(s) on more than one row, e.g. {twice[0]!r}")
+        missing = sorted(set(records) - set(ids))
+        if missing:
+            problems.append(f"images.parquet lacks {len(missing)} finished image(s), e.g. {missing[0]!r}")
+        extra = sorted(set(ids) - set(records))
+        if extra:
+            problems.append(f"images.parquet has {len(extra)} row(s) of no finished image, e.g. {extra[0]!r}")
+        for row in rows.drop_duplicates("image_id").to_dict("records"):
+            record = records.get(row["image_id"])
+            differing = [key for key in TABLE_CHECKED if record is not None and _value(row.get(key)) != _value(record.get(key))]
+            if differing:
+                problems.append(f"images.parquet row of {row['image_id']!r} differs from its completion record in {', '.join(differing)}")
+    names = {store_name(image_id) for image_id in records}  # a failed image's part: damage of that image
+    orphans = sorted(p.name for p in fresh_listing(out_dir / "nuclei.parquet", "*.parquet") if p.name != EMPTY_PART and p.name.removesuffix(".parquet") not in names)
+    if orphans:
+        problems.append(f"nuclei.parquet has {len(orphans)} part(s) of no finished image: {', '.join(orphans[:3])}{' ...' if len(orphans) > 3 else ''}")
+    return problems
+
+
+def _value(value: Any) -> Any:
+    """A table cell or record value, comparable (NaN/None alike, numbers as numbers)."""
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    if isinstance(value, numbers.Number) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
 def verify_output(out: str | Location) -> VerifyReport:
-    """Verify every finished image of a segment output.
+    """Verify every finished image of a segment output, and its tables.
 
     Raises:
         NotSegmentOutputError: ``out`` is not a segment output.
     """
     out_dir = check_segment_output(out)
-    return verify_records(out_dir, read_records(out_dir))
+    records = read_records(out_dir)
+    report = verify_records(out_dir, records)
+    report.table_problems = table_problems(out_dir, records)
+    return report

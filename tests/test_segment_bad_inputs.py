@@ -179,8 +179,8 @@ def test_missing_input_exits_2_and_leaves_out_usable(good_folder, tiny_bundle, t
 def test_missing_model_folder_stops_the_run_with_a_clear_message(good_folder, tmp_path):
     out, bundle = tmp_path / "out", tmp_path / "no-such-bundle"
     done = run_cli("segment", str(good_folder), "-o", str(out), "--model", str(bundle))
-    # a ModelBundleError stops the run: exit status 1 (not 2: the argument is well formed)
-    assert done.returncode == 1, done.stderr
+    # --model names no bundle: a usage error, exit status 2
+    assert done.returncode == 2, done.stderr
     line = one_line(done.stderr)
     assert str(bundle) in line and "config.json" in line and "--model default" in line
     assert not (out / "images.parquet").exists() and not (out / ".nucleibatch" / "lock").exists()

@@ -34,6 +34,8 @@ DOUBLE_SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.btf", ".ome.zarr")
 # in a folder that has images/, these siblings hold annotations (DSB masks, label images)
 ANNOTATION_FOLDERS = frozenset({"masks", "labels"})
 ZARR_METADATA = ("zarr.json", ".zgroup", ".zarray")
+# what marks a folder as the OUT of `nucleibatch segment` (its state folder): never searched for images
+SEGMENT_OUTPUT_MARKER = ".nucleibatch"
 
 
 @dataclass(frozen=True)
@@ -106,12 +108,14 @@ class _Candidate:
     image_id: str = ""
 
 
-def discover_inputs(inputs: Sequence[str], channel: int | None = None) -> list[ImageRecord]:
+def discover_inputs(inputs: Sequence[str], channel: int | None = None, exclude: Location | None = None) -> list[ImageRecord]:
     """Find every image under the INPUT paths.
 
     Args:
         inputs: folders, image files, zarr stores, manifests (.txt / .csv / .tsv).
         channel: the ``--channel`` asked for; images with fewer channels get an ``error``.
+        exclude: a folder left out of the search (the run's own OUT). Folders holding the OUT of
+            any `nucleibatch segment` run are left out too, and unlistable ones with a warning.
 
     Returns:
         One :class:`ImageRecord` per image, sorted by ``image_id``. Files that are found
@@ -128,10 +132,12 @@ def discover_inputs(inputs: Sequence[str], channel: int | None = None) -> list[I
         raise UsageError("no INPUT given; give image files, folders, zarr stores or a manifest (.txt / .csv)")
     if channel is not None and channel < 0:
         raise UsageError(f"--channel must be >= 0, got {channel}")
+    check_inputs_exist(inputs)
+    skipped = frozenset() if exclude is None else frozenset({_key(exclude)})
     candidates: list[_Candidate] = []
     root_dirs: list[Path] = []
     for number, text in enumerate(inputs):
-        found, root_dir = _collect_input(number, str(text))
+        found, root_dir = _collect_input(number, str(text), skipped)
         if not found:
             log.warning("%s: no images found there", text)
         candidates.extend(found)
@@ -153,19 +159,31 @@ def discover_inputs(inputs: Sequence[str], channel: int | None = None) -> list[I
 # --------------------------------------------------------------------------- inputs
 
 
-def _collect_input(number: int, text: str) -> tuple[list[_Candidate], Location]:
+def check_inputs_exist(inputs: Sequence[str]) -> None:
+    """Cheap check, before anything is loaded or written: every INPUT exists.
+
+    Raises:
+        UsageError: the first INPUT that does not exist (the message says where relative paths start).
+    """
+    for text in inputs:
+        path = to_location(str(text))
+        if not exists(path):
+            where = "check the URL and the store's credentials" if is_remote(path) else f"check the path (relative paths are from {Path.cwd()})"
+            raise UsageError(f"{text}: no such file or folder; {where}")
+
+
+def _collect_input(number: int, text: str, skipped: frozenset[str] = frozenset()) -> tuple[list[_Candidate], Location]:
     """Candidates under one INPUT, and the folder whose name prefixes ids on collisions."""
     path = to_location(text)
-    if not exists(path):
-        where = "check the URL and the store's credentials" if is_remote(path) else f"check the path (relative paths are from {Path.cwd()})"
-        raise UsageError(f"{text}: no such file or folder; {where}")
     if path.is_dir():
         if _is_zarr_store(path) or path.suffix.lower() in ZARR_SUFFIXES:
             return [_Candidate(number, path, "zarr", path.name, strip_extension(path.name))], _resolved(path).parent
-        return _walk(number, path, "", ""), _resolved(path)
+        if _left_out(path, skipped):
+            return [], _resolved(path)
+        return _walk(number, path, "", "", skipped), _resolved(path)
     suffix = path.suffix.lower()
     if suffix in MANIFEST_SUFFIXES:
-        return _read_manifest(number, path), _resolved(path).parent
+        return _read_manifest(number, path, skipped), _resolved(path).parent
     kind = _kind_of(path.name)
     if kind is None:
         raise UsageError(
@@ -194,7 +212,7 @@ def _walk_folders(top: Location) -> Iterator[tuple[Location, str, list[str], lis
         yield here, here.relative_to(top).as_posix(), dirnames, filenames
 
 
-def _walk(number: int, top: Location, rel_prefix: str, id_prefix: str) -> list[_Candidate]:
+def _walk(number: int, top: Location, rel_prefix: str, id_prefix: str, skipped: frozenset[str] = frozenset()) -> list[_Candidate]:
     """Image files and zarr stores under a folder (no symlinked folders followed, hidden skipped).
 
     ``rel_prefix`` / ``id_prefix`` are prepended to the relative paths / ids (manifest
@@ -212,7 +230,9 @@ def _walk(number: int, top: Location, rel_prefix: str, id_prefix: str) -> list[_
             dirnames[:] = [d for d in dirnames if d not in ANNOTATION_FOLDERS]
         for name in list(dirnames):
             child = here / name
-            if _is_zarr_store(child) or name.lower().endswith(".zarr"):
+            if _left_out(child, skipped):
+                dirnames.remove(name)
+            elif _is_zarr_store(child) or name.lower().endswith(".zarr"):
                 found.append(_Candidate(number, child, "zarr", _join(rel_dir, name), _join(id_dir, strip_extension(name))))
                 dirnames.remove(name)
             elif not is_remote(child) and child.is_symlink():
@@ -228,7 +248,7 @@ def _walk(number: int, top: Location, rel_prefix: str, id_prefix: str) -> list[_
     return found
 
 
-def _read_manifest(number: int, manifest: Location) -> list[_Candidate]:
+def _read_manifest(number: int, manifest: Location, skipped: frozenset[str] = frozenset()) -> list[_Candidate]:
     """Entries of a .txt (one path per line) or .csv/.tsv (``path`` [, ``image_id``]) manifest."""
     folder = manifest.parent
     try:
@@ -269,7 +289,7 @@ def _read_manifest(number: int, manifest: Location) -> list[_Candidate]:
         if not path.exists() and (is_remote(path) or not path.is_symlink()):
             found.append(_Candidate(number, path, _kind_of(path.name) or "plain", rel, image_id or strip_extension(rel), image_id, f"file not found ({where})"))
         elif path.is_dir() and not (_is_zarr_store(path) or path.suffix.lower() in ZARR_SUFFIXES):
-            found.extend(_walk(number, path, rel, image_id or rel))
+            found.extend(_walk(number, path, rel, image_id or rel, skipped))
         elif path.is_dir():
             found.append(_Candidate(number, path, "zarr", rel, image_id or strip_extension(rel), image_id))
         else:
@@ -395,7 +415,33 @@ def _kind_of(name: str) -> str | None:
 
 
 def _is_zarr_store(path: Location) -> bool:
-    return any((path / name).is_file() for name in ZARR_METADATA)
+    """Whether ``path`` holds zarr metadata (False for a folder that cannot be looked into: the
+    walk then reports it unlistable and skips it)."""
+    return any(_exists_safely(path / name, "is_file") for name in ZARR_METADATA)
+
+
+def _exists_safely(path: Location, test: str) -> bool:
+    """``path.is_file()`` / ``path.is_dir()`` that says False where permissions hide the answer."""
+    try:
+        return bool(getattr(path, test)())
+    except OSError:
+        return False
+
+
+def _key(path: Location) -> str:
+    """A folder's identity for comparisons (local: absolute, symlinks resolved)."""
+    try:
+        return str(_resolved(path))
+    except (OSError, RuntimeError):
+        return str(path)
+
+
+def _left_out(folder: Location, skipped: frozenset[str]) -> bool:
+    """Whether the walk leaves ``folder`` out: the run's own OUT, or any segment output."""
+    if _key(folder) in skipped or _exists_safely(folder / SEGMENT_OUTPUT_MARKER, "is_dir"):
+        log.info("%s: an output folder of `nucleibatch segment`, not searched for images", folder)
+        return True
+    return False
 
 
 def _resolved(path: Location) -> Location:

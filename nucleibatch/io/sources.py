@@ -211,8 +211,10 @@ def check_image(hw: tuple[int, int], channels: int, dtype: np.dtype) -> None:
 
 
 def native(dtype: Any) -> np.dtype:
-    """The dtype in the machine's byte order (big-endian TIFFs come back as native arrays)."""
-    return np.dtype(dtype).newbyteorder("=")
+    """The dtype in the machine's byte order (big-endian TIFFs come back as native arrays), in its
+    canonical flavour: ``long long`` (what TIFF readers give for 64-bit integers) becomes the
+    ``int64`` that zarr knows, though numpy calls them equal."""
+    return np.dtype(np.dtype(dtype).newbyteorder("=").str)
 
 
 # --------------------------------------------------------------------------- sources

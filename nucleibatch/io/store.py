@@ -37,11 +37,23 @@ CHANNELS_PER_CHUNK = 4
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
+# Longest group name: OUT's files are named after it with up to 21 bytes and a PID (at most 7
+# digits) more (".NAME.parquet.tmp-PID", ".NAME.geojson.tmp-PID"): 252 bytes at most, inside the 255
+# that a file name may have on common file systems, whatever the input's name. Names that fitted
+# before this bound keep their name (OUTs resume alike).
+MAX_STORE_NAME = 224
+
+
 def store_name(image_id: str) -> str:
-    """A zarr-safe, flat group name for an image id (stable; a hash suffix keeps lossy names unique)."""
+    """A zarr-safe, flat group name for an image id: ASCII, at most :data:`MAX_STORE_NAME` bytes,
+    stable across runs; a hash suffix keeps lossy (changed or shortened) names unique."""
     name = _UNSAFE.sub("_", image_id.replace("/", "__")).lstrip("._") or "image"
-    if name != image_id:
-        name = f"{name}-{hashlib.sha1(image_id.encode()).hexdigest()[:8]}"
+    if name != image_id or len(name) > MAX_STORE_NAME:
+        digest = hashlib.sha1(image_id.encode()).hexdigest()
+        if len(name) + 9 <= MAX_STORE_NAME:
+            name = f"{name}-{digest[:8]}"
+        else:  # shortened: the longer hash, since many long names may share their first bytes
+            name = f"{name[: MAX_STORE_NAME - 17]}-{digest[:16]}"
     return name
 
 

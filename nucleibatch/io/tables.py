@@ -140,15 +140,21 @@ def write_nuclei_part(out_dir: Location, name: str, image_id: str, columns: dict
 EMPTY_PART = "nucleibatch-no-nuclei.parquet"
 
 
-def finish_nuclei_dataset(out_dir: Location) -> None:
-    """Make ``nuclei.parquet/`` readable even when no image produced nuclei.
+def finish_nuclei_dataset(out_dir: Location, finished: set[str]) -> None:
+    """Make ``nuclei.parquet/`` hold exactly the parts of the finished images, readable even when
+    no image produced nuclei (call while holding OUT's lock, when no image is being written).
 
-    With no image part, a zero-row part carrying the schema is written (so pandas reads an empty
-    table with the right columns); once real parts exist, that placeholder is removed.
+    Parts of no finished image (``finished``: their store names), left by a run killed between
+    part and record, are removed. With no image part, a zero-row part carrying the schema is
+    written (so pandas reads an empty table with the right columns); once real parts exist, that
+    placeholder is removed.
     """
     directory = out_dir / "nuclei.parquet"
     placeholder = directory / EMPTY_PART
     listed = fresh_listing(directory, "*.parquet")
+    for part in [p for p in listed if p.name != EMPTY_PART and p.name.removesuffix(".parquet") not in finished]:
+        remove(part)
+        listed.remove(part)
     parts = [p for p in listed if p.name != EMPTY_PART]
     if parts:
         if len(parts) < len(listed):
