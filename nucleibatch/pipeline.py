@@ -219,7 +219,7 @@ def _start_image(record: ImageRecord, settings: SegmentSettings, model_config: d
     """:func:`start_image`, also returning the image's new zarr group."""
     name = store_name(record.image_id)
     remove_image_outputs(out_dir, name)
-    fingerprint = input_fingerprint(record)  # before reading: a change while it runs is seen next time
+    fingerprint = input_fingerprint(record)  # as discovered: a change since is seen by the next run
     own_source = source is None
     if own_source:
         source = open_image(record, timer)
@@ -675,7 +675,10 @@ def read_and_normalise(plan: ImagePlan, block: Block, source: ImageSource, halo:
 
 
 def input_fingerprint(record: ImageRecord) -> str | None:
-    """The fingerprint (:func:`nucleibatch.io.location.fingerprint`) of the file or store an image comes from."""
+    """The fingerprint (:func:`nucleibatch.io.location.fingerprint`) of the file or store an image
+    comes from, as discovery found it (taken now for a record made without one)."""
+    if record.fingerprint is not None or record.error:
+        return record.fingerprint
     return fingerprint(to_location(record.path))
 
 

@@ -349,6 +349,7 @@ def run_segment_job(
             remove_stale_temporaries(out_dir)
             open_root(out_dir / "masks.zarr")  # once, here: units running at once then only add groups
             finished = read_records(out_dir)
+            check_ids_unchanged(records, finished)
             redo = images_to_redo(out_dir, records, finished, retry_failed, verify)
             todo = [r for r in records if r.image_id not in finished or r.image_id in redo]
             n_resumed = len(records) - len(todo)
@@ -482,6 +483,26 @@ def _write_report(out_dir: Location) -> None:
         log.warning("report.html not written (%s: %s); rebuild it with: nucleibatch report %s", type(error).__name__, error, out_dir)
 
 
+def check_ids_unchanged(records: list[ImageRecord], finished: dict[str, dict[str, Any]]) -> None:
+    """Refuse a run whose ids of images OUT already holds differ from the ids they were finished
+    under (an INPUT added beside the ones that started OUT prefixes ids that clash with its own):
+    resuming would segment them again under the new ids and leave two rows per image.
+
+    Raises:
+        UsageError: with an example and how to go on.
+    """
+    finished_as = {row.get("source"): image_id for image_id, row in finished.items()}
+    renamed = [(finished_as[r.source], r.image_id) for r in records if r.source in finished_as and finished_as[r.source] != r.image_id]
+    if renamed:
+        old, new = renamed[0]
+        raise UsageError(
+            f"{len(renamed)} image(s) that OUT holds would get another id in this run (e.g. {old!r} is now {new!r}: ids come "
+            "from the INPUTs, and an INPUT added beside those that started OUT prefixes the ids that clash); give the INPUTs "
+            "of the run that started OUT (and the new ones their own -o OUT), or list every file in a CSV manifest with an "
+            "image_id column, or pass --overwrite to start OUT over"
+        )
+
+
 def images_to_redo(
     out_dir: Location, records: list[ImageRecord], finished: dict[str, dict[str, Any]], retry_failed: bool, verify: bool
 ) -> set[str]:
@@ -494,7 +515,8 @@ def images_to_redo(
             continue
         if retry_failed and row["status"] != "ok":
             redo.add(record.image_id)
-        elif row.get("input") is not None and row["input"] != input_fingerprint(record):
+        # records from before fingerprints were kept lack "input"; None: the input was unreadable then
+        elif "input" in row and row["input"] != input_fingerprint(record):
             log.info("%s changed since it was processed: redone", record.source)
             redo.add(record.image_id)
     if verify:

@@ -293,3 +293,69 @@ def test_a_run_killed_during_overwrite_is_finished_by_the_next_run(tmp_path, tin
     after = pd.read_parquet(out / "nuclei.parquet").sort_values(["image_id", "label"]).reset_index(drop=True)
     pd.testing.assert_frame_equal(after, before)
     assert verify_output(out).intact
+
+
+# --------------------------------------------------------------------------- 6. repaired inputs
+
+
+def test_inputs_repaired_after_a_run_are_redone_without_retry_failed(tmp_path, tiny_bundle):
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    files.write_plain(inputs / "present.png", nucleus_image(90))
+    manifest = files.write_manifest_txt(inputs / "list.txt", ["present.png", "later.png"])
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "link.png").symlink_to("target.png")  # dangling for now
+    argv = ["segment", str(manifest), str(linked), "-o", str(out), "--model", str(tiny_bundle), "--post-workers", "0"]
+    assert main(argv) == 3
+    rows = images_table(out)
+    assert rows.loc["later", "status"] == "failed" and rows.loc["link", "status"] == "failed"
+    files.write_plain(inputs / "later.png", nucleus_image(91))  # the missing file arrives
+    files.write_plain(linked / "target.png", nucleus_image(92))  # the link's target appears (found once, as the link)
+    assert main(argv) == 0
+    rows = images_table(out)
+    assert (rows["status"] == "ok").all() and rows.loc[["later", "link"], "n_nuclei"].gt(0).all()
+    assert sorted(rows.index) == ["later", "link", "present"]
+
+
+def test_a_file_changed_after_discovery_is_redone_by_the_next_run(tmp_path, tiny_bundle, monkeypatch):
+    from nucleibatch import segment
+
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    files.write_plain(inputs / "a.png", nucleus_image(93))
+    files.write_plain(inputs / "b.png", nucleus_image(94))
+    choose_all = segment.choose_all
+
+    def change_b_then_choose(records, *args):
+        files.write_plain(inputs / "b.png", nucleus_image(95, (120, 150)))  # rewritten while the run goes on
+        return choose_all(records, *args)
+
+    argv = ["segment", str(inputs), "-o", str(out), "--model", str(tiny_bundle), "--post-workers", "0"]
+    monkeypatch.setattr(segment, "choose_all", change_b_then_choose)
+    assert main(argv) == 3
+    assert images_table(out).loc["b", "status"] == "failed"
+    monkeypatch.setattr(segment, "choose_all", choose_all)
+    assert main(argv) == 0, "the file changed after the first run discovered it: redone"
+    assert images_table(out).loc["b", "height"] == 120
+
+
+# --------------------------------------------------------------------------- 7. an input root added to an OUT
+
+
+def test_adding_an_input_beside_the_first_is_refused_rather_than_renaming_images(tmp_path, tiny_bundle):
+    r1, r2, out = tmp_path / "r1", tmp_path / "r2", tmp_path / "out"
+    for root, seed in ((r1, 100), (r2, 110)):
+        root.mkdir()
+        for k in range(2):
+            files.write_plain(root / f"f{k}.png", nucleus_image(seed + k))
+    common = ["-o", str(out), "--model", str(tiny_bundle), "--post-workers", "0"]
+    assert main(["segment", str(r2), *common]) == 0
+    done = cli("segment", str(r1), str(r2), *common)
+    assert done.returncode == 2, done.stderr
+    assert "'f0' is now 'r2/f0'" in done.stderr and "--overwrite" in done.stderr
+    assert sorted(images_table(out).index) == ["f0", "f1"]
+    assert main(["segment", str(r1), str(r2), *common, "--overwrite"]) == 0
+    rows = images_table(out)
+    assert sorted(rows.index) == ["r1/f0", "r1/f1", "r2/f0", "r2/f1"]
+    assert set(pd.read_parquet(out / "nuclei.parquet")["image_id"]) == set(rows.index)

@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 
 from ..errors import UsageError
 from .imagefile import PIL_SUFFIXES, printable
-from .location import Location, exists, is_remote, to_location
+from .location import Location, exists, fingerprint, is_remote, to_location
 from .sources import ProbedImage, probe
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,11 @@ class ImageRecord:
             writes such a record as a 'failed' row with this reason.
         pixel_size_um: micrometres per pixel, from the file's metadata or ``--pixel-size``;
             None when unknown.
+        fingerprint: the input file's or store's :func:`~nucleibatch.io.location.fingerprint`
+            when it was discovered (before its header was read; None: it could not be read). A
+            run records it with the image, and the next run redoes the image when the input's
+            fingerprint differs: a file changed, repaired or created since, even while this run
+            was reading it.
         modality, model, scale: how ``segment`` treats the image, decided before it runs
             (:mod:`nucleibatch.choose`): its modality (:mod:`nucleibatch.modality`), the name of
             the model bundle it goes to (None: the run's one model), and the factor it is
@@ -76,6 +81,7 @@ class ImageRecord:
     selector: dict = field(default_factory=dict, hash=False)
     error: str | None = None
     pixel_size_um: float | None = None
+    fingerprint: str | None = None
     modality: str | None = None
     model: str | None = None
     scale: float = 1.0
@@ -353,8 +359,9 @@ def _records(candidate: _Candidate) -> list[ImageRecord]:
     ``path`` stays the name the file system knows, to open the file.
     """
     path = str(candidate.path)
+    stamp = fingerprint(candidate.path)  # before the header is read: a change from now on is seen by the next run
     if candidate.error:
-        return [ImageRecord(printable(candidate.image_id), printable(path), path, candidate.kind, None, None, None, {}, printable(candidate.error))]
+        return [ImageRecord(printable(candidate.image_id), printable(path), path, candidate.kind, None, None, None, {}, printable(candidate.error), fingerprint=stamp)]
     probed: list[ProbedImage] = probe(candidate.path, candidate.kind)
     per_node = defaultdict(int)
     for image in probed:
@@ -368,7 +375,7 @@ def _records(candidate: _Candidate) -> list[ImageRecord]:
             image_id += "#" + "-".join(f"{'s' if name == 'series' else name}{value}" for name, value in image.parts)
             source += "#" + ",".join(f"{name}={value}" for name, value in image.parts)
         error = printable(image.error) if image.error else None
-        records.append(ImageRecord(printable(image_id), printable(source), path, image.kind or candidate.kind, image.shape, image.channels, image.dtype, image.selector, error, image.pixel_size_um))
+        records.append(ImageRecord(printable(image_id), printable(source), path, image.kind or candidate.kind, image.shape, image.channels, image.dtype, image.selector, error, image.pixel_size_um, stamp))
     return records
 
 
