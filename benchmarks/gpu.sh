@@ -7,8 +7,10 @@
 #   bash benchmarks/gpu.sh bench OUT_DIR WHEELS DSB_IMAGES   # bare model (bf16, channels-last), pipeline vs bare (post-processing processes,
 #                                                              # instance labels on the GPU and on the CPU), the GPU's instance labels on validation
 #   bash benchmarks/gpu.sh train OUT_DIR WHEELS TRAIN_DATA    # the shipped model's training run (--engine local --gpu)
-#   bash benchmarks/gpu.sh train-he OUT_DIR WHEELS HE_DATA    # the he model's recipe on a GPU: HE_DATA holds monuseg/ (images/ +
-#                                                              # labels/), dsb_stained/ (DSB layout) and val.txt (docs/performance.md)
+#   bash benchmarks/gpu.sh train-he OUT_DIR WHEELS HE_DATA    # the he model's recipe on a GPU: HE_DATA holds monuseg/,
+#                                                              # dsb_stained/ (images/ + labels/) and val.txt, as
+#                                                              # benchmarks/pack_he.py makes it (25.5 MiB: read its docstring
+#                                                              # for the 64 MiB that a device call may carry)
 #   bash benchmarks/gpu.sh profile OUT_DIR WHEELS DSB_IMAGES  # after bench: py-spy profiles of segment on both workloads
 #                                                              # (WHEELS with py-spy), and their summaries
 #
