@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
@@ -25,6 +25,7 @@ import numpy as np
 from .allocator import release_free_memory
 from .errors import ImageReadError, UsageError, is_fatal
 from .instances import InstanceParams, instance_labels
+from .io.checkpoints import drop_checkpoints, finished_blocks, load_block, save_block
 from .io.discover import ImageRecord
 from .io.location import Location, fingerprint, to_location
 from .io.sources import ImageSource, open_source
@@ -110,11 +111,24 @@ class ImagePlan:
     stats: NormStats
     blocks: list[Block]
     input_fingerprint: str | None = None  # the input as it was when planned (resume redoes changed inputs)
+    # blocks an earlier run finished (kept in OUT: nucleibatch.io.checkpoints); not done again
+    done_blocks: tuple[int, ...] = ()
 
     @property
     def scale(self) -> float:
         """The factor the network sees the image enlarged by (:mod:`nucleibatch.scale`; 1: as it is)."""
         return self.record.scale
+
+    @property
+    def blocks_to_do(self) -> list[Block]:
+        """The blocks this run computes: all but :attr:`done_blocks`, in raster order."""
+        done = set(self.done_blocks)
+        return [block for block in self.blocks if block.index not in done]
+
+    def checkpoint_key(self) -> dict[str, Any]:
+        """What its finished blocks depend on beyond the OUT's model and settings (see
+        :mod:`nucleibatch.io.checkpoints`)."""
+        return {"input": self.input_fingerprint, "shape": list(self.shape), "scale": self.scale, "stats": asdict(self.stats), "blocks": [list(b.read) for b in self.blocks]}
 
 
 @dataclass
@@ -216,7 +230,9 @@ def start_image(
 
 
 def _start_image(record: ImageRecord, settings: SegmentSettings, model_config: dict, out_dir: Location, timer: Timer, source: ImageSource | None):
-    """:func:`start_image`, also returning the image's new zarr group."""
+    """:func:`start_image`, also returning the image's zarr group: new, or, for an image of several
+    blocks some of which an earlier run finished (:mod:`nucleibatch.io.checkpoints`), the group
+    that run wrote them into (``plan.done_blocks``)."""
     name = store_name(record.image_id)
     remove_image_outputs(out_dir, name)
     fingerprint = input_fingerprint(record)  # as discovered: a change since is seen by the next run
@@ -229,10 +245,31 @@ def _start_image(record: ImageRecord, settings: SegmentSettings, model_config: d
     finally:
         if own_source:
             source.close()
+    root = open_root(out_dir / "masks.zarr")
+    if len(plan.blocks) > 1:
+        plan.done_blocks = tuple(finished_blocks(out_dir, name, plan.checkpoint_key()))
+        if plan.done_blocks and name in root:
+            log.info("%s: resuming from %d of its %d blocks, finished by an earlier run", record.image_id, len(plan.done_blocks), len(plan.blocks))
+            return plan, root[name]
+        if plan.done_blocks:  # their image cores went with the group: start the checkpoints over
+            drop_checkpoints(out_dir, name)
+            plan.done_blocks = tuple(finished_blocks(out_dir, name, plan.checkpoint_key()))
     with timer("write"):
         chunk = chunk_for_blocks(block_size_at(settings.block_size, record.scale, settings.block_margin))
-        group = create_image_group(open_root(out_dir / "masks.zarr"), name, record.image_id, plan.shape, plan.channels, plan.dtype, chunk=chunk, pixel_size_um=record.pixel_size_um)
+        group = create_image_group(root, name, record.image_id, plan.shape, plan.channels, plan.dtype, chunk=chunk, pixel_size_um=record.pixel_size_um)
     return plan, group
+
+
+def keep_block(out_dir: Location, plan: ImagePlan, result: BlockResult) -> None:
+    """Checkpoint a finished block of an image of several blocks (:mod:`nucleibatch.io.checkpoints`)."""
+    if len(plan.blocks) > 1:
+        save_block(out_dir, plan.name, result.block_index, result.owned, result.columns)
+
+
+def kept_block(out_dir: Location, plan: ImagePlan, block_index: int) -> BlockResult:
+    """A block an earlier run finished, as its :class:`BlockResult` (no stage seconds: done then)."""
+    owned, columns = load_block(out_dir, plan.name, block_index)
+    return BlockResult(block_index, owned, columns)
 
 
 def prediction_region(block: Block, shape: tuple[int, int], halo: int) -> tuple[int, int, int, int]:
@@ -467,6 +504,8 @@ def paint_and_complete(plan: ImagePlan, results: list[BlockResult], settings: Se
     """Paint every block core from all the image's block results, then :func:`complete_image`
     (the distributed engines: results arrive together). Returns the row (not yet recorded)."""
     by_index = {r.block_index: r for r in results}
+    for index in plan.done_blocks:
+        by_index.setdefault(index, kept_block(out_dir, plan, index))
     if sorted(by_index) != [b.index for b in plan.blocks]:
         raise ValueError(f"{plan.record.image_id}: block results {sorted(by_index)} do not cover the {len(plan.blocks)} blocks")
     group = open_root(out_dir / "masks.zarr")[plan.name]
@@ -508,9 +547,17 @@ def segment_record(
         plan, group = _start_image(record, settings, model.config, out_dir, timer, source)
         stitcher = ImageStitcher(plan, group, timer)
         reads = (prefetch or read_blocks(timer))(plan, source, halo, settings)
+        kept = deque(plan.done_blocks)  # the stitcher takes blocks in raster order: these go in their turn
+
+        def add_kept(before: int) -> None:
+            while kept and kept[0] < before:
+                stitcher.add(kept_block(out_dir, plan, kept.popleft()))
 
         def finish(block: Block, prediction: BlockPrediction) -> None:
-            stitcher.add(finish_block(plan, block, prediction, settings, params, group))
+            add_kept(block.index)
+            result = finish_block(plan, block, prediction, settings, params, group)
+            keep_block(out_dir, plan, result)
+            stitcher.add(result)
 
         # one block: nothing to overlap with, it is finished in this thread
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nb-finish") if len(plan.blocks) > 1 else nullcontext() as finisher:
@@ -527,6 +574,7 @@ def segment_record(
                 del prediction
             if pending is not None:
                 pending.result()
+            add_kept(len(plan.blocks))
     finally:
         source.close()
     return record_image(plan, stitcher, group, settings, out_dir, timer, started)
@@ -539,6 +587,7 @@ def record_image(plan: ImagePlan, stitcher: ImageStitcher, group, settings: Segm
     row = complete_image(plan, stitcher.results, stitcher.offsets, stitcher.lost, group, settings, out_dir, timer)
     row["seconds"] = round(time.perf_counter() - started, 4)
     write_record(out_dir, plan.name, row)
+    drop_checkpoints(out_dir, plan.name)
     return row
 
 
@@ -660,7 +709,7 @@ def read_blocks(timer: Timer) -> Callable:
     yielding ``(block, raw, region, normalised)``."""
 
     def reads(plan: ImagePlan, source: ImageSource, halo: int, settings: SegmentSettings) -> Iterator:
-        for block in plan.blocks:
+        for block in plan.blocks_to_do:
             yield (block, *read_and_normalise(plan, block, source, halo, settings, timer))
 
     return reads
@@ -714,6 +763,7 @@ def record_failed_image(out_dir: Location, record: ImageRecord, error: BaseExcep
     row["input"] = input_fingerprint(record)
     name = store_name(record.image_id)
     remove_image_outputs(out_dir, name)
+    drop_checkpoints(out_dir, name)
     try:
         root = open_root(out_dir / "masks.zarr")
         if name in root:

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import zarr
 
-from nucleibatch.errors import ModelBundleError
+from nucleibatch.errors import ModelBundleError, UsageError
 from nucleibatch.metrics import image_scores
 from nucleibatch.pipeline import SegmentSettings
 from nucleibatch.segment import run_segment_job
@@ -137,8 +137,11 @@ def test_dask_engine_on_a_local_cluster_matches_the_local_engine(local_reference
 def test_a_rerun_on_the_dask_engine_resumes(local_reference, tmp_path):
     out = tmp_path / "resume"
     first = run_segment_job([str(local_reference / "in" / "copy_0")], out, model="default", device="cpu", settings=SETTINGS, engine="dask", workers=1, progress=False)
-    again = run_segment_job([str(local_reference / "in")], out, model="default", device="cpu", settings=SETTINGS, engine="dask", workers=1, progress=False)
-    assert first.n_ok == 5 and again.n_resumed == 0  # other inputs: other image ids, nothing to resume
+    assert first.n_ok == 5
+    with pytest.raises(UsageError, match="would get another id"):  # the folder above: the same files under other ids
+        run_segment_job([str(local_reference / "in")], out, model="default", device="cpu", settings=SETTINGS, engine="dask", workers=1, progress=False)
+    again = run_segment_job([str(local_reference / "in")], out, model="default", device="cpu", settings=SETTINGS, engine="dask", workers=1, progress=False, overwrite=True)
+    assert again.n_resumed == 0 and again.n_images == 7
     third = run_segment_job([str(local_reference / "in")], out, model="default", device="cpu", settings=SETTINGS, engine="dask", workers=1, progress=False)
     assert third.n_resumed == third.n_images == 7 and third.n_nuclei == again.n_nuclei
 

@@ -8,6 +8,7 @@ that let root read any folder), real signals.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -359,3 +360,55 @@ def test_adding_an_input_beside_the_first_is_refused_rather_than_renaming_images
     rows = images_table(out)
     assert sorted(rows.index) == ["r1/f0", "r1/f1", "r2/f0", "r2/f1"]
     assert set(pd.read_parquet(out / "nuclei.parquet")["image_id"]) == set(rows.index)
+
+
+# --------------------------------------------------------------------------- 10. block-level resume
+
+
+def slide_outputs(out: Path) -> tuple[np.ndarray, pd.DataFrame, dict]:
+    rows = images_table(out)
+    labels = zarr.open_group(str(out / "masks.zarr"), mode="r")[rows.loc["slide", "store_path"]]["labels/nuclei/0"][:]
+    nuclei = pd.read_parquet(out / "nuclei.parquet").sort_values("label").reset_index(drop=True)
+    return labels, nuclei, json.loads((out / "run.json").read_text())
+
+
+def kill_after_blocks(command: list[str], out: Path, blocks: int) -> int:
+    """Start ``command``, SIGKILL its process group once ``blocks`` more block checkpoints than now
+    exist; returns how many there were at the kill."""
+    folder = out / ".nucleibatch" / "blocks"
+    count = lambda: len(list(folder.glob("*/*.npz"))) if folder.is_dir() else 0  # noqa: E731
+    target = count() + blocks
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and count() < target and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before it was killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    return count()
+
+
+@pytest.mark.parametrize("post_workers", ["0", "1"], ids=["threads", "processes"])
+def test_a_slide_killed_again_and_again_resumes_from_its_finished_blocks(post_workers, tmp_path, tiny_bundle):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    image, _ = synthetic_nuclei((1024, 1024), n_nuclei=260, seed=7)
+    tifffile.imwrite(inputs / "slide.tif", image, tile=(256, 256))
+    options = ["--model", str(tiny_bundle), "--block-size", "256", "--block-margin", "64", "--post-workers", post_workers]
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    assert main(["segment", str(inputs), "-o", str(reference), *options]) == 0
+    reference_labels, reference_nuclei, reference_run = slide_outputs(reference)
+    assert reference_run["model_tiles"] >= 16  # 16 blocks
+
+    command = [sys.executable, "-m", "nucleibatch", "segment", str(inputs), "-o", str(out), *options]
+    done_at_kills = [kill_after_blocks(command, out, 4), kill_after_blocks(command, out, 4)]
+    assert 8 <= done_at_kills[1] < 16 and done_at_kills[1] > done_at_kills[0], "each run went further"
+    assert not (out / "images.parquet").exists()
+    assert main(["segment", str(inputs), "-o", str(out), *options]) == 0
+    labels, nuclei, run = slide_outputs(out)
+    # at least half the blocks were kept (blocks alike in size, the border rows as the middle ones)
+    assert run["model_tiles"] <= 0.75 * reference_run["model_tiles"], "the finished blocks were not predicted again"
+    np.testing.assert_array_equal(labels, reference_labels)
+    pd.testing.assert_frame_equal(nuclei, reference_nuclei)
+    assert not any((out / ".nucleibatch" / "blocks").glob("*")), "checkpoints go with the completion record"
+    assert verify_output(out).intact

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..errors import is_fatal
+from ..io.checkpoints import drop_checkpoints
 from ..io.discover import ImageRecord
 from ..io.location import Location
 from ..io.store import open_root, store_name
@@ -166,13 +167,16 @@ def run_distributed(
                     except Exception as error:
                         fail(image, error)
                         continue
-                    image.to_submit.extend(b.index for b in image.plan.blocks)
+                    image.to_submit.extend(b.index for b in image.plan.blocks_to_do)
+                    image.blocks_done = len(image.plan.done_blocks)
+                    if not image.to_submit:  # every block was finished by an earlier run
+                        completing[executor.complete(image.plan, [])] = image
                 elif future in blocks:
                     image = blocks.pop(future)
                     load.pop(future)
                     image.blocks_done += 1
                     if image.blocks_done == len(image.plan.blocks):
-                        results = [image.results[b.index] for b in image.plan.blocks]
+                        results = [image.results[b.index] for b in image.plan.blocks_to_do]
                         completing[executor.complete(image.plan, results)] = image
                         image.results = {}
                 else:
@@ -184,6 +188,7 @@ def run_distributed(
                         continue
                     row["seconds"] = round(time.perf_counter() - image.started, 4)
                     write_record(out_dir, store_name(image.record.image_id), row)
+                    drop_checkpoints(out_dir, store_name(image.record.image_id))
                     timer.add(seconds)
                     placement.extend(units)
                     images.pop(image.record.image_id, None)
@@ -359,12 +364,13 @@ def read_unit(plan: ImagePlan, block_index: int, settings: SegmentSettings, halo
 def finish_block_unit(plan: ImagePlan, block_index: int, prediction, settings: SegmentSettings, params, out_dir: Location):
     """Unit 3: :func:`nucleibatch.pipeline.finish_block`, writing into the image's group."""
     from ..allocator import release_free_memory
-    from ..pipeline import finish_block
+    from ..pipeline import finish_block, keep_block
 
     if isinstance(prediction, BaseException):  # its read failed inside a group of small images
         raise prediction
     group = open_root(out_dir / "masks.zarr")[plan.name]
     result = finish_block(plan, plan.blocks[block_index], prediction, settings, params, group)
+    keep_block(out_dir, plan, result)
     result.unit = {"predict_worker": prediction.worker, "finish_worker": current_worker(), "predict_group": prediction.predict_group}
     del prediction
     release_free_memory()  # the worker goes on to other blocks: give back this one's pages
@@ -372,8 +378,9 @@ def finish_block_unit(plan: ImagePlan, block_index: int, prediction, settings: S
 
 
 def complete_unit(plan: ImagePlan, settings: SegmentSettings, out_dir: Location, *results) -> tuple[dict[str, Any], dict[str, float], list[dict]]:
-    """Unit 4: :func:`nucleibatch.pipeline.paint_and_complete`; returns the row, the summed stage
-    seconds of the image's units and where its block units ran."""
+    """Unit 4: :func:`nucleibatch.pipeline.paint_and_complete` (which adds the blocks an earlier run
+    finished); returns the row, the summed stage seconds of the image's units and where its block
+    units ran."""
     from ..pipeline import paint_and_complete
 
     timer = Timer()

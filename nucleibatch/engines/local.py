@@ -40,7 +40,7 @@ def prefetching_reader(timer: Timer, depth: int = 1) -> Callable:
     def reads(plan: ImagePlan, source, halo: int, settings: SegmentSettings) -> Iterator:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nb-read") as pool:
             ahead: deque = deque()
-            for block in plan.blocks:
+            for block in plan.blocks_to_do:
                 ahead.append((block, pool.submit(read_and_normalise, plan, block, source, halo, settings, timer)))
                 if len(ahead) > depth:
                     done_block, future = ahead.popleft()

@@ -169,6 +169,9 @@ def _after_all(sources: list[Future], next_step: Callable[[list[Any]], Future]) 
 
     for source in sources:
         source.add_done_callback(on_source_done)
+    if not sources:  # nothing to wait for (an image whose blocks an earlier run all finished)
+        remaining[0] = 1
+        on_source_done(out)
     return out
 
 
