@@ -12,6 +12,7 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 
+from . import __version__
 from .errors import NucleibatchError, UsageError
 from .normalize import INPUTS
 from .options import INSTANCES_ON, PRECISIONS, TTA_CHOICES, resolve_instances_on
@@ -140,6 +141,7 @@ def _run_verify(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="nucleibatch", description="Nuclei segmentation of microscopy archives.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"nucleibatch {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     from .segment_cli import add_segment
 

@@ -174,7 +174,8 @@ def compute_stats(
     if high <= low:  # flat image: any positive range maps it to a constant
         high = low + 1.0
     if invert == "auto":
-        do_invert = bool((median - low) / (high - low) > 0.5)
+        size = max(abs(low), abs(high), 1.0)  # float64 values up to 1.8e308: their differences must not overflow
+        do_invert = bool((median / size - low / size) / (high / size - low / size) > 0.5)
     else:
         do_invert = invert == "always"
     return NormStats(float(low), float(high), do_invert, check_input(input))
@@ -206,10 +207,17 @@ def apply_stats(grey: np.ndarray, stats: NormStats) -> np.ndarray:
         ``(H, W)`` float32 in [0, 1], nuclei bright. Non-finite pixels become 0.
     """
     if grey.dtype == np.float64:  # 64-bit pixels: their level off in float64, the small rest in float32
-        out = np.subtract(grey, stats.low).astype(np.float32)
-    else:
-        out = np.subtract(grey, np.float32(stats.low), dtype=np.float32)  # the one new array; the rest in place
+        size = max(abs(stats.low), abs(stats.high), 1.0)  # over it, a range up to 1.8e308 cannot overflow
+        out = np.subtract(grey / size, stats.low / size).astype(np.float32)
+        out /= np.float32(stats.high / size - stats.low / size)
+        return _finish_normalised(out, stats)
+    out = np.subtract(grey, np.float32(stats.low), dtype=np.float32)  # the one new array; the rest in place
     out /= np.float32(stats.high - stats.low)
+    return _finish_normalised(out, stats)
+
+
+def _finish_normalised(out: np.ndarray, stats: NormStats) -> np.ndarray:
+    """:func:`apply_stats`'s last steps, in place: non-finite to 0 (or 1), clip, invert."""
     np.nan_to_num(out, copy=False, nan=0.0, posinf=1.0, neginf=0.0)
     np.clip(out, 0.0, 1.0, out=out)
     if stats.invert:

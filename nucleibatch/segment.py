@@ -18,6 +18,7 @@ from typing import Any
 
 from . import __version__, faults
 from .choose import choose_all, load_models
+from .cpus import limit_torch_threads, usable_cpus
 from .errors import OutputError, UsageError
 from .io.discover import ImageRecord, check_inputs_exist, discover_inputs
 from .io.location import (
@@ -333,8 +334,15 @@ def run_segment_job(
                     post_workers = default_post_workers(model.device.type if isinstance(model, NucleiModel) else resolve_device(driver_device).type)
                 if post_workers:
                     post_pool = start_post_pool(post_workers)  # the processes start while the model loads
+            cpus = usable_cpus()
+            if engine == "local":
+                limit_torch_threads(cpus.count)
             models = load_models(model, device=driver_device, precision=precision)
             loaded = models.first  # the device, precision and post-processing processes are the same for every model
+            if engine == "local":
+                fallback = " (--device auto: no CUDA GPU here)" if device == "auto" and loaded.device.type == "cpu" else ""
+                where = f"{post_workers} post-processing processes" if post_workers else "post-processing in this process"
+                log.info("device %s%s, %s usable CPUs, %s", loaded.device, fallback, cpus, where)
             records = discover_inputs(inputs, channel=settings.channel, exclude=out_dir)
             if overwrite or overwrite_under_way(out_dir):
                 if not overwrite:

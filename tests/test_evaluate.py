@@ -15,7 +15,7 @@ from PIL import Image
 
 import nucleibatch
 from nucleibatch.cli import main
-from nucleibatch.errors import ModelBundleError
+from nucleibatch.errors import ModelBundleError, ModelNotFoundError
 from nucleibatch.evaluate import evaluate_model
 from nucleibatch.io.annotated import discover_annotated, iter_annotated
 from nucleibatch.model import (
@@ -266,7 +266,7 @@ def test_evaluate_cli_text_summary_and_limit(three_images, fitted_bundle, capsys
 
 def test_evaluate_cli_missing_model_is_one_line_on_stderr(three_images, tmp_path, capsys):
     status = main(["evaluate", str(three_images), "--model", str(tmp_path / "no_bundle")])
-    assert status == ModelBundleError.exit_code == 1
+    assert status == ModelNotFoundError.exit_code == 2  # a usage error: --model names no bundle
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert err[0].startswith("nucleibatch evaluate: error: ")

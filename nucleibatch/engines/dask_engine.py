@@ -133,9 +133,9 @@ def run_engine(
     if address:
         client = Client(address)
     else:
-        import os
+        from ..cpus import usable_cpus
 
-        cluster = start_local_cluster(workers or max(1, min(4, (os.cpu_count() or 2))))
+        cluster = start_local_cluster(workers or max(1, min(4, usable_cpus().count)))
         client = Client(cluster)
     try:
         executor = DaskExecutor(client, model, device, settings, batch_size, out_dir, workers)

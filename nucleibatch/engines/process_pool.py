@@ -36,10 +36,13 @@ if TYPE_CHECKING:  # the processes import this module (their initializer): they 
 
 
 def default_post_workers(device_type: str, cpus: int | None = None) -> int:
-    """Post-processing processes when ``--post-workers`` is not given: on a GPU, every core but
-    two (the model thread's and the driver's); on a CPU none, as the network already uses every
-    core there and threads of this process post-process between its calls."""
-    cpus = cpus or os.cpu_count() or 1
+    """Post-processing processes when ``--post-workers`` is not given: on a GPU, every usable CPU
+    (:func:`~nucleibatch.cpus.usable_cpus`: the node's share, not its size) but two (the model
+    thread's and the driver's); on a CPU none, as the network already uses every core there and
+    threads of this process post-process between its calls."""
+    from ..cpus import usable_cpus
+
+    cpus = cpus or usable_cpus().count
     return max(1, cpus - 2) if device_type == "cuda" else 0
 
 

@@ -10,7 +10,6 @@ import csv
 import gc
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -474,6 +473,9 @@ def _all_reduce_mean(value: float, world: int) -> float:
 
 
 def threads_for(workers: int, cpus: float | None = None) -> int:
-    """Torch threads per worker: the node's CPUs shared evenly (at least 1)."""
-    cpus = cpus if cpus is not None else (os.cpu_count() or 1)
+    """Torch threads per worker: the node's usable CPUs (:func:`~nucleibatch.cpus.usable_cpus`)
+    shared evenly (at least 1)."""
+    from ..cpus import usable_cpus
+
+    cpus = cpus if cpus is not None else usable_cpus().count
     return max(1, int(np.floor(cpus / max(1, workers))))
