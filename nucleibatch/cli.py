@@ -257,16 +257,20 @@ def stop_on_sigterm(command: str) -> Iterator[None]:
         yield
         return
 
+    timers: list[threading.Timer] = []
+
     def exit_now(reason: str) -> None:
-        print(f"nucleibatch {command}: stopped: {reason}; finished work is kept, re-run the same command to resume", file=sys.stderr, flush=True)
-        os._exit(1)
+        try:  # os.write: no buffered stream that a closed stderr or a reentrant print could break
+            os.write(2, f"nucleibatch {command}: stopped: {reason}; finished work is kept, re-run the same command to resume\n".encode())
+        finally:
+            os._exit(1)
 
     def on_sigterm(signum, frame) -> None:
-        if getattr(on_sigterm, "fired", False):
+        if timers:
             exit_now("a second SIGTERM")
-        on_sigterm.fired = True
         timer = threading.Timer(STOP_GRACE_S, exit_now, args=(f"SIGTERM, and images still in flight after {STOP_GRACE_S:.0f} s",))
         timer.daemon = True
+        timers.append(timer)
         timer.start()
         raise Terminated()
 
@@ -275,6 +279,8 @@ def stop_on_sigterm(command: str) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        for timer in timers:  # stopped in time: no exit later
+            timer.cancel()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -291,16 +297,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NucleibatchError as error:
         print(f"nucleibatch {args.command}: error: {error}", file=sys.stderr)
         return error.exit_code
-    except BrokenPipeError:  # the reader of our output left (`nucleibatch verify OUT | head -1`)
+    except BrokenPipeError as error:
+        if not stdout_reader_gone():
+            return _stopped(args.command, error)
+        # the reader of our output left (`nucleibatch verify OUT | head -1`): quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         return 1
     except OSError as error:  # disk full, output not writable, ...: the run stops, what is done stays
-        print(f"nucleibatch {args.command}: stopped: {error} (finished work is kept; fix the cause and re-run to resume)", file=sys.stderr)
-        return 1
+        return _stopped(args.command, error)
     except KeyboardInterrupt as stop:
         cause = "SIGTERM" if isinstance(stop, Terminated) else "interrupted (Ctrl-C)"
         print(f"nucleibatch {args.command}: stopped: {cause} (finished work is kept; re-run the same command to resume)", file=sys.stderr)
         return 1
+
+
+def _stopped(command: str, error: OSError) -> int:
+    print(f"nucleibatch {command}: stopped: {error} (finished work is kept; fix the cause and re-run to resume)", file=sys.stderr)
+    return 1
+
+
+def stdout_reader_gone() -> bool:
+    """Whether standard output is a pipe whose reading end was closed (poll reports an error on it)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _run_command(args) -> int:

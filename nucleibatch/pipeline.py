@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import __version__
 from .allocator import release_free_memory
 from .errors import ImageReadError, UsageError, is_fatal
 from .instances import InstanceParams, instance_labels
@@ -77,17 +78,12 @@ class SegmentSettings:
     instances_on: str = "auto"
     pixel_size: float | None = None  # micrometres per pixel of every input (--pixel-size); None: each file's metadata
     diameter: float | str | None = None  # nucleus diameter in input pixels (--diameter), "auto" (estimated), None
-    # no longer used (the network reads the model's halo around a block, see context_pixels);
-    # kept so that settings saved by earlier versions, and their command lines, still match
-    context: int = 192
 
     def validate(self) -> None:
         if self.block_size < 64 or self.block_size % 32:
             raise UsageError(f"--block-size must be a multiple of 32, at least 64 (got {self.block_size})")
         if not 0 <= self.block_margin < self.block_size:
             raise UsageError(f"--block-margin must be >= 0 and smaller than --block-size (got {self.block_margin})")
-        if self.context < 0:
-            raise UsageError(f"--context must be >= 0 (got {self.context})")
         if self.invert not in (None, "auto", "never", "always"):
             raise UsageError(f"--invert must be auto, never or always (got {self.invert})")
         if self.instances_on not in INSTANCES_ON:
@@ -128,7 +124,10 @@ class ImagePlan:
     def checkpoint_key(self) -> dict[str, Any]:
         """What its finished blocks depend on beyond the OUT's model and settings (see
         :mod:`nucleibatch.io.checkpoints`)."""
-        return {"input": self.input_fingerprint, "shape": list(self.shape), "scale": self.scale, "stats": asdict(self.stats), "blocks": [list(b.read) for b in self.blocks]}
+        return {
+            "input": self.input_fingerprint, "shape": list(self.shape), "scale": self.scale, "stats": asdict(self.stats),
+            "blocks": [list(b.read) for b in self.blocks], "nucleibatch": __version__,
+        }  # fmt: skip
 
 
 @dataclass
@@ -586,8 +585,8 @@ def record_image(plan: ImagePlan, stitcher: ImageStitcher, group, settings: Segm
     record; returns the row."""
     row = complete_image(plan, stitcher.results, stitcher.offsets, stitcher.lost, group, settings, out_dir, timer)
     row["seconds"] = round(time.perf_counter() - started, 4)
+    drop_checkpoints(out_dir, plan.name)  # first: a kill between the two redoes the image, whole
     write_record(out_dir, plan.name, row)
-    drop_checkpoints(out_dir, plan.name)
     return row
 
 
@@ -761,7 +760,15 @@ def record_failed_image(out_dir: Location, record: ImageRecord, error: BaseExcep
     return that row."""
     row = failed_row(record, error, seconds)
     row["input"] = input_fingerprint(record)
-    name = store_name(record.image_id)
+    forget_image(out_dir, record.image_id)
+    write_record(out_dir, store_name(record.image_id), row)
+    return row
+
+
+def forget_image(out_dir: Location, image_id: str) -> None:
+    """Remove everything OUT holds for an image: its completion record, nuclei part, block
+    checkpoints and OME-Zarr group."""
+    name = store_name(image_id)
     remove_image_outputs(out_dir, name)
     drop_checkpoints(out_dir, name)
     try:
@@ -769,6 +776,4 @@ def record_failed_image(out_dir: Location, record: ImageRecord, error: BaseExcep
         if name in root:
             del root[name]
     except Exception:  # best effort: the group is replaced when the image is redone
-        log.debug("could not remove the partial group of %s", record.image_id, exc_info=True)
-    write_record(out_dir, name, row)
-    return row
+        log.debug("could not remove the group of %s", image_id, exc_info=True)

@@ -20,6 +20,7 @@ from . import __version__, faults
 from .choose import choose_all, load_models
 from .cpus import limit_torch_threads, usable_cpus
 from .errors import OutputError, UsageError
+from .io.checkpoints import drop_finished
 from .io.discover import ImageRecord, check_inputs_exist, discover_inputs
 from .io.location import (
     Location,
@@ -43,12 +44,14 @@ from .io.tables import (
 )
 from .model import NucleiModel, bundle_folder, resolve_device, resolve_device_name
 from .options import resolve_instances_on
-from .pipeline import STAGES, SegmentSettings, Timer, input_fingerprint
+from .pipeline import STAGES, SegmentSettings, Timer, forget_image, input_fingerprint
 from .verify import verify_records
 
 log = logging.getLogger(__name__)
 ENGINES = ("local", "ray", "dask")
 OUTPUT_NAMES = ("masks.zarr", "nuclei.parquet", "images.parquet", "run.json", "report.html", STATE_DIR)
+# settings of earlier versions that no longer exist (--context: the network reads the model's halo)
+RETIRED_SETTINGS = ("settings.context",)
 # the tables' columns: 2 added the micrometre and model-choice columns (an OUT of version 1 would
 # mix parts of two schemas in nuclei.parquet: refused, start it over)
 TABLES_VERSION = 2
@@ -67,6 +70,7 @@ class RunSummary:
     wall_seconds: float
     megapixels: float
     run: dict[str, Any] = field(default_factory=dict)
+    nothing_done: bool = False  # every image was done before: run.json keeps the earlier run's figures
 
     @property
     def exit_code(self) -> int:
@@ -185,7 +189,7 @@ class Progress:
         if self.bar is not None:
             self.bar.set_postfix(nuclei=self.nuclei, failed=self.failed, mpix_s=f"{rate:.2f}", refresh=False)
             self.bar.update(1)
-        elif time.perf_counter() - self.last_log > 30 or self.done == self.total:
+        elif time.perf_counter() - self.last_log > 30 and self.done < self.total:  # the closing summary says the last
             log.info("%d/%d images, %d nuclei, %d failed, %.2f MPix/s", self.done, self.total, self.nuclei, self.failed, rate)
             self.last_log = time.perf_counter()
 
@@ -253,6 +257,8 @@ def _check_settings(out_dir: Location, fingerprint: dict[str, Any]) -> None:
         # did (instances were always made on the CPU), so an older run resumes only where alike
         before_added = {**SegmentSettings().to_dict(), "instances_on": "cpu"}
         previous = _flatten({"settings": before_added}) | _flatten(json.loads(recorded))
+        for key in RETIRED_SETTINGS:  # settings that no longer change results: OUTs made with them resume
+            previous.pop(key, None)
         now = _flatten(fingerprint)
         changed = [f"{k.removeprefix('settings.')}: {previous.get(k)} -> {now.get(k)}" for k in sorted(set(previous) | set(now)) if previous.get(k) != now.get(k)]
         if changed:
@@ -339,10 +345,6 @@ def run_segment_job(
                 limit_torch_threads(cpus.count)
             models = load_models(model, device=driver_device, precision=precision)
             loaded = models.first  # the device, precision and post-processing processes are the same for every model
-            if engine == "local":
-                fallback = " (--device auto: no CUDA GPU here)" if device == "auto" and loaded.device.type == "cpu" else ""
-                where = f"{post_workers} post-processing processes" if post_workers else "post-processing in this process"
-                log.info("device %s%s, %s usable CPUs, %s", loaded.device, fallback, cpus, where)
             records = discover_inputs(inputs, channel=settings.channel, exclude=out_dir)
             if overwrite or overwrite_under_way(out_dir):
                 if not overwrite:
@@ -357,12 +359,16 @@ def run_segment_job(
             remove_stale_temporaries(out_dir)
             open_root(out_dir / "masks.zarr")  # once, here: units running at once then only add groups
             finished = read_records(out_dir)
-            check_ids_unchanged(records, finished)
+            reconcile_renamed(out_dir, records, finished)
             redo = images_to_redo(out_dir, records, finished, retry_failed, verify)
             todo = [r for r in records if r.image_id not in finished or r.image_id in redo]
             n_resumed = len(records) - len(todo)
             if n_resumed:
                 log.info("resuming: %d of %d images are already done in %s", n_resumed, len(records), out_dir)
+            if engine == "local":  # once the arguments and OUT are known good (a usage error stays one line)
+                fallback = " (--device auto: no CUDA GPU here)" if device == "auto" and loaded.device.type == "cpu" else ""
+                where = f"{post_workers} post-processing processes" if post_workers else "post-processing in this process"
+                log.info("device %s%s, %s usable CPUs, %s", loaded.device, fallback, cpus, where)
             import pandas  # noqa: F401 - pyarrow imports it on its first NumPy conversion (~0.5 s): here, not inside the first image's table write
 
             timer = Timer()
@@ -402,7 +408,9 @@ def run_segment_job(
             faults.point("consolidate")
             rows = read_records(out_dir)
             write_images_table(out_dir, list(rows.values()))
-            finish_nuclei_dataset(out_dir, {row["store_path"] for row in rows.values() if row["status"] == "ok"})
+            finished_names = {row["store_path"] for row in rows.values() if row["status"] == "ok"}
+            finish_nuclei_dataset(out_dir, finished_names)
+            drop_finished(out_dir, finished_names)
             current = [rows[r.image_id] for r in records if r.image_id in rows]
             wall = time.perf_counter() - started
             megapixels = sum((r.get("height") or 0) * (r.get("width") or 0) for r in current if r["status"] == "ok") / 1e6
@@ -460,12 +468,30 @@ def run_segment_job(
                 summary.run["placement"] = placement_summary(placement)
                 if placement:
                     _append_placement(out_dir, placement)
+            earlier = _earlier_run(out_dir) if not todo else None
+            if earlier is not None and earlier.get("counts") == summary.run["counts"] | {"resumed": earlier.get("counts", {}).get("resumed")}:
+                summary.run = earlier  # nothing was done: the run that did the work keeps its figures
+                summary.nothing_done = True
+                if not exists(out_dir / "report.html"):  # that run was stopped before it drew it
+                    _write_report(out_dir)
+                return summary
             atomic_write_bytes(out_dir / "run.json", (json.dumps(summary.run, indent=2) + "\n").encode())
             _write_report(out_dir)
             return summary
         finally:
             if post_pool is not None:
                 post_pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _earlier_run(out_dir: Location) -> dict[str, Any] | None:
+    """OUT's run.json as an earlier run wrote it (None: none, or unreadable)."""
+    path = out_dir / "run.json"
+    data = read_many(fresh_listing(path.parent, path.name)).get(str(path))
+    try:
+        run = json.loads(data) if data else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return run if isinstance(run, dict) else None
 
 
 def _scale_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -491,20 +517,30 @@ def _write_report(out_dir: Location) -> None:
         log.warning("report.html not written (%s: %s); rebuild it with: nucleibatch report %s", type(error).__name__, error, out_dir)
 
 
-def check_ids_unchanged(records: list[ImageRecord], finished: dict[str, dict[str, Any]]) -> None:
-    """Refuse a run whose ids of images OUT already holds differ from the ids they were finished
-    under (an INPUT added beside the ones that started OUT prefixes ids that clash with its own):
-    resuming would segment them again under the new ids and leave two rows per image.
+def reconcile_renamed(out_dir: Location, records: list[ImageRecord], finished: dict[str, dict[str, Any]]) -> None:
+    """Images OUT holds under another id than this run gives them (never two rows for one file).
+
+    * An INPUT added beside those that started OUT prefixes the ids that clash with its own
+      (``a`` becomes ``r2/a``): redoing every image of the first INPUT under new ids is rarely
+      wanted, so the run is refused, saying how to go on.
+    * A file of the same name added beside one (``x.tif`` beside ``x.png``: both keep their
+      extension in their ids): the few renamed images lose their old outputs and are redone
+      under their new ids (``finished`` loses them too).
 
     Raises:
-        UsageError: with an example and how to go on.
+        UsageError: the first case, with an example and how to go on.
     """
     finished_as = {row.get("source"): image_id for image_id, row in finished.items()}
     renamed = [(finished_as[r.source], r.image_id) for r in records if r.source in finished_as and finished_as[r.source] != r.image_id]
-    if renamed:
-        old, new = renamed[0]
+    prefixed = [(old, new) for old, new in renamed if new.endswith("/" + old)]
+    for old, new in renamed if not prefixed else []:
+        log.info("%s: now has the id %r (a file of the same name beside it); its outputs as %r are replaced", finished[old].get("source"), new, old)
+        forget_image(out_dir, old)
+        finished.pop(old)
+    if prefixed:
+        old, new = prefixed[0]
         raise UsageError(
-            f"{len(renamed)} image(s) that OUT holds would get another id in this run (e.g. {old!r} is now {new!r}: ids come "
+            f"{len(prefixed)} image(s) that OUT holds would get another id in this run (e.g. {old!r} is now {new!r}: ids come "
             "from the INPUTs, and an INPUT added beside those that started OUT prefixes the ids that clash); give the INPUTs "
             "of the run that started OUT (and the new ones their own -o OUT), or list every file in a CSV manifest with an "
             "image_id column, or pass --overwrite to start OUT over"
@@ -560,6 +596,11 @@ def _append_placement(out_dir: Location, placement: list[dict[str, Any]]) -> Non
 def closing_summary(summary: RunSummary) -> str:
     """The lines printed at the end of a run: counts, where the outputs are, how to open them."""
     out = summary.out_dir
+    if summary.nothing_done:
+        return (
+            f"nothing to do: the {summary.n_images} images were done by an earlier run ({summary.n_failed} failed), "
+            f"{summary.n_nuclei} nuclei; its figures are in {out / 'run.json'}"
+        )
     lines = [
         f"segmented {summary.n_ok}/{summary.n_images} images ({summary.n_failed} failed, {summary.n_resumed} done by an earlier run), "
         f"{summary.n_nuclei} nuclei, {summary.wall_seconds:.1f} s, {summary.run.get('mpix_per_s') or 0:.2f} MPix/s",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 
 from .options import INSTANCES_ON, PRECISIONS, TTA_CHOICES
 
@@ -43,7 +42,6 @@ def add_segment(subparsers) -> None:
     )
     p.add_argument("--block-size", type=int, default=2048, help="side of the blocks an image is processed in [2048]")
     p.add_argument("--block-margin", type=int, default=128, help="context around each block; must exceed a nucleus' size [128]")
-    p.add_argument("--context", type=int, default=None, help="no longer used: the network reads the model's halo (64 px) around each block, and seams agree better than with 192 px of context before; accepted so that existing command lines run")
     p.add_argument("--no-store-image", action="store_true", help="do not copy the image into masks.zarr (labels only)")
     p.add_argument("--retry-failed", action="store_true", help="on resume, redo images that failed before")
     p.add_argument("--overwrite", action="store_true", help="discard OUT's previous results and start over")
@@ -57,15 +55,12 @@ def run_segment(args) -> int:
     from .scale import check_diameter
     from .segment import closing_summary, run_segment_job
 
-    if args.context is not None:
-        logging.getLogger("nucleibatch").warning("--context is no longer used: the network reads the model's halo around each block (README, Segment)")
     settings = SegmentSettings(
         block_size=args.block_size,
         block_margin=args.block_margin,
         channel=args.channel,
         invert=args.invert,
         store_image=not args.no_store_image,
-        **({} if args.context is None else {"context": args.context}),
         tta=None if args.tta == "auto" else args.tta == "on",
         instances_on=args.instances_on,
         pixel_size=args.pixel_size,

@@ -13,6 +13,7 @@ chunk back would cost as much as writing it).
 from __future__ import annotations
 
 import numbers
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,7 +119,7 @@ def table_problems(out_dir: Location, records: dict[str, dict[str, Any]]) -> lis
         except Exception as error:
             return [f"images.parquet is unreadable ({type(error).__name__}: {error})"]
         ids = rows["image_id"].tolist()
-        twice = sorted({i for i in ids if ids.count(i) > 1})
+        twice = sorted(i for i, count in Counter(ids).items() if count > 1)
         if twice:
             problems.append(f"images.parquet has {len(twice)} image(s) on more than one row, e.g. {twice[0]!r}")
         missing = sorted(set(records) - set(ids))
@@ -132,7 +133,7 @@ def table_problems(out_dir: Location, records: dict[str, dict[str, Any]]) -> lis
             differing = [key for key in TABLE_CHECKED if record is not None and _value(row.get(key)) != _value(record.get(key))]
             if differing:
                 problems.append(f"images.parquet row of {row['image_id']!r} differs from its completion record in {', '.join(differing)}")
-    names = {store_name(image_id) for image_id in records}  # a failed image's part: damage of that image
+    names = {row.get("store_path") or store_name(image_id) for image_id, row in records.items()}  # a failed image's part: damage of that image
     orphans = sorted(p.name for p in fresh_listing(out_dir / "nuclei.parquet", "*.parquet") if p.name != EMPTY_PART and p.name.removesuffix(".parquet") not in names)
     if orphans:
         problems.append(f"nuclei.parquet has {len(orphans)} part(s) of no finished image: {', '.join(orphans[:3])}{' ...' if len(orphans) > 3 else ''}")

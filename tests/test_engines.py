@@ -22,7 +22,7 @@ from nucleibatch.segment import run_segment_job
 from tests import input_files as files
 from tests.outputs import assert_same_outputs
 
-SETTINGS = SegmentSettings(block_size=256, block_margin=64, context=64)
+SETTINGS = SegmentSettings(block_size=256, block_margin=64)
 # bf16 convolutions on CPUs with AVX512-BF16 (oneDNN) round differently with the batch size, so
 # outputs that must not depend on batching are compared in float32
 PRECISION = "float32"
@@ -159,7 +159,7 @@ def test_a_failing_block_fails_only_its_image(tmp_path, engine, post_workers):
     big[40:200, 40:200] = 200  # one 160 px "nucleus" against a 16 px margin
     files.write_tiff(tmp_path / "in" / "big.tif", big)
     files.write_plate_tree(tmp_path / "in" / "plates")
-    settings = SegmentSettings(block_size=128, block_margin=16, context=0)
+    settings = SegmentSettings(block_size=128, block_margin=16)
     summary = run_segment_job([str(tmp_path / "in")], tmp_path / "out", model=threshold_model(), settings=settings, engine=engine, workers=2, post_workers=post_workers, progress=False)
     assert summary.exit_code == 3 and summary.n_failed == 1 and summary.n_ok >= 4
     images = __import__("pandas").read_parquet(tmp_path / "out" / "images.parquet").set_index("image_id")

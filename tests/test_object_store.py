@@ -25,7 +25,7 @@ from tests import input_files as files
 from tests.objectstore import new_bucket, s3_server, upload_folder
 from tests.outputs import assert_same_outputs
 
-SETTINGS = SegmentSettings(block_size=256, block_margin=64, context=64)
+SETTINGS = SegmentSettings(block_size=256, block_margin=64)
 DIFFERS_BY_PLACE = ("source", "error")  # they name the file: a local path vs an s3:// URL
 
 

@@ -50,7 +50,7 @@ def test_train_job_submitted_to_a_ray_cluster_writes_a_bundle(ray_head, dsb_root
     assert summary["epochs_run"] == 1
 
 
-SEGMENT_FLAGS = ("--model", "default", "--device", "cpu", "--block-size", "256", "--block-margin", "64", "--context", "64")
+SEGMENT_FLAGS = ("--model", "default", "--device", "cpu", "--block-size", "256", "--block-margin", "64")
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def archive(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("ray-archive")
     files.write_small_archive(root / "in", copies=2, bad_file=False)
-    settings = SegmentSettings(block_size=256, block_margin=64, context=64)
+    settings = SegmentSettings(block_size=256, block_margin=64)
     summary = run_segment_job([str(root / "in")], root / "local", model="default", device="cpu", settings=settings, progress=False)
     assert summary.n_failed == 0 and summary.n_ok == 11
     return root

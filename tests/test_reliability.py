@@ -143,6 +143,11 @@ def test_an_out_inside_the_input_folder_is_not_read_as_input(tmp_path, tiny_bund
     for _ in range(3):
         assert main(["segment", str(inputs), "-o", str(inputs / "out"), "--model", str(tiny_bundle), "--post-workers", "0"]) == 0
         assert sorted(images_table(inputs / "out").index) == ["f0", "f1", "f2"]
+        assert main(["export", str(inputs / "out"), "--format", "tiff"]) == 0  # OUT/export/tiff/*.tif: not inputs either
+    # OUT is the input folder itself: the images beside the outputs are found, the outputs are not
+    for _ in range(2):
+        assert main(["segment", str(inputs), "-o", str(inputs), "--model", str(tiny_bundle), "--post-workers", "0"]) == 0
+        assert sorted(images_table(inputs).index) == ["f0", "f1", "f2"]
 
 
 # --------------------------------------------------------------------------- 5. stale nuclei, verify
@@ -411,4 +416,19 @@ def test_a_slide_killed_again_and_again_resumes_from_its_finished_blocks(post_wo
     np.testing.assert_array_equal(labels, reference_labels)
     pd.testing.assert_frame_equal(nuclei, reference_nuclei)
     assert not any((out / ".nucleibatch" / "blocks").glob("*")), "checkpoints go with the completion record"
+    assert verify_output(out).intact
+
+
+def test_a_file_of_the_same_name_added_beside_one_renames_it_without_a_second_row(tmp_path, tiny_bundle):
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    files.write_plain(inputs / "x.png", nucleus_image(120))
+    argv = ["segment", str(inputs), "-o", str(out), "--model", str(tiny_bundle), "--post-workers", "0"]
+    assert main(argv) == 0 and list(images_table(out).index) == ["x"]
+    tifffile.imwrite(inputs / "x.tif", nucleus_image(121))  # x and x: both keep their extension now
+    assert main(argv) == 0
+    rows = images_table(out)
+    assert sorted(rows.index) == ["x.png", "x.tif"]
+    assert set(pd.read_parquet(out / "nuclei.parquet")["image_id"]) == {"x.png", "x.tif"}
+    assert sorted(zarr.open_group(str(out / "masks.zarr"), mode="r").group_keys()) == sorted(rows["store_path"])
     assert verify_output(out).intact

@@ -187,8 +187,8 @@ def run_distributed(
                         fail(image, error)
                         continue
                     row["seconds"] = round(time.perf_counter() - image.started, 4)
+                    drop_checkpoints(out_dir, store_name(image.record.image_id))  # first: a kill between redoes the image whole
                     write_record(out_dir, store_name(image.record.image_id), row)
-                    drop_checkpoints(out_dir, store_name(image.record.image_id))
                     timer.add(seconds)
                     placement.extend(units)
                     images.pop(image.record.image_id, None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -14,12 +15,25 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     process starts: one CPU training worker makes 1.6-1.8x the patches/s with them. On a cluster
     the job's own runtime environment decides (see README, Distributed runs).
     """
+    import signal
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    ours = signal.getsignal(signal.SIGTERM)  # ray.init puts its own in (sys.exit): ours stops the run as documented
+    try:
+        _init(address, num_cpus)
+    finally:
+        if callable(ours) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, ours)
+
+
+def _init(address: str | None, num_cpus: int | None) -> None:
     import ray
 
     from ..allocator import worker_environment
 
-    if ray.is_initialized():
-        return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)

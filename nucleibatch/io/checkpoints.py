@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 from typing import Any
 
 import numpy as np
 
 from .. import faults
 from ..stitching import OwnedObjects
-from .location import Location, fresh_listing, read_many, remove, write_bytes_atomic
+from .location import Location, fresh_listing, is_remote, read_many, remove, write_bytes_atomic
 from .tables import STATE_DIR
 
 KEY_NAME = "key.json"
@@ -46,10 +47,29 @@ def finished_blocks(out_dir: Location, name: str, key: dict[str, Any]) -> list[i
     except (json.JSONDecodeError, UnicodeDecodeError):
         same = False
     if same:
-        return sorted(int(p.stem) for p in listing if p.suffix == ".npz" and p.stem.isdigit())
+        return sorted(int(p.stem) for p in listing if p.suffix == ".npz" and p.stem.isdigit() and _whole(p))
     remove(folder)
     write_bytes_atomic(folder / KEY_NAME, json.dumps(key, sort_keys=True).encode())
     return []
+
+
+def _whole(path: Location) -> bool:
+    """A local checkpoint's zip directory is there (always, as written atomically; a file damaged
+    since is not reused: its block is done again). Object stores: trusted (one PUT)."""
+    if is_remote(path):
+        return True
+    try:
+        return zipfile.is_zipfile(path)
+    except OSError:
+        return False
+
+
+def drop_finished(out_dir: Location, finished: set[str]) -> None:
+    """Remove the checkpoint folders of finished images (``finished``: their store names) that a
+    run stopped between the two steps left."""
+    for folder in fresh_listing(out_dir / STATE_DIR / "blocks"):
+        if folder.name in finished:
+            remove(folder)
 
 
 def save_block(out_dir: Location, name: str, block_index: int, owned: OwnedObjects, columns: dict[str, np.ndarray]) -> None:

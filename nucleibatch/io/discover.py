@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
@@ -34,8 +34,11 @@ DOUBLE_SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.btf", ".ome.zarr")
 # in a folder that has images/, these siblings hold annotations (DSB masks, label images)
 ANNOTATION_FOLDERS = frozenset({"masks", "labels"})
 ZARR_METADATA = ("zarr.json", ".zgroup", ".zarray")
-# what marks a folder as the OUT of `nucleibatch segment` (its state folder): never searched for images
+# what marks a folder as the OUT of `nucleibatch segment` (its state folder), and the folders of
+# its outputs there (labels, nuclei parts, `nucleibatch export`'s default), never searched for
+# images; the rest of such a folder is (a user may keep the images in the OUT folder itself)
 SEGMENT_OUTPUT_MARKER = ".nucleibatch"
+SEGMENT_OUTPUT_FOLDERS = frozenset({"masks.zarr", "nuclei.parquet", "export"})
 
 
 @dataclass(frozen=True)
@@ -120,8 +123,9 @@ def discover_inputs(inputs: Sequence[str], channel: int | None = None, exclude: 
     Args:
         inputs: folders, image files, zarr stores, manifests (.txt / .csv / .tsv).
         channel: the ``--channel`` asked for; images with fewer channels get an ``error``.
-        exclude: a folder left out of the search (the run's own OUT). Folders holding the OUT of
-            any `nucleibatch segment` run are left out too, and unlistable ones with a warning.
+        exclude: the run's own OUT: its output folders are not searched, nor those of any other
+            `nucleibatch segment` OUT (:data:`SEGMENT_OUTPUT_FOLDERS`); unlistable folders are
+            skipped with a warning.
 
     Returns:
         One :class:`ImageRecord` per image, sorted by ``image_id``. Files that are found
@@ -184,8 +188,6 @@ def _collect_input(number: int, text: str, skipped: frozenset[str] = frozenset()
     if path.is_dir():
         if _is_zarr_store(path) or path.suffix.lower() in ZARR_SUFFIXES:
             return [_Candidate(number, path, "zarr", path.name, strip_extension(path.name))], _resolved(path).parent
-        if _left_out(path, skipped):
-            return [], _resolved(path)
         return _walk(number, path, "", "", skipped), _resolved(path)
     suffix = path.suffix.lower()
     if suffix in MANIFEST_SUFFIXES:
@@ -232,13 +234,13 @@ def _walk(number: int, top: Location, rel_prefix: str, id_prefix: str, skipped: 
         rel_dir = _join(rel_prefix, rel_here)
         id_dir = id_dirs.get(str(here), rel_dir)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        if _is_segment_output(here, skipped):
+            dirnames[:] = [d for d in dirnames if d not in SEGMENT_OUTPUT_FOLDERS]
         if "images" in dirnames:
             dirnames[:] = [d for d in dirnames if d not in ANNOTATION_FOLDERS]
         for name in list(dirnames):
             child = here / name
-            if _left_out(child, skipped):
-                dirnames.remove(name)
-            elif _is_zarr_store(child) or name.lower().endswith(".zarr"):
+            if _is_zarr_store(child) or name.lower().endswith(".zarr"):
                 found.append(_Candidate(number, child, "zarr", _join(rel_dir, name), _join(id_dir, strip_extension(name))))
                 dirnames.remove(name)
             elif not is_remote(child) and child.is_symlink():
@@ -345,8 +347,7 @@ def _assign_ids(candidates: list[_Candidate], root_dirs: list[Location]) -> None
     for candidate in candidates:
         if candidate.root in prefixes:
             candidate.image_id = _join(prefixes[candidate.root], candidate.image_id)
-    ids = [c.image_id for c in candidates]
-    twice = sorted({i for i in ids if ids.count(i) > 1})
+    twice = sorted(i for i, count in Counter(c.image_id for c in candidates).items() if count > 1)
     if twice:
         raise UsageError(f"image id {twice[0]!r} comes from more than one input; give each folder once, or list the files in a CSV manifest with an image_id column")
 
@@ -443,10 +444,11 @@ def _key(path: Location) -> str:
         return str(path)
 
 
-def _left_out(folder: Location, skipped: frozenset[str]) -> bool:
-    """Whether the walk leaves ``folder`` out: the run's own OUT, or any segment output."""
+def _is_segment_output(folder: Location, skipped: frozenset[str]) -> bool:
+    """Whether ``folder`` is the run's own OUT or another `nucleibatch segment` OUT: its output
+    folders are then left out of the search."""
     if _key(folder) in skipped or _exists_safely(folder / SEGMENT_OUTPUT_MARKER, "is_dir"):
-        log.info("%s: an output folder of `nucleibatch segment`, not searched for images", folder)
+        log.info("%s: the OUT of `nucleibatch segment`: its %s are not searched for images", folder, ", ".join(sorted(SEGMENT_OUTPUT_FOLDERS)))
         return True
     return False
 
