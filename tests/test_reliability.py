@@ -283,6 +283,20 @@ def test_sigterm_stops_with_the_stopped_line_and_a_rerun_finishes(tmp_path, tiny
     assert verify_output(out).intact
 
 
+def test_a_command_that_stops_in_time_after_sigterm_is_not_exited_later(monkeypatch):
+    from nucleibatch import cli
+
+    monkeypatch.setattr(cli, "STOP_GRACE_S", 0.2)
+    before = signal.getsignal(signal.SIGTERM)
+    started = time.monotonic()
+    with pytest.raises(cli.Terminated), cli.stop_on_sigterm("segment"):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the signal interrupts this
+    assert time.monotonic() - started < 4
+    assert signal.getsignal(signal.SIGTERM) == before, "the handler before the command is back"
+    time.sleep(0.6)  # past the grace period: had its timer not been cancelled, this process would have exited
+
+
 def test_a_run_killed_during_overwrite_is_finished_by_the_next_run(tmp_path, tiny_bundle):
     inputs, out = tmp_path / "in", tmp_path / "out"
     inputs.mkdir()
