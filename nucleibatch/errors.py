@@ -45,6 +45,10 @@ class NotSegmentOutputError(UsageError):
     """A folder given as OUT (report, export) is missing or is not the output of ``nucleibatch segment``."""
 
 
+class MissingExtraError(UsageError):
+    """A feature needs an optional dependency that is not installed (names the pip extra)."""
+
+
 class OutputError(NucleibatchError):
     """The output directory cannot be used (locked, written by other settings, not writable)."""
 

@@ -20,6 +20,7 @@ from . import __version__, faults
 from .choose import choose_all, load_models
 from .cpus import limit_torch_threads, usable_cpus
 from .errors import OutputError, UsageError
+from .extras import require_extra
 from .io.checkpoints import drop_finished
 from .io.discover import ImageRecord, check_inputs_exist, discover_inputs
 from .io.location import (
@@ -319,6 +320,8 @@ def run_segment_job(
     if exists(out_dir) and not out_dir.is_dir():
         raise UsageError(f"-o {out_dir} is a file; give a folder")
     # cheap checks first: a mistyped argument fails before OUT is touched
+    if engine != "local":
+        require_extra(engine, f"--engine {engine}", "--engine local")
     # distributed engines: the driver's copy stays on the CPU; it is shipped to the model workers
     driver_device = device if engine == "local" else "cpu"
     if engine != "local" and device != "auto":

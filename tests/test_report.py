@@ -387,7 +387,7 @@ def _chromium() -> str:
         found = shutil.which(name)
         if found:
             return found
-    pytest.skip("chromium not installed: `apt-get install chromium` (.ci/install does it where apt is available)")
+    pytest.skip("chromium not installed: `apt-get install chromium` (.ci/run does it where apt is available)")
 
 
 def _load_in_chromium(browser: str, page: Path, profile: Path, screenshot: Path | None = None) -> tuple[dict[str, str], str]:

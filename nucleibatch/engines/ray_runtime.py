@@ -41,9 +41,12 @@ def _init(address: str | None, num_cpus: int | None) -> None:
         # Ray swaps 127.0.0.1 for the machine's external address unless told this is a
         # single-machine Ray; then every Ray server binds to loopback only
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # for the processes Ray starts
-        import ray._private.ray_constants as ray_constants
+        try:  # Ray's private constant, read when this process picks the node address (no public switch)
+            from ray._private import ray_constants
 
-        ray_constants.ENABLE_RAY_CLUSTER = False  # read when this process picks the node address
+            ray_constants.ENABLE_RAY_CLUSTER = False
+        except ImportError:  # a Ray that moved it: the variable above, read by the processes it starts
+            pass
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # DDP's gloo pairs on loopback too
         ray.init(
             address="local",

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import ModelBundleError, UsageError
+from ..extras import require_extra
 from ..instances import InstanceParams
 from ..io.annotated import discover_annotated, iter_annotated
 from ..model import (
@@ -123,6 +124,8 @@ class TrainSettings:
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
+        if self.engine == "ray":
+            require_extra("ray", "train --engine ray (Ray Train)", "--engine local (one device, no Ray)")
         if self.gpu and not torch.cuda.is_available() and (self.engine == "local" or (not self.address and not os.environ.get("RAY_ADDRESS"))):
             raise UsageError("--gpu asked for, but this machine has no CUDA GPU; drop --gpu or submit to a cluster with GPUs")
         if self.tensorboard and tensorboard_writer_class() is None:
