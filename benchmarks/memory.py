@@ -1,4 +1,4 @@
-"""Peak resident memory of `nucleibatch segment` against image size (DESIGN.md section 4, Memory).
+"""Peak resident memory of `nucleibatch segment` against image size (it should depend on the block size only).
 
     .venv/bin/python benchmarks/memory.py [--sizes 2048 8192 16384] [--model default|PATH]
         [--block-size 2048] [--block-margin 128] [--workdir DIR] [--env KEY=VALUE ...]

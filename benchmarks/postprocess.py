@@ -10,7 +10,7 @@ blocks are 2048² with their margins). Then :func:`nucleibatch.pipeline.finish_b
 owned nuclei, measurements; no file writes) runs on every block ``--repeat`` times in this
 thread. Printed per workload: the best repeat's seconds per stage and its CPU milliseconds per
 megapixel of the blocks' read regions. On 2 cores every CPU-second of post-processing is taken
-from the network (see README, Figures measured here); on a GPU node it is what the
+from the network (see docs/performance.md); on a GPU node it is what the
 post-processing processes spend.
 
 ``finish_block`` is the per-block step of every engine, in this version of the code and in

@@ -25,7 +25,7 @@ NUCLEI_COLUMNS = {
 
 
 def check_contract(out) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Everything DESIGN.md section 3 promises about OUT, read with pandas, zarr and ome-zarr-py."""
+    """Everything the output contract (README, "Look at the results") promises about OUT, read with pandas, zarr and ome-zarr-py."""
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Label, Multiscales, Reader
 

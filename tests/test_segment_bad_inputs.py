@@ -1,4 +1,4 @@
-"""Bad inputs and usage errors of `nucleibatch segment` (DESIGN.md section 3: tables, exit status).
+"""Bad inputs and usage errors of `nucleibatch segment` (the output contract: tables, exit status).
 
 A folder mixes 3 good synthetic images with files that cannot be segmented (empty,
 truncated PNG and TIFF, text named .tif, 1x1 image, 5-D array without axes metadata,

@@ -1,4 +1,4 @@
-"""Resume of `nucleibatch segment` (DESIGN.md section 3): SIGKILL at any moment, then re-run.
+"""Resume of `nucleibatch segment`: SIGKILL at any moment, then re-run.
 
 Contract under test: re-running the same command on the same OUT skips finished images
 and redoes unfinished ones, with no duplicate rows; ``--overwrite`` starts over; a run
