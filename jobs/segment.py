@@ -5,7 +5,7 @@ Inside a Ray job, RAY_ADDRESS is set, so the run joins the job's cluster (ray.in
 
 import sys
 
-from nucleibatch.cli import main
+from _entry import run
 
 if __name__ == "__main__":
-    sys.exit(main(["segment", *sys.argv[1:]]))
+    sys.exit(run("segment"))

@@ -129,6 +129,8 @@ def run_engine(
     """Segment ``records`` on the Dask scheduler at ``address``, else on a LocalCluster on 127.0.0.1."""
     from distributed import Client
 
+    # the scheduler's and nannies' INFO lines (about 45 a run, all harmless): warnings and errors stay
+    logging.getLogger("distributed").setLevel(logging.WARNING)
     cluster = None
     if address:
         client = Client(address)
@@ -143,4 +145,7 @@ def run_engine(
     finally:
         client.close()
         if cluster is not None:
+            # a busy machine may take the nanny's 4 s to end a worker, which it then kills
+            # with a warning: harmless for the cluster this run made and now throws away
+            logging.getLogger("distributed.nanny").setLevel(logging.ERROR)
             cluster.close()

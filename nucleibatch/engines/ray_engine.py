@@ -15,6 +15,7 @@ their own outputs, by overwriting or atomic rename, so a retried unit leaves no 
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,14 +30,26 @@ log = logging.getLogger(__name__)
 RETRIES = 3
 
 
-class RayBlockPredictor(distributed.BlockPredictor):
-    """The model worker as a Ray actor. The model comes as ``[ObjectRef]``: a reference nested in
-    a list is fetched here, in the constructor, rather than pinned as a constructor argument."""
+class ModelHolder:
+    """Holds the run's model on the driver's node; the model workers fetch it as they start or
+    restart. They find it by name: Ray logs an error for every restartable actor whose
+    constructor arguments hold an object reference or an actor handle (or are large)."""
 
-    def __init__(self, model_box: list, device: str, settings: SegmentSettings, batch_size: int) -> None:
+    def __init__(self, model: NucleiModel) -> None:
+        self.model = model
+
+    def get(self) -> NucleiModel:
+        return self.model
+
+
+class RayBlockPredictor(distributed.BlockPredictor):
+    """The model worker as a Ray actor; its model comes from the run's :class:`ModelHolder`, named ``holder_name``."""
+
+    def __init__(self, holder_name: str, device: str, settings: SegmentSettings, batch_size: int) -> None:
         import ray
 
-        super().__init__(ray.get(model_box[0]), device, settings, batch_size)
+        holder = ray.get_actor(holder_name)
+        super().__init__(ray.get(holder.get.remote()), device, settings, batch_size)
 
     def predict(self, units: list) -> Any:
         predictions = super().predict(units)
@@ -98,10 +111,15 @@ class RayExecutor:
         self.finish_slots = max(1, int(resources.get("CPU", 1)))  # CPU tasks take one CPU each
         log.info("ray engine: %d model worker(s) (%s), cluster %s", self.workers, "GPU" if use_gpu else "CPU", {k: v for k, v in resources.items() if k in ("CPU", "GPU")})
         predictor = ray.remote(max_restarts=RETRIES, max_task_retries=RETRIES)(RayBlockPredictor)
-        self.model_ref = ray.put(model)  # held for the whole run: restarted actors read it again
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # on the driver's node (the run does not outlive it), for the whole run: restarted model workers fetch the model again
+        holder_name = f"nucleibatch-model-{uuid.uuid4().hex}"
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.holder = ray.remote(num_cpus=0)(ModelHolder).options(name=holder_name, scheduling_strategy=here).remote(model)
         placements = spread_over_nodes(ray.nodes(), "GPU" if use_gpu else "CPU", options["num_gpus" if use_gpu else "num_cpus"], self.workers)
         self.predictors = [
-            predictor.options(**options, scheduling_strategy=placement, runtime_env={"env_vars": worker_environment()}).remote([self.model_ref], device, settings, batch_size)
+            predictor.options(**options, scheduling_strategy=placement, runtime_env={"env_vars": worker_environment()}).remote(holder_name, device, settings, batch_size)
             for placement in placements
         ]
         self.next_predictor = 0
@@ -154,7 +172,7 @@ class RayExecutor:
                 pass
 
     def close(self) -> None:
-        for actor in self.predictors:
+        for actor in [*self.predictors, self.holder]:
             self.ray.kill(actor)
 
 

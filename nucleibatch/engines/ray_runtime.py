@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 
@@ -48,6 +49,9 @@ def _init(address: str | None, num_cpus: int | None) -> None:
         except ImportError:  # a Ray that moved it: the variable above, read by the processes it starts
             pass
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # DDP's gloo pairs on loopback too
+        # Ray >= 2.60 turns token authentication on for a new local Ray (~/.ray/auth_token) and
+        # says so on every run: the protection stays, the notice goes
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(
             address="local",
             _node_ip_address="127.0.0.1",

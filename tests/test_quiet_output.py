@@ -1,0 +1,28 @@
+"""A successful run prints nucleibatch's own lines only: no Ray or Dask chatter on stderr."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+OUR_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (INFO|WARNING) nucleibatch[.:]")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["ray", "dask"])
+def test_a_successful_distributed_run_prints_only_its_own_lines(engine, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"HOME": str(tmp_path), "RAY_USAGE_STATS_ENABLED": "0"}
+    done = subprocess.run(
+        [sys.executable, "-m", "nucleibatch", "segment", str(REPO / "examples" / "dsb_demo"), "-o", str(tmp_path / "out"), "--engine", engine, "--workers", "1"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    foreign = [line for line in done.stderr.splitlines() if line.strip() and not OUR_LINE.match(line)]
+    assert foreign == [], "\n".join(foreign)
+    assert done.stdout.startswith("segmented 5/5 images")
