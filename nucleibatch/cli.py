@@ -60,7 +60,7 @@ def _add_train(subparsers) -> None:
     p.add_argument("--scale-jitter", type=float, nargs=2, default=(0.6, 1.6), metavar=("LOW", "HIGH"), help="range of the random zoom of patches; narrow it for data of one known magnification [0.6 1.6]")
     p.add_argument("--licence", default=None, metavar="NAME", help="licence of DATA (e.g. CC0-1.0, CC-BY-NC-SA-4.0), recorded in the bundle: a model inherits its training data's terms")
     p.add_argument("--citation", default=None, metavar="TEXT", help="how to cite DATA, recorded in the bundle")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="training arithmetic: auto = bf16 autocast on CUDA and on CPUs with native bf16 (2.8x faster on such a CPU), else float32 [auto]")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="training arithmetic: auto = bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX; speed in docs/performance.md), else float32 [auto]")
     p.add_argument("--limit-images", type=int, default=0, help="use only the first K images (smoke runs)")
     p.add_argument("--seed", type=int, default=0, help="random seed (split, patches) [0]")
     p.add_argument("--skip-bad", action="store_true", help="skip bad annotations with a warning instead of stopping")

@@ -17,15 +17,15 @@ def add_segment(subparsers) -> None:
         "command resumes. Exit status: 0 all images ok, 3 some failed (listed in images.parquet), 2 usage "
         "error, 1 the run stopped.",
     )
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, zarr stores or manifest files (paths or file:// URLs)")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (path or file:// URL)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, zarr stores or manifest files: paths, file:// URLs, or object-store URLs such as s3://bucket/plates (install nucleibatch[s3], or gcsfs / adlfs)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder: a path, file:// URL or object-store URL such as s3://bucket/out")
     p.add_argument("--model", default="auto", help="auto: each image to the shipped model of its modality (fluorescence and grey brightfield: default; H&E and stained tissue: he); or one model for every image: default, he, or a bundle folder [auto]")
     p.add_argument("--pixel-size", type=float, default=None, metavar="UM", help="micrometres per pixel of every input, overriding the files' metadata (OME, SVS MPP, TIFF resolution, OME-Zarr scale); images are resampled to their model's scale [from each file]")
     p.add_argument("--diameter", default=None, metavar="PX|auto", help="typical nucleus diameter in the inputs' pixels; images are resampled so that it matches their model's (it wins over --pixel-size); auto: estimated per image by segmenting its densest 1024x1024 window twice [off: the pixel size decides, else none]")
     p.add_argument("--engine", default="local", choices=("local", "ray", "dask"), help="scheduler [local]")
     p.add_argument("--address", default=None, help="Ray or Dask scheduler address (ray/dask engines)")
     p.add_argument("--workers", type=int, default=0, help="model workers for ray/dask [ray: one per GPU, else half the CPUs; dask: the workers declaring GPU, else all]")
-    p.add_argument("--post-workers", type=int, default=None, metavar="N", help="local engine: processes that post-process (watershed, measurements, writes) while this one runs the model; 0: threads of this process [on a GPU: the CPUs but two; on a CPU: 0]")
+    p.add_argument("--post-workers", type=int, default=None, metavar="N", help="local engine: processes that post-process (watershed, measurements, writes) while this one runs the model; 0: threads of this process [on a GPU: the usable CPUs (affinity, cgroup quota, SLURM_CPUS_PER_TASK) but two; on a CPU: 0]")
     p.add_argument("--gpus-per-worker", type=float, default=1.0, help="GPUs per Ray model worker (0.5: two workers share a GPU) [1]")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda [auto: CUDA when present]")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="network arithmetic [auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), else float32]")
@@ -38,7 +38,7 @@ def add_segment(subparsers) -> None:
         default="auto",
         choices=INSTANCES_ON,
         help="where probabilities become nuclei: cpu (scikit-image's watershed, in the post-processing threads or processes) or device "
-        "(torch, next to the network; on a GPU it spares the CPU cores; validation mAP 0.6361 against 0.6359) [auto: device on CUDA, else cpu]",
+        "(torch, next to the network; on a GPU it spares the CPU cores; both score alike, figures in docs/performance.md) [auto: device on CUDA, else cpu]",
     )
     p.add_argument("--block-size", type=int, default=2048, help="side of the blocks an image is processed in [2048]")
     p.add_argument("--block-margin", type=int, default=128, help="context around each block; must exceed a nucleus' size [128]")
