@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -70,12 +71,14 @@ def split(group: list[str], n_train: int, seed: int, unseen_by_default: set[str]
 
 
 def link_folder(data: Path, ids: list[str], folder: Path) -> Path:
-    """A DSB-layout folder of symbolic links to ``ids`` (the training DATA of the runs)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.iterdir():
-        old.unlink()
+    """A DSB-layout folder of ``ids`` (the training DATA of the runs), made of symbolic links to
+    their files (discovery does not follow links to folders)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    from nucleibatch.io.annotated import link_dsb_sample
+
+    folder.mkdir(parents=True)
     for image_id in ids:
-        (folder / image_id).symlink_to(data / image_id, target_is_directory=True)
+        link_dsb_sample(data / image_id, folder)
     return folder
 
 

@@ -4,7 +4,7 @@
 
 writes under OUT:
 
-- ``dsb_stained/``: the DSB 2018 images the modality rule calls ``stained`` (symlinks to their folders);
+- ``dsb_stained/``: the DSB 2018 images the modality rule calls ``stained`` (their folders, made of symlinks to their files);
 - ``he_val.txt``: the `he` model's validation images: 6 MoNuSeg tiles (one per organ group) and
   the stained DSB images of the default model's validation split;
 - ``mon_val_40x/``, ``mon_val_20x/``: the 6 validation tiles as OME-TIFF (images/ + labels/) at
@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import tifffile
 from PIL import Image
 
-from nucleibatch.io.annotated import discover_annotated, iter_annotated
+from nucleibatch.io.annotated import discover_annotated, iter_annotated, link_dsb_sample
 from nucleibatch.io.imagefile import read_image_file
 from nucleibatch.modality import classify_modality
 from nucleibatch.model import DEFAULT_BUNDLE
@@ -52,10 +51,8 @@ def main() -> None:
 
     stained = [s for s in discover_annotated([dsb]) if classify_modality(read_image_file(s.image_path)).kind == "stained"]
     (args.out / "dsb_stained").mkdir(exist_ok=True)
-    for source in stained:
-        link = args.out / "dsb_stained" / source.image_id
-        if not link.exists():
-            os.symlink(source.image_path.parents[1].resolve(), link)
+    for source in stained:  # links to files: discovery does not follow links to folders
+        link_dsb_sample(source.image_path.parents[1], args.out / "dsb_stained")
     dsb_val = sorted(s.image_id for s in stained if s.image_id in default_val)
     (args.out / "he_val.txt").write_text(
         "# MoNuSeg validation tiles (one per organ group)\n" + "\n".join(HE_VALIDATION_TILES)

@@ -320,3 +320,67 @@ def test_discover_the_real_dsb_folder(dsb_root):
     assert loaded.labels.shape == loaded.image.shape[:2]
     assert loaded.labels.dtype == np.int32
     assert len(np.unique(loaded.labels[loaded.labels > 0])) == n_masks
+
+
+# --- symbolic links: evaluate and train find what segment finds ---------------------------------
+
+
+@pytest.fixture()
+def linked_data(tmp_path):
+    """DATA with a real sample ``a``, a link ``b`` to a sample folder elsewhere, a sample ``c`` made
+    of links to files (link_dsb_sample), and a sample ``d`` whose masks folder is a link."""
+    from nucleibatch.io.annotated import link_dsb_sample
+
+    elsewhere, data = tmp_path / "elsewhere", tmp_path / "data"
+    for seed, image_id in enumerate("abcd"):
+        write_dsb(elsewhere, image_id, seed=seed, shape=(96, 96))
+    data.mkdir()
+    (elsewhere / "a").rename(data / "a")
+    (data / "b").symlink_to(elsewhere / "b", target_is_directory=True)
+    link_dsb_sample(elsewhere / "c", data)
+    (data / "d" / "images").mkdir(parents=True)
+    (elsewhere / "d" / "images" / "d.png").rename(data / "d" / "images" / "d.png")
+    (data / "d" / "masks").symlink_to(elsewhere / "d" / "masks", target_is_directory=True)
+    return data
+
+
+def test_evaluate_and_segment_discovery_follow_the_same_symlinks(linked_data, tmp_path, caplog):
+    """Links to files are followed, links to folders inside DATA / INPUT are not (logged), and a
+    DATA / INPUT that is itself a link is followed: by segment's discovery and evaluate's alike."""
+    from nucleibatch.io.discover import discover_inputs
+
+    with caplog.at_level(logging.INFO, logger="nucleibatch.io.discover"):
+        annotated = {s.image_id for s in discover_annotated([linked_data])}
+        segmented = {r.image_id for r in discover_inputs([str(linked_data)])}
+    assert annotated == segmented == {"a", "c", "d"}
+    assert f"{linked_data / 'b'}: symbolic link to a folder, not followed" in caplog.text
+    root_link = tmp_path / "data_link"
+    root_link.symlink_to(linked_data, target_is_directory=True)
+    assert {s.image_id for s in discover_annotated([root_link])} == {r.image_id for r in discover_inputs([str(root_link)])} == {"a", "c", "d"}
+    # the sample made of links to files reads as the original; the one with a linked masks folder is a bad annotation
+    sources = {s.image_id: s for s in discover_annotated([linked_data])}
+    assert load_annotated(sources["c"]).labels.max() >= 3
+    with pytest.raises(BadAnnotationError, match="symbolic link, not followed"):
+        load_annotated(sources["d"])
+
+
+def test_a_data_folder_of_linked_samples_says_why_nothing_is_found(linked_data, tmp_path):
+    from nucleibatch.io.discover import discover_inputs
+
+    only_links = tmp_path / "only_links"
+    only_links.mkdir()
+    (only_links / "b").symlink_to(linked_data.parent / "elsewhere" / "b", target_is_directory=True)
+    with pytest.raises(UsageError, match=r"1 symbolic link\(s\) to folders are not followed"):
+        discover_annotated([only_links])
+    with pytest.raises(UsageError, match="no images found"):
+        discover_inputs([str(only_links)])
+
+
+def test_evaluate_scores_the_images_segment_would_segment(linked_data):
+    """End to end: evaluate_model over DATA with a linked sample folder scores a, c and d (d's
+    linked masks: skipped as a bad annotation with --skip-bad), never b."""
+    from nucleibatch.evaluate import evaluate_model
+    from nucleibatch.synthetic import threshold_model
+
+    summary, rows = evaluate_model(threshold_model(), [linked_data], skip_bad=True)
+    assert sorted(r["image_id"] for r in rows) == ["a", "c"] and summary["n_images"] == 2

@@ -17,7 +17,7 @@ import nucleibatch
 from nucleibatch.cli import main
 from nucleibatch.errors import ModelBundleError, ModelNotFoundError
 from nucleibatch.evaluate import evaluate_model
-from nucleibatch.io.annotated import discover_annotated, iter_annotated
+from nucleibatch.io.annotated import discover_annotated, iter_annotated, link_dsb_sample
 from nucleibatch.model import (
     CONFIG_NAME,
     DEFAULT_BUNDLE,
@@ -180,7 +180,7 @@ def test_default_bundle_loads_or_says_it_is_missing():
 
 @pytest.fixture(scope="module")
 def three_images(dsb_root, tmp_path_factory) -> Path:
-    """A DSB-layout folder of symlinks to three small (256 x 256) real images."""
+    """A DSB-layout folder of three small (256 x 256) real images, made of symlinks to their files."""
     folder = tmp_path_factory.mktemp("dsb3")
     picked = []
     for source in discover_annotated([dsb_root]):
@@ -190,7 +190,7 @@ def three_images(dsb_root, tmp_path_factory) -> Path:
         if len(picked) == 3:
             break
     for path in picked:
-        (folder / path.name).symlink_to(path, target_is_directory=True)
+        link_dsb_sample(path, folder)
     return folder
 
 

@@ -6,6 +6,10 @@ Two layouts are read, and several folders may be given:
   ``ROOT/<id>/masks/`` (ROOT may also be a single ``<id>`` folder);
 * image/label pairs: ``ROOT/images/NAME.(png|tif)`` with ``ROOT/labels/NAME.(png|tif)``
   holding integer instance labels (0 = background).
+
+Symbolic links are treated as ``segment`` treats them (:func:`nucleibatch.io.discover.linked_folder`):
+a ROOT that is a link is followed, links to files are followed, links to folders inside ROOT
+(a ``<id>`` sample, ``images/``, ``masks/``, ``labels/``) are not.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadAnnotationError, ImageReadError, UsageError
+from .discover import followed_folder, linked_folder
 from .imagefile import IMAGE_SUFFIXES, read_image_file
 
 log = logging.getLogger(__name__)
@@ -60,11 +65,18 @@ def discover_annotated(roots: Sequence[str | Path]) -> list[AnnotatedSource]:
         root = Path(root)
         if not root.is_dir():
             raise UsageError(f"{root}: not a folder; give a DSB-layout folder (<id>/images, <id>/masks) or one with images/ and labels/")
-        found = _discover_pairs(root) if (root / "labels").is_dir() else _discover_dsb(root)
+        folders = _subfolders(root)
+        found = _discover_pairs(folders) if "labels" in folders else _discover_dsb(root, folders)
         if not found:
+            links = sum(1 for p in root.iterdir() if p.is_symlink() and p.is_dir())
+            unfollowed = (
+                f"; its {links} symbolic link(s) to folders are not followed (nor by segment): give their targets as DATA, or copy them"
+                if links
+                else ""
+            )
             raise UsageError(
                 f"{root}: no annotated images found; expected <id>/images/<id>.png with <id>/masks/*.png, "
-                "or images/NAME.png with labels/NAME.png"
+                f"or images/NAME.png with labels/NAME.png{unfollowed}"
             )
         sources.extend(found)
     ids = [s.image_id for s in sources]
@@ -74,8 +86,13 @@ def discover_annotated(roots: Sequence[str | Path]) -> list[AnnotatedSource]:
     return sorted(sources, key=lambda s: s.image_id)
 
 
-def _discover_dsb(root: Path) -> list[AnnotatedSource]:
-    candidates = [root] if (root / "images").is_dir() else sorted(p for p in root.iterdir() if (p / "images").is_dir())
+def _subfolders(folder: Path) -> dict[str, Path]:
+    """The folders in ``folder`` that discovery enters, by name: links to folders are left out (and logged)."""
+    return {p.name: p for p in sorted(folder.iterdir()) if followed_folder(p)}
+
+
+def _discover_dsb(root: Path, folders: dict[str, Path]) -> list[AnnotatedSource]:
+    candidates = [root] if "images" in folders else [f for f in folders.values() if followed_folder(f / "images")]
     sources = []
     for folder in candidates:
         images = sorted(p for p in (folder / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -86,9 +103,9 @@ def _discover_dsb(root: Path) -> list[AnnotatedSource]:
     return sources
 
 
-def _discover_pairs(root: Path) -> list[AnnotatedSource]:
-    images_dir, labels_dir = root / "images", root / "labels"
-    if not images_dir.is_dir():
+def _discover_pairs(folders: dict[str, Path]) -> list[AnnotatedSource]:
+    images_dir, labels_dir = folders.get("images"), folders["labels"]
+    if images_dir is None:
         return []
     label_by_stem = {p.stem: p for p in labels_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
     return [
@@ -96,6 +113,25 @@ def _discover_pairs(root: Path) -> list[AnnotatedSource]:
         for p in sorted(images_dir.iterdir())
         if p.suffix.lower() in IMAGE_SUFFIXES
     ]
+
+
+def link_dsb_sample(sample: str | Path, into: str | Path) -> Path:
+    """Make ``into/<id>``, a DSB-layout sample of symbolic links to the files of ``sample``
+    (``<id>/images/*``, ``<id>/masks/*``): a subset of a DSB folder without copying images.
+    Discovery follows links to files but not to folders, so the folders are real ones here.
+    Returns the new sample folder."""
+    sample = Path(sample).resolve()
+    target = Path(into) / sample.name
+    if target.is_symlink():  # a link to the folder itself (what discovery would not follow)
+        target.unlink()
+    for part in ("images", "masks"):
+        if (sample / part).is_dir():
+            (target / part).mkdir(parents=True, exist_ok=True)
+            for file in sorted((sample / part).iterdir()):
+                link = target / part / file.name
+                if not link.is_symlink():
+                    link.symlink_to(file)
+    return target
 
 
 def load_annotated(source: AnnotatedSource) -> AnnotatedImage:
@@ -121,6 +157,8 @@ def load_annotated(source: AnnotatedSource) -> AnnotatedImage:
 
 def _labels_from_masks(source: AnnotatedSource, shape: tuple[int, int]) -> np.ndarray:
     masks_dir = source.masks_dir
+    if linked_folder(masks_dir):
+        raise BadAnnotationError(f"{source.image_path}: its masks folder {masks_dir} is a symbolic link, not followed (as segment does not follow them); copy the masks there")
     mask_paths = sorted(p for p in masks_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if masks_dir.is_dir() else []
     if not mask_paths:
         raise BadAnnotationError(f"{source.image_path}: image without masks (no mask PNG in {masks_dir})")

@@ -243,9 +243,8 @@ def _walk(number: int, top: Location, rel_prefix: str, id_prefix: str, skipped: 
             if _is_zarr_store(child) or name.lower().endswith(".zarr"):
                 found.append(_Candidate(number, child, "zarr", _join(rel_dir, name), _join(id_dir, strip_extension(name))))
                 dirnames.remove(name)
-            elif not is_remote(child) and child.is_symlink():
-                dirnames.remove(name)  # os.walk would not enter it either; say so
-                log.info("%s: symbolic link to a folder, not followed", child)
+            elif linked_folder(child):
+                dirnames.remove(name)  # os.walk would not enter it either; linked_folder says so
             else:
                 id_dirs[str(child)] = id_dir if name == "images" else _join(id_dir, name)
         images = sorted((name, kind) for name in filenames if not name.startswith(".") and (kind := _kind_of(name)))
@@ -254,6 +253,26 @@ def _walk(number: int, top: Location, rel_prefix: str, id_prefix: str, skipped: 
             base = id_dir if dsb_sample else _join(id_dir, strip_extension(name))
             found.append(_Candidate(number, here / name, kind, _join(rel_dir, name), base or here.parent.name))
     return found
+
+
+def linked_folder(folder: Location) -> bool:
+    """Whether ``folder``, a folder met *inside* an INPUT (or, for ``evaluate`` and ``train``, a
+    DATA) folder, is a symbolic link: discovery never follows those (no loops, no image found
+    twice), and logs each one it leaves (INFO). Links to files are followed, and so is an INPUT or
+    DATA argument that is itself a link. Object stores have no links: always False there.
+
+    The one rule of ``segment`` (:func:`discover_inputs`) and of the annotated-data discovery of
+    ``evaluate`` / ``train`` (:func:`nucleibatch.io.annotated.discover_annotated`)."""
+    if is_remote(folder) or not folder.is_symlink():
+        return False
+    log.info("%s: symbolic link to a folder, not followed", folder)
+    return True
+
+
+def followed_folder(path: Location) -> bool:
+    """A folder inside an INPUT / DATA folder that discovery enters: a folder, not a link to one
+    (:func:`linked_folder`, which logs the links it leaves)."""
+    return path.is_dir() and not linked_folder(path)
 
 
 def _read_manifest(number: int, manifest: Location, skipped: frozenset[str] = frozenset()) -> list[_Candidate]:
