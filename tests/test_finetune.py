@@ -86,7 +86,7 @@ def finetune_run(ray_session, dsb_root, tmp_path_factory):  # noqa: F811
 
 
 def checkpoint_states(run_dir: Path) -> dict[int, dict]:
-    """The model weights of each checkpoint Ray kept under RUN_DIR/ray_train, by epoch."""
+    """The model weights of each checkpoint Ray kept under RUN_DIR/ray_train, by epoch (from 1)."""
     states = {}
     for path in (run_dir / "ray_train").glob(f"checkpoint_*/{STATE_NAME}"):
         state = torch.load(path, map_location="cpu", weights_only=False)
@@ -97,18 +97,18 @@ def checkpoint_states(run_dir: Path) -> dict[int, dict]:
 def test_fine_tuning_starts_from_the_bundle_and_unfreezes_the_encoder_after_n_epochs(finetune_run):
     status, run_dir = finetune_run
     assert status == 0
-    assert [int(r["epoch"]) for r in read_metrics(run_dir)] == [0, 1]
+    assert [int(r["epoch"]) for r in read_metrics(run_dir)] == [1, 2]
     default = nucleibatch.load_model("default").network.state_dict()
     states = checkpoint_states(run_dir)
-    assert sorted(states) == [0, 1]  # Ray keeps 2 checkpoints
+    assert sorted(states) == [1, 2]  # Ray keeps 2 checkpoints
     encoder = [k for k in default if k.startswith("encoder.")]
     rest = [k for k in default if not k.startswith("encoder.") and default[k].is_floating_point()]
-    # epoch 0, encoder frozen: exactly the default bundle's encoder (weights and batch-norm statistics),
+    # epoch 1, encoder frozen: exactly the default bundle's encoder (weights and batch-norm statistics),
     # so the weights were loaded; the decoder and head did learn
-    assert all(torch.equal(states[0][k], default[k]) for k in encoder)
-    assert all(not torch.equal(states[0][k], default[k]) for k in rest if not k.endswith("num_batches_tracked"))
-    # epoch 1, unfrozen: every encoder tensor has moved
-    moved = [k for k in encoder if not torch.equal(states[1][k], states[0][k])]
+    assert all(torch.equal(states[1][k], default[k]) for k in encoder)
+    assert all(not torch.equal(states[1][k], default[k]) for k in rest if not k.endswith("num_batches_tracked"))
+    # epoch 2, unfrozen: every encoder tensor has moved
+    moved = [k for k in encoder if not torch.equal(states[2][k], states[1][k])]
     assert len(moved) == len(encoder)
 
 
@@ -128,7 +128,7 @@ def test_the_fine_tuned_bundle_records_its_init_and_learning_rate(finetune_run):
 def test_overlays_of_the_fine_tuned_model_show_both_outline_colours(finetune_run):
     status, run_dir = finetune_run
     assert status == 0
-    for epoch in (0, 1):
+    for epoch in (1, 2):  # numbered from 1
         rgb = png_rgb(run_dir / "overlays" / f"epoch_{epoch:03d}.png")
         assert has_colour(rgb, TRUE_RGB) and has_colour(rgb, PREDICTED_RGB)  # the default model finds nuclei from the start
 

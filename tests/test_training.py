@@ -129,7 +129,7 @@ def first_run(ray_session, dsb_root, tmp_path_factory):
 def test_train_writes_metrics_curves_and_a_loadable_bundle(first_run):
     status, run_dir, rows = first_run
     assert status == 0
-    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    assert [int(r["epoch"]) for r in rows] == [1, 2]  # numbered from 1, as the log's "epoch 1/2"
     for row in rows:
         assert np.isfinite(float(row["train_loss"])) and float(row["train_loss"]) > 0
         assert 0.0 <= float(row["val_map"]) <= 1.0  # one validation image (10 % of 6, at least 1)
@@ -168,7 +168,7 @@ def test_train_writes_a_validation_overlay_per_epoch(first_run, dsb_root):
     status, run_dir, rows = first_run
     assert status == 0
     overlays = sorted((run_dir / "overlays").glob("*.png"))
-    assert [p.name for p in overlays] == ["epoch_000.png", "epoch_001.png"]
+    assert [p.name for p in overlays] == ["epoch_001.png", "epoch_002.png"]
     # the one validation image (rank 0 holds it), shown whole or by its central crop
     val_id = nucleibatch.load_model(run_dir / "bundle").config["training"]["val_image_ids"][0]
     annotated = next(iter_annotated([s for s in discover_annotated([dsb_root]) if s.image_id == val_id]))
@@ -188,13 +188,13 @@ def test_tensorboard_logs_the_metrics_and_the_overlay_per_epoch(first_run):
     assert len(events) == 1
     tags = read_tensorboard(events[0])
     for column in METRIC_COLUMNS[1:]:
-        assert [(step, kind) for step, kind, _ in tags[column]] == [(0, "simple_value"), (1, "simple_value")], column
+        assert [(step, kind) for step, kind, _ in tags[column]] == [(1, "simple_value"), (2, "simple_value")], column
         assert [value for _, _, value in tags[column]] == pytest.approx([float(row[column]) for row in rows], rel=1e-5), column
     images = tags["validation_overlay"]
-    assert [step for step, _, _ in images] == [0, 1]
+    assert [step for step, _, _ in images] == [1, 2]
     for _, kind, image in images:
         assert kind == "image" and image.encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n"
-        assert (image.height, image.width) == png_rgb(run_dir / "overlays" / "epoch_000.png").shape[:2]
+        assert (image.height, image.width) == png_rgb(run_dir / "overlays" / "epoch_001.png").shape[:2]
 
 
 @pytest.mark.slow
@@ -205,10 +205,10 @@ def test_train_again_with_more_epochs_resumes(first_run, dsb_root, capfd):
     assert status == 0 and len(first_rows) == 2
     assert main(train_argv(dsb_root, run_dir, "--epochs", "3")) == 0
     rows = read_metrics(run_dir)
-    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert rows[:2] == first_rows  # the first two epochs come from the checkpoint, not retrained
     out, err = capfd.readouterr()
-    message = "resuming from the checkpoint of epoch 1"
+    message = "resuming after epoch 2/3"
     if message not in out + err:  # worker output reaches the driver asynchronously; read its log
         logs = Path(ray._private.worker._global_node.get_logs_dir_path())
         out = "".join(p.read_text(errors="replace") for p in logs.glob("worker-*.out"))
@@ -385,13 +385,40 @@ def test_a_checkpoint_takes_precedence_over_init_weights():
             p.add_(1.0)
     init_state = {k: v.half() if v.is_floating_point() else v for k, v in other.state_dict().items()}  # as a bundle holds them
     optimizer = torch.optim.AdamW(network.parameters())
-    checkpoint = {"model": {k: v.clone() for k, v in network.state_dict().items()}, "optimizer": optimizer.state_dict(), "epoch": 4, "best_map": 0.5, "history": [{"epoch": 4}]}
+    checkpoint = {"model": {k: v.clone() for k, v in network.state_dict().items()}, "optimizer": optimizer.state_dict(), "epoch": 5, "epoch_base": 1, "best_map": 0.5, "history": [{"epoch": 5}]}
 
-    assert starting_state(network, optimizer, checkpoint, init_state) == (5, 0.5, [{"epoch": 4}], "checkpoint")
+    # epoch 5 (numbered from 1) finished: the loop's index 5 (from 0) is the next
+    assert starting_state(network, optimizer, checkpoint, init_state) == (5, 0.5, [{"epoch": 5}], "checkpoint")
+    # a checkpoint of an earlier version numbered its epochs from 0: the same state, the same start
+    earlier = {**{k: v for k, v in checkpoint.items() if k != "epoch_base"}, "epoch": 4, "history": [{"epoch": 4}]}
+    assert starting_state(network, optimizer, earlier, init_state) == (5, 0.5, [{"epoch": 5}], "checkpoint")
     assert torch.equal(network.encoder.conv1.weight, checkpoint["model"]["encoder.conv1.weight"])
     assert starting_state(network, optimizer, None, init_state)[3] == "init"
     assert torch.equal(network.encoder.conv1.weight, init_state["encoder.conv1.weight"].float())
     assert starting_state(network, optimizer, None, None) == (0, -1.0, [], "scratch")
+
+
+def test_epochs_are_numbered_from_1_also_in_checkpoints_of_earlier_versions(tmp_path):
+    """Checkpoints (state and reported metrics) number epochs from 1, as the log does; those of
+    earlier versions numbered them from 0 (no epoch_base): read back, they are numbered from 1,
+    so that such a run resumes after the right epoch and reports its best epoch the new way."""
+    from nucleibatch.training.loop import STATE_NAME, load_checkpoint_state, numbered_from_one
+    from nucleibatch.training.run import load_best_state
+
+    old, new = tmp_path / "checkpoint_000001", tmp_path / "checkpoint_000003"
+    for folder, state in (
+        (old, {"epoch": 1, "history": [{"epoch": 0}, {"epoch": 1}]}),  # epochs 1 and 2, counted from 0
+        (new, {"epoch": 3, "epoch_base": 1, "history": [{"epoch": 1}, {"epoch": 2}, {"epoch": 3}]}),
+    ):  # fmt: skip
+        folder.mkdir()
+        torch.save({"model": {}, "optimizer": {}, "best_map": 0.5, **state}, folder / STATE_NAME)
+    resumed = load_checkpoint_state(old, announce=False)
+    assert resumed["epoch"] == 2 and [row["epoch"] for row in resumed["history"]] == [1, 2]
+    assert load_checkpoint_state(new, announce=False)["epoch"] == 3
+    assert numbered_from_one(resumed) == resumed  # converted once only
+    # the best checkpoint's metrics, as Ray or metrics.json give them back
+    assert load_best_state([(old, {"epoch": 1, "score": 0.6}), (new, {"epoch": 3, "epoch_base": 1, "score": 0.5})])[1]["epoch"] == 2
+    assert load_best_state([(old, {"epoch": 1, "score": 0.4}), (new, {"epoch": 3, "epoch_base": 1, "score": 0.5})])[1]["epoch"] == 3
 
 
 def test_resolve_init_takes_the_network_from_the_bundle_and_lowers_the_learning_rate(dsb_root, tmp_path):
@@ -466,17 +493,19 @@ def test_engine_local_trains_resumes_and_exports_without_ray(dsb_root, tmp_path,
     run_dir = tmp_path / "run"
     assert main(["train", str(dsb_root), "-o", str(run_dir), *LOCAL_RUN, "--epochs", "2", "--overlay-every", "0"]) == 0
     rows = read_metrics(run_dir)
-    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
     checkpoints = sorted(p.name for p in (run_dir / "local_train").iterdir())
-    assert checkpoints[-1] == "checkpoint_000001" and len(checkpoints) <= 2  # the latest and the best
+    assert checkpoints[-1] == "checkpoint_000002" and len(checkpoints) <= 2  # the latest and the best
     bundle = nucleibatch.load_model(run_dir / "bundle")
     assert bundle.config["training"]["engine"] == "local" and bundle.config["metrics"]["epochs"] == 2
     capfd.readouterr()
 
     assert main(["train", str(dsb_root), "-o", str(run_dir), *LOCAL_RUN, "--epochs", "3", "--overlay-every", "0"]) == 0
-    assert "resuming from the checkpoint of epoch 1" in capfd.readouterr().out
+    out = capfd.readouterr().out
+    assert "resuming after epoch 2/3" in out and "epoch 3/3 done" in out
     resumed = read_metrics(run_dir)
-    assert [int(r["epoch"]) for r in resumed] == [0, 1, 2] and resumed[:2] == rows
+    assert [int(r["epoch"]) for r in resumed] == [1, 2, 3] and resumed[:2] == rows
+    assert json.loads((run_dir / "summary.json").read_text())["best_epoch"] in (1, 2, 3)
 
     # the same RUN_DIR under Ray Train would not find these checkpoints: refused
     assert main(["train", str(dsb_root), "-o", str(run_dir), *LOCAL_RUN[2:], "--epochs", "3"]) == 2

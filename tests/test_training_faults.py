@@ -89,8 +89,8 @@ def test_a_training_worker_killed_mid_run_resumes_from_the_last_checkpoint(dsb_r
         status = proc.wait(timeout=600)
     text = (tmp_path / "train.log").read_text()
     assert status == 0, text[-4000:]
-    assert "resuming from the checkpoint of epoch" in text, text[-4000:]
-    assert epochs_in_metrics(run_dir) == [0, 1, 2, 3, 4, 5]
+    assert "resuming after epoch" in text, text[-4000:]
+    assert epochs_in_metrics(run_dir) == [1, 2, 3, 4, 5, 6]
     assert (run_dir / "bundle" / "config.json").is_file()
 
 
@@ -106,5 +106,5 @@ def test_a_corrupt_checkpoint_is_skipped_for_the_previous_good_one(dsb_root, tmp
     again = subprocess.run(train_command(dsb_root, run_dir, 3), cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600)
     output = again.stdout + again.stderr
     assert again.returncode == 0, output[-4000:]
-    assert f"checkpoint {kept[-1].name} is unreadable" in output and f"resuming from the older checkpoint {kept[0].name} (epoch 0)" in output, output[-4000:]
-    assert epochs_in_metrics(run_dir) == [0, 1, 2]
+    assert f"checkpoint {kept[-1].name} is unreadable" in output and f"resuming from the older checkpoint {kept[0].name} (epoch 1)" in output, output[-4000:]
+    assert epochs_in_metrics(run_dir) == [1, 2, 3]

@@ -31,6 +31,13 @@ LOCAL_RUN_NAME = "local_train"  # --engine local: its checkpoints
 LOCAL_METRICS_NAME = "metrics.json"
 METRIC_COLUMNS = ("epoch", "train_loss", "val_map", "val_ap50", "val_ap75", "val_f1_50", "lr", "patches_per_s", "epoch_seconds")
 PROGRESS_EVERY_S = 30.0
+EPOCH_BASE = 1
+"""Epochs are numbered from 1 wherever a user sees them: the log lines ("epoch 3/40"),
+metrics.csv's ``epoch`` column, ``overlays/epoch_003.png``, the checkpoints' states and metrics,
+TensorBoard's steps, the summary's and the bundle's ``best_epoch``. The loop's own index (data
+seeds, learning-rate schedule, frozen epochs) still counts from 0: epoch number = index + 1.
+States and metrics written by earlier versions counted from 0 and lack the ``epoch_base`` key:
+:func:`numbered_from_one` converts them, so that such runs resume."""
 
 
 def learning_rate(step: int, total_steps: int, peak: float, warmup_steps: int) -> float:
@@ -102,16 +109,31 @@ def wrap_for_phase(network: torch.nn.Module, frozen: bool, wrap) -> torch.nn.Mod
     return wrap(network)
 
 
+def numbered_from_one(record: dict) -> dict:
+    """A checkpoint's state (``epoch``, ``history``) or reported metrics (``epoch``) with epochs
+    numbered from 1 (:data:`EPOCH_BASE`): records of earlier versions (no ``epoch_base`` key)
+    counted from 0 and are shifted by one; the others are returned as they are."""
+    if record.get("epoch_base") == EPOCH_BASE:
+        return record
+    record = {**record, "epoch": int(record["epoch"]) + 1, "epoch_base": EPOCH_BASE}
+    if "history" in record:
+        record["history"] = [{**row, "epoch": int(row["epoch"]) + 1} for row in record["history"]]
+    return record
+
+
 def starting_state(network: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint_state: dict | None, init_state: dict | None) -> tuple[int, float, list[dict], str]:
     """Load where training starts: the run's checkpoint if there is one (resume wins), else the
     ``--init`` bundle's weights, else nothing (random weights).
 
-    Returns ``(start_epoch, best score, history, source)`` with source ``checkpoint``, ``init`` or ``scratch``.
+    Returns ``(start_epoch, best score, history, source)`` with source ``checkpoint``, ``init`` or
+    ``scratch``; ``start_epoch`` is the loop's index (from 0) of the first epoch to run, which is
+    the number (from 1) of the checkpoint's epoch: the epochs finished.
     """
     if checkpoint_state is not None:
+        checkpoint_state = numbered_from_one(checkpoint_state)
         network.load_state_dict(checkpoint_state["model"])
         optimizer.load_state_dict(checkpoint_state["optimizer"])
-        return checkpoint_state["epoch"] + 1, checkpoint_state["best_map"], checkpoint_state["history"], "checkpoint"
+        return int(checkpoint_state["epoch"]), checkpoint_state["best_map"], checkpoint_state["history"], "checkpoint"
     if init_state is not None:
         network.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in init_state.items()})
         return 0, -1.0, [], "init"
@@ -144,7 +166,7 @@ def tensorboard_writer_class():
 
 
 def write_tensorboard(writer, metrics: dict, overlay: np.ndarray | None) -> None:
-    """One epoch in TensorBoard: the metrics.csv columns as scalars (step = epoch) and the overlay image."""
+    """One epoch in TensorBoard: the metrics.csv columns as scalars (step = the epoch's number, from 1) and the overlay image."""
     epoch = int(metrics["epoch"])
     for key in METRIC_COLUMNS:
         value = metrics.get(key)
@@ -187,7 +209,8 @@ def load_checkpoint_state(checkpoint: Any, announce: bool = True) -> dict | None
     """The training state to resume from: that of the latest ``checkpoint`` (Ray's, or a folder); when its state file
     cannot be read (truncated by a full disk, a partial copy), the newest readable one among the
     run's other checkpoints (``checkpoint_<time>`` folders beside it), with a warning. None when
-    there is no checkpoint (a new run) or none is readable (the run starts over, with a warning)."""
+    there is no checkpoint (a new run) or none is readable (the run starts over, with a warning).
+    Epochs in the state are numbered from 1, also in states of earlier versions (:func:`numbered_from_one`)."""
     if checkpoint is None:
         return None
     latest = Path(getattr(checkpoint, "path", checkpoint))
@@ -202,6 +225,7 @@ def load_checkpoint_state(checkpoint: Any, announce: bool = True) -> dict | None
             if announce:  # the worker's stdout is the training log
                 print(f"warning: {message}", flush=True)
             continue
+        state = numbered_from_one(state)
         if directory != latest and announce:
             print(f"warning: resuming from the older checkpoint {directory.name} (epoch {state['epoch']})", flush=True)
         return state
@@ -261,7 +285,7 @@ class DeviceLoader:
 class LocalWorkerContext:
     """The same for ``--engine local``: one process, one device, no Ray.
 
-    Checkpoints go to ``RUN_DIR/local_train/checkpoint_<epoch>/``, each with its metrics
+    Checkpoints go to ``RUN_DIR/local_train/checkpoint_<epoch>/`` (the epoch's number, from 1), each with its metrics
     (``metrics.json``, written last: it marks the checkpoint finished); the latest and the best
     by ``score`` are kept, as Ray's CheckpointConfig keeps them.
     """
@@ -334,7 +358,7 @@ def run_epochs(context: RayWorkerContext | LocalWorkerContext, settings: dict[st
 
     start_epoch, best_map, history, source = starting_state(network, optimizer, checkpoint_state, init_state)
     if rank == 0 and source == "checkpoint":
-        print(f"resuming from the checkpoint of epoch {start_epoch - 1} (best validation mAP {best_map:.4f})", flush=True)
+        print(f"resuming after epoch {start_epoch}/{settings['epochs']} (its checkpoint; best validation mAP {best_map:.4f})", flush=True)
     elif rank == 0 and source == "init":
         print(f"starting from the weights of {settings['init']}", flush=True)
     del checkpoint_state, init_state
@@ -366,14 +390,15 @@ def run_epochs(context: RayWorkerContext | LocalWorkerContext, settings: dict[st
         if writer_class is not None:
             writer = writer_class(str(run_dir / "tensorboard"))
 
-    for epoch in range(start_epoch, settings["epochs"]):
+    for epoch in range(start_epoch, settings["epochs"]):  # the index, from 0; users see number = epoch + 1 (EPOCH_BASE)
+        number = epoch + EPOCH_BASE
         if model is None or (epoch < freeze_epochs) != frozen:  # see wrap_for_phase
             frozen = epoch < freeze_epochs
             model = None  # the old DDP wrapper, with its gradient hooks, goes first
             model = wrap_for_phase(network, frozen, context.prepare_model)
             optimizer_state_to(optimizer, device)  # a resumed state was loaded onto the CPU
             if rank == 0 and freeze_epochs:
-                print(f"epoch {epoch + 1}: encoder {'frozen' if frozen else 'trainable'}", flush=True)
+                print(f"epoch {number}: encoder {'frozen' if frozen else 'trainable'}", flush=True)
         dataset.set_epoch(epoch)
         sampler = getattr(loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
@@ -402,7 +427,7 @@ def run_epochs(context: RayWorkerContext | LocalWorkerContext, settings: dict[st
             now = time.perf_counter()
             if rank == 0 and now - last_print > PROGRESS_EVERY_S:
                 print(
-                    f"epoch {epoch + 1}/{settings['epochs']}: step {step + 1}/{steps_per_epoch}, "
+                    f"epoch {number}/{settings['epochs']}: step {step + 1}/{steps_per_epoch}, "
                     f"loss {loss_sum / n_batches:.4f}, {n_patches / (now - started):.1f} patches/s",
                     flush=True,
                 )
@@ -420,7 +445,7 @@ def run_epochs(context: RayWorkerContext | LocalWorkerContext, settings: dict[st
         )
         n_val = max(1.0, sums[-1])
         metrics = {
-            "epoch": epoch,
+            "epoch": number,
             "train_loss": round(train_loss, 5),
             "val_map": round(sums[0] / n_val, 5) if sums[-1] else float("nan"),
             "val_ap50": round(sums[1] / n_val, 5) if sums[-1] else float("nan"),
@@ -437,7 +462,7 @@ def run_epochs(context: RayWorkerContext | LocalWorkerContext, settings: dict[st
             report_checkpoint = None
             if rank == 0:
                 torch.save(
-                    {"model": module.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "best_map": best_map, "history": history},
+                    {"model": module.state_dict(), "optimizer": optimizer.state_dict(), "epoch": number, "epoch_base": EPOCH_BASE, "best_map": best_map, "history": history},
                     Path(tmp) / STATE_NAME,
                 )
                 write_metrics_files(run_dir, history)
@@ -445,17 +470,17 @@ def run_epochs(context: RayWorkerContext | LocalWorkerContext, settings: dict[st
                 if kept:
                     shown = val_examples[: len(kept)]
                     overlay = overlay_panel([e.image for e in shown], [e.labels for e in shown], kept)
-                    write_png(overlay, overlay_path(run_dir, epoch))
+                    write_png(overlay, overlay_path(run_dir, number))
                 if writer is not None:
                     write_tensorboard(writer, metrics, overlay)
                 print(
-                    f"epoch {epoch + 1}/{settings['epochs']} done: loss {metrics['train_loss']:.4f}, "
+                    f"epoch {number}/{settings['epochs']} done: loss {metrics['train_loss']:.4f}, "
                     f"val mAP {metrics['val_map']:.4f} (AP50 {metrics['val_ap50']:.3f}), "
                     f"{metrics['patches_per_s']:.1f} patches/s, {metrics['epoch_seconds']:.0f} s",
                     flush=True,
                 )
                 report_checkpoint = Path(tmp)
-            context.report({**metrics, "score": score}, report_checkpoint)
+            context.report({**metrics, "score": score, "epoch_base": EPOCH_BASE}, report_checkpoint)
     if writer is not None:
         writer.close()
 

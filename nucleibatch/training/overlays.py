@@ -58,7 +58,7 @@ def overlay_panel(
 
 
 def overlay_path(run_dir: str | Path, epoch: int) -> Path:
-    """``RUN_DIR/overlays/epoch_XXX.png`` (``epoch`` as in metrics.csv, counted from 0)."""
+    """``RUN_DIR/overlays/epoch_XXX.png`` (``epoch`` as in metrics.csv, counted from 1)."""
     return Path(run_dir) / "overlays" / f"epoch_{epoch:03d}.png"
 
 

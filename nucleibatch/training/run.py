@@ -35,6 +35,7 @@ from .loop import (
     STATE_NAME,
     LocalWorkerContext,
     load_checkpoint_state,
+    numbered_from_one,
     run_epochs,
     tensorboard_writer_class,
     threads_for,
@@ -404,6 +405,7 @@ def load_best_state(scored: list[tuple[Any, dict]]) -> tuple[dict, dict]:
     copy) is skipped for the next best, with a warning, as resuming skips it.
     """
     for checkpoint, metrics in sorted(scored, key=lambda item: item[1].get("score", -math.inf), reverse=True):
+        metrics = numbered_from_one(metrics)  # epochs from 1, also in a checkpoint of an earlier version
         try:
             if isinstance(checkpoint, Path):
                 return torch.load(checkpoint / STATE_NAME, map_location="cpu", weights_only=False), metrics
