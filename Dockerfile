@@ -1,5 +1,5 @@
 # The image for cluster nodes (Ray head and workers, Dask workers, KubeRay pods):
-#   docker build -t nucleibatch:0.1.0 .
+#   docker build -t registry.example.org/nucleibatch:0.1.0 . && docker push registry.example.org/nucleibatch:0.1.0
 #   docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu126 -t nucleibatch:0.1.0-cu126 .
 # torch's CUDA wheels carry their CUDA runtime, so the host needs only the NVIDIA driver (and the
 # NVIDIA container toolkit: `docker run --gpus all ...`). nucleibatch[all] (Ray, Dask, S3) is
@@ -17,9 +17,10 @@ ENV PYTHONUNBUFFERED=1 \
     MALLOC_MMAP_MAX_=0 \
     MALLOC_TRIM_THRESHOLD_=2147483647
 
-# procps: `ps`/`kill` for Ray's and Dask's process management; tini reaps the workers' children
+# procps: ps/kill for Ray and Dask; wget: KubeRay's default probes; rsync, openssh-client: the Ray
+# cluster launcher; tini reaps the workers' children
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends procps tini \
+    && apt-get install -y --no-install-recommends procps tini wget rsync openssh-client \
     && rm -rf /var/lib/apt/lists/*
 
 RUN pip install "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" --index-url "${TORCH_INDEX}"
