@@ -60,7 +60,7 @@ def _wheel(folder: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_a_core_install_from_the_wheel_keeps_torch_runs_the_demo_and_names_the_missing_extras(tmp_path):
+def test_a_core_install_from_the_wheel_keeps_torch_runs_every_local_command_and_names_the_missing_extras(tmp_path):
     python = _core_venv(tmp_path / "core")
     assert subprocess.run([str(python), "-c", "import ray"], capture_output=True).returncode != 0
     assert subprocess.run([str(python), "-c", "import distributed"], capture_output=True).returncode != 0
@@ -81,11 +81,21 @@ def test_a_core_install_from_the_wheel_keeps_torch_runs_the_demo_and_names_the_m
     assert set(images.model) == {"default", "he"}  # the shipped bundles travel in the wheel
     located = subprocess.run([str(python), "-c", "import nucleibatch; print(nucleibatch.__file__)"], capture_output=True, text=True, cwd=tmp_path, check=True).stdout
     assert str(tmp_path / "core") in located  # the wheel's copy ran, not the checkout
+    for command in (
+        ["verify", str(tmp_path / "out")],
+        ["report", str(tmp_path / "out")],
+        ["export", str(tmp_path / "out"), "--format", "geojson"],
+        ["evaluate", str(REPO / "examples" / "dsb_demo")],
+        ["train", str(REPO / "examples" / "dsb_demo"), "-o", str(tmp_path / "run"), "--engine", "local", "--epochs", "1", "--patches-per-epoch", "4", "--batch-size", "2", "--patch-size", "64", "--no-tune", "--overlay-every", "0"],
+    ):
+        done = subprocess.run([str(nucleibatch), *command], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+        assert done.returncode == 0, f"{command[0]}: {done.stderr[-3000:]}"
+    assert (tmp_path / "run" / "bundle" / "model.safetensors").is_file()
 
     for command, extra in (
         (["segment", str(REPO / "examples" / "dsb_demo"), "-o", str(tmp_path / "ray_out"), "--engine", "ray"], "ray"),
         (["segment", str(REPO / "examples" / "dsb_demo"), "-o", str(tmp_path / "dask_out"), "--engine", "dask"], "dask"),
-        (["train", str(REPO / "examples" / "dsb_demo"), "-o", str(tmp_path / "run")], "ray"),
+        (["train", str(REPO / "examples" / "dsb_demo"), "-o", str(tmp_path / "run_ray")], "ray"),
     ):
         refused = subprocess.run([str(nucleibatch), *command], capture_output=True, text=True, cwd=tmp_path, timeout=300)
         lines = refused.stderr.strip().splitlines()

@@ -57,7 +57,7 @@ def to_location(text: str | os.PathLike) -> Location:
     try:
         fsspec.get_filesystem_class(url.scheme)
     except (ImportError, ValueError) as error:
-        raise UsageError(f"{value}: no filesystem driver for {url.scheme}:// ({error}); install it (s3://: pip install s3fs, gs://: gcsfs, az://: adlfs)") from None
+        raise UsageError(f"{value}: no filesystem driver for {url.scheme}:// ({error}); install it (s3://: pip install 'nucleibatch[s3]', gs://: gcsfs, az://: adlfs)") from None
     return UPath(value)
 
 

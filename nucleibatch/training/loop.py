@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import gc
 import json
+import logging
 import math
 import shutil
 import tempfile
@@ -234,6 +235,18 @@ def load_checkpoint_state(checkpoint: Any, announce: bool = True) -> dict | None
     return None
 
 
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs each report (the whole metrics dict) at INFO under a logger named after its
+    module's file, outside the ``ray.train`` logger that ``LoggingConfig`` sets: quieted here,
+    in the worker; a Ray that moved the module keeps its lines."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # "generated new fontManager" on a fresh node
+
+
 class RayWorkerContext:
     """What the epoch loop needs from Ray Train, inside a Ray Train worker."""
 
@@ -243,6 +256,7 @@ class RayWorkerContext:
         import ray.train.torch
 
         self._ray, self._train, self._torch = ray, ray.train, ray.train.torch
+        _quiet_ray_train_reports()
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()

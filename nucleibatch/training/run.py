@@ -359,7 +359,7 @@ def _train_with_ray(
 ) -> tuple[dict, dict, list[dict]]:
     """Ray Train's TorchTrainer over ``settings.workers`` workers; returns (best state, its metrics, history)."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from ..engines.ray_runtime import init_ray
@@ -388,6 +388,9 @@ def _train_with_ray(
             storage_path=str(run_dir),
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="score", checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=settings.max_failures),
+            # Ray Train's own INFO lines (resources requested, worker group started, checkpoint
+            # reported, each about 10 an epoch) hide the epoch lines; its warnings stay
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     result = trainer.fit()
