@@ -90,7 +90,8 @@ def evaluate_image(
     modality = evidence.modality
     name = models.name_for(evidence.kind)
     model = models.models[name]
-    pixel = pixel_size if pixel_size is not None else file_pixel_size(annotated.source.image_path)
+    source = annotated.source
+    pixel = pixel_size if pixel_size is not None else source.pixel_size_um if source.store_path is not None else file_pixel_size(source.image_path)
     found = image_diameter(ArraySource(image, annotated.image_id), image, model, channel, invert) if diameter == AUTO else diameter
     scale = resample_scale(model.config.get("scale") or {}, pixel, found, AUTO_PULL if diameter == AUTO else 1.0)
     labels = segment_image(image, model, channel=channel, instances_on=instances_on, scale=scale, invert=invert)

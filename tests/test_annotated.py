@@ -384,3 +384,104 @@ def test_evaluate_scores_the_images_segment_would_segment(linked_data):
 
     summary, rows = evaluate_model(threshold_model(), [linked_data], skip_bad=True)
     assert sorted(r["image_id"] for r in rows) == ["a", "c"] and summary["n_images"] == 2
+
+
+# --------------------------------------------------------------------------- the annotation loop
+
+
+def test_cellpose_pairs_are_read_with_either_mask_suffix_and_an_image_without_masks_is_bad(tmp_path):
+    root = tmp_path / "cellpose"
+    image_a, labels_a = synthetic_nuclei(SHAPE, n_nuclei=6, radius=(4, 8), seed=1)
+    image_b, labels_b = synthetic_nuclei(SHAPE, n_nuclei=5, radius=(4, 8), seed=2)
+    write_png(root / "a.png", image_a)
+    write_png(root / "a_masks.png", labels_a.astype(np.uint16))  # Cellpose's training layout
+    tifffile.imwrite(root / "b.tif", image_b)
+    write_png(root / "b_cp_masks.png", labels_b.astype(np.uint16))  # what Cellpose writes
+    write_png(root / "c.png", image_a)  # not annotated yet
+    sources = discover_annotated([root])
+    assert [s.image_id for s in sources] == ["a", "b", "c"]
+    a, b = load_annotated(sources[0]), load_annotated(sources[1])
+    np.testing.assert_array_equal(a.image, image_a)
+    np.testing.assert_array_equal(a.labels, labels_a)
+    np.testing.assert_array_equal(b.labels, labels_b)
+    with pytest.raises(BadAnnotationError, match="NAME_masks.png"):
+        load_annotated(sources[2])
+    assert [i.image_id for i in iter_annotated(sources, skip_bad=True)] == ["a", "b"]
+
+
+@pytest.fixture(scope="module")
+def segment_out(tmp_path_factory):
+    """A finished segment OUT of two synthetic fields (the shipped model)."""
+    from nucleibatch.segment import run_segment_job
+
+    root = tmp_path_factory.mktemp("loop")
+    for seed in (3, 4):
+        image, _ = synthetic_nuclei((128, 160), n_nuclei=12, radius=(5, 9), seed=seed)
+        write_png(root / "in" / f"field{seed}.png", image)
+    run_segment_job([str(root / "in")], root / "out", model="default", device="cpu", progress=False)
+    return root / "out"
+
+
+def edit_labels(out: Path, store_path: str) -> np.ndarray:
+    """What a user does in napari: delete one nucleus and split another in two; returns the edited labels."""
+    import zarr
+
+    array = zarr.open_group(out / "masks.zarr", mode="a")[store_path]["labels/nuclei/0"]
+    labels = np.asarray(array[:]).astype(np.int64)
+    values, sizes = np.unique(labels[labels > 0], return_counts=True)
+    assert len(values) >= 3, "the model should find a few nuclei in the synthetic field"
+    labels[labels == values[0]] = 0  # a false positive deleted
+    largest = values[np.argmax(sizes)]
+    ys, xs = np.nonzero(labels == largest)
+    right = xs > np.median(xs)
+    labels[ys[right], xs[right]] = labels.max() + 1  # a merge split
+    array[:] = labels.astype(np.uint32)
+    return labels
+
+
+def test_a_segment_out_with_edited_labels_is_read_as_annotations(segment_out, tmp_path):
+    import pandas as pd
+
+    images = pd.read_parquet(segment_out / "images.parquet").sort_values("image_id")
+    edited = edit_labels(segment_out, images.store_path.iloc[0])
+    sources = discover_annotated([segment_out])
+    assert [s.image_id for s in sources] == list(images.image_id)
+    first = load_annotated(sources[0])
+    np.testing.assert_array_equal(first.labels, edited)  # the corrections are the targets
+    original = np.asarray(Image.open(segment_out.parent / "in" / f"{images.image_id.iloc[0]}.png"))
+    np.testing.assert_array_equal(first.image, original)
+
+
+def test_a_segment_out_without_image_copies_says_how_to_train_on_it(tmp_path):
+    from nucleibatch.pipeline import SegmentSettings
+    from nucleibatch.segment import run_segment_job
+
+    image, _ = synthetic_nuclei((96, 96), n_nuclei=6, radius=(5, 8), seed=5)
+    write_png(tmp_path / "in" / "f.png", image)
+    run_segment_job([str(tmp_path / "in")], tmp_path / "out", model="default", device="cpu", settings=SegmentSettings(store_image=False), progress=False)
+    (source,) = discover_annotated([tmp_path / "out"])
+    with pytest.raises(BadAnnotationError, match="--no-store-image"):
+        load_annotated(source)
+
+
+@pytest.mark.slow
+def test_train_reads_cellpose_pairs_and_a_corrected_segment_out(segment_out, tmp_path):
+    """The loop's last step: `train` on what the user corrected (and Cellpose pairs beside it)."""
+    import json
+    import subprocess
+    import sys
+
+    cellpose = tmp_path / "cellpose"
+    for seed in (6, 7):
+        image, labels = synthetic_nuclei((128, 128), n_nuclei=8, radius=(5, 9), seed=seed)
+        write_png(cellpose / f"f{seed}.png", image)
+        write_png(cellpose / f"f{seed}_masks.png", labels.astype(np.uint16))
+    run = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "nucleibatch", "train", str(cellpose), str(segment_out), "-o", str(run), "--engine", "local", "--init", "default",
+         "--epochs", "1", "--patches-per-epoch", "4", "--batch-size", "2", "--patch-size", "64", "--no-tune", "--overlay-every", "0", "--val-fraction", "0.25"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "4 training and" in done.stderr or "3 training and 1 validation" in done.stderr, done.stderr[-2000:]
+    assert json.loads((run / "bundle" / "config.json").read_text())["name"]

@@ -1,11 +1,15 @@
 """Annotated images for training and evaluation.
 
-Two layouts are read, and several folders may be given:
+Four layouts are read, and several folders may be given:
 
 * DSB 2018: ``ROOT/<id>/images/<id>.png`` with one binary PNG per nucleus in
   ``ROOT/<id>/masks/`` (ROOT may also be a single ``<id>`` folder);
 * image/label pairs: ``ROOT/images/NAME.(png|tif)`` with ``ROOT/labels/NAME.(png|tif)``
-  holding integer instance labels (0 = background).
+  holding integer instance labels (0 = background);
+* Cellpose pairs: ``ROOT/NAME.(png|tif)`` with ``ROOT/NAME_masks.(png|tif)`` (Cellpose's
+  training layout) or ``ROOT/NAME_cp_masks.png`` (what Cellpose writes), integer labels;
+* the OUT of ``nucleibatch segment``: each ok image's stored copy with its labels in
+  ``masks.zarr`` (as corrected in napari, say): the annotation loop's way back into training.
 
 Symbolic links are treated as ``segment`` treats them (:func:`nucleibatch.io.discover.linked_folder`):
 a ROOT that is a link is followed, links to files are followed, links to folders inside ROOT
@@ -38,7 +42,9 @@ class AnnotatedSource:
     image_id: str
     image_path: Path
     masks_dir: Path | None = None  # DSB layout: one PNG per nucleus
-    label_path: Path | None = None  # pairs layout: one label image
+    label_path: Path | None = None  # pairs layouts: one label image
+    store_path: str | None = None  # a segment OUT: the image's group in image_path (OUT/masks.zarr)
+    pixel_size_um: float | None = None  # a segment OUT: the pixel size its run used (images.parquet)
 
 
 @dataclass
@@ -66,7 +72,12 @@ def discover_annotated(roots: Sequence[str | Path]) -> list[AnnotatedSource]:
         if not root.is_dir():
             raise UsageError(f"{root}: not a folder; give a DSB-layout folder (<id>/images, <id>/masks) or one with images/ and labels/")
         folders = _subfolders(root)
-        found = _discover_pairs(folders) if "labels" in folders else _discover_dsb(root, folders)
+        if "masks.zarr" in folders and (root / "images.parquet").is_file():
+            found = _discover_segment_output(root)
+        elif "labels" in folders:
+            found = _discover_pairs(folders)
+        else:
+            found = _discover_dsb(root, folders) or _discover_cellpose(root)
         if not found:
             links = sum(1 for p in root.iterdir() if p.is_symlink() and p.is_dir())
             unfollowed = (
@@ -76,7 +87,8 @@ def discover_annotated(roots: Sequence[str | Path]) -> list[AnnotatedSource]:
             )
             raise UsageError(
                 f"{root}: no annotated images found; expected <id>/images/<id>.png with <id>/masks/*.png, "
-                f"or images/NAME.png with labels/NAME.png{unfollowed}"
+                f"images/NAME.png with labels/NAME.png, NAME.png with NAME_masks.png (Cellpose), "
+                f"or the -o folder of a finished `nucleibatch segment` run{unfollowed}"
             )
         sources.extend(found)
     ids = [s.image_id for s in sources]
@@ -115,6 +127,39 @@ def _discover_pairs(folders: dict[str, Path]) -> list[AnnotatedSource]:
     ]
 
 
+# Cellpose's label files: NAME_masks.* (its training layout) and NAME_cp_masks.* (what it writes)
+CELLPOSE_MASK_SUFFIXES = ("_cp_masks", "_masks")
+
+
+def _discover_cellpose(root: Path) -> list[AnnotatedSource]:
+    """``NAME.ext`` + ``NAME_masks.ext`` / ``NAME_cp_masks.ext`` files in ``root`` (not below it)."""
+    files = [p for p in sorted(root.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    labels_by_stem = {}
+    for path in files:
+        for suffix in CELLPOSE_MASK_SUFFIXES:
+            if path.stem.endswith(suffix):
+                labels_by_stem.setdefault(path.stem[: -len(suffix)], path)
+                break
+    if not labels_by_stem:
+        return []
+    label_files = set(labels_by_stem.values())
+    return [AnnotatedSource(p.stem, p, label_path=labels_by_stem.get(p.stem)) for p in files if p not in label_files]
+
+
+def _discover_segment_output(root: Path) -> list[AnnotatedSource]:
+    """The ok images of a segment OUT (``images.parquet``), read from ``masks.zarr``."""
+    import pyarrow.parquet as pq
+
+    names = set(pq.read_schema(root / "images.parquet").names)
+    columns = ["image_id", "status", "store_path"] + (["pixel_size_um"] if "pixel_size_um" in names else [])
+    rows = pq.read_table(root / "images.parquet", columns=columns).to_pylist()
+    return [
+        AnnotatedSource(row["image_id"], root / "masks.zarr", store_path=row["store_path"], pixel_size_um=row.get("pixel_size_um"))
+        for row in rows
+        if row["status"] == "ok"
+    ]
+
+
 def link_dsb_sample(sample: str | Path, into: str | Path) -> Path:
     """Make ``into/<id>``, a DSB-layout sample of symbolic links to the files of ``sample``
     (``<id>/images/*``, ``<id>/masks/*``): a subset of a DSB folder without copying images.
@@ -141,6 +186,8 @@ def load_annotated(source: AnnotatedSource) -> AnnotatedImage:
         BadAnnotationError: naming the file and the problem (unreadable image or mask,
             mask of the wrong size, no masks, overlapping masks, non-integer labels).
     """
+    if source.store_path is not None:
+        return _load_from_segment_output(source)
     try:
         image = read_image_file(source.image_path)
     except ImageReadError as error:
@@ -153,6 +200,30 @@ def load_annotated(source: AnnotatedSource) -> AnnotatedImage:
     else:
         labels = _labels_from_masks(source, shape)
     return AnnotatedImage(source.image_id, image, labels, source)
+
+
+def _load_from_segment_output(source: AnnotatedSource) -> AnnotatedImage:
+    """The stored image copy (level 0, ``(C, H, W)`` as ``(H, W)`` or ``(H, W, C)``) and its
+    labels (level 0: where napari saves corrections) of one image of a segment OUT."""
+    import zarr
+
+    where = f"{source.image_path}/{source.store_path}"
+    try:
+        group = zarr.open_group(source.image_path, mode="r")[source.store_path]
+        image_array, label_array = group["0"], group["labels/nuclei/0"]
+        if int(image_array.nchunks_initialized) == 0:
+            raise BadAnnotationError(f"{where}: no image copy (the run used --no-store-image); segment the images again without it to train on them")
+        image, labels = np.asarray(image_array[:]), np.asarray(label_array[:])
+    except BadAnnotationError:
+        raise
+    except Exception as error:  # a damaged or missing node, a chunk that does not decode
+        raise BadAnnotationError(f"{where}: cannot read the image or its labels ({type(error).__name__}: {error}); `nucleibatch verify` checks the folder") from None
+    if labels.shape != image.shape[1:]:
+        raise BadAnnotationError(f"{where}: labels of shape {labels.shape} for an image of {image.shape[1:]}")
+    image = image[0] if image.shape[0] == 1 else np.moveaxis(image, 0, -1)
+    if labels.max(initial=0) > np.iinfo(np.int32).max:
+        raise BadAnnotationError(f"{where}: label values above 2^31 - 1; renumber the labels")
+    return AnnotatedImage(source.image_id, image, labels.astype(np.int32), source)
 
 
 def _labels_from_masks(source: AnnotatedSource, shape: tuple[int, int]) -> np.ndarray:
@@ -192,7 +263,7 @@ def _labels_from_masks(source: AnnotatedSource, shape: tuple[int, int]) -> np.nd
 
 def _labels_from_label_image(source: AnnotatedSource, shape: tuple[int, int]) -> np.ndarray:
     if source.label_path is None:
-        raise BadAnnotationError(f"{source.image_path}: image without a label image of the same name in labels/")
+        raise BadAnnotationError(f"{source.image_path}: image without labels (labels/NAME.png in the images/ + labels/ layout, NAME_masks.png beside it in the Cellpose layout)")
     try:
         labels = read_image_file(source.label_path)
     except ImageReadError as error:
