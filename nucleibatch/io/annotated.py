@@ -263,7 +263,7 @@ def _labels_from_masks(source: AnnotatedSource, shape: tuple[int, int]) -> np.nd
 
 def _labels_from_label_image(source: AnnotatedSource, shape: tuple[int, int]) -> np.ndarray:
     if source.label_path is None:
-        raise BadAnnotationError(f"{source.image_path}: image without labels (labels/NAME.png in the images/ + labels/ layout, NAME_masks.png beside it in the Cellpose layout)")
+        raise BadAnnotationError(f"{source.image_path}: image without a label image (labels/NAME.png in the images/ + labels/ layout, NAME_masks.png beside it in the Cellpose layout)")
     try:
         labels = read_image_file(source.label_path)
     except ImageReadError as error:
