@@ -129,7 +129,9 @@ def run_engine(
     """Segment ``records`` on the Dask scheduler at ``address``, else on a LocalCluster on 127.0.0.1."""
     from distributed import Client
 
-    # the scheduler's and nannies' INFO lines (about 45 a run, all harmless): warnings and errors stay
+    # the scheduler's and nannies' INFO lines (about 45 a run, all harmless): warnings and errors
+    # stay; the levels are put back after the run (a caller's own logging is not changed for good)
+    quieted = {name: logging.getLogger(name).level for name in ("distributed", "distributed.nanny")}
     logging.getLogger("distributed").setLevel(logging.WARNING)
     cluster = None
     if address:
@@ -149,3 +151,5 @@ def run_engine(
             # with a warning: harmless for the cluster this run made and now throws away
             logging.getLogger("distributed.nanny").setLevel(logging.ERROR)
             cluster.close()
+        for name, level in quieted.items():
+            logging.getLogger(name).setLevel(level)
