@@ -28,9 +28,10 @@ DEFAULT_LEVELS = 16
 
 
 def _neighbour_max(labels: torch.Tensor) -> torch.Tensor:
-    """Largest of the 4 neighbours' values of every pixel (0 beyond the edges): ``(H, W)`` -> ``(H, W)``."""
+    """Largest of the 4 neighbours' values of every pixel (0 beyond each image's edges):
+    ``(..., H, W)`` -> ``(..., H, W)``; images of a batch do not touch."""
     padded = torch.nn.functional.pad(labels, (1, 1, 1, 1))
-    return torch.maximum(torch.maximum(padded[:-2, 1:-1], padded[2:, 1:-1]), torch.maximum(padded[1:-1, :-2], padded[1:-1, 2:]))
+    return torch.maximum(torch.maximum(padded[..., :-2, 1:-1], padded[..., 2:, 1:-1]), torch.maximum(padded[..., 1:-1, :-2], padded[..., 1:-1, 2:]))
 
 
 def _holding(largest: int) -> torch.dtype:
@@ -45,11 +46,11 @@ def label_dtype(pixels: int) -> torch.dtype:
 
 
 def connected_components(mask: torch.Tensor) -> torch.Tensor:
-    """4-connected components of a mask: ``(H, W)`` bool -> ``(H, W)`` int32 (int64 above about
-    1.07e9 pixels, :func:`label_dtype`), 0 outside the mask, each component labelled by 1 + the
-    flat index of its last pixel (distinct, not consecutive)."""
-    height, width = mask.shape
-    index = torch.arange(1, height * width + 1, device=mask.device, dtype=label_dtype(height * width)).view(height, width)
+    """4-connected components of a mask: ``(..., H, W)`` bool -> the same shape, int32 (int64 above
+    about 1.07e9 pixels in all, :func:`label_dtype`), 0 outside the mask, each component labelled
+    by 1 + the flat index of its last pixel (distinct over the batch, not consecutive)."""
+    pixels = mask.numel()
+    index = torch.arange(1, pixels + 1, device=mask.device, dtype=label_dtype(pixels)).view(mask.shape)
     labels = index * mask
     while True:
         before = labels
@@ -58,7 +59,7 @@ def connected_components(mask: torch.Tensor) -> torch.Tensor:
             # a label names a pixel of the same component whose own label is at least as large:
             # taking it lets a large label cross a component in a few steps, not one pixel per step
             flat = labels.view(-1)
-            labels = flat[(flat - 1).clamp_min(0)].view(height, width) * mask
+            labels = flat[(flat - 1).clamp_min(0)].view(mask.shape) * mask
         if torch.equal(labels, before):
             return labels
 
@@ -92,20 +93,30 @@ def instance_labels_torch(probabilities: torch.Tensor, params: InstanceParams | 
     """
     if probabilities.ndim != 3 or probabilities.shape[0] < 3:
         raise ValueError(f"expected (3, H, W) probabilities, got {tuple(probabilities.shape)}")
+    return instance_labels_batch(probabilities[None], params, levels)[0]
+
+
+def instance_labels_batch(probabilities: torch.Tensor, params: InstanceParams | None = None, levels: int = DEFAULT_LEVELS) -> torch.Tensor:
+    """:func:`instance_labels_torch` of a batch of images in the same few kernel launches as one:
+    ``(B, 3, H, W)`` -> ``(B, H, W)`` (int32; int64 above about 1.07e9 pixels in all). Each image's
+    nuclei are those it would get alone (images of other sizes padded with zero probabilities:
+    background); ids are distinct over the batch, 1..N in all."""
+    if probabilities.ndim != 4 or probabilities.shape[1] < 3:
+        raise ValueError(f"expected (B, 3, H, W) probabilities, got {tuple(probabilities.shape)}")
     params = params or InstanceParams()
     if levels < 1:
         raise ValueError(f"levels must be >= 1, got {levels}")
     probabilities = probabilities.contiguous()  # the steps below view the labels flat
-    height, width = probabilities.shape[1:]
-    body, contour, contact = (probabilities[k].float() for k in range(3))
+    pixels = probabilities.shape[0] * probabilities.shape[2] * probabilities.shape[3]
+    body, contour, contact = (probabilities[:, k].float() for k in range(3))
     mask = body > params.mask_threshold
     if not bool(mask.any()):
-        return torch.zeros((height, width), dtype=_holding(height * width), device=probabilities.device)
+        return torch.zeros(mask.shape, dtype=_holding(pixels), device=probabilities.device)
     # float32, in the order of the NumPy version: the same seeds, bit for bit
     seed_mask = mask & ((1.0 - contour) * (1.0 - contact) * body > params.seed_threshold)
     seeds = connected_components(seed_mask)
     if params.min_seed_size > 1:
-        sizes = torch.bincount(seeds.view(-1), minlength=height * width + 1)
+        sizes = torch.bincount(seeds.view(-1), minlength=pixels + 1)
         small = sizes < params.min_seed_size
         small[0] = False
         seeds = torch.where(small[seeds], 0, seeds)
@@ -116,12 +127,12 @@ def instance_labels_torch(probabilities: torch.Tensor, params: InstanceParams | 
         labels = _grow(labels, body > edge if level < levels else mask)
     unseeded = mask & (labels == 0)
     if bool(unseeded.any()):
-        labels = torch.where(unseeded, connected_components(unseeded) + height * width, labels)  # ids apart from the seeds' ids
-    # ids 1..N: select_owned's per-id sums then take N entries, not 2 * H * W
-    present = torch.zeros(2 * height * width + 1, dtype=torch.bool, device=labels.device)
+        labels = torch.where(unseeded, connected_components(unseeded) + pixels, labels)  # ids apart from the seeds' ids
+    # ids 1..N: select_owned's per-id sums then take N entries, not 2 * B * H * W
+    present = torch.zeros(2 * pixels + 1, dtype=torch.bool, device=labels.device)
     present[labels.view(-1)] = True
     present[0] = False
-    renumber = torch.cumsum(present, 0, dtype=_holding(height * width))  # ids 1..N: N nuclei <= pixels
+    renumber = torch.cumsum(present, 0, dtype=_holding(pixels))  # ids 1..N: N nuclei <= pixels
     return renumber[labels]
 
 

@@ -24,7 +24,7 @@ from .instances import InstanceParams
 from .normalize import check_input
 from .options import PRECISIONS
 from .targets import TARGET_CLASSES
-from .tiling import PAD_MULTIPLE, block_grid, network_window, small_image_window, tiles_over_box
+from .tiling import DEFAULT_HALO, PAD_MULTIPLE, block_grid, network_window, small_image_window, tiles_over_box
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def normalization_config(input: str = "grey") -> dict[str, Any]:
     return {"normalization": normalization, "serves": ["fluorescence", "brightfield"]}
 
 
-def default_config(encoder: str = "resnet18", architecture: str = "Unet", tile_size: int = 1024, halo: int = 64, input: str = "grey") -> dict[str, Any]:
+def default_config(encoder: str = "resnet18", architecture: str = "Unet", tile_size: int = 1024, halo: int = DEFAULT_HALO, input: str = "grey") -> dict[str, Any]:
     """A complete bundle config for a fresh network (see the README's model bundle section)."""
     return {
         "format": BUNDLE_FORMAT,
@@ -266,20 +266,22 @@ class NucleiModel:
         tta: bool | None = None,
         output_boxes: Sequence[tuple[int, int, int, int] | None] | None = None,
         keep_half: bool = False,
-    ) -> list[np.ndarray]:
+        on_device: bool = False,
+    ) -> list[np.ndarray] | list[torch.Tensor]:
         """:meth:`predict` of several images, their tiles batched together (see :func:`predict_images`)."""
         return predict_images(
             self.inference_network,
             images,
             output_boxes,
             tile_size=int(self.config.get("tile_size", 512)),
-            halo=int(self.config.get("halo", 64)),
+            halo=int(self.config.get("halo", DEFAULT_HALO)),
             batch_size=batch_size,
             device=self.device,
             tta=bool(self.config.get("tta", False)) if tta is None else tta,
             usage=self.usage,
             fast=self.fast,
             keep_half=keep_half,
+            on_device=on_device,
         )
 
 
@@ -453,7 +455,12 @@ def prepare_network(network: torch.nn.Module, device: torch.device, fast: bool |
 
 
 def _forward(network: torch.nn.Module, batch: np.ndarray, device: torch.device, tta: bool, fast: bool | None = None, crop: tuple[int, int, int, int] | None = None) -> np.ndarray:
-    """Sigmoid probabilities of a batch ``(N, 1, h, w)`` float32 -> ``(N, K, h, w)``.
+    """:func:`_forward_on_device` copied back to the host: ``(N, K, h, w)`` float16 or float32."""
+    return _forward_on_device(network, batch, device, tta, fast, crop).cpu().numpy()
+
+
+def _forward_on_device(network: torch.nn.Module, batch: np.ndarray, device: torch.device, tta: bool, fast: bool | None = None, crop: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """Sigmoid probabilities of a batch ``(N, 1, h, w)`` float32 -> ``(N, K, h, w)`` on ``device``.
 
     ``fast`` (default: :func:`fast_inference`) runs under bf16 autocast with channels-last input, and returns
     float16: finer than the bf16 network's own rounding (a step of at most 4.9e-4 in [0, 1]),
@@ -482,14 +489,14 @@ def _forward(network: torch.nn.Module, batch: np.ndarray, device: torch.device, 
             out = out[:, :, crop[0] : crop[1], crop[2] : crop[3]]
         if fast:
             out = out.to(torch.float16)
-    return out.cpu().numpy()
+    return out
 
 
 def predict_image(
     network: torch.nn.Module,
     image: np.ndarray,
     tile_size: int = 512,
-    halo: int = 64,
+    halo: int = DEFAULT_HALO,
     batch_size: int = 4,
     device: torch.device | str = "cpu",
     tta: bool = False,
@@ -521,7 +528,7 @@ def predict_images(
     images: Sequence[np.ndarray],
     output_boxes: Sequence[tuple[int, int, int, int] | None] | None = None,
     tile_size: int = 512,
-    halo: int = 64,
+    halo: int = DEFAULT_HALO,
     batch_size: int = 4,
     device: torch.device | str = "cpu",
     tta: bool = False,
@@ -529,7 +536,8 @@ def predict_images(
     fast: bool | None = None,
     keep_half: bool = False,
     pad_batches: bool | None = None,
-) -> list[np.ndarray]:
+    on_device: bool = False,
+) -> list[np.ndarray] | list[torch.Tensor]:
     """:func:`predict_image` of several images at once: tiles of the same shape share network calls.
 
     ``batch_size`` counts pixels, in 512 x 512 tiles' worth (:func:`windows_per_call`): a call
@@ -550,10 +558,11 @@ def predict_images(
             size; zeros, whose outputs are dropped). Default: on CUDA, where the padding costs
             next to nothing and each new batch shape costs cuDNN's set-up of every convolution
             again: a run makes a few shapes per window, not one per number of tiles left in a group.
+        on_device: return torch tensors on ``device`` (nothing is copied back to the host).
 
     Returns:
         Per image, ``(K, h_i, w_i)`` float32 probabilities of its output box (float16 with
-        ``keep_half`` on the fast path).
+        ``keep_half`` on the fast path): NumPy arrays, or tensors on ``device`` with ``on_device``.
     """
     device = torch.device(device)
     pad_batches = device.type == "cuda" if pad_batches is None else pad_batches
@@ -591,15 +600,22 @@ def predict_images(
             # one window of the tiles (tile coordinates) holding every tile's kept part: only it is copied back
             in_tile = [(y0 - ry, y1 - ry, x0 - rx, x1 - rx) for (y0, y1, x0, x1), (ry, rx) in zip(kept, reads, strict=True)]
             crop = (min(w[0] for w in in_tile), max(w[1] for w in in_tile), min(w[2] for w in in_tile), max(w[3] for w in in_tile))
+            forward = _forward_on_device if on_device else _forward
             if usage is None:
-                probabilities = _forward(network, batch, device, tta, fast, crop)
+                probabilities = forward(network, batch, device, tta, fast, crop)
             else:
                 with usage.running(batch.shape[:1] + window, tiles=len(chunk)):
-                    probabilities = _forward(network, batch, device, tta, fast, crop)
+                    probabilities = forward(network, batch, device, tta, fast, crop)
+                    if on_device and device.type == "cuda":  # the network's time, not its launch's
+                        torch.cuda.synchronize(device)
             for k, ((number, _), (y0, y1, x0, x1), (ry, rx)) in enumerate(zip(chunk, kept, reads, strict=True)):
                 oy0, oy1, ox0, ox1 = boxes[number]
                 if outputs[number] is None:
-                    outputs[number] = np.empty((probabilities.shape[1], oy1 - oy0, ox1 - ox0), dtype=probabilities.dtype if keep_half else np.float32)
+                    shape = (probabilities.shape[1], oy1 - oy0, ox1 - ox0)
+                    if on_device:
+                        outputs[number] = torch.empty(shape, dtype=probabilities.dtype if keep_half else torch.float32, device=device)
+                    else:
+                        outputs[number] = np.empty(shape, dtype=probabilities.dtype if keep_half else np.float32)
                 ty, tx = ry + crop[0], rx + crop[2]  # image coordinates of the copied window's corner
                 outputs[number][:, y0 - oy0 : y1 - oy0, x0 - ox0 : x1 - ox0] = probabilities[k, :, y0 - ty : y1 - ty, x0 - tx : x1 - tx]
     assert all(output is not None for output in outputs)

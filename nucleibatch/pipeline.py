@@ -51,7 +51,7 @@ from .scale import (
     to_network_scale,
 )
 from .stitching import OwnedObjects, block_offsets, paint_region, select_owned
-from .tiling import PAD_MULTIPLE, Block, block_grid, floor_to, small_image_window
+from .tiling import DEFAULT_HALO, PAD_MULTIPLE, Block, block_grid, floor_to, small_image_window
 
 if TYPE_CHECKING:  # post-processing processes import this module: they need no torch
     from .model import NucleiModel
@@ -181,7 +181,7 @@ def context_pixels(model_config: dict) -> int:
     """Pixels of image read around a block's read region: the model's halo. The network's tiles
     cover the read region (the block's output, :func:`nucleibatch.tiling.tiles_over_box`) and
     each sees this halo around its core, at a seam as inside a block."""
-    return int(model_config.get("halo", 64))
+    return int(model_config.get("halo", DEFAULT_HALO))
 
 
 def plan_image(record: ImageRecord, source: ImageSource, settings: SegmentSettings, model_config: dict, timer: Timer) -> ImagePlan:
@@ -352,18 +352,15 @@ def predict_blocks(
     scales = [plan.scale for plan, *_ in items]
     # the part of each (resampled) region that the block's read region needs
     boxes = [inner if scale == 1.0 else network_box(inner, scale, image.shape) for inner, scale, image in zip(inners, scales, normalised, strict=True)]
+    on_device = instances_on_device(settings, model.device.type)
     with timer("predict"):
-        probabilities = model.predict_many(normalised, batch_size=batch_size, tta=settings.tta, output_boxes=boxes, keep_half=True)
+        probabilities = model.predict_many(normalised, batch_size=batch_size, tta=settings.tta, output_boxes=boxes, keep_half=True, on_device=on_device)
     del normalised
     resamplings = [None if scale == 1.0 else (scale, (box[0], box[2]), inner) for scale, box, inner in zip(scales, boxes, inners, strict=True)]
     labels: list[np.ndarray | None] = [None] * len(items)
-    if instances_on_device(settings, model.device.type):
-        from .instances_torch import instance_labels_on
-
-        params = instance_params(settings, model)
+    if on_device:
         with timer("instances"):
-            probabilities = [at_image_pixels(p, resampling) for p, resampling in zip(probabilities, resamplings, strict=True)]
-            labels = [instance_labels_on(model.device, block_probabilities, params.at_scale(scale)) for block_probabilities, scale in zip(probabilities, scales, strict=True)]
+            labels = labels_on_device(probabilities, resamplings, instance_params(settings, model), scales)
         probabilities = [None] * len(items)
         resamplings = [None] * len(items)
     pixels = [raw[y0:y1, x0:x1] for (_, _, raw, _), (y0, y1, x0, x1) in zip(items, inners, strict=True)]
@@ -374,6 +371,37 @@ def predict_blocks(
         seconds = {stage: value * share for stage, value in timer.seconds.items()}
         predictions.append(BlockPrediction(block.index, block_probabilities, block_pixels, seconds, labels=block_labels, resampling=resampling))
     return predictions
+
+
+def labels_on_device(probabilities: list, resamplings: list[tuple | None], params: InstanceParams, scales: list[float]) -> list[np.ndarray]:
+    """Instance labels of blocks' probabilities that are on the network's device: ``(K, h_i, w_i)``
+    tensors -> ``(h_i, w_i)`` int32 arrays on the host. Blocks of one scale are labelled in one
+    batch (padded to a common shape with background), so that many small images cost the kernel
+    launches of one; only the labels are copied back. Probabilities at the network's scale of a
+    resampled image go through the host to be taken back to the image's pixels."""
+    import torch
+
+    from .instances_torch import instance_labels_batch
+
+    labels: list[np.ndarray | None] = [None] * len(probabilities)
+    at_pixels = []
+    for block_probabilities, resampling in zip(probabilities, resamplings, strict=True):
+        if resampling is not None:
+            block_probabilities = torch.from_numpy(at_image_pixels(block_probabilities.cpu().numpy(), resampling)).to(block_probabilities.device)
+        at_pixels.append(block_probabilities)
+    with torch.inference_mode():
+        for scale in dict.fromkeys(scales):
+            members = [k for k, s in enumerate(scales) if s == scale]
+            height = max(at_pixels[k].shape[1] for k in members)
+            width = max(at_pixels[k].shape[2] for k in members)
+            batch = at_pixels[members[0]].new_zeros((len(members), 3, height, width))
+            for row, k in enumerate(members):
+                _, h, w = at_pixels[k].shape
+                batch[row, :, :h, :w] = at_pixels[k][:3]
+            found = instance_labels_batch(batch, params.at_scale(scale)).cpu().numpy()
+            for row, k in enumerate(members):
+                labels[k] = found[row, : at_pixels[k].shape[1], : at_pixels[k].shape[2]]
+    return labels  # type: ignore[return-value]
 
 
 def at_image_pixels(probabilities: np.ndarray, resampling: tuple | None) -> np.ndarray:

@@ -156,3 +156,23 @@ def test_ids_of_arrays_above_a_billion_pixels_are_int64_while_labelling_and_give
     wide = instance_labels_on(CPU, probabilities, params)
     assert calls and wide.dtype == np.int32  # int64 while labelling; the final ids 1..N fit int32
     np.testing.assert_array_equal(wide, expected)
+
+
+def test_a_batch_of_images_of_several_sizes_gives_each_image_its_own_labels():
+    """Images labelled together (padded to one shape with zero probabilities) get exactly the
+    nuclei they get alone, with ids that do not repeat across the batch."""
+    shapes = [(96, 128), (128, 80), (64, 64)]
+    alone, batch = [], torch.zeros((len(shapes), 3, 128, 128))
+    for k, shape in enumerate(shapes):
+        _, labels = synthetic_nuclei(shape, n_nuclei=12, seed=10 + k)
+        probabilities = np.stack([ndi.gaussian_filter(t, 1.0) for t in make_targets(labels)]).astype(np.float32)
+        alone.append(instance_labels_torch(torch.from_numpy(probabilities)).numpy())
+        batch[k, :, : shape[0], : shape[1]] = torch.from_numpy(probabilities)
+    together = instance_torch.instance_labels_batch(batch).numpy()
+    assert together.shape == (3, 128, 128)
+    for k, (height, width) in enumerate(shapes):
+        assert alone[k].max() > 5
+        assert same_partition(together[k, :height, :width], alone[k])
+        assert not together[k, height:].any() and not together[k, :, width:].any()
+    ids = [set(np.unique(together[k])) - {0} for k in range(3)]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])

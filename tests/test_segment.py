@@ -163,8 +163,10 @@ def test_tiling_oracle_on_a_mosaic_of_real_images_with_the_default_model(tmp_pat
 
     Not bit-exact like the synthetic oracle above: a block is predicted on its own grid of
     network tiles, and the network sees further than a tile's halo, so probabilities differ
-    slightly along tile seams and a watershed seed there may fall differently. Bounded: >= 99 %
-    of nuclei matched at IoU 0.9, at most 1 % split or merged."""
+    slightly along tile seams and a watershed seed there may fall differently. Bounded: >= 99.5 %
+    of nuclei matched at IoU 0.9, at most 0.5 % split or merged. This 768 x 512 mosaic has too
+    few nuclei to tell a 64 px halo from 96 (both pass): benchmarks/seams.py measures that on a
+    4352² mosaic."""
     from PIL import Image
 
     ids = sorted(p.name for p in dsb_root.iterdir())
@@ -183,8 +185,8 @@ def test_tiling_oracle_on_a_mosaic_of_real_images_with_the_default_model(tmp_pat
     whole, blocks = labels_of(tmp_path / "one", "mosaic"), labels_of(tmp_path / "tiled", "mosaic")
     assert len(np.unique(whole)) > 100  # a real test: many nuclei, many seams (4 x 5 blocks)
     matched, split, merged = match_fraction(whole, blocks, threshold=0.9)
-    assert matched >= 0.99, matched
-    assert split + merged <= 0.01 * (len(np.unique(whole)) - 1), (split, merged)
+    assert matched >= 0.995, matched
+    assert split + merged <= 0.005 * (len(np.unique(whole)) - 1), (split, merged)
 
 
 def test_evaluate_uses_exactly_the_segment_inference(tmp_path, tiny_bundle):

@@ -29,6 +29,7 @@ from ..model import (
 )
 from ..normalize import INPUTS
 from ..options import PRECISIONS
+from ..tiling import DEFAULT_HALO
 from .data import Example, split_ids, to_example
 from .loop import (
     LOCAL_METRICS_NAME,
@@ -92,7 +93,7 @@ class TrainSettings:
     tune_postprocess: bool = True
     address: str | None = None
     tile_size: int = 1024
-    halo: int = 64
+    halo: int = DEFAULT_HALO
     init: str | None = None  # "default" or a bundle folder: start from its weights (fine-tuning)
     freeze_encoder_epochs: int = 0  # with init: keep the encoder frozen for the first N epochs
     tensorboard: bool = False  # also log to RUN_DIR/tensorboard
