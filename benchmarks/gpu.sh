@@ -4,8 +4,9 @@
 # carried in WHEELS (pip download ... -d WHEELS, see the commands in the README's performance
 # section) and installed into /tmp/site.
 #
-#   bash benchmarks/gpu.sh bench OUT_DIR WHEELS DSB_IMAGES   # bare model (bf16, channels-last), pipeline vs bare (post-processing processes,
-#                                                              # instance labels on the GPU and on the CPU), the GPU's instance labels on validation
+#   bash benchmarks/gpu.sh bench OUT_DIR WHEELS DSB_IMAGES   # bare model (bf16, channels-last), then benchmarks/gpu_bench.py: segment
+#                                                              # on a 20480² mosaic, 475 fields and a 65536² slide with nvidia-smi dmon,
+#                                                              # device vs CPU instance labels; VAL_DATA=DIR adds the validation mAP
 #   bash benchmarks/gpu.sh train OUT_DIR WHEELS TRAIN_DATA    # the shipped model's training run (--engine local --gpu)
 #   bash benchmarks/gpu.sh train-he OUT_DIR WHEELS HE_DATA    # the he model's recipe on a GPU: HE_DATA holds monuseg/,
 #                                                              # dsb_stained/ (images/ + labels/) and val.txt, as
@@ -29,25 +30,17 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, zarr, segmentation_models_pytorch as smp; print('torch', torch.__version__, 'zarr', zarr.__version__, 'smp', smp.__version__, 'cpus', __import__('os').cpu_count())" 2>&1 | tee -a "$out/machine.txt"
 
 if [ "$mode" = bench ]; then
-    if [ "${BARE:-1}" = 1 ]; then  # BARE=0 skips the bare network's variants
+    # issue 20's figures (benchmarks/gpu_bench.py builds its workloads from DSB_IMAGES: the
+    # 20480² mosaic of real fields, 475 fields, a 65536² synthetic slide); 8 minutes in all
+    if [ "${BARE:-1}" = 1 ]; then  # BARE=0 skips the bare network
         timeout 50 python3 benchmarks/bare_model.py --device cuda --batch-sizes 16 32 --seconds 1 \
             --variants bf16-cl 2>&1 | tee "$out/bare_model.txt"
     fi
-    # segment's default on CUDA: instance labels on the GPU beside the network (--instances-on
-    # auto), the rest of the post-processing in the cores but two (processes)
-    timeout 150 python3 benchmarks/pipeline.py --device cuda --dsb "$data" --dsb-mpix 16 --big 8192 \
-        --batch-size 16 --workdir /tmp/pipeline 2>&1 | tee "$out/pipeline_processes.txt"
-    mkdir -p /tmp/runs/processes /tmp/runs/instances_cpu
-    cp /tmp/pipeline/out-*/run.json --parents /tmp/runs/processes/ 2>/dev/null
-    # the same with the instance labels made by the processes (scikit-image's watershed)
-    timeout 150 python3 benchmarks/pipeline.py --device cuda --dsb "$data" --dsb-mpix 16 --big 8192 \
-        --batch-size 16 --instances-on cpu --workdir /tmp/pipeline 2>&1 | tee "$out/pipeline_instances_cpu.txt"
-    cp /tmp/pipeline/out-*/run.json --parents /tmp/runs/instances_cpu/ 2>/dev/null
+    timeout 400 python3 benchmarks/gpu_bench.py --fields "$data" --out "$out" --budget 370 2>&1 | tee "$out/gpu_bench.txt"
     # the GPU's instance labels against scikit-image's on the validation images: mAP and seconds
     if [ -d "${VAL_DATA:-}" ]; then
-        timeout 90 python3 benchmarks/instances_device.py --device cuda --data "$VAL_DATA" --levels 8 16 2>&1 | tee "$out/instances_device.txt"
+        timeout 60 python3 benchmarks/instances_device.py --device cuda --data "$VAL_DATA" --levels 16 2>&1 | tee "$out/instances_device.txt"
     fi
-    tar czf "$out/runs.tgz" -C /tmp runs  # the run.json of each run
 elif [ "$mode" = profile ]; then
     # where the time of a run goes, per process and thread (benchmarks/spy_summary.py reads it)
     for workload in big dsb; do

@@ -381,7 +381,7 @@ def run_segment_job(
             usage_before = {name: (m.usage.busy_seconds, m.usage.tiles, Counter(m.usage.batch_shapes)) for name, m in models.models.items()}
             if models.routes or settings.diameter == "auto":
                 log.info("models and scales chosen for %d images in %.1f s: %s", len(todo), choose_seconds, dict(Counter(r.model for r in todo)))
-            engine_started = time.perf_counter()
+            engine_started, engine_started_unix = time.perf_counter(), time.time()
             placement: list[dict[str, Any]] = []
             bar = Progress(len(records), n_resumed, progress)
             try:
@@ -462,9 +462,11 @@ def run_segment_job(
                 # local engine: the one model's own count (distributed engines: the model workers' predict seconds are in stage_seconds)
                 "model_busy_seconds": round(busy, 3) if engine == "local" else None,
                 "engine_seconds": round(engine_seconds, 3),  # the images' processing, without model load, discovery and choosing models
+                "engine_started_unix": round(engine_started_unix, 3),  # when that began (start-up is before it)
                 "model_idle_fraction": round(max(0.0, 1 - busy / engine_seconds), 4) if engine == "local" and engine_seconds > 0 else None,
                 "model_tiles": tiles if engine == "local" else None,
                 "model_batches": [[*shape, count] for shape, count in sorted(shapes.items())] if engine == "local" else None,
+                "device_peak_bytes": _device_peak_bytes(loaded.device) if engine == "local" else None,
                 "stage_seconds_note": "summed over the threads/workers that ran each stage",
             }
             if engine != "local" or placement:
@@ -484,6 +486,16 @@ def run_segment_job(
         finally:
             if post_pool is not None:
                 post_pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _device_peak_bytes(device) -> int | None:
+    """Most memory torch held on a CUDA device during the run (None on the CPU): what
+    ``--batch-size`` and ``--block-size`` bound, whatever the images' sizes."""
+    if device.type != "cuda":
+        return None
+    import torch
+
+    return int(torch.cuda.max_memory_allocated(device))
 
 
 def _earlier_run(out_dir: Location) -> dict[str, Any] | None:
