@@ -43,9 +43,9 @@ if [ "$mode" = bench ]; then
     fi
 elif [ "$mode" = profile ]; then
     # where the time of a run goes, per process and thread (benchmarks/spy_summary.py reads it)
-    for workload in big dsb; do
+    for workload in mosaic fields; do
         timeout 60 /tmp/site/bin/py-spy record --subprocesses --threads --idle --format raw --rate 100 -o "/tmp/spy_$workload.txt" -- \
-            python3 -m nucleibatch segment /tmp/pipeline/$workload -o /tmp/spy-$workload --device cuda --batch-size 16 --progress log \
+            python3 -m nucleibatch segment /tmp/gpu_bench/$workload -o /tmp/spy-$workload --device cuda --progress log \
             >> /tmp/spy.log 2>&1
         gzip -c "/tmp/spy_$workload.txt" > "$out/spy_$workload.txt.gz"
         python3 benchmarks/spy_summary.py "/tmp/spy_$workload.txt" --top 6 > "$out/spy_${workload}_summary.txt" 2>&1
