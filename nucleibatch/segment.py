@@ -23,6 +23,7 @@ from .errors import OutputError, UsageError
 from .extras import require_extra
 from .io.checkpoints import drop_finished
 from .io.discover import ImageRecord, check_inputs_exist, discover_inputs
+from .io.layout import FLAT, assign_store_paths, layout_for_run, write_layout
 from .io.location import (
     Location,
     exists,
@@ -34,7 +35,6 @@ from .io.location import (
     to_location,
     write_bytes_atomic,
 )
-from .io.layout import FLAT, assign_store_paths, layout_for_run, write_layout
 from .io.store import open_root, store_name
 from .io.tables import (
     STATE_DIR,

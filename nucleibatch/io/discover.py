@@ -98,7 +98,7 @@ class ImageRecord:
     scale: float = 1.0
     plate: str | None = None
     well: str | None = None
-    field: str | None = None
+    field: str | None = None  # (shadows dataclasses.field below this line: use it above only)
     store_path: str | None = None
 
     def to_dict(self) -> dict:

@@ -126,6 +126,8 @@ def write_layout(root: zarr.Group, masks_dir: Location, rows: Iterable[dict[str,
         group = root.require_group(store_name(plate))
         group.attrs.put({"ome": _plate_metadata(root, store_name(plate), fields, plate)})
     series = [row["store_path"] for row in done]
+    if not series and OME_GROUP not in root:
+        return  # no image yet: nothing to list (a root that listed some before is emptied below)
     if any(path == OME_GROUP or path.startswith(f"{OME_GROUP}/") for path in series):
         return  # an image's own group is named OME: the layout's group cannot be written
     root.attrs.put({"ome": {"version": NGFF_VERSION, "bioformats2raw.layout": 3}})
