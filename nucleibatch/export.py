@@ -12,8 +12,9 @@ and named in the summary):
 * ``png`` — ``DIR/<name>.png`` 16-bit greyscale label image (refused when a label > 65535).
 * ``tiff`` — ``DIR/<name>.tif`` 32-bit label image, zlib-compressed, tiled like the zarr chunks.
 
-``<name>`` is the image's zarr group name (``store_path``, :func:`nucleibatch.io.store.store_name`
-of the image id): file-system safe, stable, unique.
+``<name>`` is :func:`nucleibatch.io.store.store_name` of the image id (the image's zarr group name,
+``store_path``, except for plate fields, whose groups are nested in their plate): file-system
+safe, flat, stable, unique.
 
 Outline convention (GeoJSON)
     Coordinates are image pixels, ``x`` = column, ``y`` = row, with pixel ``(row r, column c)``
@@ -64,6 +65,7 @@ import numpy as np
 
 from .errors import NotSegmentOutputError, NucleibatchError, UsageError  # noqa: F401  (NotSegmentOutputError: raised by check_segment_output)
 from .io.location import is_remote, to_location
+from .io.store import store_name
 from .io.tables import check_segment_output
 
 if TYPE_CHECKING:  # pandas and scipy are imported where used: `nucleibatch --help` stays quick
@@ -407,7 +409,7 @@ def read_image_nuclei(out_dir: Path, image: Any, columns: Sequence[str] | None =
     """The nuclei.parquet rows of one image (its own part file when present, else a filtered read)."""
     import pyarrow.parquet as pq
 
-    part = out_dir / "nuclei.parquet" / f"{image.store_path}.parquet"
+    part = out_dir / "nuclei.parquet" / f"{store_name(image.image_id)}.parquet"
     if part.is_file():
         table = pq.read_table(part, columns=list(columns) if columns else None)
         frame = table.to_pandas()
@@ -689,13 +691,13 @@ def export_run(
             if fmt in ("geojson", "dsb-rle"):
                 nuclei = read_image_nuclei(run.out_dir, image)
                 if fmt == "geojson":
-                    path = dest_dir / f"{image.store_path}{SUFFIX[fmt]}"
+                    path = dest_dir / f"{store_name(image.image_id)}{SUFFIX[fmt]}"
                     n = write_geojson(array, nuclei, image.image_id, path)
                     summary.files.append(path)
                 else:
                     n = write_rle_rows(writer, array, nuclei, image.image_id)
             else:
-                path = dest_dir / f"{image.store_path}{SUFFIX[fmt]}"
+                path = dest_dir / f"{store_name(image.image_id)}{SUFFIX[fmt]}"
                 (write_png16 if fmt == "png" else write_tiff)(array, path)
                 summary.files.append(path)
                 n = int(image.n_nuclei)

@@ -111,6 +111,12 @@ class ImagePlan:
     done_blocks: tuple[int, ...] = ()
 
     @property
+    def store_path(self) -> str:
+        """The image's group in masks.zarr (:func:`image_group`); :attr:`name` names its
+        completion record, nuclei part and checkpoints."""
+        return image_group(self.record)
+
+    @property
     def scale(self) -> float:
         """The factor the network sees the image enlarged by (:mod:`nucleibatch.scale`; 1: as it is)."""
         return self.record.scale
@@ -199,6 +205,12 @@ def plan_image(record: ImageRecord, source: ImageSource, settings: SegmentSettin
     return ImagePlan(record, store_name(record.image_id), (height, width), source.channels, np.dtype(source.dtype), stats, blocks)
 
 
+def image_group(record: ImageRecord) -> str:
+    """The group of an image in masks.zarr: the one its OUT's layout gives it (plate fields,
+    :mod:`nucleibatch.io.layout`), else the flat :func:`store_name` of its id."""
+    return record.store_path or store_name(record.image_id)
+
+
 def block_size_at(block_size: int, scale: float, margin: int) -> int:
     """The block size for an image the network sees enlarged ``scale`` times: ``--block-size``
     halved until the enlarged block is no larger than ``block_size`` (memory follows the network's
@@ -232,7 +244,7 @@ def _start_image(record: ImageRecord, settings: SegmentSettings, model_config: d
     """:func:`start_image`, also returning the image's zarr group: new, or, for an image of several
     blocks some of which an earlier run finished (:mod:`nucleibatch.io.checkpoints`), the group
     that run wrote them into (``plan.done_blocks``)."""
-    name = store_name(record.image_id)
+    name, group_path = store_name(record.image_id), image_group(record)
     remove_image_outputs(out_dir, name)
     fingerprint = input_fingerprint(record)  # as discovered: a change since is seen by the next run
     own_source = source is None
@@ -247,15 +259,15 @@ def _start_image(record: ImageRecord, settings: SegmentSettings, model_config: d
     root = open_root(out_dir / "masks.zarr")
     if len(plan.blocks) > 1:
         plan.done_blocks = tuple(finished_blocks(out_dir, name, plan.checkpoint_key()))
-        if plan.done_blocks and name in root:
+        if plan.done_blocks and group_path in root:
             log.info("%s: resuming from %d of its %d blocks, finished by an earlier run", record.image_id, len(plan.done_blocks), len(plan.blocks))
-            return plan, root[name]
+            return plan, root[group_path]
         if plan.done_blocks:  # their image cores went with the group: start the checkpoints over
             drop_checkpoints(out_dir, name)
             plan.done_blocks = tuple(finished_blocks(out_dir, name, plan.checkpoint_key()))
     with timer("write"):
         chunk = chunk_for_blocks(block_size_at(settings.block_size, record.scale, settings.block_margin))
-        group = create_image_group(root, name, record.image_id, plan.shape, plan.channels, plan.dtype, chunk=chunk, pixel_size_um=record.pixel_size_um)
+        group = create_image_group(root, group_path, record.image_id, plan.shape, plan.channels, plan.dtype, chunk=chunk, pixel_size_um=record.pixel_size_um)
     return plan, group
 
 
@@ -508,7 +520,7 @@ def complete_image(
     with timer("write"):
         write_pyramids(image_group)
         write_nuclei_part(out_dir, plan.name, plan.record.image_id, columns)
-        outputs = output_manifest(out_dir, plan.name)
+        outputs = output_manifest(out_dir, plan.name, plan.store_path)
     row = {
         "image_id": plan.record.image_id,
         "source": plan.record.source,
@@ -518,8 +530,9 @@ def complete_image(
         "status": "ok",
         "error": None,
         "seconds": None,  # set by the caller, who knows when the image started
-        "store_path": plan.name,
+        "store_path": plan.store_path,
         **choice_columns(plan.record),
+        **plate_columns(plan.record),
         # kept in the completion record only (not in images.parquet): resume and verify read them
         "input": plan.input_fingerprint,
         "outputs": outputs,
@@ -535,7 +548,7 @@ def paint_and_complete(plan: ImagePlan, results: list[BlockResult], settings: Se
         by_index.setdefault(index, kept_block(out_dir, plan, index))
     if sorted(by_index) != [b.index for b in plan.blocks]:
         raise ValueError(f"{plan.record.image_id}: block results {sorted(by_index)} do not cover the {len(plan.blocks)} blocks")
-    group = open_root(out_dir / "masks.zarr")[plan.name]
+    group = open_root(out_dir / "masks.zarr")[plan.store_path]
     offsets = block_offsets(by_index[b.index].owned.count for b in plan.blocks)
     lost: dict[int, int] = {}
     with timer("stitch"):
@@ -774,6 +787,7 @@ def failed_row(record: ImageRecord, error: BaseException | str, seconds: float) 
         "seconds": round(seconds, 4),
         "store_path": None,  # a failed image has no group in masks.zarr
         **choice_columns(record),
+        **plate_columns(record),
     }
 
 
@@ -782,26 +796,32 @@ def choice_columns(record: ImageRecord) -> dict[str, Any]:
     return {"modality": record.modality, "model": record.model, "pixel_size_um": record.pixel_size_um, "scale": float(record.scale)}
 
 
+def plate_columns(record: ImageRecord) -> dict[str, Any]:
+    """The images.parquet columns that place a plate field (null for other images)."""
+    return {"plate": record.plate, "well": record.well, "field": record.field}
+
+
 def record_failed_image(out_dir: Location, record: ImageRecord, error: BaseException | str, seconds: float) -> dict[str, Any]:
     """Record an image as failed: drop what an earlier run wrote for it (nuclei part, record,
     OME-Zarr group), write its completion record (the 'failed' row of :func:`failed_row`) and
     return that row."""
     row = failed_row(record, error, seconds)
     row["input"] = input_fingerprint(record)
-    forget_image(out_dir, record.image_id)
+    forget_image(out_dir, record.image_id, image_group(record))
     write_record(out_dir, store_name(record.image_id), row)
     return row
 
 
-def forget_image(out_dir: Location, image_id: str) -> None:
+def forget_image(out_dir: Location, image_id: str, group: str | None = None) -> None:
     """Remove everything OUT holds for an image: its completion record, nuclei part, block
-    checkpoints and OME-Zarr group."""
+    checkpoints and OME-Zarr group (``group``: its store_path; None: the flat name of its id)."""
     name = store_name(image_id)
+    group = group or name
     remove_image_outputs(out_dir, name)
     drop_checkpoints(out_dir, name)
     try:
         root = open_root(out_dir / "masks.zarr")
-        if name in root:
-            del root[name]
+        if group in root:
+            del root[group]
     except Exception:  # best effort: the group is replaced when the image is redone
         log.debug("could not remove the group of %s", image_id, exc_info=True)

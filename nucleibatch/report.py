@@ -421,7 +421,9 @@ def _centroids(out: Location, store_path: str, image_id: str) -> np.ndarray | No
     """``(N, 2)`` centroids of one image from its nuclei part (None if there is no readable part)."""
     import pyarrow.parquet as pq
 
-    path = out / "nuclei.parquet" / f"{store_path}.parquet"
+    from .io.store import store_name
+
+    path = out / "nuclei.parquet" / f"{store_name(image_id)}.parquet"  # flat, also for a plate field's nested group
     if not path.exists():
         return None
     try:

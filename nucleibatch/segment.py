@@ -23,6 +23,7 @@ from .errors import OutputError, UsageError
 from .extras import require_extra
 from .io.checkpoints import drop_finished
 from .io.discover import ImageRecord, check_inputs_exist, discover_inputs
+from .io.layout import FLAT, assign_store_paths, layout_for_run, write_layout
 from .io.location import (
     Location,
     exists,
@@ -34,7 +35,7 @@ from .io.location import (
     to_location,
     write_bytes_atomic,
 )
-from .io.store import open_root
+from .io.store import open_root, store_name
 from .io.tables import (
     STATE_DIR,
     atomic_write_bytes,
@@ -45,7 +46,7 @@ from .io.tables import (
 )
 from .model import NucleiModel, bundle_folder, resolve_device, resolve_device_name
 from .options import resolve_instances_on
-from .pipeline import STAGES, SegmentSettings, Timer, forget_image, input_fingerprint
+from .pipeline import STAGES, SegmentSettings, Timer, forget_image, input_fingerprint, plate_columns
 from .verify import verify_records
 
 log = logging.getLogger(__name__)
@@ -249,15 +250,23 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _recorded_settings(out_dir: Location) -> dict[str, Any] | None:
+    """What the first run on OUT recorded in ``.nucleibatch/settings.json`` (None: a new OUT)."""
+    path = out_dir / STATE_DIR / "settings.json"
+    recorded = read_many(fresh_listing(path.parent, path.name)).get(str(path))
+    return json.loads(recorded) if recorded is not None else None
+
+
 def _check_settings(out_dir: Location, fingerprint: dict[str, Any]) -> None:
     """Refuse an OUT written with another model or other settings; record them on first use."""
     path = out_dir / STATE_DIR / "settings.json"
-    recorded = read_many(fresh_listing(path.parent, path.name)).get(str(path))
+    recorded = _recorded_settings(out_dir)
     if recorded is not None:
         # settings added since OUT was started take the value that matches what the older code
-        # did (instances were always made on the CPU), so an older run resumes only where alike
+        # did (instances were always made on the CPU; every image had a flat group), so an older
+        # run resumes only where alike
         before_added = {**SegmentSettings().to_dict(), "instances_on": "cpu"}
-        previous = _flatten({"settings": before_added}) | _flatten(json.loads(recorded))
+        previous = _flatten({"settings": before_added, "layout": FLAT}) | _flatten(recorded)
         for key in RETIRED_SETTINGS:  # settings that no longer change results: OUTs made with them resume
             previous.pop(key, None)
         now = _flatten(fingerprint)
@@ -293,8 +302,13 @@ def run_segment_job(
     gpus_per_worker: float = 1.0,
     progress: bool | None = None,
     post_workers: int | None = None,
+    include: list[str] | tuple[str, ...] = (),
 ) -> RunSummary:
     """Segment every image of ``inputs`` into ``out`` (resuming what a previous run left).
+
+    ``include``: ``--include`` globs; only the files they match are segmented
+    (:func:`~nucleibatch.io.discover.included`). Not a recorded setting: like the INPUTs, a rerun
+    with another filter adds the images it matches to OUT and keeps the ones done before.
 
     ``model``: ``"auto"`` (each image to the shipped bundle of its modality, :mod:`nucleibatch.choose`),
     a shipped bundle's name, a bundle folder, or a loaded model (every image to it).
@@ -348,7 +362,7 @@ def run_segment_job(
                 limit_torch_threads(cpus.count)
             models = load_models(model, device=driver_device, precision=precision)
             loaded = models.first  # the device, precision and post-processing processes are the same for every model
-            records = discover_inputs(inputs, channel=settings.channel, exclude=out_dir)
+            records = discover_inputs(inputs, channel=settings.channel, exclude=out_dir, include=tuple(include))
             if overwrite or overwrite_under_way(out_dir):
                 if not overwrite:
                     log.warning("%s: an earlier run was stopped while --overwrite cleared it; finishing that first", out_dir)
@@ -358,7 +372,11 @@ def run_segment_job(
             instances_on = resolve_instances_on(settings.instances_on, loaded.device.type) if engine == "local" else settings.instances_on
             # one model: as recorded before models were chosen per image (such OUTs resume alike)
             model_sha256 = {name: m.sha256 for name, m in models.models.items()} if models.routes else loaded.sha256
-            _check_settings(out_dir, {"model_sha256": model_sha256, "settings": settings.to_dict() | {"instances_on": instances_on}, "tables": TABLES_VERSION})
+            # where images go in masks.zarr: OUT's own layout, chosen by its first run (io/layout.py)
+            layout = layout_for_run(_recorded_settings(out_dir), records, out_dir)
+            records = assign_store_paths(records, layout)
+            fingerprint = {"model_sha256": model_sha256, "settings": settings.to_dict() | {"instances_on": instances_on}, "tables": TABLES_VERSION, "layout": layout}
+            _check_settings(out_dir, fingerprint)
             remove_stale_temporaries(out_dir)
             open_root(out_dir / "masks.zarr")  # once, here: units running at once then only add groups
             finished = read_records(out_dir)
@@ -410,10 +428,15 @@ def run_segment_job(
             shapes = sum((m.usage.batch_shapes - usage_before[name][2] for name, m in models.models.items()), Counter())
             faults.point("consolidate")
             rows = read_records(out_dir)
+            for record in records:  # images recorded before plate columns existed: placed from this run's discovery
+                row = rows.get(record.image_id)
+                if row is not None and "plate" not in row:
+                    row.update(plate_columns(record))
             write_images_table(out_dir, list(rows.values()))
-            finished_names = {row["store_path"] for row in rows.values() if row["status"] == "ok"}
+            finished_names = {store_name(image_id) for image_id, row in rows.items() if row["status"] == "ok"}
             finish_nuclei_dataset(out_dir, finished_names)
             drop_finished(out_dir, finished_names)
+            write_layout(open_root(out_dir / "masks.zarr"), out_dir / "masks.zarr", rows.values(), layout)
             current = [rows[r.image_id] for r in records if r.image_id in rows]
             wall = time.perf_counter() - started
             megapixels = sum((r.get("height") or 0) * (r.get("width") or 0) for r in current if r["status"] == "ok") / 1e6
@@ -432,6 +455,8 @@ def run_segment_job(
                 "nucleibatch_version": __version__,
                 "command": sys.argv,
                 "inputs": [str(i) for i in inputs],
+                "include": list(include),
+                "layout": layout["kind"],  # of masks.zarr: plate, collection or flat (README, "Look at the results")
                 "engine": engine,
                 "device": str(loaded.device) if engine == "local" else device,
                 # distributed: "auto" is resolved by each model worker for its own device
@@ -550,7 +575,7 @@ def reconcile_renamed(out_dir: Location, records: list[ImageRecord], finished: d
     prefixed = [(old, new) for old, new in renamed if new.endswith("/" + old)]
     for old, new in renamed if not prefixed else []:
         log.info("%s: now has the id %r (a file of the same name beside it); its outputs as %r are replaced", finished[old].get("source"), new, old)
-        forget_image(out_dir, old)
+        forget_image(out_dir, old, finished[old].get("store_path"))
         finished.pop(old)
     if prefixed:
         old, new = prefixed[0]

@@ -19,6 +19,15 @@ def add_segment(subparsers) -> None:
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, zarr stores or manifest files: paths, file:// URLs, or object-store URLs such as s3://bucket/plates (install nucleibatch[s3], or gcsfs / adlfs)")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder: a path, file:// URL or object-store URL such as s3://bucket/out")
+    p.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="segment only the files (or zarr stores) this shell-style pattern matches, against their path relative to the INPUT folder "
+        "(B02/A01_s1_w1.tif) or their name; repeatable (any may match); a pattern matching nothing is an error. E.g. --include '*_w1.tif' "
+        "for the nuclear channel of a one-file-per-channel export. A rerun with another filter adds what it matches to OUT [all files]",
+    )
     p.add_argument("--model", default="auto", help="auto: each image to the shipped model of its modality (fluorescence and grey brightfield: default; H&E and stained tissue: he); or one model for every image: default, he, or a bundle folder [auto]")
     p.add_argument("--pixel-size", type=float, default=None, metavar="UM", help="micrometres per pixel of every input, overriding the files' metadata (OME, SVS MPP, TIFF resolution, OME-Zarr scale); images are resampled to their model's scale [from each file]")
     p.add_argument("--diameter", default=None, metavar="PX|auto", help="typical nucleus diameter in the inputs' pixels; images are resampled so that it matches their model's (it wins over --pixel-size); auto: estimated per image by segmenting its densest 1024x1024 window twice [off: the pixel size decides, else none]")
@@ -83,6 +92,7 @@ def run_segment(args) -> int:
         post_workers=args.post_workers,
         gpus_per_worker=args.gpus_per_worker,
         progress={"auto": None, "bar": True, "log": False}[args.progress],
+        include=list(args.include),
     )
     print(json.dumps(summary.run, indent=2) if args.json else closing_summary(summary))
     return summary.exit_code

@@ -68,15 +68,16 @@ class VerifyReport:
 def image_damage(out_dir: Location, row: dict[str, Any]) -> list[str]:
     """Problems of one finished ('ok') image's outputs against its record's manifest; [] when whole."""
     manifest = row["outputs"]
-    name = row["store_path"]
+    group = row["store_path"]
+    name = store_name(row["image_id"])  # the nuclei part's (a plate field's group is nested, its part flat)
     problems = []
-    found = file_sizes(out_dir / "masks.zarr" / name)
+    found = file_sizes(out_dir / "masks.zarr" / group)
     for key, size in sorted(manifest.get("masks", {}).items()):
         now = found.get(key)
         if now is None:
-            problems.append(f"masks.zarr/{name}/{key} is missing")
+            problems.append(f"masks.zarr/{group}/{key} is missing")
         elif now != size:
-            problems.append(f"masks.zarr/{name}/{key} has {now} bytes, {size} when written")
+            problems.append(f"masks.zarr/{group}/{key} has {now} bytes, {size} when written")
     part = f"nuclei.parquet/{name}.parquet"
     now = file_size(out_dir / "nuclei.parquet" / f"{name}.parquet")
     if now is None:
@@ -115,7 +116,8 @@ def table_problems(out_dir: Location, records: dict[str, dict[str, Any]]) -> lis
     table = out_dir / "images.parquet"
     if exists(table):
         try:
-            rows = pd.read_parquet(str(table), columns=list(IMAGE_COLUMNS))
+            rows = pd.read_parquet(str(table))
+            rows = rows[[c for c in IMAGE_COLUMNS if c in rows.columns]]  # tables of older versions lack the later columns (plate, well, field)
         except Exception as error:
             return [f"images.parquet is unreadable ({type(error).__name__}: {error})"]
         ids = rows["image_id"].tolist()
@@ -133,7 +135,7 @@ def table_problems(out_dir: Location, records: dict[str, dict[str, Any]]) -> lis
             differing = [key for key in TABLE_CHECKED if record is not None and _value(row.get(key)) != _value(record.get(key))]
             if differing:
                 problems.append(f"images.parquet row of {row['image_id']!r} differs from its completion record in {', '.join(differing)}")
-    names = {row.get("store_path") or store_name(image_id) for image_id, row in records.items()}  # a failed image's part: damage of that image
+    names = {store_name(image_id) for image_id in records}  # a failed image's part: damage of that image
     orphans = sorted(p.name for p in fresh_listing(out_dir / "nuclei.parquet", "*.parquet") if p.name != EMPTY_PART and p.name.removesuffix(".parquet") not in names)
     if orphans:
         problems.append(f"nuclei.parquet has {len(orphans)} part(s) of no finished image: {', '.join(orphans[:3])}{' ...' if len(orphans) > 3 else ''}")

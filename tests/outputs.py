@@ -5,8 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from nucleibatch.io.layout import OME_GROUP
 from nucleibatch.io.location import Location, to_location
 from nucleibatch.io.store import open_root
+
+
+def image_groups(root) -> list[str]:
+    """The groups at the root of a masks.zarr that are images (flat names: not the OME group of
+    the root's bioformats2raw layout, which lists them)."""
+    return [name for name in root.group_keys() if name != OME_GROUP]
 
 
 def assert_same_outputs(a: Location | str, b: Location | str, ignore: tuple[str, ...] = ()) -> pd.DataFrame:
@@ -27,5 +34,5 @@ def assert_same_outputs(a: Location | str, b: Location | str, ignore: tuple[str,
             continue
         for path in ("labels/nuclei/0", "0", "labels/nuclei/1" if "1" in root_a[row.store_path] else "0"):
             np.testing.assert_array_equal(root_a[row.store_path][path][:], root_b[row.store_path][path][:], err_msg=f"{row.image_id} {path}")
-    assert sorted(root_a.group_keys()) == sorted(root_b.group_keys())
+    assert sorted(root_a.group_keys()) == sorted(root_b.group_keys())  # the image groups and the root layout's OME group
     return images_a

@@ -368,7 +368,7 @@ def finish_block_unit(plan: ImagePlan, block_index: int, prediction, settings: S
 
     if isinstance(prediction, BaseException):  # its read failed inside a group of small images
         raise prediction
-    group = open_root(out_dir / "masks.zarr")[plan.name]
+    group = open_root(out_dir / "masks.zarr")[plan.store_path]
     result = finish_block(plan, plan.blocks[block_index], prediction, settings, params, group)
     keep_block(out_dir, plan, result)
     result.unit = {"predict_worker": prediction.worker, "finish_worker": current_worker(), "predict_group": prediction.predict_group}

@@ -16,6 +16,7 @@ import os
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
 
 from ..errors import UsageError
@@ -72,6 +73,13 @@ class ImageRecord:
             (:mod:`nucleibatch.choose`): its modality (:mod:`nucleibatch.modality`), the name of
             the model bundle it goes to (None: the run's one model), and the factor it is
             resampled by for that model (:mod:`nucleibatch.scale`; 1: not resampled).
+        plate, well, field: for a field of an OME-Zarr plate (NGFF plate metadata), the plate's
+            id (the image id's part that names the plate: ``plateA`` for ``plateA/B/2/0``), the
+            well's path in the plate (``B/2``: row and column names) and the field's path in
+            the well (``0``); None for any other image.
+        store_path: the image's group in OUT/masks.zarr when it is not the flat
+            :func:`~nucleibatch.io.store.store_name` of its id (plate fields: ``B/2/0``, set by
+            ``segment`` from the output's layout, :mod:`nucleibatch.io.layout`).
     """
 
     image_id: str
@@ -88,6 +96,10 @@ class ImageRecord:
     modality: str | None = None
     model: str | None = None
     scale: float = 1.0
+    plate: str | None = None
+    well: str | None = None
+    field: str | None = None  # (shadows dataclasses.field below this line: use it above only)
+    store_path: str | None = None
 
     def to_dict(self) -> dict:
         """JSON-serialisable dict (inverse of :meth:`from_dict`)."""
@@ -117,7 +129,9 @@ class _Candidate:
     image_id: str = ""
 
 
-def discover_inputs(inputs: Sequence[str], channel: int | None = None, exclude: Location | None = None) -> list[ImageRecord]:
+def discover_inputs(
+    inputs: Sequence[str], channel: int | None = None, exclude: Location | None = None, include: Sequence[str] = ()
+) -> list[ImageRecord]:
     """Find every image under the INPUT paths.
 
     Args:
@@ -126,6 +140,8 @@ def discover_inputs(inputs: Sequence[str], channel: int | None = None, exclude: 
         exclude: the run's own OUT: its output folders are not searched, nor those of any other
             `nucleibatch segment` OUT (:data:`SEGMENT_OUTPUT_FOLDERS`); unlistable folders are
             skipped with a warning.
+        include: ``--include`` glob patterns: only the files and zarr stores that one of them
+            matches are kept (:func:`included`); empty: all.
 
     Returns:
         One :class:`ImageRecord` per image, sorted by ``image_id``. Files that are found
@@ -134,7 +150,7 @@ def discover_inputs(inputs: Sequence[str], channel: int | None = None, exclude: 
 
     Raises:
         UsageError: an INPUT does not exist or is not a kind we read, a manifest is
-            malformed, or no image at all is found.
+            malformed, no image at all is found, or an ``include`` pattern matches no file.
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
@@ -158,7 +174,10 @@ def discover_inputs(inputs: Sequence[str], channel: int | None = None, exclude: 
             f"no images found in {', '.join(map(str, inputs))}; accepted: PNG/JPEG/BMP/TIFF/OME-TIFF/SVS files, "
             "zarr/OME-Zarr stores, folders of them, manifests (.txt / .csv with a 'path' column)"
         )
+    # ids first, from every file found: a file gets the same id whatever the filter (resume needs that)
     _assign_ids(candidates, root_dirs)
+    if include:
+        candidates = included(candidates, include)
     records = [record for candidate in candidates for record in _records(candidate)]
     records = _resolve_suffix_collisions(records)
     if channel is not None:
@@ -167,6 +186,35 @@ def discover_inputs(inputs: Sequence[str], channel: int | None = None, exclude: 
 
 
 # --------------------------------------------------------------------------- inputs
+
+
+def included(candidates: list[_Candidate], patterns: Sequence[str]) -> list[_Candidate]:
+    """The candidates that an ``--include`` pattern matches: shell-style globs (``*``, ``?``,
+    ``[...]``; case-sensitive, ``*`` also crosses ``/``) matched against a file's (or zarr
+    store's) path relative to its INPUT folder (``B02/A01_s1_w1.tif``) and against its name.
+
+    Raises:
+        UsageError: a pattern matches none of the files found (a typo would otherwise silently
+            segment less, or nothing).
+    """
+    matched: dict[str, int] = {pattern: 0 for pattern in patterns}
+    kept = []
+    for candidate in candidates:
+        names = (candidate.rel, candidate.path.name)
+        hits = [pattern for pattern in patterns if any(fnmatchcase(name, pattern) for name in names)]
+        for pattern in hits:
+            matched[pattern] += 1
+        if hits:
+            kept.append(candidate)
+    unmatched = [pattern for pattern, count in matched.items() if count == 0]
+    if unmatched:
+        example = candidates[0].rel if candidates else ""
+        raise UsageError(
+            f"--include {unmatched[0]!r} matched none of the {len(candidates)} files found (e.g. {example!r}); patterns are "
+            "matched against each file's path relative to its INPUT folder and against its name, e.g. --include '*_w1.tif'"
+        )
+    return kept
+
 
 
 def check_inputs_exist(inputs: Sequence[str]) -> None:
@@ -395,7 +443,16 @@ def _records(candidate: _Candidate) -> list[ImageRecord]:
             image_id += "#" + "-".join(f"{'s' if name == 'series' else name}{value}" for name, value in image.parts)
             source += "#" + ",".join(f"{name}={value}" for name, value in image.parts)
         error = printable(image.error) if image.error else None
-        records.append(ImageRecord(printable(image_id), printable(source), path, image.kind or candidate.kind, image.shape, image.channels, image.dtype, image.selector, error, image.pixel_size_um, stamp))
+        plate = well = field_path = None
+        if image.plate is not None:
+            plate_node, well, field_path = image.plate
+            plate, well, field_path = printable(_join(candidate.image_id, plate_node)), printable(well), printable(field_path)
+        records.append(
+            ImageRecord(
+                printable(image_id), printable(source), path, image.kind or candidate.kind, image.shape, image.channels, image.dtype, image.selector, error,
+                image.pixel_size_um, stamp, plate=plate, well=well, field=field_path,
+            )
+        )  # fmt: skip
     return records
 
 

@@ -509,6 +509,9 @@ class ProbedImage:
     error: str | None = None
     kind: str | None = None
     pixel_size_um: float | None = None  # from the file's metadata (io/pixelsize.py), None when unknown
+    # a field of an OME-Zarr plate (NGFF plate -> well -> field metadata): (the plate group's
+    # path in the store, "" for the store itself; the well's path "B/2"; the field's path "0")
+    plate: tuple[str, str, str] | None = None
 
 
 def probe(path: str | Path | Location, kind: str) -> list[ProbedImage]:
@@ -821,20 +824,62 @@ def _probe_zarr(path: Location) -> list[ProbedImage]:
     except Exception as error:
         return [ProbedImage(error=f"not a readable zarr store ({type(error).__name__}: {one_line(error)})")]
     found: list[ProbedImage] = []
-    _visit_zarr(root, "", found)
+    plates: dict[str, dict[str, list[str]]] = {}
+    _visit_zarr(root, "", found, plates)
     if not found:
         return [ProbedImage(error="the zarr store holds no array")]
-    return found
+    return [replace(image, plate=plate_position(image.node, plates)) for image in found]
 
 
-def _visit_zarr(node: Any, node_path: str, found: list[ProbedImage]) -> None:
+def _ome_attrs(attrs: dict, key: str) -> Any:
+    """An OME-Zarr attribute (``plate``, ``well``...) of NGFF 0.5 (under ``ome``) or 0.1-0.4."""
+    ome = attrs.get("ome")
+    return ome.get(key) if isinstance(ome, dict) and key in ome else attrs.get(key)
+
+
+def _plate_wells(node: Any, plate: Any) -> dict[str, list[str]]:
+    """The wells of an NGFF plate group and the field paths each well's metadata lists
+    (``{"B/2": ["0", "1"]}``); wells or fields whose metadata is missing or malformed are left out
+    (their images are then ordinary images of the store)."""
+    wells: dict[str, list[str]] = {}
+    for well in plate.get("wells", []) if isinstance(plate, dict) else []:
+        path = well.get("path") if isinstance(well, dict) else None
+        if not isinstance(path, str) or path.count("/") != 1:
+            continue
+        try:
+            metadata = _ome_attrs(node[path].attrs.asdict(), "well")
+        except Exception:  # a well listed but absent: no field of it is found either
+            continue
+        images = metadata.get("images", []) if isinstance(metadata, dict) else []
+        wells[path] = [str(image["path"]) for image in images if isinstance(image, dict) and "path" in image]
+    return wells
+
+
+def plate_position(node_path: str, plates: dict[str, dict[str, list[str]]]) -> tuple[str, str, str] | None:
+    """``(plate, well, field)`` of the image at ``node_path`` when it is a field that a plate's
+    well metadata lists (``plates``: plate group path -> well path -> field paths), else None."""
+    for plate_path, wells in plates.items():
+        prefix = f"{plate_path}/" if plate_path else ""
+        if not node_path.startswith(prefix):
+            continue
+        parts = node_path[len(prefix) :].split("/")
+        if len(parts) == 3 and parts[2] in wells.get(f"{parts[0]}/{parts[1]}", ()):
+            return plate_path, f"{parts[0]}/{parts[1]}", parts[2]
+    return None
+
+
+def _visit_zarr(node: Any, node_path: str, found: list[ProbedImage], plates: dict[str, dict[str, list[str]]]) -> None:
     import zarr
 
     if isinstance(node, zarr.Array):
         found.extend(_zarr_image(node_path, [node], [""], None))
         return
     try:
-        multiscale = _ome_multiscales(node.attrs.asdict())
+        attrs = node.attrs.asdict()
+        plate = _ome_attrs(attrs, "plate")
+        if plate is not None:
+            plates[node_path] = _plate_wells(node, plate)
+        multiscale = _ome_multiscales(attrs)
         if multiscale is not None:
             paths = [str(d["path"]) for d in multiscale.get("datasets", [])]
             if not paths:
@@ -851,7 +896,7 @@ def _visit_zarr(node: Any, node_path: str, found: list[ProbedImage]) -> None:
     for name, child in members:
         if name.startswith(".") or name == "labels":  # OME-Zarr label images are outputs, not inputs
             continue
-        _visit_zarr(child, f"{node_path}/{name}" if node_path else name, found)
+        _visit_zarr(child, f"{node_path}/{name}" if node_path else name, found, plates)
 
 
 # --------------------------------------------------------------------------- open

@@ -36,7 +36,10 @@ from .location import (
     write_bytes_atomic,
 )
 
-IMAGE_COLUMNS = ("image_id", "source", "height", "width", "n_nuclei", "status", "error", "seconds", "store_path", "modality", "model", "pixel_size_um", "scale")
+IMAGE_COLUMNS = (
+    "image_id", "source", "height", "width", "n_nuclei", "status", "error", "seconds", "store_path", "modality", "model", "pixel_size_um", "scale",
+    "plate", "well", "field",
+)  # fmt: skip  (plate, well, field came later: older OUTs' tables lack them until a run rewrites them)
 STATE_DIR = ".nucleibatch"
 
 NUCLEI_SCHEMA = pa.schema(
@@ -53,6 +56,8 @@ IMAGES_SCHEMA = pa.schema(
         ("n_nuclei", pa.int64()), ("status", pa.string()), ("error", pa.string()), ("seconds", pa.float64()),
         ("store_path", pa.string()), ("modality", pa.string()), ("model", pa.string()), ("pixel_size_um", pa.float64()),
         ("scale", pa.float64()),
+        # OME-Zarr plate fields: the plate's id, the well's path (B/2), the field's path (0); null otherwise
+        ("plate", pa.string()), ("well", pa.string()), ("field", pa.string()),
     ]
 )  # fmt: skip
 assert tuple(NUCLEI_SCHEMA.names) == NUCLEI_COLUMNS + tuple(PHYSICAL_COLUMNS)
@@ -188,11 +193,11 @@ def read_records(out_dir: Location) -> dict[str, dict[str, Any]]:
     return records
 
 
-def output_manifest(out_dir: Location, name: str) -> dict[str, Any]:
+def output_manifest(out_dir: Location, name: str, group: str | None = None) -> dict[str, Any]:
     """What a finished image wrote, for :mod:`nucleibatch.verify`: the size of every file of its
-    masks.zarr group and of its nuclei part."""
+    masks.zarr group (``group``, its store_path; None: ``name``) and of its nuclei part (``name``)."""
     part = out_dir / "nuclei.parquet" / f"{name}.parquet"
-    return {"masks": file_sizes(out_dir / "masks.zarr" / name), "nuclei_part": file_size(part)}
+    return {"masks": file_sizes(out_dir / "masks.zarr" / (group or name)), "nuclei_part": file_size(part)}
 
 
 def remove_image_outputs(out_dir: Location, name: str) -> None:
