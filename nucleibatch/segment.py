@@ -412,7 +412,9 @@ def run_segment_job(
             rows = read_records(out_dir)
             write_images_table(out_dir, list(rows.values()))
             finished_names = {row["store_path"] for row in rows.values() if row["status"] == "ok"}
-            finish_nuclei_dataset(out_dir, finished_names)
+            # every finished image's per-channel columns, in the order first met (by image_id)
+            channel_columns = list(dict.fromkeys(c for _, row in sorted(rows.items()) if row["status"] == "ok" for c in row.get("channel_columns") or ()))
+            finish_nuclei_dataset(out_dir, finished_names, channel_columns)
             drop_finished(out_dir, finished_names)
             current = [rows[r.image_id] for r in records if r.image_id in rows]
             wall = time.perf_counter() - started
