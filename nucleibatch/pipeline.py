@@ -68,6 +68,7 @@ class SegmentSettings:
 
     block_size: int = 2048
     block_margin: int = 128
+    # --channel: an index, or a channel name resolved per image (image_channel); None: the mean of the colours
     channel: int | str | None = None
     invert: str | None = None  # None: the model's normalisation setting
     store_image: bool = True
@@ -79,7 +80,6 @@ class SegmentSettings:
     instances_on: str = "auto"
     pixel_size: float | None = None  # micrometres per pixel of every input (--pixel-size); None: each file's metadata
     diameter: float | str | None = None  # nucleus diameter in input pixels (--diameter), "auto" (estimated), None
-    # --channel: an index, or a channel name resolved per image (image_channel); None: the mean of the colours
 
     def validate(self) -> None:
         if self.block_size < 64 or self.block_size % 32:
