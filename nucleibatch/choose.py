@@ -21,7 +21,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
-from .errors import UsageError, is_fatal
+from .channels import resolve_channel
+from .errors import ImageReadError, UsageError, is_fatal
 from .io.discover import ImageRecord
 from .io.sources import ImageSource, open_source
 from .modality import IMAGE_KINDS, classify_modality
@@ -93,7 +94,7 @@ def load_models(spec: str | NucleiModel, device: str = "auto", precision: str = 
     return ModelSet(models, routes)
 
 
-def choose_all(records: Sequence[ImageRecord], models: ModelSet, channel: int | None = None, invert: str | None = None, pixel_size: float | None = None, diameter: float | str | None = None) -> list[ImageRecord]:
+def choose_all(records: Sequence[ImageRecord], models: ModelSet, channel: int | str | None = None, invert: str | None = None, pixel_size: float | None = None, diameter: float | str | None = None) -> list[ImageRecord]:
     """:func:`choose` for every record (in threads), in order."""
     if not records:
         return []
@@ -101,15 +102,20 @@ def choose_all(records: Sequence[ImageRecord], models: ModelSet, channel: int | 
         return list(pool.map(lambda record: choose(record, models, channel, invert, pixel_size, diameter), records))
 
 
-def choose(record: ImageRecord, models: ModelSet, channel: int | None = None, invert: str | None = None, pixel_size: float | None = None, diameter: float | str | None = None) -> ImageRecord:
+def choose(record: ImageRecord, models: ModelSet, channel: int | str | None = None, invert: str | None = None, pixel_size: float | None = None, diameter: float | str | None = None) -> ImageRecord:
     """The record with its modality, model and scale decided (see the module docstring).
 
     An image that cannot be read here keeps the first model and scale 1: the run then fails it
-    with its reason, as any unreadable image.
+    with its reason, as any unreadable image. ``channel``: ``--channel``, an index or a name
+    (resolved against the record's channel names; discovery failed the records without it).
     """
     pixel = pixel_size if pixel_size is not None else record.pixel_size_um
     if record.error:
         return replace(record, pixel_size_um=pixel, model=models.name_for(None))
+    try:
+        channel = resolve_channel(channel, record.channel_names, record.channels)
+    except ImageReadError as error:  # a record not checked by discovery: the run fails it with this reason
+        return replace(record, pixel_size_um=pixel, model=models.name_for(None), error=str(error))
     modality = kind = None
     found_diameter = None if diameter in (None, AUTO) else float(diameter)
     if models.routes or diameter == AUTO:

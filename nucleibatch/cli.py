@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator, Sequence
 
 from . import __version__
+from .channels import parse_channel
 from .errors import NucleibatchError, UsageError
 from .normalize import INPUTS
 from .options import INSTANCES_ON, PRECISIONS, TTA_CHOICES, resolve_instances_on
@@ -86,7 +87,14 @@ def _add_evaluate(subparsers) -> None:
     p.add_argument("--pixel-size", type=float, default=None, metavar="UM", help="micrometres per pixel of every image, as segment's [from each file's metadata]")
     p.add_argument("--diameter", default=None, metavar="PX|auto", help="nucleus diameter in the images' pixels, or auto (estimated per image), as segment's")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="network arithmetic, as segment's [auto: bf16 on CUDA and on CPUs with native bf16]")
-    p.add_argument("--channel", type=int, default=None, help="nuclear-stain channel index [mean of colours]")
+    p.add_argument(
+        "--channel",
+        type=parse_channel,
+        default=None,
+        metavar="INDEX|NAME",
+        help="the nuclear-stain channel, as segment's: an index, or a channel name from the images' metadata (OME-TIFF, "
+        "OME-Zarr, a segment OUT's image copies); an image without it stops the evaluation (exit 2) naming its channels [mean of colours]",
+    )
     p.add_argument("--csv", default=None, help="write per-image scores to this CSV file")
     p.add_argument("--limit-images", type=int, default=0, help="evaluate only the first K images")
     p.add_argument("--ids-from-bundle", action="store_true", help="evaluate only the validation images recorded in the bundle's config (with --model auto: in any shipped bundle's)")

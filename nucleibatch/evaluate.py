@@ -8,9 +8,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .channels import resolve_channel
 from .choose import AUTO, ModelSet, image_diameter
-from .errors import UsageError
-from .io.annotated import AnnotatedImage, discover_annotated, iter_annotated
+from .errors import ImageReadError, UsageError
+from .io.annotated import (
+    AnnotatedImage,
+    annotated_channel_names,
+    discover_annotated,
+    iter_annotated,
+)
 from .io.sources import ArraySource, file_pixel_size
 from .metrics import image_scores, mean_scores
 from .modality import MODALITIES, classify_modality
@@ -27,7 +33,7 @@ def evaluate_model(
     limit_images: int = 0,
     skip_bad: bool = False,
     image_ids: Sequence[str] | None = None,
-    channel: int | None = None,
+    channel: int | str | None = None,
     instances_on: str = "cpu",
     invert: str | None = None,
     pixel_size: float | None = None,
@@ -78,14 +84,28 @@ def evaluate_model(
 def evaluate_image(
     annotated: AnnotatedImage,
     models: ModelSet,
-    channel: int | None = None,
+    channel: int | str | None = None,
     instances_on: str = "cpu",
     invert: str | None = None,
     pixel_size: float | None = None,
     diameter: float | str | None = None,
 ) -> dict[str, Any]:
-    """One annotated image segmented as ``segment`` would, and its scores (a row of :func:`evaluate_model`)."""
+    """One annotated image segmented as ``segment`` would, and its scores (a row of :func:`evaluate_model`).
+
+    ``channel``: an index, or a channel name resolved against the image's names
+    (:func:`~nucleibatch.io.annotated.annotated_channel_names`).
+
+    Raises:
+        UsageError: ``channel`` is a name the image has no channel of (a score without it
+            would not be the model's on that stain).
+    """
     image = annotated.image
+    if isinstance(channel, str):
+        channels = image.shape[2] if image.ndim == 3 else 1
+        try:
+            channel = resolve_channel(channel, annotated_channel_names(annotated.source, channels), channels)
+        except ImageReadError as error:
+            raise UsageError(f"{annotated.image_id}: {error}; give an index or pick images that name that channel") from None
     evidence = classify_modality(image, channel)
     modality = evidence.modality
     name = models.name_for(evidence.kind)

@@ -63,6 +63,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .channels import INTENSITY_PREFIX
 from .errors import NotSegmentOutputError, NucleibatchError, UsageError  # noqa: F401  (NotSegmentOutputError: raised by check_segment_output)
 from .io.location import is_remote, to_location
 from .io.store import store_name
@@ -479,6 +480,8 @@ def write_geojson(array, nuclei: pd.DataFrame, image_id: str, path: Path) -> int
     tmp = _atomic_path(path)
     count = 0
     measured = [name for name in MEASUREMENTS if name in nuclei.columns]
+    # the image's own per-channel means (the table's other images' channels read as all-null here)
+    measured += [name for name in nuclei.columns if name.startswith(INTENSITY_PREFIX) and nuclei[name].notna().any()]
     with _replace_on_success(tmp, path), open(tmp, "w") as handle:
         handle.write('{"type": "FeatureCollection", "features": [')
         for row, crop in iter_nucleus_masks(array, nuclei):

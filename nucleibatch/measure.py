@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 NUCLEI_COLUMNS = (
@@ -21,7 +23,14 @@ def physical_columns(columns: dict[str, np.ndarray], pixel_size_um: float | None
     return {name: np.asarray(columns[pixels], dtype=np.float64) * float(pixel_size_um) ** power for name, (pixels, power) in PHYSICAL_COLUMNS.items()}
 
 
-def measure_labels(labels: np.ndarray, intensity: np.ndarray, origin: tuple[int, int] = (0, 0), id_offset: int = 0) -> dict[str, np.ndarray]:
+def measure_labels(
+    labels: np.ndarray,
+    intensity: np.ndarray,
+    origin: tuple[int, int] = (0, 0),
+    id_offset: int = 0,
+    channels: np.ndarray | None = None,
+    channel_columns: Sequence[str] = (),
+) -> dict[str, np.ndarray]:
     """Measure every object of a label image.
 
     The values are those of :func:`skimage.measure.regionprops` (``perimeter`` with 4-connectivity,
@@ -34,11 +43,17 @@ def measure_labels(labels: np.ndarray, intensity: np.ndarray, origin: tuple[int,
         intensity: ``(h, w)`` float, the original image's nuclear channel (not normalised).
         origin: image coordinates ``(y, x)`` of ``labels[0, 0]``; added to positions and boxes.
         id_offset: added to the labels to give the global ``label`` column.
+        channels: ``(h, w, C)`` the original image's raw pixels (any real dtype), for the
+            per-channel means; only with ``channel_columns``.
+        channel_columns: ``C`` column names (:func:`nucleibatch.channels.intensity_columns`), one
+            per channel of ``channels``; empty: no per-channel columns.
 
     Returns:
         Columns of :data:`NUCLEI_COLUMNS` except ``image_id``: ``label`` uint32; positions,
         ``area`` (int64), shape and intensity float64. Bounding boxes are half-open.
-        ``mean_intensity`` averages the finite pixels of a nucleus (NaN when it has none).
+        ``mean_intensity`` averages the finite pixels of a nucleus (NaN when it has none); so
+        does each of ``channel_columns`` (float64) over its channel: the sum of the nucleus's
+        finite pixels over their count, exact for any number of pixels.
     """
     labels = np.asarray(labels)
     if labels.ndim != 2:
@@ -46,8 +61,10 @@ def measure_labels(labels: np.ndarray, intensity: np.ndarray, origin: tuple[int,
     flat = labels.ravel()
     inside = labels != 0  # shared by the indices here, the borders and the row runs below
     foreground = np.flatnonzero(inside)
+    if channel_columns and (channels is None or np.ndim(channels) != 3 or np.shape(channels)[:2] != labels.shape or np.shape(channels)[2] != len(channel_columns)):
+        raise ValueError(f"channels must be (h, w, {len(channel_columns)}) for the labels' {labels.shape}, got shape {np.shape(channels)}")
     if foreground.size == 0:
-        return empty_columns()
+        return empty_columns(channel_columns)
     owner = flat[foreground].astype(np.intp)
     n_bins = int(owner.max()) + 1
     area_all = np.bincount(owner, minlength=n_bins)
@@ -75,10 +92,17 @@ def measure_labels(labels: np.ndarray, intensity: np.ndarray, origin: tuple[int,
     with np.errstate(divide="ignore", invalid="ignore"):
         eccentricity = np.where(l1 == 0, 0.0, np.sqrt(np.clip(1 - l2 / np.where(l1 == 0, 1, l1), 0, None)))
 
-    values = np.asarray(intensity).ravel()[foreground].astype(np.float64)
-    finite = np.isfinite(values)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mean_intensity = per_object(np.where(finite, values, 0.0)) / per_object(finite.astype(np.float64))
+    def finite_mean(values: np.ndarray) -> np.ndarray:
+        values = values.astype(np.float64)
+        finite = np.isfinite(values)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return per_object(np.where(finite, values, 0.0)) / per_object(finite.astype(np.float64))
+
+    mean_intensity = finite_mean(np.asarray(intensity).ravel()[foreground])
+    per_channel = {}
+    if channel_columns:
+        pixels = np.asarray(channels)[y, x]  # (pixels, C): only the nuclei's pixels are gathered
+        per_channel = {name: finite_mean(pixels[:, c]) for c, name in enumerate(channel_columns)}
 
     # where a pixel's right / lower neighbour is another object (or background): the runs along
     # rows and the objects' borders both come from these two comparisons
@@ -102,6 +126,7 @@ def measure_labels(labels: np.ndarray, intensity: np.ndarray, origin: tuple[int,
         "bbox_min_x": bbox[:, 1] + ox,
         "bbox_max_y": bbox[:, 2] + oy,
         "bbox_max_x": bbox[:, 3] + ox,
+        **per_channel,
     }
 
 
@@ -226,19 +251,39 @@ def _envelope_floor(row_obj: np.ndarray, row_y: np.ndarray, extreme: np.ndarray,
     return (x[a] * dt + (x[a + 1] - x[a]) * (query_t - t[a])) // (2 * dt)
 
 
-def empty_columns() -> dict[str, np.ndarray]:
-    """The measurement columns with zero rows and their dtypes."""
+def empty_columns(channel_columns: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """The measurement columns (and the per-channel means ``channel_columns``, float64) with zero
+    rows and their dtypes."""
     ints = ("area", "bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x")
-    return {
+    columns = {
         name: np.zeros(0, dtype=np.uint32 if name == "label" else np.int64 if name in ints else np.float64)
         for name in NUCLEI_COLUMNS
         if name != "image_id"
     }
+    columns.update({name: np.zeros(0, dtype=np.float64) for name in channel_columns})
+    return columns
 
 
-def concat_columns(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Concatenate column dicts of :func:`measure_labels` (empty list -> empty columns)."""
+def touches_border(columns: dict[str, np.ndarray], shape: tuple[int, int]) -> np.ndarray:
+    """``(n,)`` bool: whether each nucleus has a pixel on the image's first or last row or column.
+
+    Args:
+        columns: measured nuclei, with the half-open ``bbox_*`` columns in image pixels (int).
+        shape: ``(H, W)`` of the full-resolution image.
+
+    A box is the tight box of the nucleus's pixels, so it reaches an edge exactly when a pixel does.
+    """
+    height, width = shape
+    return (
+        (np.asarray(columns["bbox_min_y"]) <= 0) | (np.asarray(columns["bbox_min_x"]) <= 0)
+        | (np.asarray(columns["bbox_max_y"]) >= height) | (np.asarray(columns["bbox_max_x"]) >= width)
+    )  # fmt: skip
+
+
+def concat_columns(parts: list[dict[str, np.ndarray]], channel_columns: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """Concatenate column dicts of :func:`measure_labels` (no rows -> empty columns, with
+    ``channel_columns``)."""
     parts = [p for p in parts if p["label"].size]
     if not parts:
-        return empty_columns()
+        return empty_columns(channel_columns)
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}

@@ -24,7 +24,14 @@ from .instances import InstanceParams
 from .normalize import check_input
 from .options import PRECISIONS
 from .targets import TARGET_CLASSES
-from .tiling import DEFAULT_HALO, PAD_MULTIPLE, block_grid, network_window, small_image_window, tiles_over_box
+from .tiling import (
+    DEFAULT_HALO,
+    PAD_MULTIPLE,
+    block_grid,
+    network_window,
+    small_image_window,
+    tiles_over_box,
+)
 
 log = logging.getLogger(__name__)
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from . import __version__
 from .allocator import release_free_memory
+from .channels import intensity_columns, intensity_suffixes, resolve_channel
 from .errors import ImageReadError, UsageError, is_fatal
 from .instances import InstanceParams, instance_labels
 from .io.checkpoints import drop_checkpoints, finished_blocks, load_block, save_block
@@ -39,7 +40,7 @@ from .io.store import (
     write_pyramids,
 )
 from .io.tables import output_manifest, remove_image_outputs, write_nuclei_part, write_record
-from .measure import concat_columns, measure_labels, physical_columns
+from .measure import concat_columns, measure_labels, physical_columns, touches_border
 from .normalize import NormStats, normalise_pixels, stats_for_bundle, to_grey
 from .options import INSTANCES_ON, resolve_instances_on
 from .scale import (
@@ -67,7 +68,8 @@ class SegmentSettings:
 
     block_size: int = 2048
     block_margin: int = 128
-    channel: int | None = None
+    # --channel: an index, or a channel name resolved per image (image_channel); None: the mean of the colours
+    channel: int | str | None = None
     invert: str | None = None  # None: the model's normalisation setting
     store_image: bool = True
     postprocess: dict | None = None  # None: the model's tuned values
@@ -109,6 +111,7 @@ class ImagePlan:
     input_fingerprint: str | None = None  # the input as it was when planned (resume redoes changed inputs)
     # blocks an earlier run finished (kept in OUT: nucleibatch.io.checkpoints); not done again
     done_blocks: tuple[int, ...] = ()
+    channel: int | None = None  # the nuclear-stain channel's index in this image (--channel resolved; None: the mean of the colours)
 
     @property
     def store_path(self) -> str:
@@ -120,6 +123,11 @@ class ImagePlan:
     def scale(self) -> float:
         """The factor the network sees the image enlarged by (:mod:`nucleibatch.scale`; 1: as it is)."""
         return self.record.scale
+
+    @property
+    def channel_columns(self) -> tuple[str, ...]:
+        """The image's per-channel mean columns (:func:`nucleibatch.channels.intensity_suffixes`; none for grey and colour images)."""
+        return intensity_columns(intensity_suffixes(self.channels, self.dtype, self.record.channel_names))
 
     @property
     def blocks_to_do(self) -> list[Block]:
@@ -190,19 +198,26 @@ def context_pixels(model_config: dict) -> int:
     return int(model_config.get("halo", DEFAULT_HALO))
 
 
+def image_channel(record: ImageRecord, settings: SegmentSettings) -> int | None:
+    """``--channel`` for one image: the index as given, or the index of the channel of that name
+    (:func:`nucleibatch.channels.resolve_channel`; raises :class:`ImageReadError` where it has none)."""
+    return resolve_channel(settings.channel, record.channel_names, record.channels)
+
+
 def plan_image(record: ImageRecord, source: ImageSource, settings: SegmentSettings, model_config: dict, timer: Timer) -> ImagePlan:
     """Normalisation statistics (once, from the image's overview) and the block grid."""
     if record.error:
         raise ImageReadError(record.error)
+    channel = image_channel(record, settings)
     height, width = source.shape
     if height < MIN_SIDE or width < MIN_SIDE:
         raise ImageReadError(f"image too small ({height}x{width}); nuclei segmentation needs at least {MIN_SIDE}x{MIN_SIDE} pixels")
     with timer("read"):
         overview = source.overview()
     with timer("normalise"):
-        stats = stats_for_bundle(overview, model_config.get("normalization", {}), settings.invert, settings.channel)
+        stats = stats_for_bundle(overview, model_config.get("normalization", {}), settings.invert, channel)
     blocks = block_grid((height, width), block_size_at(settings.block_size, record.scale, settings.block_margin), settings.block_margin)
-    return ImagePlan(record, store_name(record.image_id), (height, width), source.channels, np.dtype(source.dtype), stats, blocks)
+    return ImagePlan(record, store_name(record.image_id), (height, width), source.channels, np.dtype(source.dtype), stats, blocks, channel=channel)
 
 
 def image_group(record: ImageRecord) -> str:
@@ -267,7 +282,9 @@ def _start_image(record: ImageRecord, settings: SegmentSettings, model_config: d
             plan.done_blocks = tuple(finished_blocks(out_dir, name, plan.checkpoint_key()))
     with timer("write"):
         chunk = chunk_for_blocks(block_size_at(settings.block_size, record.scale, settings.block_margin))
-        group = create_image_group(root, group_path, record.image_id, plan.shape, plan.channels, plan.dtype, chunk=chunk, pixel_size_um=record.pixel_size_um)
+        group = create_image_group(
+            root, group_path, record.image_id, plan.shape, plan.channels, plan.dtype, chunk=chunk, pixel_size_um=record.pixel_size_um, channel_names=record.channel_names
+        )
     return plan, group
 
 
@@ -329,7 +346,7 @@ class BlockPrediction:
 def normalise_region(plan: ImagePlan, raw: np.ndarray, settings: SegmentSettings) -> np.ndarray:
     """The network's input for raw pixels ``(h, w, C)`` of an image: ``(h, w)`` float32, resampled
     by the image's scale (:func:`~nucleibatch.scale.to_network_scale`) where it has one."""
-    return to_network_scale(normalise_pixels(raw, plan.stats, settings.channel), plan.scale)
+    return to_network_scale(normalise_pixels(raw, plan.stats, plan.channel), plan.scale)
 
 
 def predict_blocks(
@@ -442,7 +459,7 @@ def finish_block(plan: ImagePlan, block: Block, prediction: BlockPrediction, set
         owned_labels, owned = select_owned(labels, block, plan.shape, settings.block_margin, params.min_size)
         del labels
     with timer("measure"):
-        columns = measure_labels(owned_labels, to_grey(prediction.pixels, settings.channel), origin=(ry0, rx0))
+        columns = measure_labels(owned_labels, to_grey(prediction.pixels, plan.channel), origin=(ry0, rx0), channels=prediction.pixels, channel_columns=plan.channel_columns)
     if image_group is not None and settings.store_image:
         with timer("write"):
             cy0, cy1, cx0, cx1 = block.core_in_read
@@ -469,7 +486,8 @@ def paint_block(plan: ImagePlan, block: Block, results: dict[int, BlockResult], 
 
 
 def remeasure(plan: ImagePlan, source: ImageSource, image_group, columns: dict[str, np.ndarray], global_ids: list[int], settings: SegmentSettings) -> None:
-    """Re-measure nuclei that lost pixels at a seam from the final labels (in place)."""
+    """Re-measure nuclei that lost pixels at a seam from the final labels (in place): every
+    column, the per-channel means too, from the raw pixels of the nucleus's whole box."""
     row_of = {int(label): i for i, label in enumerate(columns["label"])}
     for global_id in global_ids:
         i = row_of[global_id]
@@ -480,8 +498,8 @@ def remeasure(plan: ImagePlan, source: ImageSource, image_group, columns: dict[s
         if not mask.any():
             columns["area"][i] = 0
             continue
-        grey = to_grey(source.read(y0, y1, x0, x1), settings.channel)
-        fresh = measure_labels(mask, grey, origin=(y0, x0), id_offset=global_id - 1)
+        pixels = source.read(y0, y1, x0, x1)
+        fresh = measure_labels(mask, to_grey(pixels, plan.channel), origin=(y0, x0), id_offset=global_id - 1, channels=pixels, channel_columns=plan.channel_columns)
         for key, values in fresh.items():
             columns[key][i] = values[0]
 
@@ -507,7 +525,7 @@ def complete_image(
             columns = dict(results[index].columns)
             columns["label"] = (columns["label"].astype(np.int64) + offsets[index]).astype(np.uint32)
             parts.append(columns)
-        columns = concat_columns(parts)
+        columns = concat_columns(parts, plan.channel_columns)
         if lost:
             source = open_source(plan.record)
             try:
@@ -517,9 +535,10 @@ def complete_image(
             keep = columns["area"] > 0
             columns = {k: v[keep] for k, v in columns.items()}
         columns.update(physical_columns(columns, plan.record.pixel_size_um))
+        columns["touches_border"] = touches_border(columns, plan.shape)
     with timer("write"):
         write_pyramids(image_group)
-        write_nuclei_part(out_dir, plan.name, plan.record.image_id, columns)
+        write_nuclei_part(out_dir, plan.name, plan.record.image_id, columns, plan.channel_columns)
         outputs = output_manifest(out_dir, plan.name, plan.store_path)
     row = {
         "image_id": plan.record.image_id,
@@ -536,6 +555,8 @@ def complete_image(
         # kept in the completion record only (not in images.parquet): resume and verify read them
         "input": plan.input_fingerprint,
         "outputs": outputs,
+        # the per-channel columns of its nuclei part: the run's schema part unites them (io/tables.py)
+        "channel_columns": list(plan.channel_columns),
     }
     return row
 

@@ -54,9 +54,10 @@ ENGINES = ("local", "ray", "dask")
 OUTPUT_NAMES = ("masks.zarr", "nuclei.parquet", "images.parquet", "run.json", "report.html", STATE_DIR)
 # settings of earlier versions that no longer exist (--context: the network reads the model's halo)
 RETIRED_SETTINGS = ("settings.context",)
-# the tables' columns: 2 added the micrometre and model-choice columns (an OUT of version 1 would
-# mix parts of two schemas in nuclei.parquet: refused, start it over)
-TABLES_VERSION = 2
+# the tables' columns: 2 added the micrometre and model-choice columns, 3 touches_border and the
+# per-channel means (an OUT of an earlier version would mix parts of two schemas in
+# nuclei.parquet: refused, start it over)
+TABLES_VERSION = 3
 
 
 @dataclass
@@ -276,7 +277,7 @@ def _check_settings(out_dir: Location, fingerprint: dict[str, Any]) -> None:
             if any(key.startswith("model_sha256") for key in changed):
                 hint = " (an OUT segmented with one model resumes with that --model, e.g. --model default; one made with --model auto, without --model)"
             if any(key.startswith("tables") for key in changed):
-                hint += " (made by an older nucleibatch, whose tables lack the micrometre and model columns)"
+                hint += " (made by an older nucleibatch, whose tables lack newer columns: micrometres, model, touches_border, per-channel intensities)"
             raise UsageError(
                 f"{out_dir} holds results of another model or settings (differs in: {', '.join(changed)}){hint}; "
                 "re-run with the same settings to resume, pass --overwrite to start over, or give a new -o OUT"
@@ -434,7 +435,9 @@ def run_segment_job(
                     row.update(plate_columns(record))
             write_images_table(out_dir, list(rows.values()))
             finished_names = {store_name(image_id) for image_id, row in rows.items() if row["status"] == "ok"}
-            finish_nuclei_dataset(out_dir, finished_names)
+            # every finished image's per-channel columns, in the order first met (by image_id)
+            channel_columns = list(dict.fromkeys(c for _, row in sorted(rows.items()) if row["status"] == "ok" for c in row.get("channel_columns") or ()))
+            finish_nuclei_dataset(out_dir, finished_names, channel_columns)
             drop_finished(out_dir, finished_names)
             write_layout(open_root(out_dir / "masks.zarr"), out_dir / "masks.zarr", rows.values(), layout)
             current = [rows[r.image_id] for r in records if r.image_id in rows]

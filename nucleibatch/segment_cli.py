@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from .channels import parse_channel
 from .options import INSTANCES_ON, PRECISIONS, TTA_CHOICES
 
 
@@ -38,7 +39,15 @@ def add_segment(subparsers) -> None:
     p.add_argument("--gpus-per-worker", type=float, default=1.0, help="GPUs per Ray model worker (0.5: two workers share a GPU) [1]")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda [auto: CUDA when present]")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="network arithmetic [auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), else float32]")
-    p.add_argument("--channel", type=int, default=None, help="index of the nuclear-stain channel [mean of colours]")
+    p.add_argument(
+        "--channel",
+        type=parse_channel,
+        default=None,
+        metavar="INDEX|NAME",
+        help="the nuclear-stain channel: an index (0, 1, ...) or a channel name from the files' metadata (OME-TIFF Channel Name, "
+        "OME-Zarr omero label; exact, else the one case-insensitive match), resolved per image. An image without that channel "
+        "fails (its images.parquet error lists its channels); a name no input has is a usage error (exit 2) [mean of colours]",
+    )
     p.add_argument("--invert", default=None, choices=("auto", "never", "always"), help="invert intensities (bright background) [the model's: auto]")
     p.add_argument("--batch-size", type=int, default=4, help="network input per model call, in 512x512 tiles (a quarter as many 1024x1024 windows) [4]")
     p.add_argument("--tta", default="auto", choices=TTA_CHOICES, help="average predictions over 4 flips (4x slower) [the model's setting]")

@@ -19,7 +19,7 @@ from typing import Any
 
 from .io.location import Location, exists, file_size, file_sizes, fresh_listing
 from .io.store import store_name
-from .io.tables import EMPTY_PART, IMAGE_COLUMNS, check_segment_output, read_records
+from .io.tables import IMAGE_COLUMNS, TABLE_HELPERS, check_segment_output, read_records
 
 # images.parquet columns whose values must equal the completion records'
 TABLE_CHECKED = ("status", "n_nuclei", "height", "width", "store_path")
@@ -136,7 +136,7 @@ def table_problems(out_dir: Location, records: dict[str, dict[str, Any]]) -> lis
             if differing:
                 problems.append(f"images.parquet row of {row['image_id']!r} differs from its completion record in {', '.join(differing)}")
     names = {store_name(image_id) for image_id in records}  # a failed image's part: damage of that image
-    orphans = sorted(p.name for p in fresh_listing(out_dir / "nuclei.parquet", "*.parquet") if p.name != EMPTY_PART and p.name.removesuffix(".parquet") not in names)
+    orphans = sorted(p.name for p in fresh_listing(out_dir / "nuclei.parquet", "*.parquet") if p.name not in TABLE_HELPERS and p.name.removesuffix(".parquet") not in names)
     if orphans:
         problems.append(f"nuclei.parquet has {len(orphans)} part(s) of no finished image: {', '.join(orphans[:3])}{' ...' if len(orphans) > 3 else ''}")
     return problems

@@ -226,6 +226,27 @@ def _load_from_segment_output(source: AnnotatedSource) -> AnnotatedImage:
     return AnnotatedImage(source.image_id, image, labels.astype(np.int32), source)
 
 
+def annotated_channel_names(source: AnnotatedSource, channels: int) -> tuple[str, ...] | None:
+    """The channel names of an annotated image with ``channels`` channels (``--channel NAME``):
+    a segment OUT's ``omero`` labels, or an image file's metadata (OME-TIFF); None when unnamed."""
+    if channels < 2:
+        return None
+    if source.store_path is not None:
+        import zarr
+
+        from .channelnames import ome_zarr_channel_names
+
+        try:
+            attrs = zarr.open_group(source.image_path, mode="r")[source.store_path].attrs.asdict()
+        except Exception:  # names are a bonus; the image itself was read
+            return None
+        return ome_zarr_channel_names(attrs, channels)
+    from .sources import probe
+
+    found = probe(source.image_path, "plain")  # the file's first bytes choose the reader
+    return found[0].channel_names if found and found[0].channels == channels else None
+
+
 def _labels_from_masks(source: AnnotatedSource, shape: tuple[int, int]) -> np.ndarray:
     masks_dir = source.masks_dir
     if linked_folder(masks_dir):

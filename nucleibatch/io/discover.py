@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass, field, replace
 from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
 
-from ..errors import UsageError
+from ..channels import find_channel, resolve_channel
+from ..errors import ImageReadError, UsageError
 from .imagefile import PIL_SUFFIXES, printable
 from .location import Location, exists, fingerprint, is_remote, to_location
 from .sources import ProbedImage, probe
@@ -80,6 +81,10 @@ class ImageRecord:
         store_path: the image's group in OUT/masks.zarr when it is not the flat
             :func:`~nucleibatch.io.store.store_name` of its id (plate fields: ``B/2/0``, set by
             ``segment`` from the output's layout, :mod:`nucleibatch.io.layout`).
+        channel_names: one name per channel (``""`` where a channel has none) from the file's
+            metadata (OME-XML ``Channel Name``, OME-Zarr ``omero.channels[].label``); None when
+            the file names no channel. ``--channel NAME`` and the per-channel columns use them
+            (:mod:`nucleibatch.channels`).
     """
 
     image_id: str
@@ -96,6 +101,7 @@ class ImageRecord:
     modality: str | None = None
     model: str | None = None
     scale: float = 1.0
+    channel_names: tuple[str, ...] | None = None
     plate: str | None = None
     well: str | None = None
     field: str | None = None  # (shadows dataclasses.field below this line: use it above only)
@@ -112,6 +118,8 @@ class ImageRecord:
         data = dict(data)
         if data.get("shape") is not None:
             data["shape"] = tuple(int(v) for v in data["shape"])
+        if data.get("channel_names") is not None:
+            data["channel_names"] = tuple(str(v) for v in data["channel_names"])
         return cls(**data)
 
 
@@ -130,13 +138,15 @@ class _Candidate:
 
 
 def discover_inputs(
-    inputs: Sequence[str], channel: int | None = None, exclude: Location | None = None, include: Sequence[str] = ()
+    inputs: Sequence[str], channel: int | str | None = None, exclude: Location | None = None, include: Sequence[str] = ()
 ) -> list[ImageRecord]:
     """Find every image under the INPUT paths.
 
     Args:
         inputs: folders, image files, zarr stores, manifests (.txt / .csv / .tsv).
-        channel: the ``--channel`` asked for; images with fewer channels get an ``error``.
+        channel: the ``--channel`` asked for: an index (images with fewer channels get an
+            ``error``) or a channel name (images without a channel of that name get an
+            ``error`` listing theirs; a :class:`UsageError` when no input has it).
         exclude: the run's own OUT: its output folders are not searched, nor those of any other
             `nucleibatch segment` OUT (:data:`SEGMENT_OUTPUT_FOLDERS`); unlistable folders are
             skipped with a warning.
@@ -156,8 +166,10 @@ def discover_inputs(
         inputs = [inputs]
     if not inputs:
         raise UsageError("no INPUT given; give image files, folders, zarr stores or a manifest (.txt / .csv)")
-    if channel is not None and channel < 0:
-        raise UsageError(f"--channel must be >= 0, got {channel}")
+    if isinstance(channel, int) and channel < 0:
+        raise UsageError(f"--channel must be >= 0 or a channel name, got {channel}")
+    if isinstance(channel, str) and not channel.strip():
+        raise UsageError("--channel is empty: give a channel index (0, 1, ...) or a channel name")
     check_inputs_exist(inputs)
     skipped = frozenset() if exclude is None else frozenset({_key(exclude)})
     candidates: list[_Candidate] = []
@@ -182,6 +194,7 @@ def discover_inputs(
     records = _resolve_suffix_collisions(records)
     if channel is not None:
         records = [_check_channel(record, channel) for record in records]
+        check_channel_name_exists(records, channel)
     return sorted(records, key=lambda r: r.image_id)
 
 
@@ -447,10 +460,11 @@ def _records(candidate: _Candidate) -> list[ImageRecord]:
         if image.plate is not None:
             plate_node, well, field_path = image.plate
             plate, well, field_path = printable(_join(candidate.image_id, plate_node)), printable(well), printable(field_path)
+        names = tuple(printable(name) for name in image.channel_names) if image.channel_names else None
         records.append(
             ImageRecord(
                 printable(image_id), printable(source), path, image.kind or candidate.kind, image.shape, image.channels, image.dtype, image.selector, error,
-                image.pixel_size_um, stamp, plate=plate, well=well, field=field_path,
+                image.pixel_size_um, stamp, plate=plate, well=well, field=field_path, channel_names=names,
             )
         )  # fmt: skip
     return records
@@ -468,10 +482,37 @@ def _resolve_suffix_collisions(records: list[ImageRecord]) -> list[ImageRecord]:
     return out
 
 
-def _check_channel(record: ImageRecord, channel: int) -> ImageRecord:
-    if record.error or record.channels is None or channel < record.channels:
+def _check_channel(record: ImageRecord, channel: int | str) -> ImageRecord:
+    """The record, or the record failed with why ``--channel`` (an index, or a name resolved
+    against its channel names) does not fit it."""
+    if record.error or record.channels is None:
+        return record
+    if isinstance(channel, str):
+        try:
+            resolve_channel(channel, record.channel_names, record.channels)
+        except ImageReadError as error:
+            return replace(record, error=str(error))
+        return record
+    if channel < record.channels:
         return record
     return replace(record, error=f"--channel {channel} asked for, but the image has {record.channels} channel(s) (0..{record.channels - 1})")
+
+
+def check_channel_name_exists(records: Sequence[ImageRecord], channel: int | str | None) -> None:
+    """A ``--channel NAME`` that no readable input has is a usage error (a typo, most likely), not
+    one failed row per image.
+
+    Raises:
+        UsageError: names the channel names the inputs do have.
+    """
+    if not isinstance(channel, str):
+        return
+    readable = [r for r in records if r.channels is not None]
+    if not readable or any(find_channel(channel, r.channel_names) is not None for r in readable):
+        return
+    seen = sorted({name for r in readable for name in (r.channel_names or ()) if name})
+    offer = f"the inputs' channels are named {', '.join(seen)}" if seen else "no input names its channels (OME-TIFF Channel Name, OME-Zarr omero labels): give an index"
+    raise UsageError(f"--channel {channel!r}: no input image has a channel of that name; {offer}")
 
 
 # --------------------------------------------------------------------------- helpers

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import ImageReadError
+from .channelnames import ome_zarr_channel_names, tiff_channel_names
 from .imagefile import (
     MAX_IN_MEMORY_PIXELS,
     pil_bytes_per_pixel,
@@ -512,6 +513,7 @@ class ProbedImage:
     # a field of an OME-Zarr plate (NGFF plate -> well -> field metadata): (the plate group's
     # path in the store, "" for the store itself; the well's path "B/2"; the field's path "0")
     plate: tuple[str, str, str] | None = None
+    channel_names: tuple[str, ...] | None = None  # one per channel ("" unnamed), from the metadata (io/channelnames.py)
 
 
 def probe(path: str | Path | Location, kind: str) -> list[ProbedImage]:
@@ -736,6 +738,7 @@ def _probe_tiff(path: Location, file_size: int) -> list[ProbedImage]:
                 found.append(ProbedImage(parts=prefix, selector={"series": number}, error=f"{one_line(error)}"))
                 continue
             pixel_size = tiff_pixel_size(tif, number)
+            names = tiff_channel_names(tif, number, plan.channels)
             for index in plan.planes():
                 parts = prefix + tuple((name, value) for name, value in index.items() if plan.shape[plan.names.index(name)] > 1)
                 found.append(
@@ -746,6 +749,7 @@ def _probe_tiff(path: Location, file_size: int) -> list[ProbedImage]:
                         channels=plan.channels,
                         dtype=str(native(series.dtype)),
                         pixel_size_um=pixel_size,
+                        channel_names=names,
                     )
                 )
         return found
@@ -784,7 +788,10 @@ def _ome_axis_names(multiscale: dict, ndim: int) -> tuple[str, ...] | None:
     return tuple(names)
 
 
-def _zarr_image(node_path: str, levels: list[Any], level_paths: list[str], names: tuple[str, ...] | None, pixel_size_um: float | None = None) -> list[ProbedImage]:
+def _zarr_image(
+    node_path: str, levels: list[Any], level_paths: list[str], names: tuple[str, ...] | None, pixel_size_um: float | None = None, attrs: dict | None = None
+) -> list[ProbedImage]:
+    """The images of one zarr array (or OME-Zarr multiscale image, ``attrs`` its group's attributes)."""
     base = levels[0]
     try:
         if names is None:
@@ -806,11 +813,17 @@ def _zarr_image(node_path: str, levels: list[Any], level_paths: list[str], names
                 )
     except Exception as error:
         return [ProbedImage(node=node_path, error=one_line(error))]
+    channel_names = ome_zarr_channel_names(attrs, plan.channels) if attrs else None
     found = []
     for index in plan.planes():
         parts = tuple((name, value) for name, value in index.items() if plan.shape[plan.names.index(name)] > 1)
         selector = {"node": node_path, "levels": level_paths, "axes": list(plan.names), "index": index}
-        found.append(ProbedImage(parts=parts, node=node_path, selector=selector, shape=plan.hw, channels=plan.channels, dtype=str(native(base.dtype)), pixel_size_um=pixel_size_um))
+        found.append(
+            ProbedImage(
+                parts=parts, node=node_path, selector=selector, shape=plan.hw, channels=plan.channels, dtype=str(native(base.dtype)),
+                pixel_size_um=pixel_size_um, channel_names=channel_names,
+            )
+        )  # fmt: skip
     return found
 
 
@@ -887,7 +900,7 @@ def _visit_zarr(node: Any, node_path: str, found: list[ProbedImage], plates: dic
             levels = [node[p] for p in paths]
             if not all(isinstance(level, zarr.Array) for level in levels):
                 raise ValueError("an OME-Zarr dataset path is not an array")
-            found.extend(_zarr_image(node_path, levels, paths, _ome_axis_names(multiscale, levels[0].ndim), ome_zarr_pixel_size(multiscale)))
+            found.extend(_zarr_image(node_path, levels, paths, _ome_axis_names(multiscale, levels[0].ndim), ome_zarr_pixel_size(multiscale), attrs))
             return
         members = sorted(node.members(), key=lambda m: m[0])
     except Exception as error:

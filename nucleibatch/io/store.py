@@ -16,6 +16,7 @@ import functools
 import hashlib
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,11 +98,14 @@ def create_image_group(
     dtype: np.dtype,
     chunk: int = CHUNK,
     pixel_size_um: float | None = None,
+    channel_names: Sequence[str] | None = None,
 ) -> zarr.Group:
     """(Re)create the OME-Zarr group of one image with empty image and label levels.
 
     ``pixel_size_um``: where known, the space axes are in micrometres and the scales physical
-    (NGFF ``unit: micrometer``); else in pixels.
+    (NGFF ``unit: micrometer``); else in pixels. ``channel_names``: the input's channel names
+    (one per channel, ``""`` unnamed), kept as ``omero.channels[].label`` (napari shows them,
+    and ``--channel NAME`` finds them when the OUT is read back as annotated data).
 
     Any previous content under the group's path is removed first: an unfinished earlier
     attempt may have left a whole group, or only some of its nodes and chunks (a run killed
@@ -114,8 +118,11 @@ def create_image_group(
     unit = "micrometer" if pixel_size_um else "pixel"
     space = [{"name": "y", "type": "space", "unit": unit}, {"name": "x", "type": "space", "unit": unit}]
     image_axes = [{"name": "c", "type": "channel"}] + space
+    image_attrs: dict[str, Any] = {"version": NGFF_VERSION, "multiscales": _multiscales(image_id, image_axes, len(levels), pixel_size_um)}
+    if channel_names and len(channel_names) == channels:
+        image_attrs["omero"] = {"channels": [{"label": str(label), "active": True} for label in channel_names]}
     nodes: dict[str, Any] = {
-        name: GroupMetadata(attributes={"ome": {"version": NGFF_VERSION, "multiscales": _multiscales(image_id, image_axes, len(levels), pixel_size_um)}}, zarr_format=3),
+        name: GroupMetadata(attributes={"ome": image_attrs}, zarr_format=3),
         f"{name}/labels": GroupMetadata(attributes={"ome": {"version": NGFF_VERSION, "labels": [LABEL_NAME]}}, zarr_format=3),
         f"{name}/labels/{LABEL_NAME}": GroupMetadata(
             attributes={

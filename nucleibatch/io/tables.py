@@ -1,7 +1,11 @@
 """Output tables and per-image completion records.
 
 * ``OUT/nuclei.parquet/`` — a directory of parquet parts, one per image
-  (``pandas.read_parquet(OUT / "nuclei.parquet")`` reads them all).
+  (``pandas.read_parquet(OUT / "nuclei.parquet")`` reads them all). Parts of multi-channel
+  images have more columns (``mean_intensity_<channel>``) than the others; readers of a parquet
+  dataset (pyarrow, hence pandas) take the columns from its first file, so a zero-row part
+  carrying every part's columns, :data:`SCHEMA_PART`, is kept first in name order; the columns
+  an image lacks read as null.
 * ``OUT/.nucleibatch/records/<name>.json`` — one image's row, written LAST (after its
   labels and its nuclei part): an image is finished exactly when its record exists.
 * ``OUT/images.parquet`` — rebuilt from the records at the end of every run.
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -62,6 +67,13 @@ IMAGES_SCHEMA = pa.schema(
 )  # fmt: skip
 assert tuple(NUCLEI_SCHEMA.names) == NUCLEI_COLUMNS + tuple(PHYSICAL_COLUMNS)
 assert tuple(IMAGES_SCHEMA.names) == IMAGE_COLUMNS
+BORDER_COLUMN = "touches_border"
+
+
+def nuclei_part_schema(channel_columns: Sequence[str] = ()) -> pa.Schema:
+    """The schema of a nuclei part: :data:`NUCLEI_SCHEMA`, ``touches_border`` (bool), then the
+    image's per-channel means ``channel_columns`` (float64, in channel order)."""
+    return pa.schema(list(NUCLEI_SCHEMA) + [pa.field(BORDER_COLUMN, pa.bool_())] + [pa.field(name, pa.float64()) for name in channel_columns])
 
 
 def check_segment_output(out: str | Location, finished: bool = False) -> Location:
@@ -118,14 +130,19 @@ def remove_stale_temporaries(out_dir: Location) -> int:
     return removed
 
 
-def write_nuclei_part(out_dir: Location, name: str, image_id: str, columns: dict[str, np.ndarray]) -> Location:
+def write_nuclei_part(out_dir: Location, name: str, image_id: str, columns: dict[str, np.ndarray], channel_columns: Sequence[str] = ()) -> Location:
     """Write one image's nuclei (columns of :func:`nucleibatch.measure.measure_labels` and
-    :func:`~nucleibatch.measure.physical_columns`, whose NaN become nulls) as a parquet part."""
+    :func:`~nucleibatch.measure.physical_columns`, whose NaN become nulls, ``touches_border`` and
+    the per-channel means ``channel_columns``) as a parquet part (:func:`nuclei_part_schema`)."""
     n = len(columns["label"])
+    schema = nuclei_part_schema(channel_columns)
     arrays = {"image_id": pa.array([image_id] * n, pa.string())}
     arrays.update({key: pa.array(columns[key], NUCLEI_SCHEMA.field(key).type) for key in NUCLEI_COLUMNS if key != "image_id"})
     arrays.update({key: pa.array(columns[key], pa.float64(), from_pandas=True) for key in PHYSICAL_COLUMNS})
-    table = pa.table(arrays, schema=NUCLEI_SCHEMA)
+    arrays[BORDER_COLUMN] = pa.array(columns[BORDER_COLUMN], pa.bool_())
+    # a channel's mean is NaN where none of the nucleus's pixels is finite, as mean_intensity's
+    arrays.update({key: pa.array(columns[key], pa.float64()) for key in channel_columns})
+    table = pa.table(arrays, schema=schema)
     path = out_dir / "nuclei.parquet" / f"{name}.parquet"
     if is_remote(path):
         sink = pa.BufferOutputStream()
@@ -143,9 +160,12 @@ def write_nuclei_part(out_dir: Location, name: str, image_id: str, columns: dict
 
 
 EMPTY_PART = "nucleibatch-no-nuclei.parquet"
+# zero rows, every part's columns; "!" sorts before every store name (letters, digits, ".", "_", "-")
+SCHEMA_PART = "!nucleibatch-schema.parquet"
+TABLE_HELPERS = frozenset({EMPTY_PART, SCHEMA_PART})
 
 
-def finish_nuclei_dataset(out_dir: Location, finished: set[str]) -> None:
+def finish_nuclei_dataset(out_dir: Location, finished: set[str], channel_columns: Sequence[str] = ()) -> None:
     """Make ``nuclei.parquet/`` hold exactly the parts of the finished images, readable even when
     no image produced nuclei (call while holding OUT's lock, when no image is being written).
 
@@ -153,21 +173,46 @@ def finish_nuclei_dataset(out_dir: Location, finished: set[str]) -> None:
     part and record, are removed. With no image part, a zero-row part carrying the schema is
     written (so pandas reads an empty table with the right columns); once real parts exist, that
     placeholder is removed.
+
+    ``channel_columns``: the per-channel columns of all the finished images' parts (from their
+    completion records). When there are any, :data:`SCHEMA_PART` holds them all (written when
+    they change), so that readers that take a dataset's columns from its first file see them.
     """
     directory = out_dir / "nuclei.parquet"
     placeholder = directory / EMPTY_PART
     listed = fresh_listing(directory, "*.parquet")
-    for part in [p for p in listed if p.name != EMPTY_PART and p.name.removesuffix(".parquet") not in finished]:
+    for part in [p for p in listed if p.name not in TABLE_HELPERS and p.name.removesuffix(".parquet") not in finished]:
         remove(part)
         listed.remove(part)
-    parts = [p for p in listed if p.name != EMPTY_PART]
+    parts = [p for p in listed if p.name not in TABLE_HELPERS]
     if parts:
-        if len(parts) < len(listed):
+        if any(p.name == EMPTY_PART for p in listed):
             remove(placeholder)
-    elif not listed:
-        sink = pa.BufferOutputStream()
-        pq.write_table(NUCLEI_SCHEMA.empty_table(), sink)
-        atomic_write_bytes(placeholder, sink.getvalue().to_pybytes())
+    elif not any(p.name == EMPTY_PART for p in listed):
+        _write_empty_part(placeholder, nuclei_part_schema())
+    schema_part = directory / SCHEMA_PART
+    has_schema_part = any(p.name == SCHEMA_PART for p in listed)
+    if channel_columns and parts:
+        wanted = nuclei_part_schema(channel_columns)
+        if not has_schema_part or not _schema_of(schema_part, wanted):
+            _write_empty_part(schema_part, wanted)
+    elif has_schema_part:
+        remove(schema_part)
+
+
+def _write_empty_part(path: Location, schema: pa.Schema) -> None:
+    sink = pa.BufferOutputStream()
+    pq.write_table(schema.empty_table(), sink)
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+def _schema_of(path: Location, schema: pa.Schema) -> bool:
+    """Whether the parquet file at ``path`` has exactly ``schema``'s columns (unreadable: no)."""
+    data = read_many([path]).popitem()[1]
+    try:
+        return data is not None and pq.read_schema(pa.BufferReader(data)).remove_metadata().equals(schema)
+    except (pa.ArrowException, OSError):
+        return False
 
 
 def records_dir(out_dir: Location) -> Location:
