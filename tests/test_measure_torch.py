@@ -1,0 +1,172 @@
+"""Per-nucleus measurements on the labels' device (torch), run here on CPU tensors: the same code a
+GPU runs, checked column by column against the NumPy version :func:`measure_labels` (itself
+checked against skimage's regionprops in tests/test_measure.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from nucleibatch import measure_torch
+from nucleibatch.measure import NUCLEI_COLUMNS, measure_labels
+from nucleibatch.measure_torch import measure_batch_torch, measure_labels_torch
+from nucleibatch.synthetic import synthetic_nuclei
+
+INTEGER_COLUMNS = ("label", "area", "bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x")
+# Float columns: on the CPU the torch version sums the same float64 terms in the same (raster)
+# order as the NumPy version, so the two differ by a few ulp at most (seen: 1e-16 in
+# eccentricity); 1e-9 relative (and absolute, for values near 0 such as the eccentricity of a
+# round nucleus) leaves room for other vector instructions while any wrong formula, offset or
+# pixel would show up far above it (one pixel of a 100-pixel nucleus moves its centroid ~1e-2).
+RTOL = ATOL = 1e-9
+
+
+def assert_same_columns(ours: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> int:
+    assert set(ours) == set(reference) == set(NUCLEI_COLUMNS) - {"image_id"}
+    for column, expected in reference.items():
+        assert ours[column].dtype == expected.dtype, column
+        assert ours[column].shape == expected.shape, column
+        if column in INTEGER_COLUMNS:
+            np.testing.assert_array_equal(ours[column], expected, err_msg=column)
+        else:
+            np.testing.assert_allclose(
+                ours[column], expected, rtol=RTOL, atol=ATOL, equal_nan=True, err_msg=column
+            )
+    return len(reference["label"])
+
+
+def check(
+    labels: np.ndarray,
+    intensity: np.ndarray,
+    dtype: torch.dtype = torch.int64,
+    origin=(0, 0),
+    id_offset=0,
+) -> int:
+    """measure_labels_torch of CPU tensors == measure_labels of the same arrays; the object count."""
+    ours = measure_labels_torch(
+        torch.from_numpy(labels).to(dtype),
+        torch.from_numpy(intensity),
+        origin=origin,
+        id_offset=id_offset,
+    )
+    return assert_same_columns(
+        ours, measure_labels(labels, intensity, origin=origin, id_offset=id_offset)
+    )
+
+
+def awkward_nuclei(seed: int, shape=(300, 260)) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic nuclei (touching, cut by the image's edges) with sparse, shuffled ids and a NaN and
+    an infinite intensity pixel inside nuclei."""
+    image, labels = synthetic_nuclei(shape, n_nuclei=70, seed=seed)
+    rng = np.random.default_rng(seed)
+    n = int(labels.max())
+    sparse = np.zeros(n + 1, dtype=np.int64)
+    sparse[1:] = np.sort(rng.choice(np.arange(1, 40 * n), size=n, replace=False))[
+        rng.permutation(n)
+    ]
+    labels = sparse[labels]
+    intensity = image.astype(np.float32)
+    ys, xs = np.nonzero(labels)
+    intensity[ys[0], xs[0]] = np.nan
+    intensity[ys[-1], xs[-1]] = np.inf
+    return labels, intensity
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("seed", range(3))
+def test_synthetic_nuclei_equal_measure_labels(seed, dtype):
+    labels, intensity = awkward_nuclei(seed)
+    # the cases the test is for are there: touching nuclei, nuclei on the edges, gaps in the ids
+    touching = (labels[:, 1:] != labels[:, :-1]) & (labels[:, 1:] > 0) & (labels[:, :-1] > 0)
+    assert touching.any()
+    assert np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]).any()
+    ids = np.unique(labels[labels > 0])
+    assert ids.size > 30 and ids[-1] > 2 * ids.size
+    assert check(labels, intensity, dtype) == ids.size
+    assert check(labels, intensity, dtype, origin=(1000, 2048), id_offset=70_000) == ids.size
+
+
+def test_awkward_shapes_equal_measure_labels():
+    labels = np.zeros((40, 50), np.int64)
+    labels[0, 0] = 3  # one pixel, in a corner
+    labels[5, 2:30] = 7  # a 1 x 28 line
+    labels[8:30, 45] = 8  # a 22 x 1 column
+    labels[10:30, 10:30] = 12  # a ring: a square with a hole
+    labels[15:25, 15:25] = 0
+    labels[32:40, 0:10] = 20  # touching the bottom and left edges
+    labels[32:40, 10:20] = 21  # touching object 20 along a whole side
+    labels[20, 40] = labels[21, 41] = labels[22, 42] = 30  # diagonal neighbours of one object
+    labels[35:40, 40:50] = 31  # an L: not convex
+    labels[30:35, 45:50] = 31
+    labels[0, 49] = 40  # two pieces of one label, empty rows between them (a nucleus cut at a seam)
+    labels[3:5, 47:49] = 40
+    intensity = np.random.default_rng(0).random(labels.shape) * 1000
+    assert check(labels, intensity) == 9
+
+
+def test_nan_and_infinite_intensities_average_the_finite_pixels_only():
+    labels = np.zeros((6, 6), np.int32)
+    labels[0:2, 0:2] = 1
+    labels[3:5, 3:5] = 2
+    intensity = np.full((6, 6), 10.0)
+    intensity[0, 0] = np.nan
+    intensity[1, 1] = 40.0
+    intensity[3:5, 3:5] = np.inf
+    columns = measure_labels_torch(torch.from_numpy(labels), torch.from_numpy(intensity))
+    assert columns["mean_intensity"][0] == pytest.approx(20.0)
+    assert np.isnan(columns["mean_intensity"][1])
+    assert check(labels, intensity, torch.int32) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_empty_label_image_gives_empty_typed_columns(dtype):
+    labels = torch.zeros((16, 12), dtype=dtype)
+    ours = measure_labels_torch(labels, torch.rand(16, 12))
+    assert_same_columns(ours, measure_labels(labels.numpy(), np.zeros((16, 12))))
+    assert ours["label"].dtype == np.uint32 and ours["area"].dtype == np.int64
+
+
+def test_ids_far_beyond_the_pixel_count_are_sorted_not_binned(monkeypatch):
+    labels, intensity = awkward_nuclei(4, shape=(128, 160))
+    reference = measure_labels(labels, intensity, id_offset=5)
+    # the torch.unique path, forced on the same labels
+    monkeypatch.setattr(measure_torch, "_DENSE_BINS_PER_PIXEL", -1)
+    assert check(labels, intensity, torch.int32, id_offset=5) > 10
+    monkeypatch.undo()
+    # an id near int32's top (a bincount that long would need gigabytes): only the label differs
+    top = int(labels.max())
+    huge = np.where(labels == top, np.iinfo(np.int32).max, labels)
+    ours = measure_labels_torch(
+        torch.from_numpy(huge).to(torch.int32), torch.from_numpy(intensity), id_offset=5
+    )
+    reference["label"][-1] = np.uint32(np.iinfo(np.int32).max + 5)
+    assert_same_columns(ours, reference)
+
+
+def test_batch_equals_image_by_image():
+    shape = (96, 112)
+    images = [awkward_nuclei(seed, shape) for seed in (5, 6)]
+    images.insert(
+        1, (np.zeros(shape, np.int64), np.ones(shape, np.float32))
+    )  # an empty image between
+    labels = torch.from_numpy(np.stack([lab for lab, _ in images])).to(torch.int32)
+    intensity = torch.from_numpy(np.stack([inten for _, inten in images]))
+    origins = [(0, 0), (96, 0), (96, 112)]
+    offsets = [0, 1000, 2000]
+    batch = measure_batch_torch(labels, intensity, origins=origins, id_offsets=offsets)
+    assert len(batch) == 3
+    counts = [
+        assert_same_columns(ours, measure_labels(lab, inten, origin=o, id_offset=k))
+        for ours, (lab, inten), o, k in zip(batch, images, origins, offsets, strict=True)
+    ]
+    assert counts[1] == 0 and counts[0] > 10 and counts[2] > 10
+
+
+def test_bad_shapes_are_refused():
+    with pytest.raises(ValueError):
+        measure_labels_torch(torch.zeros((2, 4, 4), dtype=torch.int32), torch.zeros((2, 4, 4)))
+    with pytest.raises(ValueError):
+        measure_batch_torch(torch.zeros((2, 4, 4), dtype=torch.int32), torch.zeros((2, 4, 5)))
+    with pytest.raises(TypeError):
+        measure_labels_torch(torch.zeros((4, 4)), torch.zeros((4, 4)))
