@@ -25,7 +25,7 @@ import numpy as np
 from . import __version__
 from .allocator import release_free_memory
 from .channels import intensity_columns, intensity_suffixes, resolve_channel
-from .errors import ImageReadError, UsageError, is_fatal
+from .errors import ImageReadError, ObjectTooLargeError, UsageError, is_fatal
 from .instances import InstanceParams, instance_labels
 from .io.checkpoints import drop_checkpoints, finished_blocks, load_block, save_block
 from .io.discover import ImageRecord
@@ -327,8 +327,10 @@ class BlockPrediction:
         float32; None where the labels were made on the network's device. For an image resampled
         for the network, at the network's scale (see ``resampling`` and :func:`at_image_pixels`).
     pixels: ``(h, w, C)`` the image's raw pixels over ``block.read`` (for intensities and the image copy).
-    labels: ``(h, w)`` int32 instance labels over ``block.read`` made on the network's device
-        (:func:`instances_on_device`; raw ids, objects of every size), else None.
+    owned: where the labels were made on the network's device (:func:`instances_on_device`), what
+        :func:`finish_block` would compute from them, computed there too (:func:`finish_on_device`):
+        ``(OwnedObjects, columns)``, or the error that the block's image fails with;
+        else None.
     """
 
     block_index: int
@@ -337,7 +339,7 @@ class BlockPrediction:
     seconds: dict[str, float] = field(default_factory=dict)
     worker: str | None = None  # where it ran (distributed engines)
     predict_group: int = 1  # blocks predicted in the same model call (small images are grouped)
-    labels: np.ndarray | None = None
+    owned: tuple[OwnedObjects, dict[str, np.ndarray]] | BaseException | None = None
     # probabilities at the network's scale, of an image resampled for it: (scale, origin of the
     # probabilities in the resampled region, block.read in the region's own pixels)
     resampling: tuple[float, tuple[int, int], tuple[int, int, int, int]] | None = None
@@ -386,33 +388,52 @@ def predict_blocks(
         probabilities = model.predict_many(normalised, batch_size=batch_size, tta=settings.tta, output_boxes=boxes, keep_half=True, on_device=on_device)
     del normalised
     resamplings = [None if scale == 1.0 else (scale, (box[0], box[2]), inner) for scale, box, inner in zip(scales, boxes, inners, strict=True)]
-    labels: list[np.ndarray | None] = [None] * len(items)
+    pixels = [raw[y0:y1, x0:x1] for (_, _, raw, _), (y0, y1, x0, x1) in zip(items, inners, strict=True)]
+    owned: list[tuple | BaseException | None] = [None] * len(items)
     if on_device:
+        params = instance_params(settings, model)
         with timer("instances"):
-            labels = labels_on_device(probabilities, resamplings, instance_params(settings, model), scales)
+            labels = labels_on_device(probabilities, resamplings, params, scales)
+        with timer("measure"):
+            owned = [finish_on_device(plan, block, block_labels, block_pixels, settings, params) for (plan, block, _, _), block_labels, block_pixels in zip(items, labels, pixels, strict=True)]
+        del labels
         probabilities = [None] * len(items)
         resamplings = [None] * len(items)
-    pixels = [raw[y0:y1, x0:x1] for (_, _, raw, _), (y0, y1, x0, x1) in zip(items, inners, strict=True)]
     total = sum(p.shape[0] * p.shape[1] for p in pixels)
     predictions = []
-    for (_, block, _, _), block_probabilities, block_labels, block_pixels, resampling in zip(items, probabilities, labels, pixels, resamplings, strict=True):
+    for (_, block, _, _), block_probabilities, block_owned, block_pixels, resampling in zip(items, probabilities, owned, pixels, resamplings, strict=True):
         share = block_pixels.shape[0] * block_pixels.shape[1] / total
         seconds = {stage: value * share for stage, value in timer.seconds.items()}
-        predictions.append(BlockPrediction(block.index, block_probabilities, block_pixels, seconds, labels=block_labels, resampling=resampling))
+        predictions.append(BlockPrediction(block.index, block_probabilities, block_pixels, seconds, owned=block_owned, resampling=resampling))
     return predictions
 
 
-def labels_on_device(probabilities: list, resamplings: list[tuple | None], params: InstanceParams, scales: list[float]) -> list[np.ndarray]:
+def finish_on_device(plan: ImagePlan, block: Block, labels, pixels: np.ndarray, settings: SegmentSettings, params: InstanceParams) -> tuple | BaseException:
+    """:func:`finish_block`'s ownership and measurements of a block whose labels (``(h, w)`` tensor
+    over ``block.read``) are on the network's device, done there
+    (:func:`nucleibatch.stitching_torch.own_and_measure_on_device`); a nucleus larger than the
+    block margin is returned as the error its image fails with (the other images of the call go on)."""
+    from .stitching_torch import own_and_measure_on_device
+
+    try:
+        return own_and_measure_on_device(
+            labels, block, plan.shape, settings.block_margin, params.at_scale(plan.scale).min_size, to_grey(pixels, plan.channel), pixels, plan.channel_columns
+        )
+    except ObjectTooLargeError as error:
+        return error
+
+
+def labels_on_device(probabilities: list, resamplings: list[tuple | None], params: InstanceParams, scales: list[float]) -> list:
     """Instance labels of blocks' probabilities that are on the network's device: ``(K, h_i, w_i)``
-    tensors -> ``(h_i, w_i)`` int32 arrays on the host. Blocks of one scale are labelled in one
-    batch (padded to a common shape with background), so that many small images cost the kernel
-    launches of one; only the labels are copied back. Probabilities at the network's scale of a
-    resampled image go through the host to be taken back to the image's pixels."""
+    tensors -> ``(h_i, w_i)`` int32 tensors there (raw ids, objects of every size). Blocks of one
+    scale are labelled in one batch (padded to a common shape with background), so that many small
+    images cost the kernel launches of one. Probabilities at the network's scale of a resampled
+    image go through the host to be taken back to the image's pixels."""
     import torch
 
     from .instances_torch import instance_labels_batch
 
-    labels: list[np.ndarray | None] = [None] * len(probabilities)
+    labels: list = [None] * len(probabilities)
     at_pixels = []
     for block_probabilities, resampling in zip(probabilities, resamplings, strict=True):
         if resampling is not None:
@@ -427,10 +448,10 @@ def labels_on_device(probabilities: list, resamplings: list[tuple | None], param
             for row, k in enumerate(members):
                 _, h, w = at_pixels[k].shape
                 batch[row, :, :h, :w] = at_pixels[k][:3]
-            found = instance_labels_batch(batch, params.at_scale(scale)).cpu().numpy()
+            found = instance_labels_batch(batch, params.at_scale(scale))
             for row, k in enumerate(members):
                 labels[k] = found[row, : at_pixels[k].shape[1], : at_pixels[k].shape[2]]
-    return labels  # type: ignore[return-value]
+    return labels
 
 
 def at_image_pixels(probabilities: np.ndarray, resampling: tuple | None) -> np.ndarray:
@@ -451,15 +472,17 @@ def finish_block(plan: ImagePlan, block: Block, prediction: BlockPrediction, set
     timer.add(prediction.seconds)
     ry0, ry1, rx0, rx1 = block.read
     params = params.at_scale(plan.scale)  # the labels are made at the image's own pixels
-    with timer("instances"):
-        if prediction.labels is not None:
-            labels = prediction.labels
-        else:
+    if isinstance(prediction.owned, BaseException):
+        raise prediction.owned
+    if prediction.owned is not None:
+        owned, columns = prediction.owned
+    else:
+        with timer("instances"):
             labels = instance_labels(at_image_pixels(prediction.probabilities, prediction.resampling), params)
-        owned_labels, owned = select_owned(labels, block, plan.shape, settings.block_margin, params.min_size)
-        del labels
-    with timer("measure"):
-        columns = measure_labels(owned_labels, to_grey(prediction.pixels, plan.channel), origin=(ry0, rx0), channels=prediction.pixels, channel_columns=plan.channel_columns)
+            owned_labels, owned = select_owned(labels, block, plan.shape, settings.block_margin, params.min_size)
+            del labels
+        with timer("measure"):
+            columns = measure_labels(owned_labels, to_grey(prediction.pixels, plan.channel), origin=(ry0, rx0), channels=prediction.pixels, channel_columns=plan.channel_columns)
     if image_group is not None and settings.store_image:
         with timer("write"):
             cy0, cy1, cx0, cx1 = block.core_in_read

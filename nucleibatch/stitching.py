@@ -60,7 +60,6 @@ def select_owned(labels: np.ndarray, block: Block, image_shape: tuple[int, int],
     Raises:
         ObjectTooLargeError: an owned object touches the read region's edge inside the image.
     """
-    ry0, ry1, rx0, rx1 = block.read
     cy0, cy1, cx0, cx1 = block.core_in_read
     n = int(labels.max()) if labels.size else 0
     if n == 0:
@@ -81,7 +80,22 @@ def select_owned(labels: np.ndarray, block: Block, image_shape: tuple[int, int],
     slices = ndi.find_objects(owned_labels, max_label=owned_ids.size)
     # (n, 4) y0, y1, x0, x1 in read coordinates (every owned id is present: no None)
     bounds = np.array([(ys.start, ys.stop, xs.start, xs.stop) for ys, xs in slices], dtype=np.int64).reshape(-1, 4)
-    h, w = labels.shape
+    return owned_labels, owned_objects(owned_labels, bounds, block, image_shape, margin)
+
+
+def owned_objects(owned_labels: np.ndarray, bounds: np.ndarray, block: Block, image_shape: tuple[int, int], margin: int) -> OwnedObjects:
+    """:class:`OwnedObjects` of a block's owned labels (:func:`select_owned`, or its device twin
+    :func:`nucleibatch.stitching_torch.select_owned_torch`).
+
+    Args:
+        owned_labels: ``(h, w)`` int32 over ``block.read``, owned objects numbered 1..n.
+        bounds: ``(n, 4)`` int64 ``(y0, y1, x0, x1)`` half-open boxes of objects 1..n, read coordinates.
+
+    Raises:
+        ObjectTooLargeError: an owned object touches the read region's edge inside the image.
+    """
+    ry0, ry1, rx0, rx1 = block.read
+    h, w = owned_labels.shape
     touches = (
         ((bounds[:, 0] == 0) & (ry0 > 0))
         | ((bounds[:, 1] == h) & (ry1 < image_shape[0]))
@@ -94,10 +108,10 @@ def select_owned(labels: np.ndarray, block: Block, image_shape: tuple[int, int],
             f"a nucleus near (y={ry0 + y0}, x={rx0 + x0}) reaches more than the block margin "
             f"({margin} px) beyond its block; raise --block-margin (e.g. to {2 * margin}) or --block-size"
         )
-    masks = [owned_labels[box] == local_id for local_id, box in enumerate(slices, start=1)]
-    return owned_labels, OwnedObjects(
+    masks = [owned_labels[y0:y1, x0:x1] == local_id for local_id, (y0, y1, x0, x1) in enumerate(bounds.tolist(), start=1)]
+    return OwnedObjects(
         block.index,
-        np.arange(1, owned_ids.size + 1, dtype=np.int64),
+        np.arange(1, len(bounds) + 1, dtype=np.int64),
         bounds + np.array([ry0, ry0, rx0, rx0], dtype=np.int64),
         masks,
     )

@@ -8,6 +8,31 @@ import pandas as pd
 from nucleibatch.io.layout import OME_GROUP
 from nucleibatch.io.location import Location, to_location
 from nucleibatch.io.store import open_root
+from nucleibatch.measure import NUCLEI_COLUMNS
+
+INTEGER_COLUMNS = ("label", "area", "bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x")
+# Float columns: on the CPU the torch version sums the same float64 terms in the same (raster)
+# order as the NumPy version, so the two differ by a few ulp at most (seen: 1e-16 in
+# eccentricity); 1e-9 relative (and absolute, for values near 0 such as the eccentricity of a
+# round nucleus) leaves room for other vector instructions while any wrong formula, offset or
+# pixel would show up far above it (one pixel of a 100-pixel nucleus moves its centroid ~1e-2).
+RTOL = ATOL = 1e-9
+
+
+def assert_same_columns(ours: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> int:
+    """Assert two measurement column dicts (device and NumPy) agree: integers exactly, floats to
+    RTOL; returns the number of rows."""
+    assert set(ours) == set(reference) == set(NUCLEI_COLUMNS) - {"image_id"}
+    for column, expected in reference.items():
+        assert ours[column].dtype == expected.dtype, column
+        assert ours[column].shape == expected.shape, column
+        if column in INTEGER_COLUMNS:
+            np.testing.assert_array_equal(ours[column], expected, err_msg=column)
+        else:
+            np.testing.assert_allclose(
+                ours[column], expected, rtol=RTOL, atol=ATOL, equal_nan=True, err_msg=column
+            )
+    return len(reference["label"])
 
 
 def image_groups(root) -> list[str]:
