@@ -213,24 +213,12 @@ def _measure_on_device(
     )
     row_obj, row_y, left, right = rows
     # boxes from the row extremes (a few values per object row instead of every pixel)
-    y0 = torch.full((n,), h, dtype=torch.int64, device=device).scatter_reduce_(
-        0, row_obj, row_y, "amin"
-    )
-    y1 = (
-        torch.full((n,), -1, dtype=torch.int64, device=device).scatter_reduce_(
-            0, row_obj, row_y, "amax"
-        )
-        + 1
-    )
-    x0 = torch.full((n,), w, dtype=torch.int64, device=device).scatter_reduce_(
-        0, row_obj, left, "amin"
-    )
-    x1 = (
-        torch.full((n,), -1, dtype=torch.int64, device=device).scatter_reduce_(
-            0, row_obj, right, "amax"
-        )
-        + 1
-    )
+
+    def reduce_rows(values: torch.Tensor, start: int, reduce: str) -> torch.Tensor:
+        return torch.full((n,), start, dtype=torch.int64, device=device).scatter_reduce_(0, row_obj, values, reduce)
+
+    y0, y1 = reduce_rows(row_y, h, "amin"), reduce_rows(row_y, -1, "amax") + 1
+    x0, x1 = reduce_rows(left, w, "amin"), reduce_rows(right, -1, "amax") + 1
 
     # the only transfers: three stacks
     key_image = keys // stride if batch > 1 else torch.zeros_like(keys)

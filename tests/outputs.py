@@ -35,6 +35,24 @@ def assert_same_columns(ours: dict[str, np.ndarray], reference: dict[str, np.nda
     return len(reference["label"])
 
 
+def awkward_shapes(dtype=np.int32) -> np.ndarray:
+    """``(40, 50)`` labels of 8 objects that measurement code gets wrong first: one pixel in a
+    corner, a 1-pixel line and column, a ring, objects on the edges and touching along a side,
+    diagonal pixels of one object, an L (not convex)."""
+    labels = np.zeros((40, 50), dtype)
+    labels[0, 0] = 3  # one pixel, in a corner
+    labels[5, 2:30] = 7  # a 1 x 28 line
+    labels[8:30, 45] = 8  # a 22 x 1 column
+    labels[10:30, 10:30] = 12  # a ring: a square with a hole
+    labels[15:25, 15:25] = 0
+    labels[32:40, 0:10] = 20  # touching the bottom and left edges
+    labels[32:40, 10:20] = 21  # touching object 20 along a whole side
+    labels[20, 40] = labels[21, 41] = labels[22, 42] = 30  # diagonal neighbours of one object
+    labels[35:40, 40:50] = 31  # an L: not convex
+    labels[30:35, 45:50] = 31
+    return labels
+
+
 def image_groups(root) -> list[str]:
     """The groups at the root of a masks.zarr that are images (flat names: not the OME group of
     the root's bioformats2raw layout, which lists them)."""

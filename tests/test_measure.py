@@ -11,6 +11,7 @@ from skimage.measure import regionprops_table
 from nucleibatch.io.annotated import discover_annotated, iter_annotated
 from nucleibatch.measure import NUCLEI_COLUMNS, measure_labels
 from nucleibatch.synthetic import synthetic_nuclei
+from tests.outputs import awkward_shapes
 
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "dsb_demo"
 REGIONPROPS = {
@@ -56,19 +57,7 @@ def test_synthetic_nuclei_match_regionprops(seed):
 
 
 def test_awkward_shapes_match_regionprops():
-    labels = np.zeros((40, 50), np.int32)
-    labels[0, 0] = 3  # one pixel, in a corner
-    labels[5, 2:30] = 7  # a 1 x 28 line
-    labels[8:30, 45] = 8  # a 22 x 1 column
-    labels[10:30, 10:30] = 12  # a ring: a square with a hole
-    labels[15:25, 15:25] = 0
-    labels[32:40, 0:10] = 20  # touching the bottom and left edges
-    labels[32:40, 10:20] = 21  # touching object 20 along a whole side
-    labels[20, 40] = 30  # diagonal neighbours of one object
-    labels[21, 41] = 30
-    labels[22, 42] = 30
-    labels[35:40, 40:50] = 31  # an L: not convex
-    labels[30:35, 45:50] = 31
+    labels = awkward_shapes(np.int32)
     intensity = np.random.default_rng(0).random(labels.shape) * 1000
     assert assert_matches_regionprops(labels, intensity) == 8
 

@@ -12,7 +12,7 @@ from nucleibatch import measure_torch
 from nucleibatch.measure import measure_labels
 from nucleibatch.measure_torch import measure_batch_torch, measure_labels_torch
 from nucleibatch.synthetic import synthetic_nuclei
-from tests.outputs import assert_same_columns
+from tests.outputs import assert_same_columns, awkward_shapes
 
 
 def check(
@@ -67,17 +67,7 @@ def test_synthetic_nuclei_equal_measure_labels(seed, dtype):
 
 
 def test_awkward_shapes_equal_measure_labels():
-    labels = np.zeros((40, 50), np.int64)
-    labels[0, 0] = 3  # one pixel, in a corner
-    labels[5, 2:30] = 7  # a 1 x 28 line
-    labels[8:30, 45] = 8  # a 22 x 1 column
-    labels[10:30, 10:30] = 12  # a ring: a square with a hole
-    labels[15:25, 15:25] = 0
-    labels[32:40, 0:10] = 20  # touching the bottom and left edges
-    labels[32:40, 10:20] = 21  # touching object 20 along a whole side
-    labels[20, 40] = labels[21, 41] = labels[22, 42] = 30  # diagonal neighbours of one object
-    labels[35:40, 40:50] = 31  # an L: not convex
-    labels[30:35, 45:50] = 31
+    labels = awkward_shapes(np.int64)
     labels[0, 49] = 40  # two pieces of one label, empty rows between them (a nucleus cut at a seam)
     labels[3:5, 47:49] = 40
     intensity = np.random.default_rng(0).random(labels.shape) * 1000
