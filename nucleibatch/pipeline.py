@@ -13,19 +13,15 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import defaultdict, deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import __version__
-from .allocator import release_free_memory
 from .channels import intensity_columns, intensity_suffixes, resolve_channel
-from .errors import ImageReadError, ObjectTooLargeError, UsageError, is_fatal
+from .errors import ImageReadError, ObjectTooLargeError, UsageError
 from .instances import InstanceParams, instance_labels
 from .io.checkpoints import drop_checkpoints, finished_blocks, load_block, save_block
 from .io.discover import ImageRecord
@@ -149,7 +145,7 @@ class BlockResult:
     """What one block contributes: its owned nuclei and their measurements (block-local ids)."""
 
     block_index: int
-    owned: OwnedObjects
+    owned: OwnedObjects | None  # None: kept in the block's checkpoint (:func:`without_masks`)
     columns: dict[str, np.ndarray]
     seconds: dict[str, float] = field(default_factory=dict)
     unit: dict[str, Any] | None = None  # where its units ran (distributed engines)
@@ -345,10 +341,16 @@ class BlockPrediction:
     resampling: tuple[float, tuple[int, int], tuple[int, int, int, int]] | None = None
 
 
+def network_input(pixels: np.ndarray, stats: NormStats, channel: int | None, scale: float) -> np.ndarray:
+    """The network's input for raw pixels ``(h, w[, C])`` of an image: ``(h', w')`` float32,
+    normalised with the image's statistics and resampled by its scale
+    (:func:`~nucleibatch.scale.to_network_scale`; ``h' = h`` at scale 1)."""
+    return to_network_scale(normalise_pixels(pixels, stats, channel), scale)
+
+
 def normalise_region(plan: ImagePlan, raw: np.ndarray, settings: SegmentSettings) -> np.ndarray:
-    """The network's input for raw pixels ``(h, w, C)`` of an image: ``(h, w)`` float32, resampled
-    by the image's scale (:func:`~nucleibatch.scale.to_network_scale`) where it has one."""
-    return to_network_scale(normalise_pixels(raw, plan.stats, plan.channel), plan.scale)
+    """:func:`network_input` of a block's raw pixels ``(h, w, C)``."""
+    return network_input(raw, plan.stats, plan.channel, plan.scale)
 
 
 def predict_blocks(
@@ -460,10 +462,13 @@ def at_image_pixels(probabilities: np.ndarray, resampling: tuple | None) -> np.n
     return probabilities if resampling is None else from_network_scale(probabilities, *resampling)
 
 
-def fits_one_tile(plan: ImagePlan, model_config: dict) -> bool:
-    """An image small enough to be one tile of the network (most DSB fields): engines batch the
-    blocks of several such images into one model call."""
-    return len(plan.blocks) == 1 and small_image_window(scaled_shape(plan.shape, plan.scale), int(model_config.get("tile_size", 512))) is not None
+def one_tile_window(plan: ImagePlan, model_config: dict) -> tuple[int, int] | None:
+    """The network window of an image small enough to be one tile of the network (most DSB
+    fields), or None: engines batch the blocks of several such images of one window into one
+    model call."""
+    if len(plan.blocks) != 1:
+        return None
+    return small_image_window(scaled_shape(plan.shape, plan.scale), int(model_config.get("tile_size", 512)))
 
 
 def finish_block(plan: ImagePlan, block: Block, prediction: BlockPrediction, settings: SegmentSettings, params: InstanceParams, image_group=None) -> BlockResult:
@@ -585,179 +590,43 @@ def complete_image(
 
 
 def paint_and_complete(plan: ImagePlan, results: list[BlockResult], settings: SegmentSettings, out_dir: Location, timer: Timer) -> dict[str, Any]:
-    """Paint every block core from all the image's block results, then :func:`complete_image`
-    (the distributed engines: results arrive together). Returns the row (not yet recorded)."""
+    """The last step of an image whose blocks are all finished: paint every block core, in raster
+    order, from the owned nuclei of the blocks around it (:class:`ImageStitcher`), then
+    :func:`complete_image`. Returns the row (not yet recorded).
+
+    ``results``: the blocks finished by this run, in any order. A block that an earlier run
+    finished (``plan.done_blocks``), or whose result comes without its nuclei's masks (an image of
+    several blocks: :func:`without_masks`, its masks in its checkpoint), is read back from its
+    checkpoint as its turn comes; the stitcher frees each block's masks once every core that needs
+    them is painted, so memory stays bounded by a few rows of blocks however large the image.
+    """
     by_index = {r.block_index: r for r in results}
-    for index in plan.done_blocks:
-        by_index.setdefault(index, kept_block(out_dir, plan, index))
-    if sorted(by_index) != [b.index for b in plan.blocks]:
-        raise ValueError(f"{plan.record.image_id}: block results {sorted(by_index)} do not cover the {len(plan.blocks)} blocks")
+    covered = sorted(set(by_index) | set(plan.done_blocks))
+    if covered != [b.index for b in plan.blocks]:
+        raise ValueError(f"{plan.record.image_id}: block results {covered} do not cover the {len(plan.blocks)} blocks")
     group = open_root(out_dir / "masks.zarr")[plan.store_path]
-    offsets = block_offsets(by_index[b.index].owned.count for b in plan.blocks)
-    lost: dict[int, int] = {}
-    with timer("stitch"):
-        for block in plan.blocks:
-            lost.update(paint_block(plan, block, by_index, offsets, group))
-    return complete_image(plan, by_index, offsets, lost, group, settings, out_dir, timer)
+    stitcher = ImageStitcher(plan, group, timer)
+    for block in plan.blocks:
+        result = by_index.pop(block.index, None)
+        if result is None or result.owned is None:
+            result = kept_block(out_dir, plan, block.index)
+        stitcher.add(result)
+    return complete_image(plan, stitcher.results, stitcher.offsets, stitcher.lost, group, settings, out_dir, timer)
 
 
-def segment_record(
-    record: ImageRecord,
-    model: NucleiModel,
-    settings: SegmentSettings,
-    out_dir: Location,
-    batch_size: int = 4,
-    timer: Timer | None = None,
-    prefetch=None,
-) -> dict[str, Any]:
-    """Segment one image completely in this process and write all its outputs; returns its row.
-
-    The calling thread runs the model only: blocks are read and normalised by ``prefetch`` (an
-    iterator factory like :func:`read_blocks`, the default; the local engine's reads ahead in a
-    thread of its own), and each block of a multi-block image is
-    post-processed and painted in a second thread while the model predicts the next one (one
-    block in flight, so memory stays bounded by a few blocks).
-
-    The row is written last as the image's completion record. Errors that concern this
-    image (unreadable, too small, nucleus larger than the margin) raise; the caller turns
-    them into a 'failed' row.
-    """
-    timer = timer or Timer()
-    started = time.perf_counter()
-    params = instance_params(settings, model)
-    halo = context_pixels(model.config)
-    source = open_image(record, timer)
-    try:
-        plan, group = _start_image(record, settings, model.config, out_dir, timer, source)
-        stitcher = ImageStitcher(plan, group, timer)
-        reads = (prefetch or read_blocks(timer))(plan, source, halo, settings)
-        kept = deque(plan.done_blocks)  # the stitcher takes blocks in raster order: these go in their turn
-
-        def add_kept(before: int) -> None:
-            while kept and kept[0] < before:
-                stitcher.add(kept_block(out_dir, plan, kept.popleft()))
-
-        def finish(block: Block, prediction: BlockPrediction) -> None:
-            add_kept(block.index)
-            result = finish_block(plan, block, prediction, settings, params, group)
-            keep_block(out_dir, plan, result)
-            stitcher.add(result)
-
-        # one block: nothing to overlap with, it is finished in this thread
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nb-finish") if len(plan.blocks) > 1 else nullcontext() as finisher:
-            pending: Future | None = None
-            for block, raw, region, normalised in reads:
-                prediction = predict_blocks([(plan, block, raw, region)], model, settings, batch_size, [normalised])[0]
-                del raw, normalised
-                if finisher is None:
-                    finish(block, prediction)
-                    continue
-                if pending is not None:
-                    pending.result()
-                pending = finisher.submit(finish, block, prediction)
-                del prediction
-            if pending is not None:
-                pending.result()
-            add_kept(len(plan.blocks))
-    finally:
-        source.close()
-    return record_image(plan, stitcher, group, settings, out_dir, timer, started)
-
-
-def record_image(plan: ImagePlan, stitcher: ImageStitcher, group, settings: SegmentSettings, out_dir: Location, timer: Timer, started: float) -> dict[str, Any]:
-    """The last step of an image whose blocks are all in ``stitcher``: :func:`complete_image`, the
-    seconds since ``started`` (``time.perf_counter()``), and the row written as its completion
-    record; returns the row."""
-    row = complete_image(plan, stitcher.results, stitcher.offsets, stitcher.lost, group, settings, out_dir, timer)
-    row["seconds"] = round(time.perf_counter() - started, 4)
-    drop_checkpoints(out_dir, plan.name)  # first: a kill between the two redoes the image, whole
-    write_record(out_dir, plan.name, row)
-    return row
-
-
-def _unless_fatal(call: Callable[..., Any], *args: Any) -> Any:
-    """``call(*args)``, or the exception it raised, returned; errors of the output side
-    (:func:`~nucleibatch.errors.is_fatal`) are raised."""
-    try:
-        return call(*args)
-    except Exception as error:
-        if is_fatal(error):
-            raise
-        return error
-
-
-def segment_small_records(
-    records: list[ImageRecord],
-    model: NucleiModel,
-    settings: SegmentSettings,
-    out_dir: Location,
-    batch_size: int = 4,
-    timer: Timer | None = None,
-) -> list[dict[str, Any] | BaseException]:
-    """Segment several one-tile images (:func:`fits_one_tile`, e.g. DSB fields), their tiles in
-    shared network calls, and write all their outputs; per record, its row or its error.
-
-    A network call of many small windows costs less per window than one call each (on a 2-core
-    CPU about half for 16 windows of 256², ``benchmarks/bare_model.py --side 256 --batch-sizes 1
-    16``), and a GPU needs full calls. The outputs are those of :func:`segment_record`: a tile's
-    probabilities do not depend on which tiles share its call. An image that turns out larger
-    than one tile (e.g. ``--block-size`` smaller than a window) goes through
-    :func:`segment_record`; one image's error (unreadable, or its prediction failing) leaves the
-    others done (errors of the output side, :func:`~nucleibatch.errors.is_fatal`, are raised). The
-    row is written last, as each image's completion record.
-    """
-    timer = timer or Timer()
-    started = time.perf_counter()
-    params = instance_params(settings, model)
-    halo = context_pixels(model.config)
-    outcomes: dict[int, dict[str, Any] | BaseException] = {}
-    ready: list[tuple[int, ImagePlan, Any, tuple]] = []  # (position, plan, group, (raw, region, normalised))
-    # an image's "seconds" run from the start of its group (its reading waited for the others')
-    larger: list[int] = []
-
-    def start(position: int, record: ImageRecord) -> None:
-        source = open_image(record, timer)
-        try:
-            plan, group = _start_image(record, settings, model.config, out_dir, timer, source)
-            if fits_one_tile(plan, model.config):
-                ready.append((position, plan, group, read_and_normalise(plan, plan.blocks[0], source, halo, settings, timer)))
-            else:
-                larger.append(position)
-        finally:
-            source.close()
-
-    for position, record in enumerate(records):
-        error = _unless_fatal(start, position, record)
-        if error is not None:
-            outcomes[position] = error
-
-    def predict(batch: list[tuple[int, ImagePlan, Any, tuple]]) -> list[BlockPrediction]:
-        items = [(plan, plan.blocks[0], raw, region) for _, plan, _, (raw, region, _) in batch]
-        return predict_blocks(items, model, settings, batch_size, [normalised for *_, (_, _, normalised) in batch])
-
-    predictions = _unless_fatal(predict, ready)
-    if isinstance(predictions, BaseException):  # find the image that fails: the others are predicted alone
-        predictions = [_unless_fatal(lambda one: predict([one])[0], one) for one in ready]
-    finishing = [(position, plan, group) for position, plan, group, _ in ready]
-    ready.clear()  # the raw pixels travel on in the predictions; the network inputs go now
-
-    def finish(plan: ImagePlan, group, prediction: BlockPrediction) -> dict[str, Any]:
-        stitcher = ImageStitcher(plan, group, timer)
-        stitcher.add(finish_block(plan, plan.blocks[0], prediction, settings, params, group))
-        return record_image(plan, stitcher, group, settings, out_dir, timer, started)
-
-    for index, (position, plan, group) in enumerate(finishing):
-        prediction, predictions[index] = predictions[index], None  # freed as each image is done
-        outcomes[position] = prediction if isinstance(prediction, BaseException) else _unless_fatal(finish, plan, group, prediction)
-    for position in larger:
-        outcomes[position] = _unless_fatal(segment_record, records[position], model, settings, out_dir, batch_size, timer)
-    return [outcomes[position] for position in range(len(records))]
+def without_masks(plan: ImagePlan, result: BlockResult) -> BlockResult:
+    """What a finished block passes on to its image's last step: for an image of several blocks,
+    whose block results are checkpointed (:func:`keep_block`), the result without its owned nuclei
+    (:func:`paint_and_complete` reads them back in their turn), so that the blocks of a whole
+    slide waiting for its last step hold their measurements only; else the result itself."""
+    if len(plan.blocks) == 1:
+        return result
+    return BlockResult(result.block_index, None, result.columns, result.seconds, result.unit)
 
 
 class ImageStitcher:
-    """Paints an image's block cores as the block results arrive (in raster order): each core as
-    soon as all its neighbours are done, then frees the nuclei no core still needs, so memory stays
-    bounded by a few block rows."""
+    """Paints an image's block cores as the block results are added (in raster order): each core
+    as soon as all its neighbours are there, then frees the nuclei no core still needs."""
 
     def __init__(self, plan: ImagePlan, group, timer: Timer) -> None:
         self.plan, self.group, self.timer = plan, group, timer
@@ -774,8 +643,6 @@ class ImageStitcher:
 
     def add(self, result: BlockResult) -> None:
         """Take one block's result; paint what it completes."""
-        release_free_memory()  # the block's arrays are gone: their pages go back to the OS
-        self.timer.add(result.seconds)
         self.results[result.block_index] = result
         self.offsets = block_offsets(self.results[i].owned.count for i in range(len(self.results)))
         with self.timer("stitch"):
@@ -786,17 +653,6 @@ class ImageStitcher:
             for index, done in self.results.items():
                 if self.needed_by[index] <= self.painted and done.owned.masks:
                     done.owned.masks = []
-
-
-def read_blocks(timer: Timer) -> Callable:
-    """The default block reader of :func:`segment_record`: reads and normalises each block in turn,
-    yielding ``(block, raw, region, normalised)``."""
-
-    def reads(plan: ImagePlan, source: ImageSource, halo: int, settings: SegmentSettings) -> Iterator:
-        for block in plan.blocks_to_do:
-            yield (block, *read_and_normalise(plan, block, source, halo, settings, timer))
-
-    return reads
 
 
 def read_and_normalise(plan: ImagePlan, block: Block, source: ImageSource, halo: int, settings: SegmentSettings, timer: Timer) -> tuple:

@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -355,15 +356,19 @@ def run_segment_job(
                 from .engines.process_pool import default_post_workers, start_post_pool
 
                 if post_workers is None:
-                    post_workers = default_post_workers(model.device.type if isinstance(model, NucleiModel) else resolve_device(driver_device).type)
+                    post_workers = default_post_workers(model.device.type if isinstance(model, NucleiModel) else resolve_device(driver_device).type, settings.instances_on)
                 if post_workers:
                     post_pool = start_post_pool(post_workers)  # the processes start while the model loads
             cpus = usable_cpus()
             if engine == "local":
                 limit_torch_threads(cpus.count)
-            models = load_models(model, device=driver_device, precision=precision)
+            # the inputs are discovered (file headers probed) while the models load (torch and
+            # smp imports, weights): the first block reaches the device that much sooner
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nb-discover") as discovery:
+                discovered = discovery.submit(discover_inputs, inputs, channel=settings.channel, exclude=out_dir, include=tuple(include))
+                models = load_models(model, device=driver_device, precision=precision)
+                records = discovered.result()
             loaded = models.first  # the device, precision and post-processing processes are the same for every model
-            records = discover_inputs(inputs, channel=settings.channel, exclude=out_dir, include=tuple(include))
             if overwrite or overwrite_under_way(out_dir):
                 if not overwrite:
                     log.warning("%s: an earlier run was stopped while --overwrite cleared it; finishing that first", out_dir)
@@ -408,14 +413,10 @@ def run_segment_job(
                     group = [r for r in todo if r.model == name]
                     if not group:
                         continue
-                    if post_pool is not None:
-                        from .engines.process_pool import run_pool
-
-                        run_pool(group, group_model, settings, out_dir, batch_size, timer, bar.update, placement, post_pool, post_workers)
-                    elif engine == "local":
+                    if engine == "local":
                         from .engines.local import run_local
 
-                        run_local(group, group_model, settings, out_dir, batch_size, timer, bar.update)
+                        run_local(group, group_model, settings, out_dir, batch_size, timer, bar.update, placement, post_pool, post_workers, cpus.count)
                     else:
                         from importlib import import_module
 

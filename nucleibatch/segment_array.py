@@ -1,5 +1,7 @@
-"""Segmentation of one in-memory image: the same steps as the block pipeline, in one block; and
-the nucleus size of an image, estimated by segmenting it (``--diameter auto``)."""
+"""Segmentation of one in-memory image (``evaluate``): the block pipeline's steps
+(:mod:`nucleibatch.pipeline`: network input, prediction, labels at the image's pixels) on the
+whole image as one block; and the nucleus size of an image, estimated by segmenting it
+(``--diameter auto``)."""
 
 from __future__ import annotations
 
@@ -10,9 +12,10 @@ from scipy import ndimage as ndi
 
 from .instances import InstanceParams, probabilities_to_labels, relabel_sequential, remove_small
 from .model import NucleiModel
-from .normalize import NormStats, normalise_pixels, stats_for_bundle
+from .normalize import NormStats, stats_for_bundle
 from .options import resolve_instances_on
-from .scale import from_network_scale, median_diameter, resample_scale, to_network_scale
+from .pipeline import at_image_pixels, network_input
+from .scale import median_diameter, resample_scale
 
 # --diameter auto segments at most this many pixels of an image (the densest window of its overview)
 ESTIMATE_WINDOW = 1024
@@ -49,10 +52,8 @@ def segment_image(
         ``(H, W)`` int32 labels, 0 = background.
     """
     stats = stats or stats_for_bundle(image, model.config.get("normalization", {}), invert, channel)
-    network_input = to_network_scale(normalise_pixels(image, stats, channel), scale)
-    probabilities = model.predict(network_input, batch_size=batch_size)
-    if scale != 1.0:
-        probabilities = from_network_scale(probabilities, scale, (0, 0), (0, image.shape[0], 0, image.shape[1]))
+    probabilities = model.predict(network_input(image, stats, channel, scale), batch_size=batch_size)
+    probabilities = at_image_pixels(probabilities, None if scale == 1.0 else (scale, (0, 0), (0, image.shape[0], 0, image.shape[1])))
     params = (params or model.postprocess).at_scale(scale)
     if resolve_instances_on(instances_on, model.device.type) == "device":
         from .instances_torch import instance_labels_on

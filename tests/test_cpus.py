@@ -44,7 +44,7 @@ def test_the_smallest_limit_wins(tmp_path):
     assert (slurm.count, slurm.source) == (4, "SLURM_CPUS_PER_TASK")
     assert usable_cpus({"SLURM_CPUS_PER_TASK": "junk"}, tmp_path / "none", affinity=6).count == 6
     # a 128-core node with 8 allotted: 6 post-processing processes on a GPU, not 126
-    assert default_post_workers("cuda", usable_cpus({}, cgroup, affinity=128).count) == 6
+    assert default_post_workers("cuda", "cpu", usable_cpus({}, cgroup, affinity=128).count) == 6
 
 
 @pytest.mark.skipif(shutil.which("taskset") is None, reason="taskset (util-linux) not installed")

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import subprocess
+from collections import Counter
 
 import numpy as np
 import pandas as pd
@@ -111,7 +112,9 @@ def test_post_workers_default_to_none_on_the_cpu_and_the_spare_cores_on_a_gpu():
     from nucleibatch.engines.process_pool import default_post_workers
 
     assert default_post_workers("cpu", cpus=16) == 0
-    assert default_post_workers("cuda", cpus=16) == 14 and default_post_workers("cuda", cpus=2) == 1
+    assert default_post_workers("cuda", "cpu", cpus=16) == 14 and default_post_workers("cuda", "cpu", cpus=2) == 1
+    # instances and measurements on the GPU (its default): the host's share runs in threads
+    assert default_post_workers("cuda", cpus=16) == default_post_workers("cuda", "device", cpus=16) == 0
 
 
 def test_dask_engine_on_a_local_cluster_matches_the_local_engine(local_reference, tmp_path):
@@ -330,11 +333,11 @@ def test_the_local_engine_groups_small_images_into_shared_calls_with_unchanged_o
     """One-tile images share network calls in the local engine too (batch_size windows' worth,
     one shape per call): the labels and tables are those of one image per call, the broken file
     fails alone."""
-    from nucleibatch.engines import local
+    from nucleibatch.engines import distributed
 
     files.write_small_archive(tmp_path / "in", copies=3)
     grouped = run_segment_job([str(tmp_path / "in")], tmp_path / "grouped", model="default", device="cpu", precision=PRECISION, batch_size=4, progress=False)
-    monkeypatch.setattr(local, "group_small_images", lambda records, *sizes: [[record] for record in records])
+    monkeypatch.setattr(distributed, "small_images_per_unit", lambda batch_size, window: 1)
     alone = run_segment_job([str(tmp_path / "in")], tmp_path / "alone", model="default", device="cpu", precision=PRECISION, batch_size=4, progress=False)
     assert grouped.n_ok == alone.n_ok == 16 and grouped.n_failed == alone.n_failed == 1
     assert_same_outputs(tmp_path / "alone", tmp_path / "grouped")
@@ -344,24 +347,33 @@ def test_the_local_engine_groups_small_images_into_shared_calls_with_unchanged_o
     assert sum(calls.values()) < sum(one_by_one.values())
 
 
-def test_small_images_are_grouped_per_window_up_to_one_call():
-    from nucleibatch.engines.local import group_small_images
-    from nucleibatch.io.discover import ImageRecord
+def test_small_images_are_grouped_per_window_up_to_one_call(tmp_path):
+    """Nine one-tile images of one window, batch_size 1 (one 512² tile's pixels per call): units of
+    at most as many 224² windows as one call holds (5; fewer when the model would otherwise wait
+    for images still being planned); an image of several blocks goes alone."""
+    from nucleibatch.engines.distributed import small_images_per_unit
+    from nucleibatch.synthetic import synthetic_nuclei, threshold_model
 
-    shapes = {"a": (256, 320), "big": (2000, 3000), "b": (250, 250), "bad": None, "c": (256, 256), "d": (200, 256), "e": (256, 256), "f": (256, 256), "g": (256, 300)}
-    records = [ImageRecord(name, name, name, "plain", shape, 1 if shape else None, "uint8" if shape else None, error=None if shape else "unreadable") for name, shape in shapes.items()]
-    groups = [[record.image_id for record in group] for group in group_small_images(records, tile_size=512, block_size=2048, batch_size=1)]
-    assert groups == [["big"], ["bad"], ["d"], ["b", "c", "e", "f"], ["a", "g"]]  # 4 windows of 256² per call of one 512²; d is 224 x 256
-    # images of several blocks (block size under the image) are not grouped
-    assert [len(g) for g in group_small_images(records, tile_size=512, block_size=250, batch_size=1)] == [1] * 9
+    assert small_images_per_unit(1, (224, 224)) == 5 and small_images_per_unit(4, (256, 256)) == 16 and small_images_per_unit(1, (1024, 1024)) == 1
+    for k in range(9):
+        files.write_plain(tmp_path / "in" / f"f{k}.png", synthetic_nuclei((200, 200), n_nuclei=5, seed=k)[0])
+    files.write_plain(tmp_path / "in" / "large.png", synthetic_nuclei((300, 200), n_nuclei=8, seed=9)[0])
+    summary = run_segment_job([str(tmp_path / "in")], tmp_path / "out", model=threshold_model(), settings=SegmentSettings(block_size=256, block_margin=32), batch_size=1, progress=False)
+    assert summary.n_ok == 10
+    calls = Counter()
+    for n, *window, count in json.loads((tmp_path / "out" / "run.json").read_text())["model_batches"]:
+        calls[(n, *window)] += count
+    small = sorted(n for (n, h, w), count in calls.items() for _ in range(count) if (h, w) == (224, 224))
+    assert sum(small) == 9 and max(small) <= 5 and len(small) < 9, calls
 
 
-def test_a_group_of_small_images_fails_only_the_image_that_fails(tmp_path):
+def test_a_group_of_small_images_fails_only_the_image_that_fails(tmp_path, monkeypatch):
     """An image gone between discovery and reading, and one of several blocks, in a group: the
     first gets its error, the second the whole-image path; the others are those of one by one."""
-    from nucleibatch.errors import ImageReadError
+    from nucleibatch.engines import distributed
+    from nucleibatch.engines.local import run_local
     from nucleibatch.io.discover import discover_inputs
-    from nucleibatch.pipeline import segment_record, segment_small_records
+    from nucleibatch.pipeline import Timer
     from nucleibatch.synthetic import synthetic_nuclei, threshold_model
 
     for k in range(3):
@@ -370,11 +382,22 @@ def test_a_group_of_small_images_fails_only_the_image_that_fails(tmp_path):
     model, settings = threshold_model(), SegmentSettings(block_size=160, block_margin=32)
     records = discover_inputs([str(tmp_path / "in")])
     (tmp_path / "in" / "f1.png").unlink()
-    outcomes = segment_small_records(records, model, settings, tmp_path / "grouped", batch_size=4)
-    assert isinstance(outcomes[1], ImageReadError) and [o["status"] for i, o in enumerate(outcomes) if i != 1] == ["ok"] * 3
+
+    def segment(out_dir) -> dict[str, dict]:
+        rows: list[dict] = []
+        run_local(records, model, settings, out_dir, 4, Timer(), rows.append, [])
+        return {row["image_id"]: row for row in rows}
+
+    grouped = segment(tmp_path / "grouped")
+    assert grouped["f1"]["status"] == "failed" and "f1.png" in grouped["f1"]["error"]
+    assert [grouped[f"f{k}"]["status"] for k in (0, 2, 3)] == ["ok"] * 3
+    monkeypatch.setattr(distributed, "small_images_per_unit", lambda batch_size, window: 1)
+    alone = segment(tmp_path / "alone")
     for k in (0, 2, 3):
-        row = segment_record(records[k], model, settings, tmp_path / "alone")
-        assert row["n_nuclei"] == outcomes[k]["n_nuclei"] > 0
+        row = alone[f"f{k}"]
+        assert row["n_nuclei"] == grouped[f"f{k}"]["n_nuclei"] > 0
         grouped_labels = zarr.open_group(tmp_path / "grouped" / "masks.zarr", mode="r")[f"{row['store_path'].split('/')[-1]}/labels/nuclei/0"]
         alone_labels = zarr.open_group(tmp_path / "alone" / "masks.zarr", mode="r")[f"{row['store_path'].split('/')[-1]}/labels/nuclei/0"]
         np.testing.assert_array_equal(np.asarray(grouped_labels), np.asarray(alone_labels))
+
+

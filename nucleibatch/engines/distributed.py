@@ -1,5 +1,5 @@
-"""The driver of the distributed engines (Ray, Dask, and the local engine's post-processing
-processes): the same work units, scheduled on a cluster or a process pool.
+"""The driver of every engine (local threads or processes, Ray, Dask): the same work units,
+scheduled on this machine or on a cluster. This is the one orchestration of an image's steps.
 
 Work units, per image (functions of :mod:`nucleibatch.pipeline`, run where the scheduler puts them):
 
@@ -14,8 +14,9 @@ Work units, per image (functions of :mod:`nucleibatch.pipeline`, run where the s
 The driver only passes references between them (block data never goes through it) and bounds
 what is in flight: at most ``2 x model workers + CPU slots`` predict units between predict and
 finish_block, a few images planned ahead, so memory stays bounded however large the archive.
-Images that fit one network tile are grouped ``batch_size`` to a predict unit, so that a GPU
-gets full batches and per-call scheduling overhead is paid once per group. Each unit's writes go to
+Images that fit one network tile are grouped, by network window, as many to a predict unit as
+one model call of ``batch_size`` tiles' pixels holds (:func:`small_images_per_unit`), so that a
+GPU gets full batches and per-call scheduling overhead is paid once per group. Each unit's writes go to
 places only that unit writes, by overwriting or atomic rename: a unit run twice (a retry after
 its worker died) leaves the same outputs and no duplicate rows.
 
@@ -37,7 +38,7 @@ from ..io.discover import ImageRecord
 from ..io.location import Location
 from ..io.store import open_root, store_name
 from ..io.tables import write_record
-from ..pipeline import ImagePlan, SegmentSettings, Timer, fits_one_tile, record_failed_image
+from ..pipeline import ImagePlan, SegmentSettings, Timer, one_tile_window, record_failed_image
 from ..scale import scaled_shape
 from ..tiling import small_image_window
 
@@ -93,6 +94,14 @@ def batching_order(records: Sequence[ImageRecord], tile_size: int) -> list[Image
     return sorted(records, key=key)
 
 
+def small_images_per_unit(batch_size: int, window: tuple[int, int]) -> int:
+    """One-tile images of one network ``window`` grouped per predict unit: as many as one model
+    call of ``batch_size`` 512² tiles' worth of pixels holds (a call holds one shape)."""
+    from ..model import windows_per_call
+
+    return windows_per_call(max(1, batch_size), window)
+
+
 def run_distributed(
     executor: Executor,
     records: Sequence[ImageRecord],
@@ -107,18 +116,25 @@ def run_distributed(
     A block unit's error reaches the driver through the image's ``complete`` unit, which depends
     on it (Ray and Dask both fail a task whose inputs failed, with the original exception).
     """
-    pending = deque(batching_order(records, int(executor.model_config.get("tile_size", 512))))
-    group_size = max(1, executor.batch_size)
+    tile_size = int(executor.model_config.get("tile_size", 512))
+    pending = deque(batching_order(records, tile_size))
+
+    def group_size(window: tuple[int, int]) -> int:
+        return small_images_per_unit(executor.batch_size, window)
+
+    windows = {small_image_window(scaled_shape(r.shape, r.scale), tile_size) for r in records if r.shape}
+    largest_group = max([group_size(w) for w in windows if w] or [1])
     # in flight: 2 predict units per model worker, a unit being one block or a group of small
     # images, plus one per CPU slot: post-processing takes far longer than predicting (on a GPU
     # node, ~20x), so the CPU workers need that many blocks waiting to all be busy
     max_load = max(2, 2 * executor.workers + executor.finish_slots)
-    max_images = max_load * group_size
+    max_images = max_load * largest_group
     images: dict[str, _Image] = {}
     starting: dict[Any, _Image] = {}
     blocks: dict[Any, _Image] = {}
     load: dict[Any, float] = {}  # finish future -> its share of a predict unit
     completing: dict[Any, _Image] = {}
+    small: dict[tuple[int, int], list[tuple[_Image, int]]] = {}  # one-tile images waiting, by window
 
     def submit(units: list[tuple[_Image, int]]) -> None:
         predictions = executor.predict([(image.plan, index) for image, index in units])
@@ -127,6 +143,9 @@ def run_distributed(
             image.results[index] = future
             blocks[future] = image
             load[future] = 1 / len(units)
+
+    def waiting() -> float:
+        return sum(len(units) / group_size(window) for window, units in small.items())
 
     def fail(image: _Image, error: BaseException) -> None:
         if is_fatal(error):
@@ -143,22 +162,28 @@ def run_distributed(
                 images[image.record.image_id] = image
                 starting[executor.start(image.record)] = image
             # blocks of the images started first go first: images complete in order, memory stays low
-            small: list[tuple[_Image, int]] = []
             for image in list(images.values()):
-                while image.to_submit and sum(load.values()) + len(small) / group_size < max_load:
+                while image.to_submit and sum(load.values()) + waiting() < max_load:
                     index = image.to_submit.popleft()
-                    if fits_one_tile(image.plan, executor.model_config):
-                        small.append((image, index))
+                    window = one_tile_window(image.plan, executor.model_config)
+                    if window is not None:
+                        small.setdefault(window, []).append((image, index))
                     else:
                         submit([(image, index)])
-            while len(small) >= group_size:
-                submit(small[:group_size])
-                del small[:group_size]
-            if small and (not starting or sum(load.values()) < executor.workers):
-                submit(small)  # a partial group rather than a model worker waiting for work
-            elif small:
-                for image, index in small:  # the images being started will complete the group
-                    image.to_submit.appendleft(index)
+            for window, units in small.items():
+                while len(units) >= group_size(window):
+                    submit(units[: group_size(window)])
+                    del units[: group_size(window)]
+            if not starting or sum(load.values()) < executor.workers:
+                for units in small.values():  # partial groups rather than a model worker waiting for work
+                    if units:
+                        submit(units)
+                small.clear()
+            else:
+                for units in small.values():  # the images being started will complete the groups
+                    for image, index in reversed(units):
+                        image.to_submit.appendleft(index)
+                small.clear()
             for future in executor.wait([*starting, *blocks, *completing]):
                 if future in starting:
                     image = starting.pop(future)
@@ -349,6 +374,11 @@ class OpenImages:
                 while len(self.open) > self.keep:
                     self.open.popitem(last=False)[1].close()
 
+    def close_all(self) -> None:
+        """Close every image still open (a run that stopped before their last blocks)."""
+        while self.open:
+            self.open.popitem(last=False)[1].close()
+
 
 # read_unit's open images in this process
 _UNIT_IMAGES = OpenImages(keep=2)
@@ -364,7 +394,7 @@ def read_unit(plan: ImagePlan, block_index: int, settings: SegmentSettings, halo
 def finish_block_unit(plan: ImagePlan, block_index: int, prediction, settings: SegmentSettings, params, out_dir: Location):
     """Unit 3: :func:`nucleibatch.pipeline.finish_block`, writing into the image's group."""
     from ..allocator import release_free_memory
-    from ..pipeline import finish_block, keep_block
+    from ..pipeline import finish_block, keep_block, without_masks
 
     if isinstance(prediction, BaseException):  # its read failed inside a group of small images
         raise prediction
@@ -373,6 +403,7 @@ def finish_block_unit(plan: ImagePlan, block_index: int, prediction, settings: S
     keep_block(out_dir, plan, result)
     result.unit = {"predict_worker": prediction.worker, "finish_worker": current_worker(), "predict_group": prediction.predict_group}
     del prediction
+    result = without_masks(plan, result)  # a slide's masks wait in their checkpoints, not in memory
     release_free_memory()  # the worker goes on to other blocks: give back this one's pages
     return result
 
@@ -381,11 +412,13 @@ def complete_unit(plan: ImagePlan, settings: SegmentSettings, out_dir: Location,
     """Unit 4: :func:`nucleibatch.pipeline.paint_and_complete` (which adds the blocks an earlier run
     finished); returns the row, the summed stage seconds of the image's units and where its block
     units ran."""
+    from ..allocator import release_free_memory
     from ..pipeline import paint_and_complete
 
     timer = Timer()
     for result in results:
         timer.add(result.seconds)
     row = paint_and_complete(plan, list(results), settings, out_dir, timer)
+    release_free_memory()
     units = [{"image_id": plan.record.image_id, "block": r.block_index, **(r.unit or {})} for r in results]
     return row, dict(timer.seconds), units

@@ -1,103 +1,95 @@
-"""The local engine: one process, one device; threads overlap reading and post-processing with the model."""
+"""The local engine: this machine, one device, the driver of every engine
+(:func:`.distributed.run_distributed`) with the units of :mod:`.distributed` run here.
+
+The model stays in this process, in one thread that only predicts. The CPU units (plan an image,
+finish a block: instances, measurements, image copy; complete an image: paint, tables, pyramids)
+run in threads of this process, or in the processes of ``segment --post-workers N``
+(:mod:`.process_pool`), which also read and normalise the blocks. Without processes the blocks
+are read and normalised in one thread ahead of the model: an image is read by one thread at a
+time, as its readers are not thread-safe.
+"""
 
 from __future__ import annotations
 
-import logging
-import time
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from itertools import groupby
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    CancelledError,
+    Executor,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    wait,
+)
 from typing import TYPE_CHECKING, Any
 
-from ..errors import is_fatal
 from ..io.discover import ImageRecord
 from ..io.location import Location
-from ..pipeline import (
-    ImagePlan,
-    SegmentSettings,
-    Timer,
-    read_and_normalise,
-    record_failed_image,
-    segment_record,
-    segment_small_records,
-)
-from ..scale import scaled_shape
-from ..tiling import small_image_window
+from ..pipeline import ImagePlan, SegmentSettings, Timer, context_pixels, instance_params
+from . import distributed
 
 if TYPE_CHECKING:
     from ..model import NucleiModel
 
-log = logging.getLogger(__name__)
-# Images in flight at once: while one image is on the model, the other is read or post-processed.
-IMAGES_IN_FLIGHT = 2
 
+class LocalExecutor:
+    """:class:`.distributed.Executor` on this machine: predict units in one thread of this process
+    (with ``model``), CPU units in ``cpu_pool`` (threads, or the processes of
+    :func:`.process_pool.start_post_pool`) with ``cpu_slots`` workers."""
 
-def prefetching_reader(timer: Timer, depth: int = 1) -> Callable:
-    """A block reader for :func:`segment_record` that reads and normalises ``depth`` blocks ahead
-    in a background thread, while the model runs."""
+    def __init__(self, model: NucleiModel, settings: SegmentSettings, batch_size: int, out_dir: Location, cpu_pool: Executor, cpu_slots: int) -> None:
+        self.settings, self.batch_size, self.out_dir = settings, batch_size, out_dir
+        self.params = instance_params(settings, model)
+        self.model_config = model.config
+        self.workers = 1
+        self.finish_slots = cpu_slots
+        self.predictor = distributed.BlockPredictor(model, str(model.device), settings, batch_size)
+        self.halo = context_pixels(model.config)
+        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nb-model")
+        self.cpu_pool = cpu_pool
+        # processes read in parallel, each its own handle of an image; threads share the
+        # predictor's open images, so one thread reads
+        self.reader = None if isinstance(cpu_pool, ProcessPoolExecutor) else ThreadPoolExecutor(max_workers=1, thread_name_prefix="nb-read")
 
-    def reads(plan: ImagePlan, source, halo: int, settings: SegmentSettings) -> Iterator:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nb-read") as pool:
-            ahead: deque = deque()
-            for block in plan.blocks_to_do:
-                ahead.append((block, pool.submit(read_and_normalise, plan, block, source, halo, settings, timer)))
-                if len(ahead) > depth:
-                    done_block, future = ahead.popleft()
-                    yield (done_block, *future.result())
-            while ahead:
-                done_block, future = ahead.popleft()
-                yield (done_block, *future.result())
+    def start(self, record: ImageRecord) -> Future:
+        return self.cpu_pool.submit(distributed.start_unit, record, self.settings, self.model_config, self.out_dir)
 
-    return reads
+    def predict(self, units: list[tuple[ImagePlan, int]]) -> list[Future]:
+        if self.reader is not None:
+            read = self.reader.submit(self.predictor.read, units)
+            group = _then(read, lambda values: self.model_thread.submit(self.predictor.predict_read, units, values))
+        else:  # the processes read and normalise, off this process's GIL, which the model thread needs
+            reads = [self.cpu_pool.submit(distributed.read_unit, plan, index, self.settings, self.halo) for plan, index in units]
+            group = _after_all(reads, lambda values: self.model_thread.submit(self._predict_reads, units, values))
+        return [_then(group, lambda predictions, k=k: _done(predictions[k])) for k in range(len(units))]
 
+    def _predict_reads(self, units: list[tuple[ImagePlan, int]], outcomes: list[Any]) -> list[Any]:
+        """:meth:`.distributed.BlockPredictor.predict_read` on what the read units returned."""
+        return self.predictor.predict_read(units, distributed.gather_reads(units, outcomes))
 
-def segment_one(record: ImageRecord, model: NucleiModel, settings: SegmentSettings, out_dir: Location, batch_size: int, timer: Timer) -> dict[str, Any]:
-    """Segment one image; a per-image error becomes a 'failed' row (and record), a fatal one is raised."""
-    started = time.perf_counter()
-    try:
-        return segment_record(record, model, settings, out_dir, batch_size=batch_size, timer=timer, prefetch=prefetching_reader(timer))
-    except Exception as error:  # each image's failure is recorded, the run goes on
-        if is_fatal(error):
-            raise
-        log.debug("image %s failed", record.image_id, exc_info=True)
-        return record_failed_image(out_dir, record, error, time.perf_counter() - started)
+    def finish_block(self, plan: ImagePlan, block_index: int, prediction: Future) -> Future:
+        return _then(prediction, lambda value: self.cpu_pool.submit(distributed.finish_block_unit, plan, block_index, value, self.settings, self.params, self.out_dir))
 
+    def complete(self, plan: ImagePlan, results: list[Future]) -> Future:
+        return _after_all(results, lambda values: self.cpu_pool.submit(distributed.complete_unit, plan, self.settings, self.out_dir, *values))
 
-def segment_group(records: list[ImageRecord], model: NucleiModel, settings: SegmentSettings, out_dir: Location, batch_size: int, timer: Timer) -> list[dict[str, Any]]:
-    """Segment one image (:func:`segment_one`) or a group of one-tile images sharing network
-    calls; an image's error becomes its 'failed' row, a fatal one is raised."""
-    if len(records) == 1:
-        return [segment_one(records[0], model, settings, out_dir, batch_size, timer)]
-    started = time.perf_counter()
-    rows = []
-    for record, outcome in zip(records, segment_small_records(records, model, settings, out_dir, batch_size, timer), strict=True):
-        if isinstance(outcome, BaseException):
-            log.debug("image %s failed", record.image_id, exc_info=outcome)
-            outcome = record_failed_image(out_dir, record, outcome, time.perf_counter() - started)
-        rows.append(outcome)
-    return rows
+    def wait(self, futures: list[Future]) -> list[Future]:
+        done, _ = wait(futures, return_when=FIRST_COMPLETED)
+        return list(done)
 
+    def result(self, future: Future) -> Any:
+        return future.result()
 
-def group_small_images(records: Sequence[ImageRecord], tile_size: int, block_size: int, batch_size: int) -> list[list[ImageRecord]]:
-    """``records`` in units of work, in :func:`~nucleibatch.engines.distributed.batching_order`
-    (larger images first, in their order, then the one-tile images by window shape): each image
-    alone, except images that are one block and one network window each (their shape known at
-    discovery), which go in groups of as many as one network call of ``batch_size`` holds
-    (:func:`~nucleibatch.model.windows_per_call`; a call holds one shape)."""
-    from ..model import windows_per_call
-    from .distributed import batching_order
+    def cancel(self, futures: list[Future]) -> None:
+        for future in futures:
+            future.cancel()
 
-    def window(record: ImageRecord) -> tuple[int, int] | None:
-        one_block = record.shape is not None and not record.error and max(record.shape) <= block_size
-        return small_image_window(scaled_shape(record.shape, record.scale), tile_size) if one_block else None
-
-    groups: list[list[ImageRecord]] = []
-    for shape, run in groupby(batching_order(records, tile_size), key=window):
-        members = list(run)
-        size = 1 if shape is None else windows_per_call(batch_size, shape)
-        groups.extend(members[start : start + size] for start in range(0, len(members), size))
-    return groups
+    def close(self) -> None:
+        for pool in (self.reader, self.model_thread):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        self.predictor.images.close_all()
 
 
 def run_local(
@@ -108,23 +100,77 @@ def run_local(
     batch_size: int,
     timer: Timer,
     on_row: Callable[[dict[str, Any]], None],
-    in_flight: int = IMAGES_IN_FLIGHT,
+    placement: list[dict[str, Any]],
+    post_pool: ProcessPoolExecutor | None = None,
+    post_workers: int = 0,
+    cpu_threads: int = 2,
 ) -> None:
-    """Segment ``records`` with up to ``in_flight`` units of work at once (an image, or a group
-    of small images: :func:`group_small_images`), calling ``on_row`` as each image finishes."""
-    queue = group_small_images(records, int(model.config.get("tile_size", 512)), settings.block_size, batch_size)
-    with ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="nb-image") as pool:
-        running: set[Future] = set()
-        while queue or running:
-            while queue and len(running) < in_flight:
-                running.add(pool.submit(segment_group, queue.pop(0), model, settings, out_dir, batch_size, timer))
-            done, running = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                try:
-                    for row in future.result():
-                        on_row(row)
-                except BaseException:
-                    for other in running:
-                        other.cancel()
-                    queue.clear()
-                    raise
+    """Segment ``records`` with the model here: the CPU units in the ``post_workers`` processes
+    of ``post_pool`` (from :func:`.process_pool.start_post_pool`; the caller shuts it down), or,
+    without one, in ``cpu_threads`` threads of this process."""
+    threads = None if post_pool is not None else ThreadPoolExecutor(max_workers=max(1, cpu_threads), thread_name_prefix="nb-post")
+    executor = LocalExecutor(model, settings, batch_size, out_dir, post_pool or threads, post_workers if post_pool is not None else max(1, cpu_threads))
+    try:
+        distributed.run_distributed(executor, records, out_dir, timer, on_row, placement)
+    finally:
+        executor.close()
+        if threads is not None:
+            threads.shutdown(wait=True, cancel_futures=True)
+
+
+# --- concurrent.futures chained as Ray and Dask chain tasks ----------------------------------
+
+
+def _done(value: Any) -> Future:
+    future: Future = Future()
+    if isinstance(value, BaseException):  # a block whose read failed inside a group of small images
+        future.set_exception(value)
+    else:
+        future.set_result(value)
+    return future
+
+
+def _then(source: Future, next_step: Callable[[Any], Future]) -> Future:
+    """A future of ``next_step(source's value)`` (itself a future), or of ``source``'s exception."""
+    return _after_all([source], lambda values: next_step(values[0]))
+
+
+def _after_all(sources: list[Future], next_step: Callable[[list[Any]], Future]) -> Future:
+    """A future of ``next_step([values of sources])``, or of the first exception among them: as a
+    Dask or Ray task whose inputs failed fails with their exception."""
+    out: Future = Future()
+    remaining = [len(sources)]
+    lock = threading.Lock()  # the sources finish in different threads (model thread, pool)
+
+    def settle(inner: Future) -> None:
+        error = inner.exception() if not inner.cancelled() else CancelledError()
+        with lock:
+            if out.done():  # cancelled by the driver
+                return
+            if error is not None:
+                out.set_exception(error)
+            else:
+                out.set_result(inner.result())
+
+    def on_source_done(_: Future) -> None:
+        with lock:
+            remaining[0] -= 1
+            if remaining[0]:
+                return
+        failed = next((source for source in sources if source.cancelled() or source.exception() is not None), None)
+        if failed is not None:
+            settle(failed)
+            return
+        try:
+            step = next_step([source.result() for source in sources])
+        except BaseException as error:  # e.g. the pool was shut down by a failing run
+            step = Future()
+            step.set_exception(error)
+        step.add_done_callback(settle)
+
+    for source in sources:
+        source.add_done_callback(on_source_done)
+    if not sources:  # nothing to wait for (an image whose blocks an earlier run all finished)
+        remaining[0] = 1
+        on_source_done(out)
+    return out
