@@ -79,6 +79,8 @@ def open_zarr(path: str, selector: dict, source: str) -> ImageSource:
 
 
 def _visit_zarr(node: Any, node_path: str, found: list[ProbedImage], plates: dict[str, dict[str, list[str]]]) -> None:
+    """Add the images at and under ``node`` (depth first, members in name order) to ``found``, and
+    the wells of the plates among them to ``plates`` (plate group path -> well path -> field paths)."""
     import zarr
 
     if isinstance(node, zarr.Array):
