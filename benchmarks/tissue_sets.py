@@ -26,7 +26,7 @@ import tifffile
 from PIL import Image
 
 from nucleibatch.io.annotated import discover_annotated, iter_annotated, link_dsb_sample
-from nucleibatch.io.imagefile import read_image_file
+from nucleibatch.io.readers import read_image_file
 from nucleibatch.modality import classify_modality
 from nucleibatch.model import DEFAULT_BUNDLE
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from .channels import resolve_channel
 from .errors import ImageReadError, UsageError, is_fatal
 from .io.discover import ImageRecord
-from .io.sources import ImageSource, open_source
+from .io.readers import ImageSource, open_source
 from .modality import IMAGE_KINDS, classify_modality
 from .model import SHIPPED_BUNDLES, NucleiModel, load_model
 from .normalize import normalise_pixels, stats_for_bundle

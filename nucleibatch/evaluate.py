@@ -17,7 +17,7 @@ from .io.annotated import (
     discover_annotated,
     iter_annotated,
 )
-from .io.sources import ArraySource, file_pixel_size
+from .io.readers import ArraySource, file_pixel_size
 from .metrics import image_scores, mean_scores
 from .modality import MODALITIES, classify_modality
 from .model import NucleiModel

@@ -26,7 +26,7 @@ from .instances import InstanceParams, instance_labels
 from .io.checkpoints import drop_checkpoints, finished_blocks, load_block, save_block
 from .io.discover import ImageRecord
 from .io.location import Location, fingerprint, to_location
-from .io.sources import ImageSource, open_source
+from .io.readers import ImageSource, open_source
 from .io.store import (
     chunk_for_blocks,
     create_image_group,

@@ -239,7 +239,7 @@ BOMB_SCRIPT = textwrap.dedent(
     """
     import json, resource, sys, time
     from nucleibatch.io.discover import discover_inputs
-    from nucleibatch.io.sources import open_source
+    from nucleibatch.io.readers import open_source
     import PIL.Image, tifffile, zarr  # the decoders, loaded before the limit
 
     def peak_rss_kb():  # VmHWM: the peak of this program (ru_maxrss would include the forking parent's)

@@ -128,7 +128,7 @@ def test_remeasure_gives_exact_channel_means(channel_run):
     """A nucleus re-measured from the final labels (what a seam overlap triggers) gets the
     per-channel means of exactly its final pixels: sum over count of the raw values."""
     root, out, data, _, _ = channel_run
-    from nucleibatch.io.sources import open_source
+    from nucleibatch.io.readers import open_source
     from nucleibatch.io.store import open_root
 
     record = next(r for r in discover_inputs([str(root / "in" / "stack.ome.tif")]))

@@ -258,7 +258,7 @@ def test_read_units_open_an_image_once_for_its_blocks(tmp_path, monkeypatch):
     import numpy as np
 
     from nucleibatch.engines import distributed
-    from nucleibatch.io import sources
+    from nucleibatch.io import readers
     from nucleibatch.io.discover import discover_inputs
     from nucleibatch.io.store import open_root
     from nucleibatch.pipeline import start_image
@@ -270,7 +270,7 @@ def test_read_units_open_an_image_once_for_its_blocks(tmp_path, monkeypatch):
     (record,) = discover_inputs([str(tmp_path / "in")])
     plan = start_image(record, SETTINGS, model.config, tmp_path / "out")
     assert len(plan.blocks) >= 4
-    opened, closed, real_open = [], [], sources.open_source
+    opened, closed, real_open = [], [], readers.open_source
 
     def counting_open(image_record):
         source = real_open(image_record)
@@ -279,10 +279,10 @@ def test_read_units_open_an_image_once_for_its_blocks(tmp_path, monkeypatch):
         opened.append(source)
         return source
 
-    monkeypatch.setattr(sources, "open_source", counting_open)
+    monkeypatch.setattr(readers, "open_source", counting_open)
     outcomes = [distributed.read_unit(plan, index, SETTINGS, 64) for index in range(len(plan.blocks))]
     assert len(opened) == 1 and closed == opened and record.image_id not in distributed._UNIT_IMAGES.open
-    monkeypatch.setattr(sources, "open_source", real_open)
+    monkeypatch.setattr(readers, "open_source", real_open)
     for index, outcome in enumerate(outcomes):
         fresh = real_open(record)
         try:

@@ -14,8 +14,7 @@ import tifffile
 
 from nucleibatch.errors import ImageReadError, UsageError
 from nucleibatch.io.discover import ImageRecord, discover_inputs, strip_extension
-from nucleibatch.io.imagefile import read_image_file
-from nucleibatch.io.sources import MIN_SIDE, guess_axes, open_source, plan_axes
+from nucleibatch.io.readers import MIN_SIDE, guess_axes, open_source, plan_axes, read_image_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 import input_files as files  # noqa: E402

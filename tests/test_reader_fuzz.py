@@ -50,7 +50,7 @@ from hypothesis import strategies as st
 
 from nucleibatch.errors import ImageReadError
 from nucleibatch.io.discover import discover_inputs
-from nucleibatch.io.sources import MAX_CHANNELS, MAX_IMAGE_PIXELS, MIN_SIDE, open_source
+from nucleibatch.io.readers import MAX_CHANNELS, MAX_IMAGE_PIXELS, MIN_SIDE, open_source
 
 # NUCLEIBATCH_FUZZ_SCALE=K runs K times the examples with fresh random seeds (a longer local
 # campaign); the default, 1, is the reproducible CI run.

@@ -19,8 +19,9 @@ from nucleibatch.errors import UsageError
 from nucleibatch.instances import InstanceParams
 from nucleibatch.io.annotated import discover_annotated, load_annotated
 from nucleibatch.io.discover import discover_inputs
-from nucleibatch.io.imagefile import read_image_file
-from nucleibatch.io.pixelsize import ome_xml_pixel_size, ome_zarr_pixel_size
+from nucleibatch.io.readers import read_image_file
+from nucleibatch.io.readers.ome_zarr import ome_zarr_pixel_size
+from nucleibatch.io.readers.tiff import ome_xml_pixel_size
 from nucleibatch.metrics import image_scores
 from nucleibatch.modality import classify_modality
 from nucleibatch.normalize import (

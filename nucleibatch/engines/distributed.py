@@ -355,7 +355,7 @@ class OpenImages:
 
     def read(self, plan: ImagePlan, block_index: int, settings: SegmentSettings, halo: int) -> tuple | BaseException:
         """:func:`read_block_outcome` of one block (an image that cannot be opened: its error, returned)."""
-        from ..io.sources import open_source
+        from ..io.readers import open_source
 
         key = plan.record.image_id
         source = self.open.pop(key, None)

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..errors import BadAnnotationError, ImageReadError, UsageError
 from .discover import followed_folder, linked_folder
-from .imagefile import IMAGE_SUFFIXES, read_image_file
+from .readers import IMAGE_SUFFIXES, read_image_file
 
 log = logging.getLogger(__name__)
 # Masks may share a few rim pixels (annotation jitter, seen in 3 of the 545 DSB images);
@@ -234,14 +234,14 @@ def annotated_channel_names(source: AnnotatedSource, channels: int) -> tuple[str
     if source.store_path is not None:
         import zarr
 
-        from .channelnames import ome_zarr_channel_names
+        from .readers.ome_zarr import ome_zarr_channel_names
 
         try:
             attrs = zarr.open_group(source.image_path, mode="r")[source.store_path].attrs.asdict()
         except Exception:  # names are a bonus; the image itself was read
             return None
         return ome_zarr_channel_names(attrs, channels)
-    from .sources import probe
+    from .readers import probe
 
     found = probe(source.image_path, "plain")  # the file's first bytes choose the reader
     return found[0].channel_names if found and found[0].channels == channels else None

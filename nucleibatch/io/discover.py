@@ -4,7 +4,7 @@ An INPUT is a folder (searched recursively), an image file, a zarr store, or a m
 (``.txt``: one path per line, ``#`` comments; ``.csv``/``.tsv``: a ``path`` column and an
 optional ``image_id`` column; relative paths are relative to the manifest's folder).
 Only headers and metadata are read here; pixels are read later through
-:func:`nucleibatch.io.sources.open_source`. The rules (which files, which ids, how
+:func:`nucleibatch.io.readers.open_source`. The rules (which files, which ids, how
 pages/series/axes become images) are written up in docs/inputs.md.
 """
 
@@ -21,9 +21,8 @@ from pathlib import Path, PurePosixPath
 
 from ..channels import find_channel, resolve_channel
 from ..errors import ImageReadError, UsageError
-from .imagefile import PIL_SUFFIXES, printable
 from .location import Location, exists, fingerprint, is_remote, to_location
-from .sources import ProbedImage, probe
+from .readers import PIL_SUFFIXES, ProbedImage, printable, probe
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +57,7 @@ class ImageRecord:
         channels: ``C >= 1``; None when ``error`` is set.
         dtype: numpy dtype name (``"uint8"``, ``"uint16"``, ``"float32"``...); None when
             ``error`` is set.
-        selector: what :func:`~nucleibatch.io.sources.open_source` needs to find the
+        selector: what :func:`~nucleibatch.io.readers.open_source` needs to find the
             image inside the file (JSON-serialisable): tiff ``{"series", "axes", "index"}``,
             zarr ``{"node", "levels", "axes", "index"}``, plain ``{}``.
         error: set when the file was found but cannot be used; one line. The pipeline
@@ -436,7 +435,7 @@ def _records(candidate: _Candidate) -> list[ImageRecord]:
     """Probe one candidate and make its records.
 
     ``image_id``, ``source`` and ``error`` are made printable on one line (file-name bytes
-    that are not UTF-8 become ``\\xNN``, a newline ``\\n``: :func:`~.imagefile.printable`);
+    that are not UTF-8 become ``\\xNN``, a newline ``\\n``: :func:`~.readers.files.printable`);
     ``path`` stays the name the file system knows, to open the file.
     """
     path = str(candidate.path)
