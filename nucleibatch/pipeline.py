@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import __version__
-from .allocator import release_free_memory
 from .channels import intensity_columns, intensity_suffixes, resolve_channel
 from .errors import ImageReadError, ObjectTooLargeError, UsageError, is_fatal
 from .instances import InstanceParams, instance_labels
@@ -43,6 +42,7 @@ from .io.tables import output_manifest, remove_image_outputs, write_nuclei_part,
 from .measure import concat_columns, measure_labels, physical_columns, touches_border
 from .normalize import NormStats, normalise_pixels, stats_for_bundle, to_grey
 from .options import INSTANCES_ON, resolve_instances_on
+from .runtime.allocator import release_free_memory
 from .scale import (
     check_diameter,
     check_pixel_size,

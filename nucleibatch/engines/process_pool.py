@@ -25,10 +25,10 @@ from concurrent.futures import (
 )
 from typing import TYPE_CHECKING, Any
 
-from ..allocator import environment_for_children, tune_allocator, worker_environment
 from ..io.discover import ImageRecord
 from ..io.location import Location
 from ..pipeline import ImagePlan, SegmentSettings, Timer, context_pixels, instance_params
+from ..runtime.allocator import environment_for_children, tune_allocator, worker_environment
 from . import distributed
 
 if TYPE_CHECKING:  # the processes import this module (their initializer): they need no torch
