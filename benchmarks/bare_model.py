@@ -31,7 +31,7 @@ import platform
 import sys
 import time
 
-from nucleibatch.allocator import tune_allocator
+from nucleibatch.runtime.allocator import tune_allocator
 
 tune_allocator()  # before any thread: the network runs with segment's allocator settings (NUCLEIBATCH_DEFAULT_MALLOC=1: glibc's)
 

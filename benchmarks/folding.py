@@ -18,7 +18,7 @@ import platform
 import sys
 import time
 
-from nucleibatch.allocator import tune_allocator
+from nucleibatch.runtime.allocator import tune_allocator
 
 tune_allocator()
 

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from nucleibatch.allocator import tune_allocator
+from nucleibatch.runtime.allocator import tune_allocator
 
 tune_allocator()
 

@@ -18,7 +18,7 @@ single-threaded CPU workers (post-processing), as on a GPU node.
 
 The run records every network call's batch shape (run.json ``model_batches``). The bare
 model then replays exactly those calls on random input (same batch sizes and tile shapes,
-same device, precision and allocator settings (nucleibatch/allocator.py; NUCLEIBATCH_DEFAULT_MALLOC=1
+same device, precision and allocator settings (nucleibatch/runtime/allocator.py; NUCLEIBATCH_DEFAULT_MALLOC=1
 for glibc's defaults in both), after a warm-up) in this process. Printed per workload: bare
 and pipeline MPix/s (image megapixels / seconds), their ratio (target >= 0.85 on CPU), the
 model's idle fraction during the run, and seconds per stage (summed over threads).
@@ -39,8 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from nucleibatch.allocator import tune_allocator
 from nucleibatch.options import INSTANCES_ON, PRECISIONS
+from nucleibatch.runtime.allocator import tune_allocator
 
 tune_allocator()  # before any thread: the network runs with segment's allocator settings (NUCLEIBATCH_DEFAULT_MALLOC=1: glibc's)
 

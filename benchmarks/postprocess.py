@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from nucleibatch.allocator import tune_allocator
+from nucleibatch.runtime.allocator import tune_allocator
 
 tune_allocator()
 

@@ -24,7 +24,7 @@ import platform
 import tempfile
 from pathlib import Path
 
-from nucleibatch.allocator import tune_allocator
+from nucleibatch.runtime.allocator import tune_allocator
 
 tune_allocator()
 

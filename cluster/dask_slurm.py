@@ -89,9 +89,9 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[argparse.Namespace, 
 
 def main(argv: list[str] | None = None) -> int:
     args, segment_args = parse_arguments(argv)
-    from nucleibatch.allocator import tune_allocator, worker_environment
+    from nucleibatch.runtime.allocator import tune_allocator, worker_environment
 
-    tune_allocator()  # first, as the command line does: this process runs the driver (nucleibatch/allocator.py)
+    tune_allocator()  # first, as the command line does: this process runs the driver (nucleibatch/runtime/allocator.py)
     try:
         from dask_jobqueue import SLURMCluster
     except ImportError:
@@ -99,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from distributed import Client
 
+    from nucleibatch.cli.segment import run as run_segment
     from nucleibatch.errors import NucleibatchError
     from nucleibatch.io.discover import check_inputs_exist
-    from nucleibatch.segment_cli import run_segment
 
     try:
         check_inputs_exist(segment_args.inputs)  # before SLURM is asked for anything
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         interface=args.interface,
         job_extra_directives=["--gres=gpu:1"],
         worker_extra_args=["--resources", "GPU=1"],
-        # the nanny's pre-spawn variables reach the worker process at its start (glibc reads them then): nucleibatch/allocator.py
+        # the nanny's pre-spawn variables reach the worker process at its start (glibc reads them then): nucleibatch/runtime/allocator.py
         job_script_prologue=[f"export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON=\"{worker_environment()!r}\"", *args.prologue],
     )
     client = Client(cluster)

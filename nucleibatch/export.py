@@ -65,7 +65,7 @@ import numpy as np
 
 from .channels import INTENSITY_PREFIX
 from .errors import NotSegmentOutputError, NucleibatchError, UsageError  # noqa: F401  (NotSegmentOutputError: raised by check_segment_output)
-from .io.location import is_remote, to_location
+from .io.location import is_remote
 from .io.store import store_name
 from .io.tables import check_segment_output
 
@@ -718,35 +718,3 @@ def export_run(
             csv_tmp.unlink(missing_ok=True)
     summary.seconds = round(time.perf_counter() - started, 3)
     return summary
-
-
-# --------------------------------------------------------------------------- CLI glue
-
-
-def add_export(subparsers) -> None:
-    """The ``export`` subcommand's arguments."""
-    p = subparsers.add_parser(
-        "export",
-        help="export a segment output as GeoJSON (QuPath), DSB RLE CSV, PNG or TIFF labels",
-        description="Export the images of a finished `nucleibatch segment` output folder (OUT) whose status "
-        "is 'ok': geojson = one QuPath-compatible FeatureCollection per image (pixel-edge outlines, "
-        "measurements); dsb-rle = DSB 2018 submission.csv (ImageId,EncodedPixels); png = 16-bit label "
-        "images; tiff = 32-bit zlib label images. Failed images are skipped and named.",
-    )
-    p.add_argument("out", metavar="OUT", help="the -o folder of a `nucleibatch segment` run")
-    p.add_argument("--format", required=True, choices=FORMATS, dest="format", help="geojson | dsb-rle | png | tiff")
-    p.add_argument("-o", "--output", default=None, metavar="DIR", help="folder to write [OUT/export/<format>]")
-    p.add_argument("--images", nargs="+", default=None, metavar="ID", help="export only these image ids (put it after OUT, or end the list with --)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run_export(args) -> int:
-    """Run ``nucleibatch export`` from parsed arguments; prints the summary; returns 0."""
-    dest = to_location(args.output) if args.output else None
-    if dest is not None and is_remote(dest):
-        raise UsageError(f"-o {dest}: export writes to a local folder; copy the files to the store afterwards")
-    summary = export_run(to_location(args.out), args.format, dest, args.images, progress=False if args.no_progress else None)
-    if summary.failed:
-        print(failed_line(summary.failed), file=sys.stderr)
-    print(summary.line())
-    return 0

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__, faults
+from . import __version__
 from .choose import choose_all, load_models
 from .cpus import limit_torch_threads, usable_cpus
 from .errors import OutputError, UsageError
@@ -48,6 +48,7 @@ from .io.tables import (
 from .model import NucleiModel, bundle_folder, resolve_device, resolve_device_name
 from .options import resolve_instances_on
 from .pipeline import STAGES, SegmentSettings, Timer, forget_image, input_fingerprint, plate_columns
+from .runtime import faults
 from .verify import verify_records
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""glibc allocator settings (nucleibatch/allocator.py), each checked in a child process: the
+"""glibc allocator settings (nucleibatch/runtime/allocator.py), each checked in a child process: the
 settings are process-wide and only take full effect before threads start."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 FORWARD_PASSES = textwrap.dedent(
     """
     import json, resource, sys, threading
-    from nucleibatch.allocator import tune_allocator
+    from nucleibatch.runtime.allocator import tune_allocator
     tuned = tune_allocator()
     import numpy as np
     from nucleibatch import load_model
@@ -83,7 +83,7 @@ TRIM = textwrap.dedent(
     """
     import json
     import numpy as np
-    from nucleibatch.allocator import FREE_BUDGET_BYTES, free_heap_bytes, release_free_memory, tune_allocator
+    from nucleibatch.runtime.allocator import FREE_BUDGET_BYTES, free_heap_bytes, release_free_memory, tune_allocator
     assert tune_allocator()
     block = np.ones((256, 1 << 20), dtype=np.uint8)  # 256 MiB from the heap (mmap is off)
     keep = np.ones(1 << 20, dtype=np.uint8)  # after it: the freed block is not at the heap's top
@@ -97,7 +97,7 @@ TRIM = textwrap.dedent(
 
 
 def test_freed_heap_memory_is_kept_below_the_budget_and_trimmed_above_it():
-    from nucleibatch.allocator import free_heap_bytes
+    from nucleibatch.runtime.allocator import free_heap_bytes
 
     if free_heap_bytes() is None:
         pytest.skip("glibc < 2.33 has no mallinfo2: trimming falls back to at most once a second")
@@ -110,7 +110,7 @@ def test_freed_heap_memory_is_kept_below_the_budget_and_trimmed_above_it():
 def test_the_environment_variables_alone_give_the_settings(glibc_default, tmp_path):
     """What the engines' worker processes get (ALLOCATOR_ENV at start-up, mallopt not called
     here) stops the faults as mallopt does."""
-    from nucleibatch.allocator import ALLOCATOR_ENV
+    from nucleibatch.runtime.allocator import ALLOCATOR_ENV
 
     assert ALLOCATOR_ENV == {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
     default, _ = glibc_default
@@ -120,7 +120,7 @@ def test_the_environment_variables_alone_give_the_settings(glibc_default, tmp_pa
 
 
 def test_default_malloc_opt_out_reaches_the_workers(monkeypatch):
-    from nucleibatch.allocator import ALLOCATOR_ENV, worker_environment
+    from nucleibatch.runtime.allocator import ALLOCATOR_ENV, worker_environment
 
     monkeypatch.delenv("NUCLEIBATCH_DEFAULT_MALLOC", raising=False)
     assert worker_environment() == ALLOCATOR_ENV
@@ -147,8 +147,8 @@ def test_the_dask_engines_workers_start_with_the_settings(monkeypatch):
     environment to spawn: they are taken out again (children started later get glibc's defaults)."""
     from distributed import Client
 
-    from nucleibatch.allocator import ALLOCATOR_ENV
     from nucleibatch.engines.dask_engine import start_local_cluster
+    from nucleibatch.runtime.allocator import ALLOCATOR_ENV
 
     for key in ALLOCATOR_ENV:
         monkeypatch.delenv(key, raising=False)
@@ -165,8 +165,8 @@ def test_the_dask_engines_workers_start_with_the_settings(monkeypatch):
 def test_the_post_processing_processes_start_with_the_settings(monkeypatch):
     """`segment --post-workers N` starts its processes with the settings in their environment
     (this process's own environment is left as it was)."""
-    from nucleibatch.allocator import ALLOCATOR_ENV
     from nucleibatch.engines.process_pool import start_post_pool
+    from nucleibatch.runtime.allocator import ALLOCATOR_ENV
 
     for key in ALLOCATOR_ENV:
         monkeypatch.delenv(key, raising=False)

@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 import nucleibatch
-from nucleibatch.allocator import ALLOCATOR_ENV
 from nucleibatch.cli import build_parser
+from nucleibatch.runtime.allocator import ALLOCATOR_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -208,7 +208,7 @@ def test_runtime_env_has_only_valid_fields():
 
 
 def test_runtime_env_sets_the_allocator_variables_of_allocator_py():
-    """The job's workers start with glibc's settings of nucleibatch/allocator.py (the one source of
+    """The job's workers start with glibc's settings of nucleibatch/runtime/allocator.py (the one source of
     their values), as the workers that the engines start themselves do."""
     env_vars = _one("runtime_env.yaml")["env_vars"]
     assert {key: env_vars.get(key) for key in ALLOCATOR_ENV} == ALLOCATOR_ENV

@@ -3,7 +3,7 @@ and changed files. Whatever happens, the final outputs equal those of an uninter
 
 * Kill chain: one OUT, ~30 images, the segment process SIGKILLed again and again (>= 20 kills):
   at random moments while images are processed (triggered by its own progress), and at named
-  fail points (:mod:`nucleibatch.faults`): creating a store group, writing a pyramid level, a
+  fail points (:mod:`nucleibatch.runtime.faults`): creating a store group, writing a pyramid level, a
   nuclei part, a completion record, between a temporary file and its rename, consolidating
   images.parquet / nuclei.parquet, writing run.json and report.html. After each kill the same
   command is run again; the last run goes to the end.
@@ -31,8 +31,8 @@ import pandas as pd
 import pytest
 
 from nucleibatch.cli import main
-from nucleibatch.faults import ENVIRONMENT
 from nucleibatch.pipeline import SegmentSettings
+from nucleibatch.runtime.faults import ENVIRONMENT
 from nucleibatch.segment import run_segment_job
 from nucleibatch.synthetic import synthetic_nuclei
 from nucleibatch.verify import verify_output

@@ -484,12 +484,12 @@ LOCAL_RUN = ["--engine", "local", "--limit-images", "6", "--patches-per-epoch", 
 
 @pytest.mark.slow
 def test_engine_local_trains_resumes_and_exports_without_ray(dsb_root, tmp_path, capfd, monkeypatch):
-    import nucleibatch.engines.ray_runtime
+    import nucleibatch.runtime.ray_start
 
     def no_ray(*args, **kwargs):
         raise AssertionError("--engine local started Ray")
 
-    monkeypatch.setattr(nucleibatch.engines.ray_runtime, "init_ray", no_ray)
+    monkeypatch.setattr(nucleibatch.runtime.ray_start, "init_ray", no_ray)
     run_dir = tmp_path / "run"
     assert main(["train", str(dsb_root), "-o", str(run_dir), *LOCAL_RUN, "--epochs", "2", "--overlay-every", "0"]) == 0
     rows = read_metrics(run_dir)
@@ -528,8 +528,8 @@ def test_ray_train_workers_start_with_the_allocator_settings(ray_session, tmp_pa
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from nucleibatch.allocator import ALLOCATOR_ENV
-    from nucleibatch.engines.ray_runtime import init_ray
+    from nucleibatch.runtime.allocator import ALLOCATOR_ENV
+    from nucleibatch.runtime.ray_start import init_ray
 
     monkeypatch.delenv("NUCLEIBATCH_DEFAULT_MALLOC", raising=False)
 

@@ -16,11 +16,11 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..allocator import environment_for_children, worker_environment
 from ..io.discover import ImageRecord
 from ..io.location import Location
 from ..model import NucleiModel
 from ..pipeline import ImagePlan, SegmentSettings, Timer, instance_params
+from ..runtime.allocator import environment_for_children, worker_environment
 from . import distributed
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ _LOCK = threading.Lock()
 
 def worker_allocator_config():
     """Dask config under which the nannies made now start their workers with
-    :func:`~nucleibatch.allocator.worker_environment` (on top of Dask's own pre-spawn variables,
+    :func:`~nucleibatch.runtime.allocator.worker_environment` (on top of Dask's own pre-spawn variables,
     whose ``MALLOC_TRIM_THRESHOLD_`` it replaces). A nanny's ``env=`` would come too late: it is
     applied after the worker process started, when glibc has read its variables already."""
     import dask

@@ -258,8 +258,8 @@ class BlockPredictor:
     """Unit 2, on a model worker: holds the model (loaded once) and the images it reads from."""
 
     def __init__(self, model, device: str, settings: SegmentSettings, batch_size: int) -> None:
-        from ..allocator import tune_allocator
         from ..model import prepare_network, resolve_device
+        from ..runtime.allocator import tune_allocator
 
         # in full only where the worker process started with ALLOCATOR_ENV (the workers the engines
         # start do); elsewhere the arena count is fixed already, and mmap and trimming still go off
@@ -288,8 +288,8 @@ class BlockPredictor:
 
     def predict_read(self, units: list[tuple[ImagePlan, int]], read: tuple[list, dict[int, BaseException], Timer]) -> list[Any]:
         """The model half of :meth:`predict`, on what :meth:`read` returned for ``units``."""
-        from ..allocator import release_free_memory
         from ..pipeline import predict_blocks
+        from ..runtime.allocator import release_free_memory
 
         items, failed, timer = read
         predictions: list[Any] = []
@@ -393,8 +393,8 @@ def read_unit(plan: ImagePlan, block_index: int, settings: SegmentSettings, halo
 
 def finish_block_unit(plan: ImagePlan, block_index: int, prediction, settings: SegmentSettings, params, out_dir: Location):
     """Unit 3: :func:`nucleibatch.pipeline.finish_block`, writing into the image's group."""
-    from ..allocator import release_free_memory
     from ..pipeline import finish_block, keep_block, without_masks
+    from ..runtime.allocator import release_free_memory
 
     if isinstance(prediction, BaseException):  # its read failed inside a group of small images
         raise prediction
@@ -412,8 +412,8 @@ def complete_unit(plan: ImagePlan, settings: SegmentSettings, out_dir: Location,
     """Unit 4: :func:`nucleibatch.pipeline.paint_and_complete` (which adds the blocks an earlier run
     finished); returns the row, the summed stage seconds of the image's units and where its block
     units ran."""
-    from ..allocator import release_free_memory
     from ..pipeline import paint_and_complete
+    from ..runtime.allocator import release_free_memory
 
     timer = Timer()
     for result in results:

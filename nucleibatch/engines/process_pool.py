@@ -10,7 +10,7 @@ import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 
-from ..allocator import environment_for_children, tune_allocator, worker_environment
+from ..runtime.allocator import environment_for_children, tune_allocator, worker_environment
 
 
 def default_post_workers(device_type: str, instances_on: str = "auto", cpus: int | None = None) -> int:

@@ -19,11 +19,11 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..allocator import worker_environment
 from ..io.discover import ImageRecord
 from ..io.location import Location
 from ..model import NucleiModel
 from ..pipeline import ImagePlan, SegmentSettings, Timer, instance_params
+from ..runtime.allocator import worker_environment
 from . import distributed
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ def run_engine(
     gpus_per_worker: float = 1.0,
 ) -> None:
     """Segment ``records`` on Ray: ``address`` (or ``$RAY_ADDRESS`` inside `ray job submit`), else a local Ray."""
-    from .ray_runtime import init_ray
+    from ..runtime.ray_start import init_ray
 
     init_ray(address)
     executor = RayExecutor(model, device, settings, batch_size, out_dir, workers, gpus_per_worker)

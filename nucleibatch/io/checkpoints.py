@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import faults
+from ..runtime import faults
 from ..stitching import OwnedObjects
 from .location import Location, fresh_listing, is_remote, read_many, remove, write_bytes_atomic
 from .tables import STATE_DIR

@@ -21,8 +21,8 @@ from urllib.parse import unquote, urlparse
 
 from upath import UPath
 
-from .. import faults
 from ..errors import UsageError
+from ..runtime import faults
 
 Location = Path | UPath
 

@@ -25,7 +25,7 @@ import zarr
 from zarr.core.group import GroupMetadata
 from zarr.storage import MemoryStore
 
-from .. import faults
+from ..runtime import faults
 from .location import Location, to_location, zarr_store
 
 NGFF_VERSION = "0.5"

@@ -25,9 +25,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .. import faults
 from ..errors import NotSegmentOutputError
 from ..measure import NUCLEI_COLUMNS, PHYSICAL_COLUMNS
+from ..runtime import faults
 from .location import (
     Location,
     exists,

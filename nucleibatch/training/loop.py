@@ -349,7 +349,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ``train_ref`` / ``val_ref`` / ``init_ref`` (Ray object refs: lists of :class:`Example`, the
     ``--init`` weights or None), ``run_dir`` and ``threads``.
     """
-    from ..allocator import tune_allocator
+    from ..runtime.allocator import tune_allocator
 
     tune_allocator()  # complete where the worker started with the settings (init_ray's job environment)
     torch.set_num_threads(int(config["threads"]))

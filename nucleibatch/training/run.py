@@ -363,7 +363,7 @@ def _train_with_ray(
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ..engines.ray_runtime import init_ray
+    from ..runtime.ray_start import init_ray
 
     init_ray(settings.address)
     cluster_cpus = float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))

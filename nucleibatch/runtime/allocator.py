@@ -15,7 +15,7 @@ Two findings, measured on the CPU (2 cores, 95 DSB images, ``benchmarks/pipeline
 
 The settings take full effect only before a process starts threads (the arena count is fixed
 when the second arena is made), hence the environment variables for worker processes and
-:func:`tune_allocator` as the first step of the command line.
+:func:`tune_allocator` as the first step of the command line (:func:`nucleibatch.cli.main`).
 """
 
 from __future__ import annotations

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
-from .channels import parse_channel
-from .options import INSTANCES_ON, PRECISIONS, TTA_CHOICES
+from ..channels import parse_channel
+from ..options import INSTANCES_ON, PRECISIONS, TTA_CHOICES
 
 
-def add_segment(subparsers) -> None:
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """The ``segment`` subcommand's arguments; it runs :func:`run`."""
     p = subparsers.add_parser(
         "segment",
         help="segment image collections and whole slides into OME-Zarr masks and tables",
@@ -18,6 +20,7 @@ def add_segment(subparsers) -> None:
         "command resumes. Exit status: 0 all images ok, 3 some failed (listed in images.parquet), 2 usage "
         "error, 1 the run stopped.",
     )
+    p.set_defaults(func=run)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, zarr stores or manifest files: paths, file:// URLs, or object-store URLs such as s3://bucket/plates (install nucleibatch[s3], or gcsfs / adlfs)")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder: a path, file:// URL or object-store URL such as s3://bucket/out")
     p.add_argument(
@@ -35,7 +38,7 @@ def add_segment(subparsers) -> None:
     p.add_argument("--engine", default="local", choices=("local", "ray", "dask"), help="scheduler [local]")
     p.add_argument("--address", default=None, help="Ray or Dask scheduler address (ray/dask engines)")
     p.add_argument("--workers", type=int, default=0, help="model workers for ray/dask [ray: one per GPU, else half the CPUs; dask: the workers declaring GPU, else all]")
-    p.add_argument("--post-workers", type=int, default=None, metavar="N", help="local engine: processes that post-process (watershed, measurements, writes) while this one runs the model; 0: threads of this process [on a GPU: the usable CPUs (affinity, cgroup quota, SLURM_CPUS_PER_TASK) but two; on a CPU: 0]")
+    p.add_argument("--post-workers", type=int, default=None, metavar="N", help="local engine: processes that post-process (watershed, measurements, writes) while this one runs the model; 0: threads of this process [on a GPU with --instances-on cpu: the usable CPUs (affinity, cgroup quota, SLURM_CPUS_PER_TASK) but two; else 0]")
     p.add_argument("--gpus-per-worker", type=float, default=1.0, help="GPUs per Ray model worker (0.5: two workers share a GPU) [1]")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda [auto: CUDA when present]")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="network arithmetic [auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), else float32]")
@@ -68,10 +71,12 @@ def add_segment(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print the run summary as JSON")
 
 
-def run_segment(args) -> int:
-    from .pipeline import SegmentSettings
-    from .scale import check_diameter
-    from .segment import closing_summary, run_segment_job
+def run(args: argparse.Namespace) -> int:
+    """Run ``nucleibatch segment`` from parsed arguments; prints the closing summary (or run.json's
+    content with --json); returns the job's exit status (0 all images ok, 3 some failed)."""
+    from ..pipeline import SegmentSettings
+    from ..scale import check_diameter
+    from ..segment import closing_summary, run_segment_job
 
     settings = SegmentSettings(
         block_size=args.block_size,

@@ -1,4 +1,4 @@
-"""Joining or starting Ray (thin glue)."""
+"""Joining a Ray cluster or starting a private local Ray, for the ray engine and Ray Train (thin glue)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     a private local Ray bound to 127.0.0.1. Does nothing when Ray is already initialised.
 
     The private Ray's job starts every worker process (Ray Train's included) with the allocator
-    settings (:func:`nucleibatch.allocator.worker_environment`), which glibc reads only as a
+    settings (:func:`nucleibatch.runtime.allocator.worker_environment`), which glibc reads only as a
     process starts: one CPU training worker makes 1.6-1.8x the patches/s with them. On a cluster
     the job's own runtime environment decides (see README, Distributed runs).
     """
@@ -33,7 +33,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 def _init(address: str | None, num_cpus: int | None) -> None:
     import ray
 
-    from ..allocator import worker_environment
+    from .allocator import worker_environment
 
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
