@@ -209,6 +209,8 @@ def _run_train(args) -> int:
 
 
 def _run_evaluate(args) -> int:
+    from dataclasses import replace
+
     from .choose import load_models
     from .evaluate import evaluate_model, write_rows_csv
     from .scale import check_diameter, check_pixel_size
@@ -218,10 +220,10 @@ def _run_evaluate(args) -> int:
     models = load_models(args.model, device=args.device, precision=args.precision)
     for model in models.models.values():
         if args.tta != "auto":
-            model.config["tta"] = args.tta == "on"
+            model.config = replace(model.config, tta=args.tta == "on")
     image_ids = None
     if args.ids_from_bundle:
-        image_ids = sorted({i for model in models.models.values() for i in model.config.get("training", {}).get("val_image_ids") or []})
+        image_ids = sorted({i for model in models.models.values() for i in model.config.training.get("val_image_ids") or []})
         if not image_ids:
             raise UsageError(f"--ids-from-bundle: the bundle {args.model} records no validation image ids")
     instances_on = resolve_instances_on(args.instances_on, models.first.device.type)

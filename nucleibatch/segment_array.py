@@ -9,7 +9,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .instances import InstanceParams, probabilities_to_labels, relabel_sequential, remove_small
-from .model import NucleiModel
+from .model.predict import NucleiModel
 from .normalize import NormStats, normalise_pixels, stats_for_bundle
 from .options import resolve_instances_on
 from .scale import from_network_scale, median_diameter, resample_scale, to_network_scale
@@ -48,7 +48,7 @@ def segment_image(
     Returns:
         ``(H, W)`` int32 labels, 0 = background.
     """
-    stats = stats or stats_for_bundle(image, model.config.get("normalization", {}), invert, channel)
+    stats = stats or stats_for_bundle(image, model.config.normalization, invert, channel)
     network_input = to_network_scale(normalise_pixels(image, stats, channel), scale)
     probabilities = model.predict(network_input, batch_size=batch_size)
     if scale != 1.0:
@@ -75,7 +75,7 @@ def estimate_diameter(image: np.ndarray, model: NucleiModel, channel: int | None
         The diameter in pixels, or None when no nucleus is found (or the bundle records no
         training diameter).
     """
-    model_scale = model.config.get("scale") or {}
+    model_scale = model.config.scale
     if not model_scale.get("nucleus_diameter_px"):
         return None
     diameter = None

@@ -19,7 +19,7 @@ from typing import Any
 from ..allocator import environment_for_children, worker_environment
 from ..io.discover import ImageRecord
 from ..io.location import Location
-from ..model import NucleiModel
+from ..model.predict import NucleiModel
 from ..pipeline import ImagePlan, SegmentSettings, Timer, instance_params
 from . import distributed
 

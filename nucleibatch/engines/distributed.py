@@ -37,6 +37,7 @@ from ..io.discover import ImageRecord
 from ..io.location import Location
 from ..io.store import open_root, store_name
 from ..io.tables import write_record
+from ..model.config import BundleConfig
 from ..pipeline import ImagePlan, SegmentSettings, Timer, fits_one_tile, record_failed_image
 from ..scale import scaled_shape
 from ..tiling import small_image_window
@@ -50,7 +51,7 @@ class Executor(Protocol):
     workers: int  # model workers
     finish_slots: int  # CPU task slots of the cluster (post-processing runs this many blocks at once)
     batch_size: int  # tiles per network call: also the number of small images grouped per predict unit
-    model_config: dict
+    model_config: BundleConfig
 
     def start(self, record: ImageRecord) -> Any: ...
     def predict(self, units: list[tuple[ImagePlan, int]]) -> list[Any]:
@@ -107,7 +108,7 @@ def run_distributed(
     A block unit's error reaches the driver through the image's ``complete`` unit, which depends
     on it (Ray and Dask both fail a task whose inputs failed, with the original exception).
     """
-    pending = deque(batching_order(records, int(executor.model_config.get("tile_size", 512))))
+    pending = deque(batching_order(records, executor.model_config.tile_size))
     group_size = max(1, executor.batch_size)
     # in flight: 2 predict units per model worker, a unit being one block or a group of small
     # images, plus one per CPU slot: post-processing takes far longer than predicting (on a GPU
@@ -222,7 +223,7 @@ def current_worker() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def start_unit(record: ImageRecord, settings: SegmentSettings, model_config: dict, out_dir: Location) -> ImagePlan:
+def start_unit(record: ImageRecord, settings: SegmentSettings, model_config: BundleConfig, out_dir: Location) -> ImagePlan:
     """Unit 1: :func:`nucleibatch.pipeline.start_image`."""
     from ..pipeline import start_image
 
@@ -234,14 +235,14 @@ class BlockPredictor:
 
     def __init__(self, model, device: str, settings: SegmentSettings, batch_size: int) -> None:
         from ..allocator import tune_allocator
-        from ..model import prepare_network, resolve_device
+        from ..model.device import prepare_network, resolve_device
 
         # in full only where the worker process started with ALLOCATOR_ENV (the workers the engines
         # start do); elsewhere the arena count is fixed already, and mmap and trimming still go off
         tune_allocator()
         self.device = resolve_device(device)
         model.device = self.device
-        model.network = prepare_network(model.network, self.device, fast=model.fast)  # precision resolved for this worker's device
+        model.network = prepare_network(model.network, self.device, bf16=model.bf16)  # precision resolved for this worker's device
         self.model, self.settings, self.batch_size = model, settings, batch_size
         self.images = OpenImages(keep=max(2, batch_size))
 

@@ -26,7 +26,7 @@ from ..scale import scaled_shape
 from ..tiling import small_image_window
 
 if TYPE_CHECKING:
-    from ..model import NucleiModel
+    from ..model.predict import NucleiModel
 
 log = logging.getLogger(__name__)
 # Images in flight at once: while one image is on the model, the other is read or post-processed.
@@ -84,8 +84,8 @@ def group_small_images(records: Sequence[ImageRecord], tile_size: int, block_siz
     (larger images first, in their order, then the one-tile images by window shape): each image
     alone, except images that are one block and one network window each (their shape known at
     discovery), which go in groups of as many as one network call of ``batch_size`` holds
-    (:func:`~nucleibatch.model.windows_per_call`; a call holds one shape)."""
-    from ..model import windows_per_call
+    (:func:`~nucleibatch.model.predict.windows_per_call`; a call holds one shape)."""
+    from ..model.predict import windows_per_call
     from .distributed import batching_order
 
     def window(record: ImageRecord) -> tuple[int, int] | None:
@@ -112,7 +112,7 @@ def run_local(
 ) -> None:
     """Segment ``records`` with up to ``in_flight`` units of work at once (an image, or a group
     of small images: :func:`group_small_images`), calling ``on_row`` as each image finishes."""
-    queue = group_small_images(records, int(model.config.get("tile_size", 512)), settings.block_size, batch_size)
+    queue = group_small_images(records, model.config.tile_size, settings.block_size, batch_size)
     with ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="nb-image") as pool:
         running: set[Future] = set()
         while queue or running:

@@ -32,7 +32,7 @@ from ..pipeline import ImagePlan, SegmentSettings, Timer, context_pixels, instan
 from . import distributed
 
 if TYPE_CHECKING:  # the processes import this module (their initializer): they need no torch
-    from ..model import NucleiModel
+    from ..model.predict import NucleiModel
 
 
 def default_post_workers(device_type: str, cpus: int | None = None) -> int:
