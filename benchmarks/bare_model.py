@@ -9,9 +9,9 @@ the default model, the windows ``segment`` runs on large images; ``--side`` for 
 times, per batch size:
 
 * ``network``: the forward pass alone on device-resident random input (what the chip can do);
-* ``forward``: ``nucleibatch.model._forward`` as ``segment`` calls it (NumPy in, host-to-device
+* ``forward``: ``nucleibatch.model.forward_batch`` as ``segment`` calls it (NumPy in, host-to-device
   copy, network, sigmoid, the tiles' cores cut out without the halo, device-to-host copy (float16
-  on the fast path), NumPy out).
+  in bf16), NumPy out).
 
 Variants: ``fp32`` (float32, contiguous), ``bf16`` (bf16 autocast), ``bf16-cl`` (bf16 autocast
 and channels-last: what ``segment`` runs on CUDA), ``bf16-cl-compile`` (the same under
@@ -38,7 +38,7 @@ tune_allocator()  # before any thread: the network runs with segment's allocator
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from nucleibatch.model import _forward, fold_batch_norms, load_model  # noqa: E402
+from nucleibatch.model import fold_batch_norms, forward_batch, load_model  # noqa: E402
 
 VARIANTS = ("fp32", "bf16", "bf16-cl", "bf16-cl-compile")
 
@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
 
     model = load_model(args.model, device="cpu", precision="float32")  # standard layout: each variant sets its own
     device = torch.device(args.device)
-    side = args.side or int(model.config["tile_size"])
-    halo = int(model.config["halo"])
+    side = args.side or model.config.tile_size
+    halo = model.config.halo
     core = (halo, side - halo, halo, side - halo)  # what segment copies back of each tile
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
@@ -112,11 +112,11 @@ def main(argv: list[str] | None = None) -> int:
             seconds, calls = timed(network_only, args.seconds, synchronize)
             network_rate = calls * batch_size / seconds
             if bf16 and channels_last:
-                forward_seconds, forward_calls = timed(lambda network=network, host=host: _forward(network, host, device, tta=False, fast=True, crop=core), args.seconds, synchronize)
+                forward_seconds, forward_calls = timed(lambda network=network, host=host: forward_batch(network, host, device, tta=False, bf16=True, crop=core), args.seconds, synchronize)
             elif not bf16 and not channels_last:
-                forward_seconds, forward_calls = timed(lambda network=network, host=host: _forward(network, host, device, tta=False, fast=False, crop=core), args.seconds, synchronize)
+                forward_seconds, forward_calls = timed(lambda network=network, host=host: forward_batch(network, host, device, tta=False, bf16=False, crop=core), args.seconds, synchronize)
             else:
-                forward_seconds, forward_calls = 0.0, 0  # _forward has no such mode
+                forward_seconds, forward_calls = 0.0, 0  # forward_batch has no such mode
             forward_rate = forward_calls * batch_size / forward_seconds if forward_calls else float("nan")
             megapixels = side * side / 1e6
             print(f"{label:<16} {batch_size:>5} {network_rate:>16.1f} {network_rate * megapixels:>8.1f} {forward_rate:>16.1f} {forward_rate * megapixels:>8.1f}", flush=True)

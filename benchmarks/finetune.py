@@ -135,7 +135,7 @@ def main() -> None:
         flush=True,
     )
     default = load_model("default")
-    unseen_by_default = set(default.config["training"]["val_image_ids"])
+    unseen_by_default = set(default.config.training["val_image_ids"])
     group = colour_group(args.data)
     train_ids, val_ids = split(group, args.train_images, args.seed, unseen_by_default)
     unseen = {i for i in val_ids if i in unseen_by_default}
@@ -164,12 +164,12 @@ def main() -> None:
     table = []
     for title, name, extra in runs:
         if name is None:
-            model, seconds, lr, settings = default, None, None, default.config["postprocess"]
+            model, seconds, lr, settings = default, None, None, default.config.postprocess
         else:
             run_dir = args.out / name
             seconds = train([exe, "train", str(train_data), "-o", str(run_dir), *common, *extra])
             model = load_model(run_dir / "bundle")
-            lr, settings = model.config["training"]["learning_rate"], model.config["postprocess"]
+            lr, settings = model.config.training["learning_rate"], model.config.postprocess
         result = scores(model, args.data, val_ids, unseen)
         table.append((title, seconds, lr, result))
         print(f"{title}: mAP {result['map']:.4f} on {result['n']} images ({result['map_unseen']:.4f} on the {result['n_unseen']} unseen); post-processing {settings}", flush=True)

@@ -47,14 +47,14 @@ def main(argv: list[str] | None = None) -> int:
 
     model = load_model(args.model, device="cpu")
     params = model.postprocess
-    wanted = set(model.config.get("training", {}).get("val_image_ids") or [])
+    wanted = set(model.config.training.get("val_image_ids") or [])
     sources = [s for s in discover_annotated([str(args.data)]) if s.image_id in wanted]
     if args.limit:
         sources = sources[: args.limit]
     device = torch.device(args.device)
     truths, probabilities = [], []
     for annotated in iter_annotated(sources):
-        stats = stats_for_bundle(annotated.image, model.config.get("normalization", {}))
+        stats = stats_for_bundle(annotated.image, model.config.normalization)
         probabilities.append(model.predict(normalise_pixels(annotated.image, stats)))
         truths.append(annotated.labels)
     megapixels = sum(p.shape[1] * p.shape[2] for p in probabilities) / 1e6

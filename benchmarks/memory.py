@@ -80,13 +80,14 @@ def write_image(path: Path, size: int) -> float:
 
 def tiny_bundle(directory: Path) -> Path:
     """The random-weight bundle of tests/conftest.py (deterministic: seed 0)."""
+    from dataclasses import replace
+
     import torch
 
     from nucleibatch.model import build_network, default_config, save_bundle
 
     torch.manual_seed(0)
-    config = default_config("resnet18", tile_size=256, halo=32)
-    config.update(name="tiny-benchmark", encoder_depth=3, decoder_channels=[32, 16, 8])
+    config = replace(default_config("resnet18", tile_size=256, halo=32), name="tiny-benchmark", encoder_depth=3, decoder_channels=[32, 16, 8])
     return save_bundle(build_network(config), config, directory / "tiny-bundle")
 
 

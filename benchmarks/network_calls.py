@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from nucleibatch.cli import main as cli_main
-    from nucleibatch.model import _forward, load_model
+    from nucleibatch.model import forward_batch, load_model
 
     workdir = Path(tempfile.mkdtemp(prefix="nb-network-calls-"))
     try:
@@ -83,10 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         replayed = collections.defaultdict(list)
         for shape, times in in_segment.items():
             batch = rng.random((shape[0], 1, *shape[1:]), dtype=np.float32)
-            _forward(model.inference_network, batch, model.device, False, fast=model.fast)  # warm-up of the shape
+            forward_batch(model.inference_network, batch, model.device, False, bf16=model.bf16)  # warm-up of the shape
             for _ in times:
                 started = time.perf_counter()
-                _forward(model.inference_network, batch, model.device, False, fast=model.fast)
+                forward_batch(model.inference_network, batch, model.device, False, bf16=model.bf16)
                 replayed[shape].append(time.perf_counter() - started)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

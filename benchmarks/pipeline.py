@@ -103,19 +103,19 @@ def bare_seconds(model_name: str, device: str, batches: list[list[int]], tta: bo
     """Seconds the bare network takes for exactly these calls ``[n, h, w, count]`` on random input."""
     import torch
 
-    from nucleibatch.model import _forward, load_model
+    from nucleibatch.model import forward_batch, load_model
 
     model = load_model(model_name, device=device, precision=precision)
     rng = np.random.default_rng(0)
     inputs = {(n, h, w): rng.random((n, 1, h, w), dtype=np.float32) for n, h, w, _ in batches}
     for key in inputs:  # warm-up: allocator, kernels, autotuning
-        _forward(model.inference_network, inputs[key], model.device, tta, fast=model.fast)
+        forward_batch(model.inference_network, inputs[key], model.device, tta, bf16=model.bf16)
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
     for n, h, w, count in batches:
         for _ in range(count):
-            _forward(model.inference_network, inputs[(n, h, w)], model.device, tta, fast=model.fast)
+            forward_batch(model.inference_network, inputs[(n, h, w)], model.device, tta, bf16=model.bf16)
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - started

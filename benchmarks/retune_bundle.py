@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-from nucleibatch.instances import InstanceParams
 from nucleibatch.model import load_model, save_bundle
 from nucleibatch.training.run import TrainSettings, load_examples
 from nucleibatch.training.tune import tune_postprocess
@@ -23,17 +23,16 @@ from nucleibatch.training.tune import tune_postprocess
 
 def main(bundle: str, data: str, target: str) -> int:
     model = load_model(bundle)
-    training = model.config["training"]
+    training = model.config.training
     settings = TrainSettings(data=[data], run_dir="unused", seed=int(training["seed"]), val_fraction=float(training.get("val_fraction", 0.1)))
-    _, val = load_examples(settings, model.config["normalization"])
+    _, val = load_examples(settings, model.config.normalization)
     if [e.image_id for e in val] != training["val_image_ids"]:
         raise SystemExit("the validation split of DATA differs from the one recorded in the bundle: wrong DATA, seed or fraction")
-    params, scores = tune_postprocess(model, val, InstanceParams.from_dict(model.config["postprocess"]), search=True)
-    config = dict(model.config)
-    config["postprocess"] = params.to_dict()
-    config["metrics"] = {**config.get("metrics", {}), **{f"val_{k}": round(v, 4) for k, v in scores.items()}, "val_images": len(val)}
+    params, scores = tune_postprocess(model, val, model.config.postprocess_params, search=True)
+    metrics = {**model.config.metrics, **{f"val_{k}": round(v, 4) for k, v in scores.items()}, "val_images": len(val)}
+    config = replace(model.config, postprocess=params.to_dict(), metrics=metrics)
     save_bundle(model.network.float(), config, Path(target))
-    print(json.dumps({"postprocess": config["postprocess"], "metrics": config["metrics"]}, indent=2))
+    print(json.dumps({"postprocess": config.postprocess, "metrics": config.metrics}, indent=2))
     return 0
 
 

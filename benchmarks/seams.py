@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--no-window", action="store_true", help="skip the one-window reference (large mosaics)")
     args = parser.parse_args()
 
+    from dataclasses import replace
+
     from nucleibatch.metrics import image_scores
     from nucleibatch.model import load_model
     from nucleibatch.tiling import PAD_MULTIPLE, padded_size
@@ -72,11 +74,11 @@ def main() -> None:
     print(f"machine: {platform.node()}, {os.cpu_count()} CPUs; images {side} x {side} of DSB fields, offsets {args.offsets}")
     one_block = padded_size(side, PAD_MULTIPLE)  # one block, and as a window one that holds the image
     whole = load_model(args.model, device="cpu")
-    whole.config["tile_size"] = one_block  # one network window: no seam
+    whole.config = replace(whole.config, tile_size=one_block)  # one network window: no seam
     tiled = load_model(args.model, device="cpu")
     if args.halo is not None:
-        tiled.config["halo"] = args.halo
-    print(f"tiles: {tiled.config['tile_size']}² windows, halo {tiled.config.get('halo', 64)}")
+        tiled.config = replace(tiled.config, halo=args.halo)
+    print(f"tiles: {tiled.config.tile_size}² windows, halo {tiled.config.halo}")
     ways = {"one block, tiles": (tiled, one_block), f"blocks of {args.block_size}, tiles": (tiled, args.block_size)}
     scores: dict[str, list[dict]] = {way: [] for way in ways}
     identical: list[float] = []

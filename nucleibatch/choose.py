@@ -26,7 +26,8 @@ from .errors import ImageReadError, UsageError, is_fatal
 from .io.discover import ImageRecord
 from .io.readers import ImageSource, open_source
 from .modality import IMAGE_KINDS, classify_modality
-from .model import SHIPPED_BUNDLES, NucleiModel, load_model
+from .model.bundle import SHIPPED_BUNDLES, load_model
+from .model.predict import NucleiModel
 from .normalize import normalise_pixels, stats_for_bundle
 from .scale import AUTO_PULL, resample_scale
 from .segment_array import ESTIMATE_WINDOW, densest_window, estimate_diameter
@@ -65,7 +66,7 @@ class ModelSet:
                 "sha256": model.sha256,
                 "path": str(model.path),
                 "serves": sorted(kind for kind, routed in self.routes.items() if routed == name),
-                "licence": (model.config.get("licence") or {}).get("name"),
+                "licence": model.config.licence_name,
                 "postprocess": model.postprocess.to_dict(),
             }
             for name, model in self.models.items()
@@ -86,7 +87,7 @@ def load_models(spec: str | NucleiModel, device: str = "auto", precision: str = 
     models = {name: load_model(name, device=device, precision=precision) for name in SHIPPED_BUNDLES}
     routes: dict[str, str] = {}
     for name, model in models.items():
-        for kind in model.config.get("serves", ["fluorescence", "brightfield"]):
+        for kind in model.config.serves:
             routes.setdefault(kind, name)
     missing = [kind for kind in IMAGE_KINDS if kind not in routes]
     if missing:
@@ -144,7 +145,7 @@ def choose(record: ImageRecord, models: ModelSet, channel: int | str | None = No
         finally:
             source.close()
     name = models.name_for(kind)
-    scale = resample_scale(models.models[name].config.get("scale") or {}, pixel, found_diameter, AUTO_PULL if diameter == AUTO else 1.0)
+    scale = resample_scale(models.models[name].config.scale, pixel, found_diameter, AUTO_PULL if diameter == AUTO else 1.0)
     return replace(record, pixel_size_um=pixel, modality=modality, model=name, scale=scale)
 
 
@@ -152,7 +153,7 @@ def image_diameter(source: ImageSource, overview, model: NucleiModel, channel: i
     """``--diameter auto`` for one image: :func:`~nucleibatch.segment_array.estimate_diameter` on
     the window of at most ``ESTIMATE_WINDOW``² full-resolution pixels where the overview is densest,
     normalised with the whole image's statistics."""
-    stats = stats_for_bundle(overview, model.config.get("normalization", {}), invert, channel)
+    stats = stats_for_bundle(overview, model.config.normalization, invert, channel)
     height, width = source.shape
     step = max(height / overview.shape[0], width / overview.shape[1])
     y0, y1, x0, x1 = densest_window(normalise_pixels(overview, stats, channel), max(1, int(ESTIMATE_WINDOW / step)))

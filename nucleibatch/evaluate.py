@@ -20,7 +20,7 @@ from .io.annotated import (
 from .io.readers import ArraySource, file_pixel_size
 from .metrics import image_scores, mean_scores
 from .modality import MODALITIES, classify_modality
-from .model import NucleiModel
+from .model.predict import NucleiModel
 from .scale import AUTO_PULL, resample_scale
 from .segment_array import segment_image
 
@@ -113,7 +113,7 @@ def evaluate_image(
     source = annotated.source
     pixel = pixel_size if pixel_size is not None else source.pixel_size_um if source.store_path is not None else file_pixel_size(source.image_path)
     found = image_diameter(ArraySource(image, annotated.image_id), image, model, channel, invert) if diameter == AUTO else diameter
-    scale = resample_scale(model.config.get("scale") or {}, pixel, found, AUTO_PULL if diameter == AUTO else 1.0)
+    scale = resample_scale(model.config.scale, pixel, found, AUTO_PULL if diameter == AUTO else 1.0)
     labels = segment_image(image, model, channel=channel, instances_on=instances_on, scale=scale, invert=invert)
     return {"image_id": annotated.image_id, **image_scores(annotated.labels, labels), "modality": modality, "model": name, "pixel_size_um": pixel, "scale": round(scale, 4)}
 

@@ -48,10 +48,11 @@ from .scale import (
     to_network_scale,
 )
 from .stitching import OwnedObjects, block_offsets, paint_region, select_owned
-from .tiling import DEFAULT_HALO, PAD_MULTIPLE, Block, block_grid, floor_to, small_image_window
+from .tiling import PAD_MULTIPLE, Block, block_grid, floor_to, small_image_window
 
 if TYPE_CHECKING:  # post-processing processes import this module: they need no torch
-    from .model import NucleiModel
+    from .model.config import BundleConfig
+    from .model.predict import NucleiModel
 
 log = logging.getLogger(__name__)
 MIN_SIDE = 8
@@ -187,11 +188,11 @@ def instances_on_device(settings: SegmentSettings, device_type: str) -> bool:
     return resolve_instances_on(settings.instances_on, device_type) == "device"
 
 
-def context_pixels(model_config: dict) -> int:
+def context_pixels(model_config: BundleConfig) -> int:
     """Pixels of image read around a block's read region: the model's halo. The network's tiles
     cover the read region (the block's output, :func:`nucleibatch.tiling.tiles_over_box`) and
     each sees this halo around its core, at a seam as inside a block."""
-    return int(model_config.get("halo", DEFAULT_HALO))
+    return model_config.halo
 
 
 def image_channel(record: ImageRecord, settings: SegmentSettings) -> int | None:
@@ -200,7 +201,7 @@ def image_channel(record: ImageRecord, settings: SegmentSettings) -> int | None:
     return resolve_channel(settings.channel, record.channel_names, record.channels)
 
 
-def plan_image(record: ImageRecord, source: ImageSource, settings: SegmentSettings, model_config: dict, timer: Timer) -> ImagePlan:
+def plan_image(record: ImageRecord, source: ImageSource, settings: SegmentSettings, model_config: BundleConfig, timer: Timer) -> ImagePlan:
     """Normalisation statistics (once, from the image's overview) and the block grid."""
     if record.error:
         raise ImageReadError(record.error)
@@ -211,7 +212,7 @@ def plan_image(record: ImageRecord, source: ImageSource, settings: SegmentSettin
     with timer("read"):
         overview = source.overview()
     with timer("normalise"):
-        stats = stats_for_bundle(overview, model_config.get("normalization", {}), settings.invert, channel)
+        stats = stats_for_bundle(overview, model_config.normalization, settings.invert, channel)
     blocks = block_grid((height, width), block_size_at(settings.block_size, record.scale, settings.block_margin), settings.block_margin)
     return ImagePlan(record, store_name(record.image_id), (height, width), source.channels, np.dtype(source.dtype), stats, blocks, channel=channel)
 
@@ -242,7 +243,7 @@ def open_image(record: ImageRecord, timer: Timer) -> ImageSource:
 
 
 def start_image(
-    record: ImageRecord, settings: SegmentSettings, model_config: dict, out_dir: Location, timer: Timer | None = None, source: ImageSource | None = None
+    record: ImageRecord, settings: SegmentSettings, model_config: BundleConfig, out_dir: Location, timer: Timer | None = None, source: ImageSource | None = None
 ) -> ImagePlan:
     """First step of an image: forget any earlier attempt, plan it, create its (empty) OME-Zarr group.
 
@@ -251,7 +252,7 @@ def start_image(
     return _start_image(record, settings, model_config, out_dir, timer or Timer(), source)[0]
 
 
-def _start_image(record: ImageRecord, settings: SegmentSettings, model_config: dict, out_dir: Location, timer: Timer, source: ImageSource | None):
+def _start_image(record: ImageRecord, settings: SegmentSettings, model_config: BundleConfig, out_dir: Location, timer: Timer, source: ImageSource | None):
     """:func:`start_image`, also returning the image's zarr group: new, or, for an image of several
     blocks some of which an earlier run finished (:mod:`nucleibatch.io.checkpoints`), the group
     that run wrote them into (``plan.done_blocks``)."""
@@ -462,13 +463,13 @@ def at_image_pixels(probabilities: np.ndarray, resampling: tuple | None) -> np.n
     return probabilities if resampling is None else from_network_scale(probabilities, *resampling)
 
 
-def one_tile_window(plan: ImagePlan, model_config: dict) -> tuple[int, int] | None:
+def one_tile_window(plan: ImagePlan, model_config: BundleConfig) -> tuple[int, int] | None:
     """The network window of an image small enough to be one tile of the network (most DSB
     fields), or None: engines batch the blocks of several such images of one window into one
     model call."""
     if len(plan.blocks) != 1:
         return None
-    return small_image_window(scaled_shape(plan.shape, plan.scale), int(model_config.get("tile_size", 512)))
+    return small_image_window(scaled_shape(plan.shape, plan.scale), model_config.tile_size)
 
 
 def finish_block(plan: ImagePlan, block: Block, prediction: BlockPrediction, settings: SegmentSettings, params: InstanceParams, image_group=None) -> BlockResult:

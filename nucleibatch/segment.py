@@ -45,7 +45,9 @@ from .io.tables import (
     remove_stale_temporaries,
     write_images_table,
 )
-from .model import NucleiModel, bundle_folder, resolve_device, resolve_device_name
+from .model.bundle import bundle_folder
+from .model.device import resolve_device, resolve_device_name
+from .model.predict import NucleiModel
 from .options import resolve_instances_on
 from .pipeline import STAGES, SegmentSettings, Timer, forget_image, input_fingerprint, plate_columns
 from .runtime import faults
@@ -465,7 +467,7 @@ def run_segment_job(
                 "engine": engine,
                 "device": str(loaded.device) if engine == "local" else device,
                 # distributed: "auto" is resolved by each model worker for its own device
-                "precision": ("bf16" if loaded.fast else "float32") if engine == "local" else loaded.precision,
+                "precision": ("bf16" if loaded.bf16 else "float32") if engine == "local" else loaded.precision,
                 "instances_on": instances_on,
                 "settings": settings.to_dict() | {"batch_size": batch_size},
                 "post_workers": post_workers if engine == "local" else None,

@@ -11,7 +11,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .instances import InstanceParams, probabilities_to_labels, relabel_sequential, remove_small
-from .model import NucleiModel
+from .model.predict import NucleiModel
 from .normalize import NormStats, stats_for_bundle
 from .options import resolve_instances_on
 from .pipeline import at_image_pixels, network_input
@@ -51,7 +51,7 @@ def segment_image(
     Returns:
         ``(H, W)`` int32 labels, 0 = background.
     """
-    stats = stats or stats_for_bundle(image, model.config.get("normalization", {}), invert, channel)
+    stats = stats or stats_for_bundle(image, model.config.normalization, invert, channel)
     probabilities = model.predict(network_input(image, stats, channel, scale), batch_size=batch_size)
     probabilities = at_image_pixels(probabilities, None if scale == 1.0 else (scale, (0, 0), (0, image.shape[0], 0, image.shape[1])))
     params = (params or model.postprocess).at_scale(scale)
@@ -76,7 +76,7 @@ def estimate_diameter(image: np.ndarray, model: NucleiModel, channel: int | None
         The diameter in pixels, or None when no nucleus is found (or the bundle records no
         training diameter).
     """
-    model_scale = model.config.get("scale") or {}
+    model_scale = model.config.scale
     if not model_scale.get("nucleus_diameter_px"):
         return None
     diameter = None

@@ -114,9 +114,12 @@ def threshold_model(tile_size: int = 256, halo: int = 32):
     and whole-image predictions agree exactly: the oracle for tiling and stitching tests.
     Returns a :class:`nucleibatch.model.NucleiModel` on the CPU.
     """
+    from dataclasses import replace
+
     import torch
 
-    from .model import NucleiModel, default_config
+    from .model.config import default_config
+    from .model.predict import NucleiModel
 
     class ThresholdNetwork(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,7 +128,10 @@ def threshold_model(tile_size: int = 256, halo: int = 32):
             rest = torch.full_like(body, -20.0)
             return torch.cat([body, rest, rest], dim=1)
 
-    config = default_config(tile_size=tile_size, halo=halo)
-    config.update(name="threshold-oracle", weights_sha256="threshold-oracle")
-    config["postprocess"] = {"mask_threshold": 0.5, "seed_threshold": 0.5, "min_seed_size": 1, "min_size": 1}
+    config = replace(
+        default_config(tile_size=tile_size, halo=halo),
+        name="threshold-oracle",
+        weights_sha256="threshold-oracle",
+        postprocess={"mask_threshold": 0.5, "seed_threshold": 0.5, "min_seed_size": 1, "min_size": 1},
+    )
     return NucleiModel(network=ThresholdNetwork().eval(), config=config)

@@ -3,9 +3,9 @@
     python scripts/ship_bundle.py RUN_DIR/bundle NAME --licence CC-BY-NC-SA-4.0 --citation "..."
 
 NAME is the name ``--model`` takes (``nucleibatch/models/NAME``, listed in
-``nucleibatch.model.SHIPPED_BUNDLES``). The weights are copied unchanged (their sha256 is checked);
+``nucleibatch.model.bundle.SHIPPED_BUNDLES``). The weights are copied unchanged (their sha256 is checked);
 ``config.json`` gains ``name`` and, when given, ``licence`` (what ``train --licence/--citation``
-record). A shipped bundle must stay under 32 MB.
+record), and is written in the current format (``nucleibatch.model.config.migrate``). A shipped bundle must stay under 32 MB.
 """
 
 from __future__ import annotations
@@ -14,14 +14,15 @@ import argparse
 import json
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-from nucleibatch.model import (
+from nucleibatch.model.bundle import (
     CONFIG_NAME,
     SHIPPED_BUNDLES,
     WEIGHTS_NAME,
     load_model,
-    normalization_config,
+    read_config,
     sha256_file,
 )
 from nucleibatch.training.run import licence_record
@@ -38,26 +39,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--training-data", action="append", default=None, metavar="TEXT", help="what the model was trained on, for the licence record (repeatable) [the run's DATA paths]")
     parser.add_argument("--bundle-name", default=None, help="the config's name [kept]")
     args = parser.parse_args(argv)
-    config = json.loads((args.bundle / CONFIG_NAME).read_text())
-    weights = args.bundle / config.get("weights", WEIGHTS_NAME)
-    if sha256_file(weights) != config["weights_sha256"]:
+    config = read_config(args.bundle / CONFIG_NAME)  # bundles trained before "serves" get it, from their input
+    weights = args.bundle / config.weights_file
+    if sha256_file(weights) != config.weights_sha256:
         sys.exit(f"{weights}: sha256 differs from the config's: not the bundle that was evaluated")
     if weights.stat().st_size > MAX_BYTES:
         sys.exit(f"{weights}: {weights.stat().st_size:,} bytes, over the 32 MB a shipped bundle may take")
     if args.licence or args.citation:
-        config["licence"] = licence_record(args.licence, args.citation, args.training_data or config.get("training", {}).get("data", []))
+        config = replace(config, licence=licence_record(args.licence, args.citation, args.training_data or config.training.get("data", [])))
     if args.bundle_name:
-        config["name"] = args.bundle_name
-    config.pop("modalities", None)  # what bundles trained before "serves" recorded instead
-    config.setdefault("serves", normalization_config(config.get("normalization", {}).get("input", "grey"))["serves"])
+        config = replace(config, name=args.bundle_name)
     target = SHIPPED_BUNDLES[args.name]
     target.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(weights, target / WEIGHTS_NAME)
-    (target / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    (target / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     for path in (target / WEIGHTS_NAME, target / CONFIG_NAME):
         path.chmod(0o644)  # readable by every user of an installation
     load_model(args.name)  # it loads as shipped
-    print(f"{args.name}: {target} ({weights.stat().st_size / 1e6:.1f} MB, sha256 {config['weights_sha256'][:12]})")
+    print(f"{args.name}: {target} ({weights.stat().st_size / 1e6:.1f} MB, sha256 {config.weights_sha256[:12]})")
     return 0
 
 

@@ -29,13 +29,14 @@ def monuseg_root() -> Path:
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory) -> Path:
     """A small random-weight model bundle (shallow resnet18 U-Net): fast, for plumbing tests."""
+    from dataclasses import replace
+
     import torch
 
     from nucleibatch.model import build_network, default_config, save_bundle
 
     torch.manual_seed(0)
-    config = default_config("resnet18", tile_size=256, halo=32)
-    config.update(name="tiny-test", encoder_depth=3, decoder_channels=[32, 16, 8])
+    config = replace(default_config("resnet18", tile_size=256, halo=32), name="tiny-test", encoder_depth=3, decoder_channels=[32, 16, 8])
     network = build_network(config)
     return save_bundle(network, config, tmp_path_factory.mktemp("bundle") / "tiny")
 

@@ -21,7 +21,7 @@ FORWARD_PASSES = textwrap.dedent(
     tuned = tune_allocator()
     import numpy as np
     from nucleibatch import load_model
-    from nucleibatch.model import _forward
+    from nucleibatch.model import forward_batch
 
     model = load_model("default", precision="float32")  # the fault counts below are float32 activations
     batch = np.random.default_rng(0).random((4, 1, 256, 320), dtype=np.float32)
@@ -29,10 +29,10 @@ FORWARD_PASSES = textwrap.dedent(
 
     def run():  # on a thread, as segment's model runs
         for _ in range(2):  # warm-up: the heap grows to the network's working set
-            _forward(model.network, batch, model.device, False, fast=False)
+            forward_batch(model.network, batch, model.device, False, bf16=False)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         for _ in range(6):
-            output = _forward(model.network, batch, model.device, False, fast=False)
+            output = forward_batch(model.network, batch, model.device, False, bf16=False)
         outputs.extend([output, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before])
 
     thread = threading.Thread(target=run)

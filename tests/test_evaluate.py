@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from nucleibatch.model import (
     CONFIG_NAME,
     DEFAULT_BUNDLE,
     WEIGHTS_NAME,
+    BundleConfig,
     build_network,
     default_config,
     load_model,
@@ -34,10 +36,8 @@ from nucleibatch.training.data import to_example
 CSV_COLUMNS = ["image_id", "map", "ap50", "ap75", "f1_50", "n_true", "n_pred", "modality", "model", "pixel_size_um", "scale"]
 
 
-def tiny_config() -> dict:
-    config = default_config("resnet18", tile_size=256, halo=32)
-    config.update(name="tiny-roundtrip", encoder_depth=3, decoder_channels=[32, 16, 8])
-    return config
+def tiny_config() -> BundleConfig:
+    return replace(default_config("resnet18", tile_size=256, halo=32), name="tiny-roundtrip", encoder_depth=3, decoder_channels=[32, 16, 8])
 
 
 # --- bundle round trip -------------------------------------------------------------------------
@@ -80,8 +80,8 @@ def test_bundle_save_load_round_trip(tmp_path, half):
 
 def test_tiny_bundle_fixture_loads_and_predicts(tiny_bundle):
     model = load_model(tiny_bundle)
-    assert model.config["in_channels"] == 1
-    assert model.config["encoder_depth"] == 3
+    assert model.config.in_channels == 1
+    assert model.config.encoder_depth == 3
     probabilities = model.predict(np.random.default_rng(0).random((70, 90), dtype=np.float32))
     assert probabilities.shape == (3, 70, 90) and probabilities.dtype == np.float32
     assert 0.0 <= probabilities.min() and probabilities.max() <= 1.0
@@ -164,8 +164,8 @@ def test_default_bundle_loads_or_says_it_is_missing():
         model = load_model("default")
         assert model.path == DEFAULT_BUNDLE
         assert not model.network.training
-        assert model.config["in_channels"] == 1
-        assert model.config["classes"] == ["body", "contour", "contact"]
+        assert model.config.in_channels == 1
+        assert model.config.classes == ["body", "contour", "contact"]
         with torch.no_grad():
             assert model.network(torch.zeros(1, 1, 64, 64)).shape == (1, 3, 64, 64)
         assert (DEFAULT_BUNDLE / WEIGHTS_NAME).stat().st_size <= 32 * 1024 * 1024
@@ -201,7 +201,7 @@ def fitted_bundle(three_images, tmp_path_factory) -> Path:
     torch.manual_seed(0)
     config = tiny_config()
     network = build_network(config).eval()
-    examples = [to_example(a, config["normalization"]) for a in iter_annotated(discover_annotated([three_images]))]
+    examples = [to_example(a, config.normalization) for a in iter_annotated(discover_annotated([three_images]))]
     features: list[torch.Tensor] = []
     hook = network.segmentation_head.register_forward_hook(lambda module, args, out: features.append(args[0].detach()))
     with torch.no_grad():
@@ -298,7 +298,7 @@ def test_evaluate_with_instances_on_the_device_scores_like_the_watershed(dsb_roo
     """`evaluate --instances-on device` (torch, here on the CPU) on 8 real validation images of
     the default model: the same nuclei as the watershed's, and the same score within 0.01."""
     model = load_model("default", device="cpu")
-    ids = model.config["training"]["val_image_ids"][:8]
+    ids = model.config.training["val_image_ids"][:8]
     scores = {}
     for where in ("cpu", "device"):
         summary, rows = evaluate_model(model, [dsb_root], image_ids=ids, instances_on=where)

@@ -117,9 +117,9 @@ def test_the_fine_tuned_bundle_records_its_init_and_learning_rate(finetune_run):
     assert status == 0
     config = nucleibatch.load_model(run_dir / "bundle").config
     init = {"name": "nuclei-unet-resnet18", "source": "default", "sha256": sha256_file(DEFAULT_BUNDLE / "model.safetensors")}
-    assert config["init"] == init and config["training"]["init"] == init
-    assert config["name"] == "nuclei-unet-resnet18-finetuned" and config["encoder"] == "resnet18"
-    assert config["training"]["learning_rate"] == pytest.approx(2e-4) and config["training"]["freeze_encoder_epochs"] == 1
+    assert config.init == init and config.training["init"] == init
+    assert config.name == "nuclei-unet-resnet18-finetuned" and config.encoder == "resnet18"
+    assert config.training["learning_rate"] == pytest.approx(2e-4) and config.training["freeze_encoder_epochs"] == 1
     settings = json.loads((run_dir / "train_settings.json").read_text())
     assert settings["init"] == "default" and settings["extra"]["init"] == init
     assert json.loads((run_dir / "summary.json").read_text())["init"] == init

@@ -17,8 +17,8 @@ from nucleibatch.metrics import image_scores
 from nucleibatch.model import (
     ModelUsage,
     NucleiModel,
-    _forward,
     fold_batch_norms,
+    forward_batch,
     predict_image,
     predict_images,
     prepare_network,
@@ -31,14 +31,14 @@ DEMO = Path(__file__).resolve().parents[1] / "examples" / "dsb_demo"
 
 def test_bf16_channels_last_path_agrees_with_float32_on_the_cpu():
     model = load_model("default", device="cpu")
-    fast_network = prepare_network(copy.deepcopy(model.network), torch.device("cpu"), fast=True)
+    fast_network = prepare_network(copy.deepcopy(model.network), torch.device("cpu"), bf16=True)
     assert fast_network.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     for source in list(discover_annotated([DEMO]))[:2]:
         example = load_annotated(source)
         image, _ = normalize_image(example.image)
         usage = ModelUsage()
-        reference = predict_image(model.network, image, tile_size=256, halo=32, fast=False)
-        fast = predict_image(fast_network, image, tile_size=256, halo=32, fast=True, usage=usage)
+        reference = predict_image(model.network, image, tile_size=256, halo=32, bf16=False)
+        fast = predict_image(fast_network, image, tile_size=256, halo=32, bf16=True, usage=usage)
         assert fast.dtype == np.float32 and fast.shape == reference.shape
         assert not np.array_equal(fast, reference)  # bf16 really ran
         # bf16 rounds the logits: probabilities move a little everywhere and more at the few pixels
@@ -57,7 +57,7 @@ def test_batch_size_counts_pixels_in_512_tiles():
     assert windows_per_call(4, (512, 512)) == 4 and windows_per_call(16, (512, 512)) == 16
     assert windows_per_call(4, (1024, 1024)) == 1 and windows_per_call(16, (1024, 1024)) == 4
     assert windows_per_call(1, (1024, 1024)) == 1 and windows_per_call(4, (256, 256)) == 16
-    assert load_model("default").config["tile_size"] == 1024
+    assert load_model("default").config.tile_size == 1024
 
 
 def test_tiles_of_several_images_batched_together_give_each_image_alone():
@@ -96,10 +96,10 @@ class _Pointwise(torch.nn.Module):
 
 
 def test_tiles_are_cropped_and_placed_exactly_oracle():
-    """Only each batch's kept window is copied back from the device (``_forward``'s crop); the
+    """Only each batch's kept window is copied back from the device (``forward_batch``'s crop); the
     assembled probabilities equal the pointwise oracle on the whole image, for image borders,
     output boxes and tiles of several images sharing a batch; the fast path returns float16."""
-    from nucleibatch.model import _forward
+    from nucleibatch.model import forward_batch
 
     network = _Pointwise().eval()
     rng = np.random.default_rng(1)
@@ -110,7 +110,7 @@ def test_tiles_are_cropped_and_placed_exactly_oracle():
     tiles_counted = set()
     for batch_size, pad_batches in ((1, False), (3, False), (3, True), (16, True)):
         usage = ModelUsage()
-        outputs = predict_images(network, images, boxes, tile_size=256, halo=32, batch_size=batch_size, fast=False, usage=usage, pad_batches=pad_batches)
+        outputs = predict_images(network, images, boxes, tile_size=256, halo=32, batch_size=batch_size, bf16=False, usage=usage, pad_batches=pad_batches)
         for n, h, w in usage.batch_shapes:  # at most batch_size 512² tiles' worth of pixels a call
             assert n <= windows_per_call(batch_size, (h, w))
             if pad_batches:  # CUDA's default: full calls, or padded to a power of two (the padding's outputs dropped)
@@ -123,22 +123,22 @@ def test_tiles_are_cropped_and_placed_exactly_oracle():
             assert output.dtype == np.float32
             np.testing.assert_allclose(output, oracle[:, y0:y1, x0:x1], rtol=0, atol=1e-6)
     assert len(tiles_counted) == 1  # the images' tiles, not the padding
-    fast_network = prepare_network(copy.deepcopy(network), torch.device("cpu"), fast=True)
-    fast = predict_images(fast_network, images, boxes, tile_size=256, halo=32, batch_size=3, fast=True)
+    fast_network = prepare_network(copy.deepcopy(network), torch.device("cpu"), bf16=True)
+    fast = predict_images(fast_network, images, boxes, tile_size=256, halo=32, batch_size=3, bf16=True)
     for output, oracle, box in zip(fast, oracles, boxes, strict=True):
         y0, y1, x0, x1 = box or (0, oracle.shape[1], 0, oracle.shape[2])
         assert output.dtype == np.float32
         np.testing.assert_allclose(output, oracle[:, y0:y1, x0:x1], rtol=0, atol=0.02)  # bf16 network, float16 copy
     # keep_half (segment's blocks): the very same values, in float16
-    half = predict_images(fast_network, images, boxes, tile_size=256, halo=32, batch_size=3, fast=True, keep_half=True)
+    half = predict_images(fast_network, images, boxes, tile_size=256, halo=32, batch_size=3, bf16=True, keep_half=True)
     for output, reference in zip(half, fast, strict=True):
         assert output.dtype == np.float16
         np.testing.assert_array_equal(output.astype(np.float32), reference)
-    assert predict_images(network, images[:1], tile_size=256, halo=32, fast=False, keep_half=True)[0].dtype == np.float32
+    assert predict_images(network, images[:1], tile_size=256, halo=32, bf16=False, keep_half=True)[0].dtype == np.float32
     batch = images[0][None, None, :256, :256].copy()
-    full = _forward(network, batch, torch.device("cpu"), tta=False)
-    np.testing.assert_array_equal(_forward(network, batch, torch.device("cpu"), tta=False, crop=(32, 224, 10, 256)), full[:, :, 32:224, 10:256])
-    assert _forward(network, batch, torch.device("cpu"), tta=False, fast=True).dtype == np.float16
+    full = forward_batch(network, batch, torch.device("cpu"), tta=False)
+    np.testing.assert_array_equal(forward_batch(network, batch, torch.device("cpu"), tta=False, crop=(32, 224, 10, 256)), full[:, :, 32:224, 10:256])
+    assert forward_batch(network, batch, torch.device("cpu"), tta=False, bf16=True).dtype == np.float16
 
 
 def test_precision_resolves_per_device_and_bad_values_are_refused():
@@ -153,8 +153,8 @@ def test_precision_resolves_per_device_and_bad_values_are_refused():
     with pytest.raises(UsageError, match="--precision must be one of auto, float32, bf16"):
         uses_bf16("fp8", cpu)
     model = load_model("default", precision="float32")
-    assert not model.fast and model.network.encoder.conv1.weight.is_contiguous()  # float32: no channels-last
-    assert load_model("default", precision="bf16").fast
+    assert not model.bf16 and model.network.encoder.conv1.weight.is_contiguous()  # float32: no channels-last
+    assert load_model("default", precision="bf16").bf16
 
 
 def test_batch_norms_folded_into_convolutions_compute_the_same_function():
@@ -164,9 +164,9 @@ def test_batch_norms_folded_into_convolutions_compute_the_same_function():
     assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in folded.modules())
     assert any(isinstance(module, torch.nn.BatchNorm2d) for module in model.network.modules())
     image, _ = normalize_image(load_annotated(next(iter(discover_annotated([DEMO])))).image)
-    reference = predict_image(model.network, image, tile_size=256, halo=32, fast=False)
-    np.testing.assert_allclose(model.predict(image), predict_image(folded, image, tile_size=256, halo=32, fast=False))
-    np.testing.assert_allclose(predict_image(folded, image, tile_size=256, halo=32, fast=False), reference, atol=1e-4)
+    reference = predict_image(model.network, image, tile_size=256, halo=32, bf16=False)
+    np.testing.assert_allclose(model.predict(image), predict_image(folded, image, tile_size=256, halo=32, bf16=False))
+    np.testing.assert_allclose(predict_image(folded, image, tile_size=256, halo=32, bf16=False), reference, atol=1e-4)
     # the bundle's network is untouched (training and saving use it); the copy is made once,
     # again when the network is replaced (a distributed worker prepares its own), and not pickled
     assert all(torch.equal(model.network.state_dict()[name], tensor) for name, tensor in trained_state.items())
@@ -186,7 +186,7 @@ def test_batch_norms_folded_into_convolutions_compute_the_same_function():
     assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in folded_convolutions if m.in_channels > 1)
     assert all(m.weight.dtype == torch.bfloat16 for m in folded_convolutions)
     batch = image[None, None, :256, :256].copy()
-    np.testing.assert_array_equal(_forward(fast.inference_network, batch, torch.device("cpu"), tta=False, fast=True), _forward(fold_batch_norms(fast.network), batch, torch.device("cpu"), tta=False, fast=True))
+    np.testing.assert_array_equal(forward_batch(fast.inference_network, batch, torch.device("cpu"), tta=False, bf16=True), forward_batch(fold_batch_norms(fast.network), batch, torch.device("cpu"), tta=False, bf16=True))
 
 
 class _NormBeforeConvolution(torch.nn.Module):
@@ -213,7 +213,7 @@ def test_folding_checks_the_result_and_leaves_networks_it_cannot_fold(caplog):
     runs = model.inference_network
     assert runs.norm.running_mean.dtype == torch.float32 and runs.conv.weight.dtype == torch.bfloat16
     x = np.random.default_rng(0).random((1, 4, 32, 32), dtype=np.float32)
-    np.testing.assert_array_equal(_forward(runs, x, torch.device("cpu"), tta=False, fast=True), _forward(misleading, x, torch.device("cpu"), tta=False, fast=True))
+    np.testing.assert_array_equal(forward_batch(runs, x, torch.device("cpu"), tta=False, bf16=True), forward_batch(misleading, x, torch.device("cpu"), tta=False, bf16=True))
     model.precision = "float32"  # another precision: made again, in float32
     assert model.inference_network is not runs and model.inference_network.conv.weight.dtype == torch.float32
     training = load_model("default", device="cpu", precision="float32").network.train()

@@ -45,7 +45,7 @@ def test_train_job_submitted_to_a_ray_cluster_writes_a_bundle(ray_head, dsb_root
     assert "succeeded" in (result.stdout + result.stderr).lower()
     assert "epoch 1/1 done" in result.stdout  # the job log shows the training progress
     model = load_model(run_dir / "bundle")
-    assert model.config["training"]["workers"] == 2
+    assert model.config.training["workers"] == 2
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["epochs_run"] == 1
 

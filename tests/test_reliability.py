@@ -124,7 +124,7 @@ def test_a_narrow_image_gives_the_same_nuclei_on_every_run_on_the_bf16_path(shap
     field = np.asarray(Image.open(sorted(dsb_root.glob("*/images/*.png"))[0]))[..., :3]
     tall = np.concatenate([field] * 3, axis=0)[: shape[0], : shape[1]]
     model = load_model("default", precision="bf16")
-    assert model.fast
+    assert model.bf16
     labels = [segment_image(np.ascontiguousarray(tall), model) for _ in range(3)]
     assert labels[0].max() > 0
     for other in labels[1:]:

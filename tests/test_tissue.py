@@ -185,8 +185,8 @@ def test_an_image_resampled_for_its_model_keeps_its_nuclei_at_native_resolution(
     after a round trip through the model's scale (2x up, 2x down) match those of no resampling."""
     image, _ = synthetic_nuclei((300, 260), n_nuclei=18, radius=(9, 14), seed=4)
     model = threshold_model()
-    model.config["scale"] = {"nucleus_diameter_px": 20.0, "pixel_size_um": 0.5}
-    scale = resample_scale(model.config["scale"], pixel_size)
+    model.config = replace(model.config, scale={"nucleus_diameter_px": 20.0, "pixel_size_um": 0.5})
+    scale = resample_scale(model.config.scale, pixel_size)
     assert scale == pixel_size / 0.5
     native = segment_image(image, model)
     resampled = segment_image(image, model, scale=scale)
@@ -246,7 +246,7 @@ def test_micrometre_columns_and_physical_ngff_scales(tmp_path):
 
 def test_choose_routes_by_modality_and_scales_by_pixel_size(tmp_path):
     fluorescence, brightfield = threshold_model(), threshold_model()
-    brightfield.config.update(name="stained-oracle", serves=["stained"], scale={"nucleus_diameter_px": 20.0, "pixel_size_um": 0.25})
+    brightfield.config = replace(brightfield.config, name="stained-oracle", serves=["stained"], scale={"nucleus_diameter_px": 20.0, "pixel_size_um": 0.25})
     models = ModelSet({"default": fluorescence, "he": brightfield}, {"fluorescence": "default", "brightfield": "default", "stained": "he"})
     (tmp_path / "in").mkdir()
     grey, _ = synthetic_nuclei((96, 96), n_nuclei=8, seed=6)
@@ -285,12 +285,12 @@ def test_diameter_auto_finds_the_magnification(tmp_path):
     image, truth = synthetic_nuclei((256, 256), n_nuclei=25, radius=(6, 10), seed=8)
     true_diameter = median_diameter(np.bincount(truth.ravel())[1:])
     model = threshold_model()
-    model.config["scale"] = {"nucleus_diameter_px": true_diameter, "pixel_size_um": None}
+    model.config = replace(model.config, scale={"nucleus_diameter_px": true_diameter, "pixel_size_um": None})
     assert estimate_diameter(image, model) == pytest.approx(true_diameter, rel=0.1)
     twice = np.kron(image, np.ones((2, 2), image.dtype))
     found = estimate_diameter(twice, model)
     assert found == pytest.approx(2 * true_diameter, rel=0.1)
-    assert resample_scale(model.config["scale"], diameter_px=found) == pytest.approx(0.5, rel=0.1)
+    assert resample_scale(model.config.scale, diameter_px=found) == pytest.approx(0.5, rel=0.1)
     assert estimate_diameter(np.zeros((64, 64), np.uint8), model) is None  # nothing found: no estimate
 
     # segment --diameter auto: the scale recorded per image, the labels at the input's size
@@ -372,7 +372,7 @@ def test_an_image_that_cannot_be_read_while_choosing_fails_alone(tmp_path, monus
     from nucleibatch.io.location import to_location
 
     fluorescence, tissue = threshold_model(), threshold_model()
-    tissue.config.update(serves=["stained"])
+    tissue.config = replace(tissue.config, serves=["stained"])
     models = ModelSet({"default": fluorescence, "he": tissue}, {"fluorescence": "default", "brightfield": "default", "stained": "he"})
     (tmp_path / "in").mkdir()
     Image = pytest.importorskip("PIL.Image")
@@ -395,7 +395,7 @@ def test_a_whole_number_diameter_and_smaller_blocks_for_enlarged_images(tmp_path
     (tmp_path / "in").mkdir()
     tifffile.imwrite(tmp_path / "in" / "cells.tif", image)
     model = threshold_model()
-    model.config["scale"] = {"nucleus_diameter_px": 40.0, "pixel_size_um": None}
+    model.config = replace(model.config, scale={"nucleus_diameter_px": 40.0, "pixel_size_um": None})
     run_segment_job([str(tmp_path / "in")], tmp_path / "out", model=model, settings=SegmentSettings(diameter=20), progress=False)
     assert pd.read_parquet(tmp_path / "out" / "images.parquet").scale.tolist() == [2.0]
     assert [block_size_at(2048, s, 128) for s in (0.5, 1.0, 1.02, 1.37, 2.0, 3.0, 8.0)] == [2048, 2048, 1024, 1024, 1024, 512, 256]

@@ -141,22 +141,22 @@ def test_train_writes_metrics_curves_and_a_loadable_bundle(first_run):
     assert (bundle / "config.json").is_file() and (bundle / "model.safetensors").is_file()
     model = nucleibatch.load_model(bundle)
     assert not model.network.training
-    assert model.config["in_channels"] == 1
+    assert model.config.in_channels == 1
     with torch.no_grad():
         out = model.network(torch.rand(1, 1, 64, 64))
     assert out.shape == (1, 3, 64, 64)
     assert torch.isfinite(out).all()
 
-    training = model.config["training"]
+    training = model.config.training
     assert training["n_train_images"] + training["n_val_images"] == 6
     assert training["n_val_images"] == len(training["val_image_ids"]) == 1
     assert training["workers"] == 2 and training["patches_per_epoch"] == 16 and training["patch_size"] == 128
-    assert model.config["metrics"]["epochs"] == 2
+    assert model.config.metrics["epochs"] == 2
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["bundle"] == str(bundle.resolve())
     assert summary["epochs_run"] == 2
     # from scratch: the default learning rate, and no init recorded
-    assert training["learning_rate"] == 2e-3 and training["init"] is None and model.config["init"] is None
+    assert training["learning_rate"] == 2e-3 and training["init"] is None and model.config.init is None
     assert summary["init"] is None
 
 
@@ -170,7 +170,7 @@ def test_train_writes_a_validation_overlay_per_epoch(first_run, dsb_root):
     overlays = sorted((run_dir / "overlays").glob("*.png"))
     assert [p.name for p in overlays] == ["epoch_001.png", "epoch_002.png"]
     # the one validation image (rank 0 holds it), shown whole or by its central crop
-    val_id = nucleibatch.load_model(run_dir / "bundle").config["training"]["val_image_ids"][0]
+    val_id = nucleibatch.load_model(run_dir / "bundle").config.training["val_image_ids"][0]
     annotated = next(iter_annotated([s for s in discover_annotated([dsb_root]) if s.image_id == val_id]))
     expected = tuple(min(side, OVERLAY_CROP) for side in annotated.labels.shape)
     for path in overlays:
@@ -213,7 +213,7 @@ def test_train_again_with_more_epochs_resumes(first_run, dsb_root, capfd):
         logs = Path(ray._private.worker._global_node.get_logs_dir_path())
         out = "".join(p.read_text(errors="replace") for p in logs.glob("worker-*.out"))
     assert message in out + err
-    assert nucleibatch.load_model(run_dir / "bundle").config["metrics"]["epochs"] == 3
+    assert nucleibatch.load_model(run_dir / "bundle").config.metrics["epochs"] == 3
 
 
 @pytest.mark.slow
@@ -225,7 +225,7 @@ def test_rerunning_a_finished_run_trains_nothing_more(first_run, dsb_root):
     assert read_metrics(run_dir) == rows_before
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["epochs_run"] == epochs
-    assert nucleibatch.load_model(run_dir / "bundle").config["metrics"]["epochs"] == epochs
+    assert nucleibatch.load_model(run_dir / "bundle").config.metrics["epochs"] == epochs
 
 
 @pytest.mark.slow
@@ -338,11 +338,12 @@ def test_overlay_panel_draws_true_outlines_magenta_and_predicted_ones_green_on_t
 
 
 def _tiny_network():
+    from dataclasses import replace
+
     from nucleibatch.model import build_network, default_config
 
     torch.manual_seed(0)
-    config = default_config("resnet18")
-    config.update(decoder_channels=[16, 8, 8, 8, 8])  # full depth: every encoder parameter is used
+    config = replace(default_config("resnet18"), decoder_channels=[16, 8, 8, 8, 8])  # full depth: every encoder parameter is used
     return build_network(config)
 
 
@@ -428,14 +429,14 @@ def test_resolve_init_takes_the_network_from_the_bundle_and_lowers_the_learning_
 
     base = TrainSettings(data=[str(dsb_root)], run_dir=str(tmp_path / "run"))
     scratch, config, state = resolve_init(base)
-    assert (scratch.encoder, scratch.architecture, scratch.learning_rate, state, config["init"]) == ("resnet18", "Unet", 2e-3, None, None)
+    assert (scratch.encoder, scratch.architecture, scratch.learning_rate, state, config.init) == ("resnet18", "Unet", 2e-3, None, None)
 
     default = nucleibatch.load_model("default")
     tuned, config, state = resolve_init(TrainSettings(data=[str(dsb_root)], run_dir=str(tmp_path / "run"), init="default"))
     assert tuned.learning_rate == pytest.approx(2e-4)  # 10x lower than from scratch
-    assert (tuned.encoder, tuned.architecture, tuned.init) == (default.config["encoder"], default.config["architecture"], "default")
-    assert config["init"] == {"name": default.name, "source": "default", "sha256": sha256_file(DEFAULT_BUNDLE / "model.safetensors")}
-    assert config["postprocess"] == default.config["postprocess"] and config["normalization"] == default.config["normalization"]
+    assert (tuned.encoder, tuned.architecture, tuned.init) == (default.config.encoder, default.config.architecture, "default")
+    assert config.init == {"name": default.name, "source": "default", "sha256": sha256_file(DEFAULT_BUNDLE / "model.safetensors")}
+    assert config.postprocess == default.config.postprocess and config.normalization == default.config.normalization
     assert all(torch.equal(state[k], v) for k, v in default.network.state_dict().items())
     assert resolve_init(TrainSettings(data=[str(dsb_root)], run_dir="r", init="default", learning_rate=1e-3))[0].learning_rate == 1e-3
     assert resolve_init(TrainSettings(data=[str(dsb_root)], run_dir="r", init="default", encoder="resnet18"))[0].encoder == "resnet18"
@@ -497,7 +498,7 @@ def test_engine_local_trains_resumes_and_exports_without_ray(dsb_root, tmp_path,
     checkpoints = sorted(p.name for p in (run_dir / "local_train").iterdir())
     assert checkpoints[-1] == "checkpoint_000002" and len(checkpoints) <= 2  # the latest and the best
     bundle = nucleibatch.load_model(run_dir / "bundle")
-    assert bundle.config["training"]["engine"] == "local" and bundle.config["metrics"]["epochs"] == 2
+    assert bundle.config.training["engine"] == "local" and bundle.config.metrics["epochs"] == 2
     capfd.readouterr()
 
     assert main(["train", str(dsb_root), "-o", str(run_dir), *LOCAL_RUN, "--epochs", "3", "--overlay-every", "0"]) == 0

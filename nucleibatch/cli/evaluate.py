@@ -47,6 +47,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``nucleibatch evaluate`` from parsed arguments: prints the scores (one line, then one per
     modality; or JSON), writes the per-image CSV when asked; returns 0."""
+    from dataclasses import replace
+
     from ..choose import load_models
     from ..evaluate import evaluate_model, write_rows_csv
     from ..scale import check_diameter, check_pixel_size
@@ -56,10 +58,10 @@ def run(args: argparse.Namespace) -> int:
     models = load_models(args.model, device=args.device, precision=args.precision)
     for model in models.models.values():
         if args.tta != "auto":
-            model.config["tta"] = args.tta == "on"
+            model.config = replace(model.config, tta=args.tta == "on")
     image_ids = None
     if args.ids_from_bundle:
-        image_ids = sorted({i for model in models.models.values() for i in model.config.get("training", {}).get("val_image_ids") or []})
+        image_ids = sorted({i for model in models.models.values() for i in model.config.training.get("val_image_ids") or []})
         if not image_ids:
             raise UsageError(f"--ids-from-bundle: the bundle {args.model} records no validation image ids")
     instances_on = resolve_instances_on(args.instances_on, models.first.device.type)

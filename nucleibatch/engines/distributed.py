@@ -38,6 +38,7 @@ from ..io.discover import ImageRecord
 from ..io.location import Location
 from ..io.store import open_root, store_name
 from ..io.tables import write_record
+from ..model.config import BundleConfig
 from ..pipeline import ImagePlan, SegmentSettings, Timer, one_tile_window, record_failed_image
 from ..scale import scaled_shape
 from ..tiling import small_image_window
@@ -51,7 +52,7 @@ class Executor(Protocol):
     workers: int  # model workers
     finish_slots: int  # CPU task slots of the cluster (post-processing runs this many blocks at once)
     batch_size: int  # tiles per network call: also the number of small images grouped per predict unit
-    model_config: dict
+    model_config: BundleConfig
 
     def start(self, record: ImageRecord) -> Any: ...
     def predict(self, units: list[tuple[ImagePlan, int]]) -> list[Any]:
@@ -97,7 +98,7 @@ def batching_order(records: Sequence[ImageRecord], tile_size: int) -> list[Image
 def small_images_per_unit(batch_size: int, window: tuple[int, int]) -> int:
     """One-tile images of one network ``window`` grouped per predict unit: as many as one model
     call of ``batch_size`` 512² tiles' worth of pixels holds (a call holds one shape)."""
-    from ..model import windows_per_call
+    from ..model.predict import windows_per_call
 
     return windows_per_call(max(1, batch_size), window)
 
@@ -116,7 +117,7 @@ def run_distributed(
     A block unit's error reaches the driver through the image's ``complete`` unit, which depends
     on it (Ray and Dask both fail a task whose inputs failed, with the original exception).
     """
-    tile_size = int(executor.model_config.get("tile_size", 512))
+    tile_size = executor.model_config.tile_size
     pending = deque(batching_order(records, tile_size))
 
     def group_size(window: tuple[int, int]) -> int:
@@ -247,7 +248,7 @@ def current_worker() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def start_unit(record: ImageRecord, settings: SegmentSettings, model_config: dict, out_dir: Location) -> ImagePlan:
+def start_unit(record: ImageRecord, settings: SegmentSettings, model_config: BundleConfig, out_dir: Location) -> ImagePlan:
     """Unit 1: :func:`nucleibatch.pipeline.start_image`."""
     from ..pipeline import start_image
 
@@ -258,7 +259,7 @@ class BlockPredictor:
     """Unit 2, on a model worker: holds the model (loaded once) and the images it reads from."""
 
     def __init__(self, model, device: str, settings: SegmentSettings, batch_size: int) -> None:
-        from ..model import prepare_network, resolve_device
+        from ..model.device import prepare_network, resolve_device
         from ..runtime.allocator import tune_allocator
 
         # in full only where the worker process started with ALLOCATOR_ENV (the workers the engines
@@ -266,7 +267,7 @@ class BlockPredictor:
         tune_allocator()
         self.device = resolve_device(device)
         model.device = self.device
-        model.network = prepare_network(model.network, self.device, fast=model.fast)  # precision resolved for this worker's device
+        model.network = prepare_network(model.network, self.device, bf16=model.bf16)  # precision resolved for this worker's device
         self.model, self.settings, self.batch_size = model, settings, batch_size
         self.images = OpenImages(keep=max(2, batch_size))
 

@@ -30,7 +30,7 @@ from ..pipeline import ImagePlan, SegmentSettings, Timer, context_pixels, instan
 from . import distributed
 
 if TYPE_CHECKING:
-    from ..model import NucleiModel
+    from ..model.predict import NucleiModel
 
 
 class LocalExecutor:

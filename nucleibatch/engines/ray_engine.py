@@ -21,7 +21,7 @@ from typing import Any
 
 from ..io.discover import ImageRecord
 from ..io.location import Location
-from ..model import NucleiModel
+from ..model.predict import NucleiModel
 from ..pipeline import ImagePlan, SegmentSettings, Timer, instance_params
 from ..runtime.allocator import worker_environment
 from . import distributed

@@ -22,7 +22,10 @@ import torch
 
 from ..instances import InstanceParams, probabilities_to_labels
 from ..metrics import image_scores
-from ..model import build_network, predict_image, uses_bf16
+from ..model.config import BundleConfig
+from ..model.device import uses_bf16
+from ..model.network import build_network
+from ..model.predict import predict_image
 from .data import AugmentSettings, Example, PatchDataset
 from .losses import segmentation_loss
 from .overlays import OVERLAY_IMAGES, overlay_panel, overlay_path, write_png
@@ -356,7 +359,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     run_epochs(RayWorkerContext(config), config["settings"], config["bundle_config"], Path(config["run_dir"]))
 
 
-def run_epochs(context: RayWorkerContext | LocalWorkerContext, settings: dict[str, Any], bundle_config: dict[str, Any], run_dir: Path) -> None:
+def run_epochs(context: RayWorkerContext | LocalWorkerContext, settings: dict[str, Any], bundle_config: BundleConfig, run_dir: Path) -> None:
     """The epoch loop of one worker: train, validate, checkpoint and report each epoch."""
     rank, world, device = context.rank, context.world, context.device
     train_examples = context.train_examples
@@ -396,7 +399,7 @@ def run_epochs(context: RayWorkerContext | LocalWorkerContext, settings: dict[st
     steps_per_epoch = max(1, len(loader))
     total_steps = steps_per_epoch * settings["epochs"]
     warmup = min(steps_per_epoch * 2, max(1, total_steps // 10))
-    params = InstanceParams.from_dict(bundle_config["postprocess"])
+    params = bundle_config.postprocess_params
     overlay_every = int(settings.get("overlay_every", 1))
     writer = None
     if rank == 0 and settings.get("tensorboard"):
@@ -453,7 +456,7 @@ def run_epochs(context: RayWorkerContext | LocalWorkerContext, settings: dict[st
         draw = rank == 0 and overlay_every > 0 and (epoch % overlay_every == 0 or epoch == settings["epochs"] - 1)
         kept: list[np.ndarray] = []
         n_overlay = min(OVERLAY_IMAGES, len(val_examples)) if draw else 0
-        rows = validate(module, val_examples, params, device, bundle_config["tile_size"], bundle_config["halo"], kept, n_overlay) if val_examples else []
+        rows = validate(module, val_examples, params, device, bundle_config.tile_size, bundle_config.halo, kept, n_overlay) if val_examples else []
         sums = _all_reduce_sum(
             [sum(r[k] for r in rows) for k in ("map", "ap50", "ap75", "f1_50")] + [float(len(rows))], world
         )

@@ -7,7 +7,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,17 +16,9 @@ import torch
 
 from ..errors import ModelBundleError, UsageError
 from ..extras import require_extra
-from ..instances import InstanceParams
 from ..io.annotated import discover_annotated, iter_annotated
-from ..model import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    default_config,
-    load_model,
-    normalization_config,
-    save_bundle,
-    sha256_file,
-)
+from ..model.bundle import CONFIG_NAME, load_model, save_bundle, sha256_file
+from ..model.config import BundleConfig, default_config, normalization_config
 from ..normalize import INPUTS
 from ..options import PRECISIONS
 from ..tiling import DEFAULT_HALO
@@ -144,7 +136,7 @@ def init_spec(init: str | None) -> str | None:
     return str(path.resolve())
 
 
-def resolve_init(settings: TrainSettings) -> tuple[TrainSettings, dict[str, Any], dict | None]:
+def resolve_init(settings: TrainSettings) -> tuple[TrainSettings, BundleConfig, dict | None]:
     """Settings with encoder, architecture and learning rate filled in, the bundle config to train,
     and the ``--init`` bundle's weights (None from scratch).
 
@@ -154,15 +146,12 @@ def resolve_init(settings: TrainSettings) -> tuple[TrainSettings, dict[str, Any]
     Raises:
         UsageError: a bundle that cannot be loaded, or a conflicting ``--encoder``.
     """
-    from dataclasses import replace
-
     if not settings.init:
         config = default_config(settings.encoder or SCRATCH_ENCODER, settings.architecture or SCRATCH_ARCHITECTURE, settings.tile_size, settings.halo, settings.input or "grey")
-        config["init"] = None
         resolved = replace(
             settings,
-            encoder=config["encoder"],
-            architecture=config["architecture"],
+            encoder=config.encoder,
+            architecture=config.architecture,
             learning_rate=settings.learning_rate or SCRATCH_LEARNING_RATE,
         )
         return _with_input(resolved, config), config, None
@@ -172,40 +161,46 @@ def resolve_init(settings: TrainSettings) -> tuple[TrainSettings, dict[str, Any]
         raise UsageError(f"--init {settings.init}: {error}") from None
     source = model.config
     for option, key, asked in (("--encoder", "encoder", settings.encoder), ("architecture", "architecture", settings.architecture)):
-        if asked is not None and asked != source.get(key, SCRATCH_ARCHITECTURE if key == "architecture" else None):
+        if asked is not None and asked != getattr(source, key):
             raise UsageError(
-                f"{option} {asked} conflicts with --init {settings.init}, a {source.get('architecture', SCRATCH_ARCHITECTURE)} "
-                f"with the {source['encoder']} encoder: the network comes from the bundle, so drop {option} (or drop --init to train from scratch)"
+                f"{option} {asked} conflicts with --init {settings.init}, a {source.architecture} "
+                f"with the {source.encoder} encoder: the network comes from the bundle, so drop {option} (or drop --init to train from scratch)"
             )
     init_record = {
         "name": model.name,
         "source": init_spec(settings.init),
-        "sha256": sha256_file(model.path / source.get("weights", WEIGHTS_NAME)),
+        "sha256": sha256_file(model.path / source.weights_file),
     }
-    config = {k: v for k, v in source.items() if k not in ("weights", "weights_dtype", "weights_sha256", "training", "metrics", "init")}
-    config.update(name=f"{model.name}-finetuned", encoder_weights=None, training={}, metrics={}, init=init_record)
-    if settings.input and settings.input != config.get("normalization", {}).get("input", "grey"):
-        config.update(normalization_config(settings.input))  # the same one-channel network, another channel fed to it
-    config.setdefault("serves", normalization_config(config["normalization"].get("input", "grey"))["serves"])
+    config = replace(
+        source,
+        name=f"{model.name}-finetuned",
+        encoder_weights=None,
+        training={},
+        metrics={},
+        init=init_record,
+        weights=None,
+        weights_dtype=None,
+        weights_sha256=None,
+    )
+    if settings.input and settings.input != config.input:
+        config = replace(config, **normalization_config(settings.input))  # the same one-channel network, another channel fed to it
     resolved = replace(
         settings,
         init=init_record["source"],
-        encoder=source["encoder"],
-        architecture=source.get("architecture", SCRATCH_ARCHITECTURE),
+        encoder=source.encoder,
+        architecture=source.architecture,
         learning_rate=settings.learning_rate or SCRATCH_LEARNING_RATE * FINETUNE_LR_FACTOR,
-        tile_size=int(source.get("tile_size", settings.tile_size)),
-        halo=int(source.get("halo", settings.halo)),
+        tile_size=source.tile_size,
+        halo=source.halo,
         extra={**settings.extra, "init": init_record},
     )
     state = {name: tensor.detach().cpu() for name, tensor in model.network.state_dict().items()}
     return _with_input(resolved, config), config, state
 
 
-def _with_input(settings: TrainSettings, config: dict[str, Any]) -> TrainSettings:
+def _with_input(settings: TrainSettings, config: BundleConfig) -> TrainSettings:
     """Settings with ``input`` and ``stain_jitter`` filled in from the bundle config to train."""
-    from dataclasses import replace
-
-    input = config["normalization"].get("input", "grey")
+    input = config.input
     jitter = settings.stain_jitter if settings.stain_jitter is not None else (DEFAULT_STAIN_JITTER if input == "haematoxylin" else 0.0)
     return replace(settings, input=input, stain_jitter=jitter)
 
@@ -285,7 +280,7 @@ def run_training(settings: TrainSettings, overwrite: bool = False) -> dict[str, 
     run_dir = Path(settings.run_dir).resolve()
     _check_resume(run_dir, settings, overwrite)
     started = time.perf_counter()
-    train_examples, val_examples = load_examples(settings, bundle_config["normalization"])
+    train_examples, val_examples = load_examples(settings, bundle_config.normalization)
     _save_settings(run_dir, settings)  # only once the data is known good: a failed start locks nothing
     log.info("data: %d training and %d validation images (%.0f s to read)", len(train_examples), len(val_examples), time.perf_counter() - started)
     patches_per_epoch = settings.patches_per_epoch or len(train_examples)
@@ -293,7 +288,7 @@ def run_training(settings: TrainSettings, overwrite: bool = False) -> dict[str, 
 
     loader_workers = settings.loader_workers if settings.loader_workers >= 0 else (4 if settings.gpu else 0)
     worker_settings = asdict(settings) | {"patches_per_epoch": patches_per_epoch, "loader_workers": loader_workers}
-    bundle_config["training"] = {
+    training = {
         "data": [str(Path(d)) for d in settings.data],
         "n_train_images": len(train_examples),
         "n_val_images": len(val_examples),
@@ -307,15 +302,15 @@ def run_training(settings: TrainSettings, overwrite: bool = False) -> dict[str, 
         "workers": settings.workers,
         "gpu": settings.gpu,
         "engine": settings.engine,
-        "init": bundle_config["init"],
+        "init": bundle_config.init,
         "freeze_encoder_epochs": settings.freeze_encoder_epochs,
         "input": settings.input,
         "augment": {"stain_jitter": settings.stain_jitter, "blur": settings.blur, "scale": list(settings.scale_jitter)},
         "precision": settings.precision,
     }
-    bundle_config["scale"] = training_scale(train_examples, settings.pixel_size)
+    bundle_config = replace(bundle_config, training=training, scale=training_scale(train_examples, settings.pixel_size))
     if settings.licence or settings.citation:
-        bundle_config["licence"] = licence_record(settings.licence, settings.citation, settings.data)
+        bundle_config = replace(bundle_config, licence=licence_record(settings.licence, settings.citation, settings.data))
     if settings.engine == "local":
         state, best_metrics, history = _train_here(settings, worker_settings, bundle_config, run_dir, train_examples, val_examples, init_state)
     else:
@@ -328,7 +323,7 @@ def run_training(settings: TrainSettings, overwrite: bool = False) -> dict[str, 
         "epochs_run": len(history),
         "patches_per_s": float(np.median([row["patches_per_s"] for row in history])) if history else None,
         "wall_seconds": round(time.perf_counter() - started, 1),
-        "init": bundle_config["init"],
+        "init": bundle_config.init,
         "metrics": json.loads((bundle_dir / "config.json").read_text())["metrics"],
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -352,7 +347,7 @@ def training_scale(examples: list[Example], pixel_size: float | None) -> dict[st
 def _train_with_ray(
     settings: TrainSettings,
     worker_settings: dict[str, Any],
-    bundle_config: dict[str, Any],
+    bundle_config: BundleConfig,
     run_dir: Path,
     train_examples: list[Example],
     val_examples: list[Example],
@@ -423,7 +418,7 @@ def load_best_state(scored: list[tuple[Any, dict]]) -> tuple[dict, dict]:
 def _train_here(
     settings: TrainSettings,
     worker_settings: dict[str, Any],
-    bundle_config: dict[str, Any],
+    bundle_config: BundleConfig,
     run_dir: Path,
     train_examples: list[Example],
     val_examples: list[Example],
@@ -442,7 +437,7 @@ def _train_here(
 
 def export_bundle(
     state_dict: dict,
-    bundle_config: dict[str, Any],
+    bundle_config: BundleConfig,
     val_examples: list[Example],
     directory: Path,
     tune: bool,
@@ -450,18 +445,18 @@ def export_bundle(
     history: list[dict],
 ) -> Path:
     """Save the best weights as a bundle, with post-processing tuned on the validation images."""
-    from ..model import build_network
+    from ..model.network import build_network
 
     network = build_network(bundle_config)
     network.load_state_dict(state_dict)
-    config = dict(bundle_config)
-    save_bundle(network, config, directory)
-    config["metrics"] = {"best_epoch": int(best_metrics["epoch"]), "val_map_at_training": best_metrics.get("val_map")}
+    save_bundle(network, bundle_config, directory)
+    metrics = {"best_epoch": int(best_metrics["epoch"]), "val_map_at_training": best_metrics.get("val_map")}
+    postprocess = bundle_config.postprocess
     if val_examples:
         model = load_model(directory)  # evaluate the weights exactly as shipped (float16 round trip)
-        params, tuned = tune_postprocess(model, val_examples, InstanceParams.from_dict(config["postprocess"]), search=tune)
-        config["postprocess"] = params.to_dict()
-        config["metrics"].update({f"val_{k}": round(v, 4) for k, v in tuned.items()})
-        config["metrics"]["val_images"] = len(val_examples)
-    config["metrics"]["epochs"] = len(history)
-    return save_bundle(network, config, directory)
+        params, tuned = tune_postprocess(model, val_examples, bundle_config.postprocess_params, search=tune)
+        postprocess = params.to_dict()
+        metrics.update({f"val_{k}": round(v, 4) for k, v in tuned.items()})
+        metrics["val_images"] = len(val_examples)
+    metrics["epochs"] = len(history)
+    return save_bundle(network, replace(bundle_config, postprocess=postprocess, metrics=metrics), directory)
