@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from nucleibatch.io.layout import OME_GROUP
 from nucleibatch.io.location import Location, to_location
-from nucleibatch.io.store import open_root
 from nucleibatch.measure import NUCLEI_COLUMNS
+from nucleibatch.output.layout import OME_GROUP
+from nucleibatch.output.store import open_root
 
 INTEGER_COLUMNS = ("label", "area", "bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x")
 # Float columns: on the CPU the torch version sums the same float64 terms in the same (raster)

@@ -20,7 +20,7 @@ from nucleibatch.channels import intensity_suffixes, parse_channel, resolve_chan
 from nucleibatch.cli import main
 from nucleibatch.errors import ImageReadError, UsageError
 from nucleibatch.io.discover import discover_inputs
-from nucleibatch.io.tables import SCHEMA_PART
+from nucleibatch.output.tables import SCHEMA_PART
 from nucleibatch.pipeline import SegmentSettings
 from nucleibatch.segment import run_segment_job
 from nucleibatch.synthetic import synthetic_nuclei, threshold_model
@@ -129,7 +129,7 @@ def test_remeasure_gives_exact_channel_means(channel_run):
     per-channel means of exactly its final pixels: sum over count of the raw values."""
     root, out, data, _, _ = channel_run
     from nucleibatch.io.sources import open_source
-    from nucleibatch.io.store import open_root
+    from nucleibatch.output.store import open_root
 
     record = next(r for r in discover_inputs([str(root / "in" / "stack.ome.tif")]))
     images = pd.read_parquet(out / "images.parquet")

@@ -191,7 +191,7 @@ def test_a_bad_read_in_a_group_of_small_images_fails_only_its_own_block(tmp_path
     from nucleibatch.engines.distributed import BlockPredictor, finish_block_unit
     from nucleibatch.errors import ImageReadError
     from nucleibatch.io.discover import discover_inputs
-    from nucleibatch.io.store import open_root
+    from nucleibatch.output.store import open_root
     from nucleibatch.pipeline import instance_params, start_image
     from nucleibatch.synthetic import synthetic_nuclei, threshold_model
 
@@ -257,7 +257,7 @@ def test_read_units_open_an_image_once_for_its_blocks(tmp_path, monkeypatch):
     from nucleibatch.engines import distributed
     from nucleibatch.io import sources
     from nucleibatch.io.discover import discover_inputs
-    from nucleibatch.io.store import open_root
+    from nucleibatch.output.store import open_root
     from nucleibatch.pipeline import start_image
     from nucleibatch.synthetic import synthetic_nuclei, threshold_model
 

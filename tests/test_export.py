@@ -40,9 +40,9 @@ from nucleibatch.export import (
     write_png16,
     write_tiff,
 )
-from nucleibatch.io.store import create_image_group, store_name
-from nucleibatch.io.tables import IMAGES_SCHEMA, NUCLEI_SCHEMA
 from nucleibatch.measure import measure_labels, physical_columns
+from nucleibatch.output.store import create_image_group, store_name
+from nucleibatch.output.tables import IMAGES_SCHEMA, NUCLEI_SCHEMA
 from nucleibatch.synthetic import synthetic_nuclei
 
 REPO = Path(__file__).resolve().parents[1]

@@ -239,7 +239,7 @@ def test_recreating_an_image_group_replaces_the_leftovers_of_a_killed_attempt(tm
     """A run killed while it created (or deleted) an image group can leave array metadata or
     chunks under the group's path without the group's own zarr.json; the next attempt must
     start from an empty group, not fail on what is there."""
-    from nucleibatch.io.store import create_image_group, label_array, open_root
+    from nucleibatch.output.store import create_image_group, label_array, open_root
 
     root = open_root(tmp_path / "masks.zarr")
     group = create_image_group(root, "img", "img", (64, 80), 1, np.uint8, chunk=32)
@@ -263,7 +263,7 @@ def test_a_full_disk_while_creating_an_image_group_is_reported_once(tmp_path, mo
 
     import zarr.storage._local as local_store
 
-    from nucleibatch.io.store import create_image_group, open_root
+    from nucleibatch.output.store import create_image_group, open_root
 
     root = open_root(tmp_path / "masks.zarr")
 

@@ -18,8 +18,9 @@ import pytest
 from nucleibatch.cli import main
 from nucleibatch.errors import OutputError
 from nucleibatch.io.location import to_location
+from nucleibatch.output.lock import Lock
 from nucleibatch.pipeline import SegmentSettings
-from nucleibatch.segment import Lock, run_segment_job
+from nucleibatch.segment import run_segment_job
 from nucleibatch.synthetic import threshold_model
 from tests import input_files as files
 from tests.objectstore import new_bucket, s3_server, upload_folder

@@ -12,8 +12,8 @@ import pytest
 import zarr
 
 from nucleibatch.cli import main
-from nucleibatch.io.layout import OME_GROUP
-from nucleibatch.io.store import store_name
+from nucleibatch.output.layout import OME_GROUP
+from nucleibatch.output.store import store_name
 from nucleibatch.pipeline import SegmentSettings
 from nucleibatch.segment import run_segment_job
 from nucleibatch.synthetic import threshold_model

@@ -24,7 +24,7 @@ import tifffile
 import zarr
 
 from nucleibatch.cli import main
-from nucleibatch.io.store import MAX_STORE_NAME, store_name
+from nucleibatch.output.store import MAX_STORE_NAME, store_name
 from nucleibatch.synthetic import synthetic_nuclei
 from nucleibatch.tiling import MIN_WINDOW, small_image_window
 from nucleibatch.verify import verify_output
@@ -245,7 +245,7 @@ def test_usage_errors_exit_2(tmp_path, tiny_bundle):
 
 def test_a_live_out_is_refused_before_models_load_or_inputs_are_read(tmp_path, tiny_bundle, monkeypatch):
     from nucleibatch import segment
-    from nucleibatch.segment import Lock
+    from nucleibatch.output.lock import Lock
 
     inputs, out = tmp_path / "in", tmp_path / "out"
     inputs.mkdir()

@@ -254,8 +254,8 @@ def write_slide_out(out: Path, store_image: bool) -> tuple[str, tuple[int, int, 
     """An OUT holding one 2200x2200 uint16 image (pyramid levels 0, 1, 2) with a dense cluster
     of nuclei in one 512 px square and a few elsewhere, written with the store's own writers.
     Returns the image's store path and the cluster's box (y0, y1, x0, x1)."""
-    from nucleibatch.io.store import create_image_group, label_array, open_root, write_pyramids
     from nucleibatch.measure import measure_labels
+    from nucleibatch.output.store import create_image_group, label_array, open_root, write_pyramids
     from nucleibatch.synthetic import synthetic_nuclei
 
     shape, cluster = (2200, 2200), (1500, 2012, 300, 812)

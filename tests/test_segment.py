@@ -229,7 +229,7 @@ def test_file_urls_are_paths_and_unreachable_stores_a_usage_error(tmp_path, caps
 def test_pyramid_levels_are_level_zero_strided(tmp_path, monkeypatch):
     """Each level is built from the one before it; every level k must still equal level 0
     sampled every 2**k pixels (odd sizes: partial chunks at the edges)."""
-    from nucleibatch.io import store
+    from nucleibatch.output import store
 
     monkeypatch.setattr(store, "PYRAMID_MIN_SIDE", 16)
     rng = np.random.default_rng(3)

@@ -451,7 +451,7 @@ def test_images_running_at_once_open_the_masks_root_safely(tmp_path):
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from nucleibatch.io.store import open_root
+    from nucleibatch.output.store import open_root
 
     errors = []
     for trial in range(200):  # unguarded, the race is lost in ~5 % of tries: 200 tries would find it
