@@ -579,7 +579,7 @@ def complete_image(
         # kept in the completion record only (not in images.parquet): resume and verify read them
         "input": plan.input_fingerprint,
         "outputs": outputs,
-        # the per-channel columns of its nuclei part: the run's schema part unites them (io/tables.py)
+        # the per-channel columns of its nuclei part: the run's schema part unites them (output/tables.py)
         "channel_columns": list(plan.channel_columns),
     }
     return row

@@ -201,7 +201,7 @@ def run_segment_job(
             instances_on = resolve_instances_on(settings.instances_on, loaded.device.type) if engine == "local" else settings.instances_on
             # one model: as recorded before models were chosen per image (such OUTs resume alike)
             model_sha256 = {name: m.sha256 for name, m in models.models.items()} if models.routes else loaded.sha256
-            # where images go in masks.zarr: OUT's own layout, chosen by its first run (io/layout.py)
+            # where images go in masks.zarr: OUT's own layout, chosen by its first run (output/layout.py)
             layout = layout_for_run(recorded_settings(out_dir), records, out_dir)
             records = assign_store_paths(records, layout)
             fingerprint = {"model_sha256": model_sha256, "settings": settings.to_dict() | {"instances_on": instances_on}, "tables": TABLES_VERSION, "layout": layout}
