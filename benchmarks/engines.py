@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nucleibatch.output.folder import OutputFolder, label_path
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "examples" / "dsb_demo"
 
@@ -60,13 +62,13 @@ def labels_digest(out: Path) -> str:
     import pandas as pd
     import zarr
 
-    images = pd.read_parquet(out / "images.parquet").sort_values("image_id")
-    root = zarr.open_group(str(out / "masks.zarr"), mode="r")
+    images = pd.read_parquet(OutputFolder(out).images).sort_values("image_id")
+    root = zarr.open_group(str(OutputFolder(out).masks), mode="r")
     digest = hashlib.sha256()
     for row in images.itertuples():
         if row.status == "ok":
             digest.update(row.image_id.encode())
-            digest.update(np.ascontiguousarray(root[row.store_path]["labels/nuclei/0"][:]).tobytes())
+            digest.update(np.ascontiguousarray(root[row.store_path][label_path(0)][:]).tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             if result.returncode not in (0, 3):
                 print(f"{run:>8}: exit {result.returncode}\n{result.stderr[-2000:]}")
                 continue
-            summary = json.loads((out / "run.json").read_text())
+            summary = json.loads(OutputFolder(out).run_json.read_text())
             digest = labels_digest(out)
             reference = reference or digest
             print(

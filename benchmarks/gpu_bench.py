@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nucleibatch.output.folder import OutputFolder, label_path
+
 REPO = Path(__file__).resolve().parents[1]
 FIELD = 256
 
@@ -125,7 +127,7 @@ def segment(name: str, inputs: Path, out_dir: Path, extra: list[str], timeout: f
     if returncode is None:
         figures["cut"] = f"stopped after {timeout:.0f} s (budget)"
         return figures
-    run = json.loads((out / "run.json").read_text())
+    run = json.loads(OutputFolder(out).run_json.read_text())
     mpix, engine = run["processed_megapixels"], run["engine_seconds"]
     begin = run["engine_started_unix"]
     during = [s["sm"] for when, s in samples if begin <= when <= begin + engine and "sm" in s]
@@ -146,11 +148,11 @@ def segment(name: str, inputs: Path, out_dir: Path, extra: list[str], timeout: f
 def mosaic_labels(out: Path) -> np.ndarray:
     import zarr
 
-    root = zarr.open_group(str(out / "masks.zarr"), mode="r")
+    root = zarr.open_group(str(OutputFolder(out).masks), mode="r")
     import pandas as pd
 
-    (store_path,) = pd.read_parquet(out / "images.parquet")["store_path"]
-    return np.asarray(root[f"{store_path}/labels/nuclei/0"])
+    (store_path,) = pd.read_parquet(OutputFolder(out).images)["store_path"]
+    return np.asarray(root[label_path(0, store_path)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         figures = segment(name, inputs, work, extra, left)
         results.append(figures)
         print(json.dumps(figures), flush=True)
-    if all((work / f"out-{n}" / "run.json").exists() for n in ("mosaic", "mosaic-cpu-instances")):
+    if all(OutputFolder(work / f"out-{n}").run_json.exists() for n in ("mosaic", "mosaic-cpu-instances")):
         spec = importlib.util.spec_from_file_location("seams", REPO / "benchmarks" / "seams.py")
         seams = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(seams)

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nucleibatch.output.folder import OutputFolder
+
 REPO = Path(__file__).resolve().parents[1]
 TILE = 512
 BASE = 2048  # side of the synthetic image repeated across each band
@@ -176,11 +178,11 @@ def main(argv: list[str] | None = None) -> int:
             command = [sys.executable, "-m", "nucleibatch", "segment", str(image), "-o", str(out), "--model", model, *settings]
             run = measure(command, env, workdir / f"segment-{size}.log")
             row = {}
-            if (out / "images.parquet").is_file():
+            if OutputFolder(out).images.is_file():
                 import pyarrow.parquet as pq
 
-                row = pq.read_table(out / "images.parquet").to_pylist()[0]
-            stages = json.loads((out / "run.json").read_text()).get("stage_seconds", {}) if (out / "run.json").is_file() else {}
+                row = pq.read_table(OutputFolder(out).images).to_pylist()[0]
+            stages = json.loads(OutputFolder(out).run_json.read_text()).get("stage_seconds", {}) if OutputFolder(out).run_json.is_file() else {}
             results[size] = run
             status = row.get("status", "no result") if run["returncode"] in (0, 3) else f"exit {run['returncode']}"
             print(
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.trace:
                 print("         RSS MB: " + " ".join(f"{t:.0f}s:{rss / 2**20:.0f}" for t, rss in run["samples"][::5]))
             image.unlink()
-            shutil.rmtree(out / "masks.zarr", ignore_errors=True)
+            shutil.rmtree(OutputFolder(out).masks, ignore_errors=True)
     finally:
         if not (args.keep or args.workdir):
             shutil.rmtree(workdir, ignore_errors=True)

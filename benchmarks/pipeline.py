@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 from nucleibatch.options import INSTANCES_ON, PRECISIONS
+from nucleibatch.output.folder import OutputFolder
 from nucleibatch.runtime.allocator import tune_allocator
 
 tune_allocator()  # before any thread: the network runs with segment's allocator settings (NUCLEIBATCH_DEFAULT_MALLOC=1: glibc's)
@@ -82,7 +83,7 @@ def segment(inputs: Path, out: Path, model: str, device: str, extra: list[str]) 
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if result.returncode not in (0, 3):
         raise SystemExit(f"segment failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    return json.loads((out / "run.json").read_text())
+    return json.loads(OutputFolder(out).run_json.read_text())
 
 
 def gpu_node_cluster(cpu_workers: int):

@@ -24,6 +24,7 @@ import platform
 import tempfile
 from pathlib import Path
 
+from nucleibatch.output.folder import OutputFolder, label_path
 from nucleibatch.runtime.allocator import tune_allocator
 
 tune_allocator()
@@ -124,9 +125,9 @@ def segment_labels(image: np.ndarray, model, block_size: int, instances_on: str 
         (Path(work) / "in").mkdir()
         tifffile.imwrite(Path(work) / "in" / "mosaic.tif", image, tile=(256, 256))
         run_segment_job([str(Path(work) / "in")], Path(work) / "out", model=model, device="cpu", settings=SegmentSettings(block_size=block_size, instances_on=instances_on), progress=False)
-        root = zarr.open_group(str(Path(work) / "out" / "masks.zarr"), mode="r")
+        root = zarr.open_group(str(OutputFolder(Path(work) / "out").masks), mode="r")
         (name,) = list(root.group_keys())
-        return np.asarray(root[f"{name}/labels/nuclei/0"])
+        return np.asarray(root[label_path(0, name)])
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ and named in the summary):
 * ``png`` — ``DIR/<name>.png`` 16-bit greyscale label image (refused when a label > 65535).
 * ``tiff`` — ``DIR/<name>.tif`` 32-bit label image, zlib-compressed, tiled like the zarr chunks.
 
-``<name>`` is :func:`nucleibatch.io.store.store_name` of the image id (the image's zarr group name,
+``<name>`` is :func:`nucleibatch.output.store.store_name` of the image id (the image's zarr group name,
 ``store_path``, except for plate fields, whose groups are nested in their plate): file-system
 safe, flat, stable, unique.
 
@@ -48,7 +48,6 @@ import io
 import json
 import logging
 import math
-import os
 import struct
 import sys
 import time
@@ -56,7 +55,7 @@ import uuid
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,8 +65,11 @@ import numpy as np
 from .channels import INTENSITY_PREFIX
 from .errors import NotSegmentOutputError, NucleibatchError, UsageError  # noqa: F401  (NotSegmentOutputError: raised by check_segment_output)
 from .io.location import is_remote
-from .io.store import store_name
-from .io.tables import check_segment_output
+from .output.atomic import replaced_on_success
+from .output.folder import IMAGES, LABELS, MASKS, NUCLEI, OutputFolder
+from .output.reader import label_image, open_masks, read_image_nuclei, read_images
+from .output.store import store_name
+from .output.tables import check_segment_output
 
 if TYPE_CHECKING:  # pandas and scipy are imported where used: `nucleibatch --help` stays quick
     import pandas as pd
@@ -390,65 +392,35 @@ def open_segment_output(out: str | Path, image_ids: Sequence[str] | None = None)
         NotSegmentOutputError: ``out`` is missing, or lacks images.parquet / masks.zarr.
         UsageError: an id of ``image_ids`` is not in images.parquet.
     """
-    import pandas as pd
 
     out_dir = check_segment_output(out, finished=True)
     if is_remote(out_dir):
         raise UsageError(f"{out_dir}: export reads local folders and file:// URLs; copy the run's outputs from the store first")
-    images = pd.read_parquet(out_dir / "images.parquet")
+    images = read_images(out_dir)
     if image_ids:
         unknown = [i for i in dict.fromkeys(image_ids) if i not in set(images.image_id)]
         if unknown:
             shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
-            raise UsageError(f"--images: {shown} not in {out_dir / 'images.parquet'} (its image_id column lists the ids)")
+            raise UsageError(f"--images: {shown} not in {OutputFolder(out_dir).images} (its image_id column lists the ids)")
         images = images[images.image_id.isin(set(image_ids))]
     ok = images.status == "ok"
     return SegmentOutput(out_dir, images[ok].sort_values("image_id").reset_index(drop=True), sorted(images.image_id[~ok]))
 
 
-def read_image_nuclei(out_dir: Path, image: Any, columns: Sequence[str] | None = None) -> pd.DataFrame:
-    """The nuclei.parquet rows of one image (its own part file when present, else a filtered read)."""
-    import pyarrow.parquet as pq
-
-    part = out_dir / "nuclei.parquet" / f"{store_name(image.image_id)}.parquet"
-    if part.is_file():
-        table = pq.read_table(part, columns=list(columns) if columns else None)
-        frame = table.to_pandas()
-        return frame[frame.image_id == image.image_id] if "image_id" in frame else frame
-    table = pq.read_table(out_dir / "nuclei.parquet", columns=list(columns) if columns else None, filters=[("image_id", "==", image.image_id)])
-    return table.to_pandas()
-
-
 def _label_array(root, image: Any):
-    path = f"{image.store_path}/labels/nuclei/0"
     try:
-        array = root[path]
+        array = label_image(root, image.store_path)
     except KeyError:
         raise ExportError(
-            f"masks.zarr has no labels at {path} for image {image.image_id!r} (status ok): OUT is damaged; "
+            f"{MASKS} has no labels at {image.store_path}/{LABELS}/0 for image {image.image_id!r} (status ok): OUT is damaged; "
             f"re-run segment with --overwrite, or leave this image out with --images"
         ) from None
     if tuple(array.shape) != (int(image.height), int(image.width)):
-        raise ExportError(f"labels of {image.image_id!r} are {tuple(array.shape)}, images.parquet says {(image.height, image.width)}: OUT is damaged")
+        raise ExportError(f"labels of {image.image_id!r} are {tuple(array.shape)}, {IMAGES} says {(image.height, image.width)}: OUT is damaged")
     return array
 
 
 # --------------------------------------------------------------------------- writers
-
-
-def _atomic_path(path: Path) -> Path:
-    return path.parent / f".{path.name}.tmp-{os.getpid()}"
-
-
-@contextmanager
-def _replace_on_success(tmp: Path, path: Path) -> Iterator[None]:
-    """Rename ``tmp`` to ``path`` when the block succeeds; delete ``tmp`` when it raises."""
-    try:
-        yield
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(path)
 
 
 def _clean(value: Any) -> Any:
@@ -477,17 +449,16 @@ def write_geojson(array, nuclei: pd.DataFrame, image_id: str, path: Path) -> int
         The number of features written. A table row whose label is absent from the array
         raises :class:`ExportError`.
     """
-    tmp = _atomic_path(path)
     count = 0
     measured = [name for name in MEASUREMENTS if name in nuclei.columns]
     # the image's own per-channel means (the table's other images' channels read as all-null here)
     measured += [name for name in nuclei.columns if name.startswith(INTENSITY_PREFIX) and nuclei[name].notna().any()]
-    with _replace_on_success(tmp, path), open(tmp, "w") as handle:
+    with replaced_on_success(path) as tmp, open(tmp, "w") as handle:
         handle.write('{"type": "FeatureCollection", "features": [')
         for row, crop in iter_nucleus_masks(array, nuclei):
             geometry = outline_geometry(mask_outline(crop, (int(row.bbox_min_y), int(row.bbox_min_x))))
             if geometry is None:
-                raise ExportError(f"nucleus {row.label} of {image_id!r} is in nuclei.parquet but not in its label image: OUT is damaged")
+                raise ExportError(f"nucleus {row.label} of {image_id!r} is in {NUCLEI} but not in its label image: OUT is damaged")
             feature = {
                 "type": "Feature",
                 "id": feature_id(image_id, row.label),
@@ -513,7 +484,7 @@ def write_rle_rows(writer, array, nuclei: pd.DataFrame, image_id: str) -> int:
     for row, crop in iter_nucleus_masks(array, nuclei):
         text = rle_encode_crop(crop, (int(row.bbox_min_y), int(row.bbox_min_x)), height)
         if not text:
-            raise ExportError(f"nucleus {row.label} of {image_id!r} is in nuclei.parquet but not in its label image: OUT is damaged")
+            raise ExportError(f"nucleus {row.label} of {image_id!r} is in {NUCLEI} but not in its label image: OUT is damaged")
         writer.writerow([image_id, text])
         count += 1
     if count == 0:
@@ -531,8 +502,7 @@ def write_tiff(array, path: Path, whole_pixels: int = WHOLE_TIFF_PIXELS) -> None
 
     height, width = (int(s) for s in array.shape)
     options = {"compression": "zlib", "predictor": True, "photometric": "minisblack", "metadata": None}
-    tmp = _atomic_path(path)
-    with _replace_on_success(tmp, path):
+    with replaced_on_success(path) as tmp:
         if height * width <= whole_pixels:
             tifffile.imwrite(tmp, np.asarray(array[:], dtype=np.uint32), **options)
             return
@@ -560,8 +530,7 @@ def write_png16(array, path: Path, band_bytes: int = 64 * 2**20) -> None:
     """
     height, width = (int(s) for s in array.shape)
     band = max(1, min(int(array.chunks[0]), band_bytes // max(1, 4 * width)))
-    tmp = _atomic_path(path)
-    with _replace_on_success(tmp, path):
+    with replaced_on_success(path) as tmp:
         with open(tmp, "wb") as handle:
             handle.write(b"\x89PNG\r\n\x1a\n")
             _png_chunk(handle, b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0))
@@ -612,7 +581,7 @@ class ExportSummary:
 def failed_line(failed: Sequence[str]) -> str:
     """One line naming the images skipped because their segmentation failed."""
     shown = ", ".join(failed[:10]) + (f" and {len(failed) - 10} more" if len(failed) > 10 else "")
-    return f"skipped {len(failed)} failed image{'s' if len(failed) != 1 else ''} (see images.parquet error column): {shown}"
+    return f"skipped {len(failed)} failed image{'s' if len(failed) != 1 else ''} (see {IMAGES} error column): {shown}"
 
 
 class _Progress:
@@ -659,62 +628,54 @@ def export_run(
     Returns:
         An :class:`ExportSummary`. Failed images are skipped and listed in ``failed``.
     """
-    import zarr
-
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     started = time.perf_counter()
     run = open_segment_output(out, image_ids)
-    dest_dir = Path(dest) if dest is not None else run.out_dir / "export" / fmt
+    dest_dir = Path(dest) if dest is not None else OutputFolder(run.out_dir).export(fmt)
     if dest_dir.exists() and not dest_dir.is_dir():
         raise UsageError(f"-o {dest_dir} is a file; give a folder")
     summary = ExportSummary(fmt, dest_dir, failed=run.failed)
     if fmt == "png" and len(run.images):
         too_big = []
         for image in run.images.itertuples(index=False):
-            labels = read_image_nuclei(run.out_dir, image, ["image_id", "label"]).label
+            labels = read_image_nuclei(run.out_dir, image.image_id, ["image_id", "label"]).label
             if len(labels) and int(labels.max()) > 65535:
                 too_big.append(f"{image.image_id} (max label {int(labels.max())})")
         if too_big:
             raise UsageError(f"labels above 65535 do not fit a 16-bit PNG: {', '.join(too_big[:5])}; use --format tiff (32-bit)")
     dest_dir.mkdir(parents=True, exist_ok=True)
-    root = zarr.open_group(str(run.out_dir / "masks.zarr"), mode="r")
+    root = open_masks(run.out_dir)
     bar = _Progress(len(run.images), f"export {fmt}", progress)
-    csv_handle = csv_tmp = None
+    csv_path = dest_dir / "submission.csv"
     try:
-        if fmt == "dsb-rle":
-            csv_path = dest_dir / "submission.csv"
-            csv_tmp = _atomic_path(csv_path)
-            csv_handle = open(csv_tmp, "w", newline="")
-            writer = csv.writer(csv_handle, lineterminator="\n")
-            writer.writerow(["ImageId", "EncodedPixels"])
-        for image in run.images.itertuples(index=False):
-            array = _label_array(root, image)
-            n = 0
-            if fmt in ("geojson", "dsb-rle"):
-                nuclei = read_image_nuclei(run.out_dir, image)
-                if fmt == "geojson":
-                    path = dest_dir / f"{store_name(image.image_id)}{SUFFIX[fmt]}"
-                    n = write_geojson(array, nuclei, image.image_id, path)
-                    summary.files.append(path)
+        with ExitStack() as csv_file:  # dsb-rle: one file for all images, in place only when all went well
+            if fmt == "dsb-rle":
+                csv_handle = csv_file.enter_context(open(csv_file.enter_context(replaced_on_success(csv_path)), "w", newline=""))
+                writer = csv.writer(csv_handle, lineterminator="\n")
+                writer.writerow(["ImageId", "EncodedPixels"])
+            for image in run.images.itertuples(index=False):
+                array = _label_array(root, image)
+                n = 0
+                if fmt in ("geojson", "dsb-rle"):
+                    nuclei = read_image_nuclei(run.out_dir, image.image_id)
+                    if fmt == "geojson":
+                        path = dest_dir / f"{store_name(image.image_id)}{SUFFIX[fmt]}"
+                        n = write_geojson(array, nuclei, image.image_id, path)
+                        summary.files.append(path)
+                    else:
+                        n = write_rle_rows(writer, array, nuclei, image.image_id)
                 else:
-                    n = write_rle_rows(writer, array, nuclei, image.image_id)
-            else:
-                path = dest_dir / f"{store_name(image.image_id)}{SUFFIX[fmt]}"
-                (write_png16 if fmt == "png" else write_tiff)(array, path)
-                summary.files.append(path)
-                n = int(image.n_nuclei)
-            summary.n_images += 1
-            summary.n_nuclei += n
-            bar.update(n)
-        if csv_handle is not None:
-            csv_handle.close()
-            csv_tmp.replace(csv_path)
+                    path = dest_dir / f"{store_name(image.image_id)}{SUFFIX[fmt]}"
+                    (write_png16 if fmt == "png" else write_tiff)(array, path)
+                    summary.files.append(path)
+                    n = int(image.n_nuclei)
+                summary.n_images += 1
+                summary.n_nuclei += n
+                bar.update(n)
+        if fmt == "dsb-rle":
             summary.files.append(csv_path)
     finally:
         bar.close()
-        if csv_handle is not None and not csv_handle.closed:
-            csv_handle.close()
-            csv_tmp.unlink(missing_ok=True)
     summary.seconds = round(time.perf_counter() - started, 3)
     return summary

@@ -23,11 +23,15 @@ from . import __version__
 from .channels import intensity_columns, intensity_suffixes, resolve_channel
 from .errors import ImageReadError, ObjectTooLargeError, UsageError
 from .instances import InstanceParams, instance_labels
-from .io.checkpoints import drop_checkpoints, finished_blocks, load_block, save_block
 from .io.discover import ImageRecord
 from .io.location import Location, fingerprint, to_location
 from .io.readers import ImageSource, open_source
-from .io.store import (
+from .measure import concat_columns, measure_labels, physical_columns, touches_border
+from .normalize import NormStats, normalise_pixels, stats_for_bundle, to_grey
+from .options import INSTANCES_ON, resolve_instances_on
+from .output.checkpoints import drop_checkpoints, finished_blocks, load_block, save_block
+from .output.folder import OutputFolder
+from .output.store import (
     chunk_for_blocks,
     create_image_group,
     label_array,
@@ -35,10 +39,7 @@ from .io.store import (
     store_name,
     write_pyramids,
 )
-from .io.tables import output_manifest, remove_image_outputs, write_nuclei_part, write_record
-from .measure import concat_columns, measure_labels, physical_columns, touches_border
-from .normalize import NormStats, normalise_pixels, stats_for_bundle, to_grey
-from .options import INSTANCES_ON, resolve_instances_on
+from .output.tables import output_manifest, remove_image_outputs, write_nuclei_part, write_record
 from .scale import (
     check_diameter,
     check_pixel_size,
@@ -106,7 +107,7 @@ class ImagePlan:
     stats: NormStats
     blocks: list[Block]
     input_fingerprint: str | None = None  # the input as it was when planned (resume redoes changed inputs)
-    # blocks an earlier run finished (kept in OUT: nucleibatch.io.checkpoints); not done again
+    # blocks an earlier run finished (kept in OUT: nucleibatch.output.checkpoints); not done again
     done_blocks: tuple[int, ...] = ()
     channel: int | None = None  # the nuclear-stain channel's index in this image (--channel resolved; None: the mean of the colours)
 
@@ -134,7 +135,7 @@ class ImagePlan:
 
     def checkpoint_key(self) -> dict[str, Any]:
         """What its finished blocks depend on beyond the OUT's model and settings (see
-        :mod:`nucleibatch.io.checkpoints`)."""
+        :mod:`nucleibatch.output.checkpoints`)."""
         return {
             "input": self.input_fingerprint, "shape": list(self.shape), "scale": self.scale, "stats": asdict(self.stats),
             "blocks": [list(b.read) for b in self.blocks], "nucleibatch": __version__,
@@ -219,7 +220,7 @@ def plan_image(record: ImageRecord, source: ImageSource, settings: SegmentSettin
 
 def image_group(record: ImageRecord) -> str:
     """The group of an image in masks.zarr: the one its OUT's layout gives it (plate fields,
-    :mod:`nucleibatch.io.layout`), else the flat :func:`store_name` of its id."""
+    :mod:`nucleibatch.output.layout`), else the flat :func:`store_name` of its id."""
     return record.store_path or store_name(record.image_id)
 
 
@@ -254,7 +255,7 @@ def start_image(
 
 def _start_image(record: ImageRecord, settings: SegmentSettings, model_config: BundleConfig, out_dir: Location, timer: Timer, source: ImageSource | None):
     """:func:`start_image`, also returning the image's zarr group: new, or, for an image of several
-    blocks some of which an earlier run finished (:mod:`nucleibatch.io.checkpoints`), the group
+    blocks some of which an earlier run finished (:mod:`nucleibatch.output.checkpoints`), the group
     that run wrote them into (``plan.done_blocks``)."""
     name, group_path = store_name(record.image_id), image_group(record)
     remove_image_outputs(out_dir, name)
@@ -268,7 +269,7 @@ def _start_image(record: ImageRecord, settings: SegmentSettings, model_config: B
     finally:
         if own_source:
             source.close()
-    root = open_root(out_dir / "masks.zarr")
+    root = open_root(OutputFolder(out_dir).masks)
     if len(plan.blocks) > 1:
         plan.done_blocks = tuple(finished_blocks(out_dir, name, plan.checkpoint_key()))
         if plan.done_blocks and group_path in root:
@@ -286,7 +287,7 @@ def _start_image(record: ImageRecord, settings: SegmentSettings, model_config: B
 
 
 def keep_block(out_dir: Location, plan: ImagePlan, result: BlockResult) -> None:
-    """Checkpoint a finished block of an image of several blocks (:mod:`nucleibatch.io.checkpoints`)."""
+    """Checkpoint a finished block of an image of several blocks (:mod:`nucleibatch.output.checkpoints`)."""
     if len(plan.blocks) > 1:
         save_block(out_dir, plan.name, result.block_index, result.owned, result.columns)
 
@@ -584,7 +585,7 @@ def complete_image(
         # kept in the completion record only (not in images.parquet): resume and verify read them
         "input": plan.input_fingerprint,
         "outputs": outputs,
-        # the per-channel columns of its nuclei part: the run's schema part unites them (io/tables.py)
+        # the per-channel columns of its nuclei part: the run's schema part unites them (output/tables.py)
         "channel_columns": list(plan.channel_columns),
     }
     return row
@@ -605,7 +606,7 @@ def paint_and_complete(plan: ImagePlan, results: list[BlockResult], settings: Se
     covered = sorted(set(by_index) | set(plan.done_blocks))
     if covered != [b.index for b in plan.blocks]:
         raise ValueError(f"{plan.record.image_id}: block results {covered} do not cover the {len(plan.blocks)} blocks")
-    group = open_root(out_dir / "masks.zarr")[plan.store_path]
+    group = open_root(OutputFolder(out_dir).masks)[plan.store_path]
     stitcher = ImageStitcher(plan, group, timer)
     for block in plan.blocks:
         result = by_index.pop(block.index, None)
@@ -721,7 +722,7 @@ def forget_image(out_dir: Location, image_id: str, group: str | None = None) -> 
     remove_image_outputs(out_dir, name)
     drop_checkpoints(out_dir, name)
     try:
-        root = open_root(out_dir / "masks.zarr")
+        root = open_root(OutputFolder(out_dir).masks)
         if group in root:
             del root[group]
     except Exception:  # best effort: the group is replaced when the image is redone

@@ -29,7 +29,6 @@ import base64
 import hashlib
 import html
 import io
-import json
 import logging
 import math
 import threading
@@ -41,12 +40,21 @@ from typing import Any
 import numpy as np
 
 from .errors import NotSegmentOutputError  # noqa: F401  (raised through check_segment_output; the CLI maps it to exit 2)
-from .io.location import Location, fresh_listing, is_remote, open_binary, write_bytes_atomic
-from .io.tables import check_segment_output, read_records
+from .io.location import Location, is_remote, open_binary
+from .output.atomic import write_bytes_atomic
+from .output.folder import IMAGES, MASKS, NUCLEI, REPORT, RUN, label_path
+from .output.reader import (
+    nuclei_files,
+    open_masks,
+    read_image_nuclei,
+    read_images_with_records,
+    read_run,
+)
+from .output.tables import check_segment_output
 
 log = logging.getLogger(__name__)
 
-REPORT_NAME = "report.html"
+REPORT_NAME = REPORT
 GALLERY_SIZE = 12
 EXTREMES = 3  # images with the fewest / the most nuclei
 OVERVIEW_SIDE = 1024  # the overview is the lowest pyramid level whose sides are <= this
@@ -335,47 +343,6 @@ class ImageViews:
     note: str = ""
 
 
-def read_run_json(out: Location) -> dict[str, Any]:
-    """``OUT/run.json`` as a dict ({} when missing or unreadable)."""
-    try:
-        data = json.loads((out / "run.json").read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def read_images_table(out: Location):
-    """The image rows: ``images.parquet`` updated with the completion records (a run still going
-    or killed before it rebuilt the table has records the table lacks). A pandas DataFrame with
-    the columns of ``IMAGE_COLUMNS`` (empty when there is nothing)."""
-    import pandas as pd
-
-    from .io.tables import IMAGE_COLUMNS
-
-    rows: dict[str, dict[str, Any]] = {}
-    path = out / "images.parquet"
-    if path.exists():
-        try:
-            for row in pd.read_parquet(str(path)).to_dict("records"):
-                rows[str(row["image_id"])] = row
-        except Exception as error:  # damaged table: the records below still count
-            log.warning("report: cannot read %s (%s)", path, error)
-    rows.update(read_records(out))
-    table = pd.DataFrame([{c: row.get(c) for c in IMAGE_COLUMNS} for row in rows.values()], columns=list(IMAGE_COLUMNS))
-    table["n_nuclei"] = pd.to_numeric(table["n_nuclei"], errors="coerce").fillna(0).astype("int64")
-    for column in ("height", "width", "seconds"):
-        table[column] = pd.to_numeric(table[column], errors="coerce")
-    table["status"] = table["status"].fillna("unknown").astype(str)
-    return table.sort_values("image_id", kind="stable").reset_index(drop=True)
-
-
-def _nuclei_parts(out: Location) -> list[Location]:
-    directory = out / "nuclei.parquet"
-    if directory.is_file():
-        return [directory]
-    return [p for p in fresh_listing(directory, "*.parquet") if not p.name.startswith((".", "_"))]
-
-
 def sample_nuclei(out: Location, columns: Sequence[str] = NUCLEI_COLUMNS_USED, max_rows: int = MAX_HISTOGRAM_ROWS) -> tuple[dict[str, np.ndarray], int, list[str]]:
     """Columns of ``nuclei.parquet`` for at most ``max_rows`` nuclei (every k-th row), streamed
     in batches so memory stays bounded however many nuclei there are.
@@ -388,7 +355,7 @@ def sample_nuclei(out: Location, columns: Sequence[str] = NUCLEI_COLUMNS_USED, m
     problems: list[str] = []
     files = []
     total = 0
-    for path in _nuclei_parts(out):
+    for path in nuclei_files(out):
         try:
             handle = pq.ParquetFile(open_binary(path))
             files.append((path, handle))
@@ -418,24 +385,12 @@ def sample_nuclei(out: Location, columns: Sequence[str] = NUCLEI_COLUMNS_USED, m
 
 
 def _centroids(out: Location, store_path: str, image_id: str) -> np.ndarray | None:
-    """``(N, 2)`` centroids of one image from its nuclei part (None if there is no readable part)."""
-    import pyarrow.parquet as pq
-
-    from .io.store import store_name
-
-    path = out / "nuclei.parquet" / f"{store_name(image_id)}.parquet"  # flat, also for a plate field's nested group
-    if not path.exists():
-        return None
+    """``(N, 2)`` centroids of one image from its nuclei rows (None if they cannot be read)."""
     try:
-        with open_binary(path) as stream:
-            table = pq.read_table(stream, columns=["image_id", "centroid_y", "centroid_x"])
+        table = read_image_nuclei(out, image_id, ["image_id", "centroid_y", "centroid_x"])
     except Exception:
         return None
-    ids = table.column("image_id").to_numpy(zero_copy_only=False)
-    keep = ids == image_id
-    ys = table.column("centroid_y").to_numpy(zero_copy_only=False)[keep]
-    xs = table.column("centroid_x").to_numpy(zero_copy_only=False)[keep]
-    return np.stack([ys, xs], axis=1).astype(np.float64)
+    return table[["centroid_y", "centroid_x"]].to_numpy(dtype=np.float64)
 
 
 def _levels(group) -> list[str]:
@@ -488,14 +443,14 @@ def render_image(root, out: Location, row: dict[str, Any], channel: int | None, 
     image_id, store_path = str(row["image_id"]), row.get("store_path")
     result = ImageViews(image_id)
     if not store_path or store_path not in root:
-        result.note = "not in masks.zarr"
+        result.note = f"not in {MASKS}"
         return result
     group = root[store_path]
     paths = _levels(group)
-    label_arrays = [_array(group, f"labels/nuclei/{p}") for p in paths]
+    label_arrays = [_array(group, label_path(p)) for p in paths]
     usable = [(p, a) for p, a in zip(paths, label_arrays, strict=True) if a is not None]
     if not usable:
-        result.note = "no labels in masks.zarr"
+        result.note = f"no labels in {MASKS}"
         return result
     full_shape = tuple(usable[0][1].shape)
     index = _pick_level([a.shape for _, a in usable], OVERVIEW_SIDE)
@@ -642,10 +597,10 @@ def _summary_html(out: Location, run: dict[str, Any], images) -> str:
         ("inputs", _e(" ".join(str(i) for i in run.get("inputs") or [])) or "–"),
     ]
     if not run:
-        rows.insert(0, ("run.json", '<span class="bad">missing or unreadable: the run may still be going or was stopped</span>'))
+        rows.insert(0, (RUN, '<span class="bad">missing or unreadable: the run may still be going or was stopped</span>'))
     counts = run.get("counts") or {}
     if counts and (counts.get("images"), counts.get("ok")) != (len(images), n_ok):
-        rows.append(("note", _e(f"run.json counts the last run's inputs ({counts.get('ok')} ok of {counts.get('images')}); this report counts every image in OUT")))
+        rows.append(("note", _e(f"{RUN} counts the last run's inputs ({counts.get('ok')} ok of {counts.get('images')}); this report counts every image in OUT")))
     body.append('<table class="kv">' + "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in rows) + "</table>")
     stages = run.get("stage_seconds") or {}
     if stages:
@@ -685,16 +640,6 @@ def _render_safely(root, out, row, channel, store_image, max_side, crop) -> Imag
     except Exception as error:
         log.warning("report: cannot draw %s: %s", row.get("image_id"), error, exc_info=True)
         return ImageViews(str(row.get("image_id")), note=f"cannot draw: {type(error).__name__}: {error}")
-
-
-def _open_store(out: Location):
-    path = out / "masks.zarr"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    # imported here: training draws its overlays with this module and needs no zarr
-    from .io.store import open_root
-
-    return open_root(path, mode="r")
 
 
 def _gallery_html(out: Location, run: dict[str, Any], images, root) -> str:
@@ -742,7 +687,7 @@ def _histograms_html(out: Location, images) -> str:
         histogram_svg(ok["n_nuclei"].to_numpy(), "nuclei per image", integer=True),
     ]
     shown = len(data["area"])
-    note = f"{total:,} nuclei in nuclei.parquet" + (f"; every {math.ceil(total / shown)}th of them shown ({shown:,})" if total > shown > 0 else "")
+    note = f"{total:,} nuclei in {NUCLEI}" + (f"; every {math.ceil(total / shown)}th of them shown ({shown:,})" if total > shown > 0 else "")
     note += "; area and intensity axes cut at the 0.5 and 99.5th percentiles."
     if problems:
         note += " Unreadable parts skipped: " + "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
@@ -768,7 +713,7 @@ def _failed_html(images) -> str:
         body.append(f"<tr><td>{_e(row['image_id'])}</td><td>{_e(row.get('source'))}</td><td>{_e(row.get('error') or 'no reason recorded')}</td></tr>")
     body.append("</table>")
     if len(failed) > MAX_FAILED_ROWS:
-        body.append(f'<p class="muted">first {MAX_FAILED_ROWS} of {len(failed):,}: all are in images.parquet (status = \'failed\').</p>')
+        body.append(f'<p class="muted">first {MAX_FAILED_ROWS} of {len(failed):,}: all are in {IMAGES} (status = \'failed\').</p>')
     body.append('<p class="muted">Fix the inputs (or the settings the reasons name), then re-run the same command with --retry-failed.</p>')
     return "".join(body)
 
@@ -777,10 +722,10 @@ def build_report_html(out_dir: str | Location) -> str:
     """The report of a segment output as an HTML string (see :func:`write_report`)."""
     started = time.perf_counter()
     out = check_segment_output(out_dir)
-    run = read_run_json(out)
-    images = read_images_table(out)
+    run = read_run(out) or {}
+    images = read_images_with_records(out)
     try:
-        root = _open_store(out)
+        root = open_masks(out)
         store_problem = None
     except Exception as error:
         root, store_problem = None, f"{type(error).__name__}: {error}"
@@ -788,7 +733,7 @@ def build_report_html(out_dir: str | Location) -> str:
     def need_store(build):
         def wrapped(*args):
             if root is None:
-                return f'<p class="bad">masks.zarr cannot be opened: {_e(store_problem)}</p>'
+                return f'<p class="bad">{MASKS} cannot be opened: {_e(store_problem)}</p>'
             return build(*args, root)
 
         return wrapped

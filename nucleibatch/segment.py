@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
-import socket
 import sys
-import threading
 import time
-import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,44 +16,40 @@ from typing import Any
 from . import __version__
 from .choose import choose_all, load_models
 from .cpus import limit_torch_threads, usable_cpus
-from .errors import OutputError, UsageError
+from .errors import UsageError
 from .extras import require_extra
-from .io.checkpoints import drop_finished
 from .io.discover import ImageRecord, check_inputs_exist, discover_inputs
-from .io.layout import FLAT, assign_store_paths, layout_for_run, write_layout
-from .io.location import (
-    Location,
-    exists,
-    fresh_listing,
-    is_remote,
-    make_dirs,
-    read_many,
-    remove,
-    to_location,
-    write_bytes_atomic,
+from .io.location import Location, exists, make_dirs, to_location
+from .model.bundle import bundle_folder
+from .model.device import resolve_device, resolve_device_name
+from .model.predict import NucleiModel
+from .options import resolve_instances_on
+from .output.atomic import write_bytes_atomic
+from .output.checkpoints import drop_finished
+from .output.folder import OutputFolder
+from .output.layout import assign_store_paths, layout_for_run, write_layout
+from .output.lock import Lock
+from .output.reader import read_run
+from .output.state import (
+    append_placement,
+    check_settings,
+    clear_outputs,
+    overwrite_under_way,
+    recorded_settings,
 )
-from .io.store import open_root, store_name
-from .io.tables import (
-    STATE_DIR,
-    atomic_write_bytes,
+from .output.store import open_root, store_name
+from .output.tables import (
     finish_nuclei_dataset,
     read_records,
     remove_stale_temporaries,
     write_images_table,
 )
-from .model.bundle import bundle_folder
-from .model.device import resolve_device, resolve_device_name
-from .model.predict import NucleiModel
-from .options import resolve_instances_on
 from .pipeline import STAGES, SegmentSettings, Timer, forget_image, input_fingerprint, plate_columns
 from .runtime import faults
 from .verify import verify_records
 
 log = logging.getLogger(__name__)
 ENGINES = ("local", "ray", "dask")
-OUTPUT_NAMES = ("masks.zarr", "nuclei.parquet", "images.parquet", "run.json", "report.html", STATE_DIR)
-# settings of earlier versions that no longer exist (--context: the network reads the model's halo)
-RETIRED_SETTINGS = ("settings.context",)
 # the tables' columns: 2 added the micrometre and model-choice columns, 3 touches_border and the
 # per-channel means (an OUT of an earlier version would mix parts of two schemas in
 # nuclei.parquet: refused, start it over)
@@ -82,97 +74,6 @@ class RunSummary:
     @property
     def exit_code(self) -> int:
         return 0 if self.n_failed == 0 else 3
-
-
-class Lock:
-    """``OUT/.nucleibatch/lock``: one live run per output.
-
-    On a filesystem, an exclusive ``flock`` on a file held open for the whole run: the OS
-    releases it when the run ends or dies (SIGKILL included), so a dead run never blocks the
-    next one. Object stores have no locks: there the lock is a lease object that the run renews
-    every ``LEASE_RENEW_S``; a lease not renewed for ``LEASE_STALE_S`` belongs to a dead run and
-    is taken over.
-    """
-
-    LEASE_RENEW_S = 20.0
-    LEASE_STALE_S = 90.0
-
-    def __init__(self, out_dir: Location) -> None:
-        self.out_dir = out_dir
-        self.path = out_dir / STATE_DIR / "lock"
-        self.handle = None
-        self.owner = f"pid {os.getpid()} on {socket.gethostname()} ({uuid.uuid4().hex[:8]})"
-        self._stop = threading.Event()
-        self._renewer: threading.Thread | None = None
-
-    def __enter__(self) -> Lock:
-        if is_remote(self.path):
-            self._take_lease()
-            return self
-        import fcntl
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise self._busy(holder) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{self.owner}\n")
-        handle.flush()
-        self.handle = handle
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.handle is not None:
-            self.handle.close()  # releases the flock; the file stays (harmless, reused next run)
-            self.handle = None
-        if self._renewer is not None:
-            self._stop.set()
-            self._renewer.join()
-            self._renewer = None
-            if self._lease_holder() == self.owner:
-                remove(self.path)
-
-    def _busy(self, holder: str) -> OutputError:
-        return OutputError(f"{self.out_dir} is being written by another run ({holder}); wait for it to finish or give another -o OUT")
-
-    def _lease_holder(self) -> str | None:
-        """The owner of a live lease (None when there is none or it is stale)."""
-        data = read_many(fresh_listing(self.path.parent, self.path.name)).get(str(self.path))
-        try:
-            lease = json.loads(data) if data else None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return None
-        if not isinstance(lease, dict) or time.time() - float(lease.get("renewed", 0)) > self.LEASE_STALE_S:
-            return None
-        return str(lease.get("owner"))
-
-    def _write_lease(self) -> None:
-        write_bytes_atomic(self.path, json.dumps({"owner": self.owner, "renewed": time.time()}).encode())
-
-    def _take_lease(self) -> None:
-        holder = self._lease_holder()
-        if holder is not None:
-            raise self._busy(holder)
-        self._write_lease()
-        time.sleep(1.0)  # two runs that wrote at the same moment: the last write wins, the other sees it
-        holder = self._lease_holder()
-        if holder != self.owner:
-            raise self._busy(holder or "another process")
-        self._renewer = threading.Thread(target=self._renew, name="nucleibatch-lease", daemon=True)
-        self._renewer.start()
-
-    def _renew(self) -> None:
-        while not self._stop.wait(self.LEASE_RENEW_S):
-            try:
-                self._write_lease()
-            except Exception as error:  # a store hiccup: try again at the next beat
-                log.warning("could not renew the lock lease %s: %s", self.path, error)
 
 
 class Progress:
@@ -205,34 +106,6 @@ class Progress:
             self.bar.close()
 
 
-# written before --overwrite clears OUT, removed when it is done: a run killed in between leaves it,
-# and the next run (with --overwrite or not) finishes the clearing instead of resuming half an OUT
-OVERWRITE_MARKER = "overwriting"
-
-
-def clear_outputs(out_dir: Location) -> None:
-    """Remove what a previous run wrote to OUT (only our own names; other files are kept).
-
-    Resumable: :data:`OVERWRITE_MARKER` says a clearing is under way until it is complete."""
-    marker = out_dir / STATE_DIR / OVERWRITE_MARKER
-    atomic_write_bytes(marker, b"--overwrite under way: the next run of any segment command on this OUT finishes it\n")
-    for name in OUTPUT_NAMES:
-        if name == STATE_DIR:
-            for child in fresh_listing(out_dir / name):  # keep the lock of the run that clears, and the marker
-                if child.name not in ("lock", OVERWRITE_MARKER):
-                    remove(child)
-        else:
-            remove(out_dir / name)
-        faults.point(f"clear:{name}")
-    remove(marker)
-
-
-def overwrite_under_way(out_dir: Location) -> bool:
-    """Whether a run was killed while ``--overwrite`` cleared OUT (see :func:`clear_outputs`)."""
-    marker = out_dir / STATE_DIR / OVERWRITE_MARKER
-    return bool(fresh_listing(marker.parent, marker.name))
-
-
 def _versions() -> dict[str, str]:
     import importlib.metadata as metadata
 
@@ -243,51 +116,6 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return versions
-
-
-def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _recorded_settings(out_dir: Location) -> dict[str, Any] | None:
-    """What the first run on OUT recorded in ``.nucleibatch/settings.json`` (None: a new OUT)."""
-    path = out_dir / STATE_DIR / "settings.json"
-    recorded = read_many(fresh_listing(path.parent, path.name)).get(str(path))
-    return json.loads(recorded) if recorded is not None else None
-
-
-def _check_settings(out_dir: Location, fingerprint: dict[str, Any]) -> None:
-    """Refuse an OUT written with another model or other settings; record them on first use."""
-    path = out_dir / STATE_DIR / "settings.json"
-    recorded = _recorded_settings(out_dir)
-    if recorded is not None:
-        # settings added since OUT was started take the value that matches what the older code
-        # did (instances were always made on the CPU; every image had a flat group), so an older
-        # run resumes only where alike
-        before_added = {**SegmentSettings().to_dict(), "instances_on": "cpu"}
-        previous = _flatten({"settings": before_added, "layout": FLAT}) | _flatten(recorded)
-        for key in RETIRED_SETTINGS:  # settings that no longer change results: OUTs made with them resume
-            previous.pop(key, None)
-        now = _flatten(fingerprint)
-        changed = [f"{k.removeprefix('settings.')}: {previous.get(k)} -> {now.get(k)}" for k in sorted(set(previous) | set(now)) if previous.get(k) != now.get(k)]
-        if changed:
-            hint = ""
-            if any(key.startswith("model_sha256") for key in changed):
-                hint = " (an OUT segmented with one model resumes with that --model, e.g. --model default; one made with --model auto, without --model)"
-            if any(key.startswith("tables") for key in changed):
-                hint += " (made by an older nucleibatch, whose tables lack newer columns: micrometres, model, touches_border, per-channel intensities)"
-            raise UsageError(
-                f"{out_dir} holds results of another model or settings (differs in: {', '.join(changed)}){hint}; "
-                "re-run with the same settings to resume, pass --overwrite to start over, or give a new -o OUT"
-            )
-    else:
-        atomic_write_bytes(path, (json.dumps(fingerprint, indent=2, sort_keys=True) + "\n").encode())
 
 
 def run_segment_job(
@@ -381,13 +209,15 @@ def run_segment_job(
             instances_on = resolve_instances_on(settings.instances_on, loaded.device.type) if engine == "local" else settings.instances_on
             # one model: as recorded before models were chosen per image (such OUTs resume alike)
             model_sha256 = {name: m.sha256 for name, m in models.models.items()} if models.routes else loaded.sha256
-            # where images go in masks.zarr: OUT's own layout, chosen by its first run (io/layout.py)
-            layout = layout_for_run(_recorded_settings(out_dir), records, out_dir)
+            # where images go in masks.zarr: OUT's own layout, chosen by its first run (output/layout.py)
+            layout = layout_for_run(recorded_settings(out_dir), records, out_dir)
             records = assign_store_paths(records, layout)
             fingerprint = {"model_sha256": model_sha256, "settings": settings.to_dict() | {"instances_on": instances_on}, "tables": TABLES_VERSION, "layout": layout}
-            _check_settings(out_dir, fingerprint)
+            # settings added since an OUT was started take the value that matches what the older
+            # code did (instances were always made on the CPU), so an older run resumes only where alike
+            check_settings(out_dir, fingerprint, {**SegmentSettings().to_dict(), "instances_on": "cpu"})
             remove_stale_temporaries(out_dir)
-            open_root(out_dir / "masks.zarr")  # once, here: units running at once then only add groups
+            open_root(OutputFolder(out_dir).masks)  # once, here: units running at once then only add groups
             finished = read_records(out_dir)
             reconcile_renamed(out_dir, records, finished)
             redo = images_to_redo(out_dir, records, finished, retry_failed, verify)
@@ -443,7 +273,7 @@ def run_segment_job(
             channel_columns = list(dict.fromkeys(c for _, row in sorted(rows.items()) if row["status"] == "ok" for c in row.get("channel_columns") or ()))
             finish_nuclei_dataset(out_dir, finished_names, channel_columns)
             drop_finished(out_dir, finished_names)
-            write_layout(open_root(out_dir / "masks.zarr"), out_dir / "masks.zarr", rows.values(), layout)
+            write_layout(open_root(OutputFolder(out_dir).masks), OutputFolder(out_dir).masks, rows.values(), layout)
             current = [rows[r.image_id] for r in records if r.image_id in rows]
             wall = time.perf_counter() - started
             megapixels = sum((r.get("height") or 0) * (r.get("width") or 0) for r in current if r["status"] == "ok") / 1e6
@@ -504,15 +334,15 @@ def run_segment_job(
             if engine != "local" or placement:
                 summary.run["placement"] = placement_summary(placement)
                 if placement:
-                    _append_placement(out_dir, placement)
-            earlier = _earlier_run(out_dir) if not todo else None
+                    append_placement(out_dir, placement)
+            earlier = read_run(out_dir) if not todo else None
             if earlier is not None and earlier.get("counts") == summary.run["counts"] | {"resumed": earlier.get("counts", {}).get("resumed")}:
                 summary.run = earlier  # nothing was done: the run that did the work keeps its figures
                 summary.nothing_done = True
-                if not exists(out_dir / "report.html"):  # that run was stopped before it drew it
+                if not exists(OutputFolder(out_dir).report):  # that run was stopped before it drew it
                     _write_report(out_dir)
                 return summary
-            atomic_write_bytes(out_dir / "run.json", (json.dumps(summary.run, indent=2) + "\n").encode())
+            write_bytes_atomic(OutputFolder(out_dir).run_json, (json.dumps(summary.run, indent=2) + "\n").encode())
             _write_report(out_dir)
             return summary
         finally:
@@ -528,17 +358,6 @@ def _device_peak_bytes(device) -> int | None:
     import torch
 
     return int(torch.cuda.max_memory_allocated(device))
-
-
-def _earlier_run(out_dir: Location) -> dict[str, Any] | None:
-    """OUT's run.json as an earlier run wrote it (None: none, or unreadable)."""
-    path = out_dir / "run.json"
-    data = read_many(fresh_listing(path.parent, path.name)).get(str(path))
-    try:
-        run = json.loads(data) if data else None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return run if isinstance(run, dict) else None
 
 
 def _scale_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -629,34 +448,24 @@ def placement_summary(placement: list[dict[str, Any]]) -> dict[str, Any]:
     return {"block_units": len(placement), "workers": by_worker}
 
 
-def _append_placement(out_dir: Location, placement: list[dict[str, Any]]) -> None:
-    lines = "".join(json.dumps(unit, sort_keys=True) + "\n" for unit in placement)
-    path = out_dir / STATE_DIR / "placement.jsonl"
-    if is_remote(path):  # objects cannot be appended to: rewrite it whole
-        before = read_many(fresh_listing(path.parent, path.name)).get(str(path)) or b""
-        write_bytes_atomic(path, before + lines.encode())
-        return
-    with open(path, "a") as handle:
-        handle.write(lines)
-
-
 def closing_summary(summary: RunSummary) -> str:
     """The lines printed at the end of a run: counts, where the outputs are, how to open them."""
     out = summary.out_dir
+    folder = OutputFolder(out)
     if summary.nothing_done:
         return (
             f"nothing to do: the {summary.n_images} images were done by an earlier run ({summary.n_failed} failed), "
-            f"{summary.n_nuclei} nuclei; its figures are in {out / 'run.json'}"
+            f"{summary.n_nuclei} nuclei; its figures are in {folder.run_json}"
         )
     lines = [
         f"segmented {summary.n_ok}/{summary.n_images} images ({summary.n_failed} failed, {summary.n_resumed} done by an earlier run), "
         f"{summary.n_nuclei} nuclei, {summary.wall_seconds:.1f} s, {summary.run.get('mpix_per_s') or 0:.2f} MPix/s",
-        f"  labels (OME-Zarr): {out / 'masks.zarr'}   napari: napari --plugin napari-ome-zarr {out / 'masks.zarr'}/<store_path>",
-        f"  per-image table:   {out / 'images.parquet'}   pandas: pd.read_parquet('{out / 'images.parquet'}')",
-        f"  per-nucleus table: {out / 'nuclei.parquet'}   pandas: pd.read_parquet('{out / 'nuclei.parquet'}')",
-        f"  run settings and figures: {out / 'run.json'}",
-        f"  QC report (outlines, histograms, failures): {out / 'report.html'}",
+        f"  labels (OME-Zarr): {folder.masks}   napari: napari --plugin napari-ome-zarr {folder.masks}/<store_path>",
+        f"  per-image table:   {folder.images}   pandas: pd.read_parquet('{folder.images}')",
+        f"  per-nucleus table: {folder.nuclei}   pandas: pd.read_parquet('{folder.nuclei}')",
+        f"  run settings and figures: {folder.run_json}",
+        f"  QC report (outlines, histograms, failures): {folder.report}",
     ]
     if summary.n_failed:
-        lines.append(f"  failed images and reasons: pd.read_parquet('{out / 'images.parquet'}').query(\"status == 'failed'\")[['image_id', 'error']]")
+        lines.append(f"  failed images and reasons: pd.read_parquet('{folder.images}').query(\"status == 'failed'\")[['image_id', 'error']]")
     return "\n".join(lines)

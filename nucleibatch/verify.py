@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .io.location import Location, exists, file_size, file_sizes, fresh_listing
-from .io.store import store_name
-from .io.tables import IMAGE_COLUMNS, TABLE_HELPERS, check_segment_output, read_records
+from .output.folder import IMAGES, MASKS, NUCLEI, OutputFolder
+from .output.reader import read_images
+from .output.store import store_name
+from .output.tables import IMAGE_COLUMNS, TABLE_HELPERS, check_segment_output, read_records
 
 # images.parquet columns whose values must equal the completion records'
 TABLE_CHECKED = ("status", "n_nuclei", "height", "width", "store_path")
@@ -71,15 +73,16 @@ def image_damage(out_dir: Location, row: dict[str, Any]) -> list[str]:
     group = row["store_path"]
     name = store_name(row["image_id"])  # the nuclei part's (a plate field's group is nested, its part flat)
     problems = []
-    found = file_sizes(out_dir / "masks.zarr" / group)
+    folder = OutputFolder(out_dir)
+    found = file_sizes(folder.image_group(group))
     for key, size in sorted(manifest.get("masks", {}).items()):
         now = found.get(key)
         if now is None:
-            problems.append(f"masks.zarr/{group}/{key} is missing")
+            problems.append(f"{MASKS}/{group}/{key} is missing")
         elif now != size:
-            problems.append(f"masks.zarr/{group}/{key} has {now} bytes, {size} when written")
-    part = f"nuclei.parquet/{name}.parquet"
-    now = file_size(out_dir / "nuclei.parquet" / f"{name}.parquet")
+            problems.append(f"{MASKS}/{group}/{key} has {now} bytes, {size} when written")
+    part = f"{NUCLEI}/{name}.parquet"
+    now = file_size(folder.nuclei_part(name))
     if now is None:
         problems.append(f"{part} is missing")
     elif manifest.get("nuclei_part") is not None and now != manifest["nuclei_part"]:
@@ -92,9 +95,9 @@ def verify_records(out_dir: Location, records: dict[str, dict[str, Any]]) -> Ver
     report = VerifyReport(out_dir)
     for image_id, row in sorted(records.items()):
         if row.get("status") != "ok":
-            part = out_dir / "nuclei.parquet" / f"{store_name(image_id)}.parquet"
+            part = OutputFolder(out_dir).nuclei_part(store_name(image_id))
             if file_size(part) is not None:
-                report.damaged.append(Damage(image_id, store_name(image_id), [f"nuclei.parquet/{part.name} is left from before the image failed"]))
+                report.damaged.append(Damage(image_id, store_name(image_id), [f"{NUCLEI}/{part.name} is left from before the image failed"]))
             continue
         if not isinstance(row.get("outputs"), dict):
             report.unverifiable.append(image_id)
@@ -110,35 +113,33 @@ def table_problems(out_dir: Location, records: dict[str, dict[str, Any]]) -> lis
     """What is wrong with ``images.parquet`` and the nuclei parts against the completion records
     ``records`` (by image_id): rows missing, extra, duplicated or disagreeing; parts of no
     finished image. [] when they agree (or when no table was written yet: a run in progress)."""
-    import pandas as pd
-
     problems = []
-    table = out_dir / "images.parquet"
-    if exists(table):
+    folder = OutputFolder(out_dir)
+    if exists(folder.images):
         try:
-            rows = pd.read_parquet(str(table))
+            rows = read_images(out_dir)
             rows = rows[[c for c in IMAGE_COLUMNS if c in rows.columns]]  # tables of older versions lack the later columns (plate, well, field)
         except Exception as error:
-            return [f"images.parquet is unreadable ({type(error).__name__}: {error})"]
+            return [f"{IMAGES} is unreadable ({type(error).__name__}: {error})"]
         ids = rows["image_id"].tolist()
         twice = sorted(i for i, count in Counter(ids).items() if count > 1)
         if twice:
-            problems.append(f"images.parquet has {len(twice)} image(s) on more than one row, e.g. {twice[0]!r}")
+            problems.append(f"{IMAGES} has {len(twice)} image(s) on more than one row, e.g. {twice[0]!r}")
         missing = sorted(set(records) - set(ids))
         if missing:
-            problems.append(f"images.parquet lacks {len(missing)} finished image(s), e.g. {missing[0]!r}")
+            problems.append(f"{IMAGES} lacks {len(missing)} finished image(s), e.g. {missing[0]!r}")
         extra = sorted(set(ids) - set(records))
         if extra:
-            problems.append(f"images.parquet has {len(extra)} row(s) of no finished image, e.g. {extra[0]!r}")
+            problems.append(f"{IMAGES} has {len(extra)} row(s) of no finished image, e.g. {extra[0]!r}")
         for row in rows.drop_duplicates("image_id").to_dict("records"):
             record = records.get(row["image_id"])
             differing = [key for key in TABLE_CHECKED if record is not None and _value(row.get(key)) != _value(record.get(key))]
             if differing:
-                problems.append(f"images.parquet row of {row['image_id']!r} differs from its completion record in {', '.join(differing)}")
+                problems.append(f"{IMAGES} row of {row['image_id']!r} differs from its completion record in {', '.join(differing)}")
     names = {store_name(image_id) for image_id in records}  # a failed image's part: damage of that image
-    orphans = sorted(p.name for p in fresh_listing(out_dir / "nuclei.parquet", "*.parquet") if p.name not in TABLE_HELPERS and p.name.removesuffix(".parquet") not in names)
+    orphans = sorted(p.name for p in fresh_listing(folder.nuclei, "*.parquet") if p.name not in TABLE_HELPERS and p.name.removesuffix(".parquet") not in names)
     if orphans:
-        problems.append(f"nuclei.parquet has {len(orphans)} part(s) of no finished image: {', '.join(orphans[:3])}{' ...' if len(orphans) > 3 else ''}")
+        problems.append(f"{NUCLEI} has {len(orphans)} part(s) of no finished image: {', '.join(orphans[:3])}{' ...' if len(orphans) > 3 else ''}")
     return problems
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from nucleibatch.io.layout import OME_GROUP
 from nucleibatch.io.location import Location, to_location
-from nucleibatch.io.store import open_root
 from nucleibatch.measure import NUCLEI_COLUMNS
+from nucleibatch.output.folder import OutputFolder, label_path
+from nucleibatch.output.layout import OME_GROUP
+from nucleibatch.output.store import open_root
 
 INTEGER_COLUMNS = ("label", "area", "bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x")
 # Float columns: on the CPU the torch version sums the same float64 terms in the same (raster)
@@ -63,19 +64,19 @@ def assert_same_outputs(a: Location | str, b: Location | str, ignore: tuple[str,
     """Assert OUT folders or store URLs ``a`` and ``b`` hold identical labels, images and nuclei
     tables (apart from timings, and the images columns in ``ignore``). Returns a's images table."""
     a, b = to_location(a), to_location(b)
-    images_a = pd.read_parquet(str(a / "images.parquet")).sort_values("image_id").reset_index(drop=True)
-    images_b = pd.read_parquet(str(b / "images.parquet")).sort_values("image_id").reset_index(drop=True)
+    images_a = pd.read_parquet(str(OutputFolder(a).images)).sort_values("image_id").reset_index(drop=True)
+    images_b = pd.read_parquet(str(OutputFolder(b).images)).sort_values("image_id").reset_index(drop=True)
     dropped = ["seconds", *ignore]
     pd.testing.assert_frame_equal(images_a.drop(columns=dropped), images_b.drop(columns=dropped))
-    nuclei_a = pd.read_parquet(str(a / "nuclei.parquet")).sort_values(["image_id", "label"]).reset_index(drop=True)
-    nuclei_b = pd.read_parquet(str(b / "nuclei.parquet")).sort_values(["image_id", "label"]).reset_index(drop=True)
+    nuclei_a = pd.read_parquet(str(OutputFolder(a).nuclei)).sort_values(["image_id", "label"]).reset_index(drop=True)
+    nuclei_b = pd.read_parquet(str(OutputFolder(b).nuclei)).sort_values(["image_id", "label"]).reset_index(drop=True)
     assert not nuclei_a.duplicated(["image_id", "label"]).any() and not nuclei_b.duplicated(["image_id", "label"]).any()
     pd.testing.assert_frame_equal(nuclei_a, nuclei_b)
-    root_a, root_b = open_root(a / "masks.zarr", mode="r"), open_root(b / "masks.zarr", mode="r")
+    root_a, root_b = open_root(OutputFolder(a).masks, mode="r"), open_root(OutputFolder(b).masks, mode="r")
     for row in images_a.itertuples():
         if row.status != "ok":
             continue
-        for path in ("labels/nuclei/0", "0", "labels/nuclei/1" if "1" in root_a[row.store_path] else "0"):
+        for path in (label_path(0), "0", label_path(1) if "1" in root_a[row.store_path] else "0"):
             np.testing.assert_array_equal(root_a[row.store_path][path][:], root_b[row.store_path][path][:], err_msg=f"{row.image_id} {path}")
     assert sorted(root_a.group_keys()) == sorted(root_b.group_keys())  # the image groups and the root layout's OME group
     return images_a

@@ -18,6 +18,7 @@ from nucleibatch.io.annotated import (
     iter_annotated,
     load_annotated,
 )
+from nucleibatch.output.folder import OutputFolder, label_path
 from nucleibatch.synthetic import synthetic_nuclei
 
 SHAPE = (64, 80)
@@ -426,7 +427,7 @@ def edit_labels(out: Path, store_path: str) -> np.ndarray:
     """What a user does in napari: delete one nucleus and split another in two; returns the edited labels."""
     import zarr
 
-    array = zarr.open_group(out / "masks.zarr", mode="a")[store_path]["labels/nuclei/0"]
+    array = zarr.open_group(OutputFolder(out).masks, mode="a")[store_path][label_path(0)]
     labels = np.asarray(array[:]).astype(np.int64)
     values, sizes = np.unique(labels[labels > 0], return_counts=True)
     assert len(values) >= 3, "the model should find a few nuclei in the synthetic field"
@@ -442,7 +443,7 @@ def edit_labels(out: Path, store_path: str) -> np.ndarray:
 def test_a_segment_out_with_edited_labels_is_read_as_annotations(segment_out, tmp_path):
     import pandas as pd
 
-    images = pd.read_parquet(segment_out / "images.parquet").sort_values("image_id")
+    images = pd.read_parquet(OutputFolder(segment_out).images).sort_values("image_id")
     edited = edit_labels(segment_out, images.store_path.iloc[0])
     sources = discover_annotated([segment_out])
     assert [s.image_id for s in sources] == list(images.image_id)

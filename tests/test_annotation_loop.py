@@ -17,6 +17,7 @@ import pytest
 import zarr
 from PIL import Image
 
+from nucleibatch.output.folder import OutputFolder, label_path
 from nucleibatch.synthetic import synthetic_nuclei
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,8 +106,8 @@ def test_the_readme_annotation_loop_runs_as_written(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "napari", napari)
     monkeypatch.chdir(tmp_path)
     exec(compile(blocks[1][1], "README.md (Correct and fine-tune)", "exec"), {})
-    images = pd.read_parquet(tmp_path / "loop1" / "images.parquet")
-    corrected = zarr.open_group(str(tmp_path / "loop1" / "masks.zarr"), mode="r")[images.store_path[0]]["labels/nuclei/0"][:]
+    images = pd.read_parquet(OutputFolder(tmp_path / "loop1").images)
+    corrected = zarr.open_group(str(OutputFolder(tmp_path / "loop1").masks), mode="r")[images.store_path[0]][label_path(0)][:]
     assert napari.deleted is not None and napari.deleted not in corrected and corrected.any()  # written back
     original = np.asarray(Image.open(fields / f"{images.image_id[0]}.png"))
     np.testing.assert_array_equal(napari.images[0][0], original)  # napari was shown the stored copy
@@ -114,6 +115,6 @@ def test_the_readme_annotation_loop_runs_as_written(tmp_path, monkeypatch):
     run(f"{train} {QUICK_TRAIN}")
     assert (tmp_path / "loop1_run" / "bundle" / "config.json").is_file()
     run(again)
-    second = pd.read_parquet(tmp_path / "loop2" / "images.parquet")
+    second = pd.read_parquet(OutputFolder(tmp_path / "loop2").images)
     assert (second.status == "ok").all() and len(second) == 3
     assert set(second.model) != {"default"}  # the fine-tuned bundle, not the shipped model

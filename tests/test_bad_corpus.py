@@ -59,6 +59,7 @@ import zarr
 
 from nucleibatch.cli import main
 from nucleibatch.io.discover import discover_inputs
+from nucleibatch.output.folder import OutputFolder, label_path
 from nucleibatch.segment import run_segment_job
 from nucleibatch.synthetic import threshold_model
 
@@ -95,13 +96,13 @@ def segmented(corpus, tmp_path_factory):
     started = time.perf_counter()
     summary = run_segment_job([str(folder)], out, model=threshold_model(), progress=False)
     seconds = time.perf_counter() - started
-    images = pd.read_parquet(out / "images.parquet")
-    nuclei = pd.read_parquet(out / "nuclei.parquet")
+    images = pd.read_parquet(OutputFolder(out).images)
+    nuclei = pd.read_parquet(OutputFolder(out).nuclei)
     return summary, images, nuclei, out, seconds
 
 
 def labels_of(out: Path, row: pd.Series) -> np.ndarray:
-    return zarr.open_group(str(out / "masks.zarr"), mode="r")[f"{row['store_path']}/labels/nuclei/0"][...]
+    return zarr.open_group(str(OutputFolder(out).masks), mode="r")[label_path(0, row['store_path'])][...]
 
 
 def test_run_finishes_with_exit_status_3(segmented, corpus):
@@ -110,9 +111,9 @@ def test_run_finishes_with_exit_status_3(segmented, corpus):
     rows = [e for e in expected.values() if e.outcome != "skipped"]
     assert summary.exit_code == 3
     assert (summary.n_images, summary.n_failed) == (len(rows), sum(e.outcome == "failed" for e in rows))
-    counts = json.loads((out / "run.json").read_text())["counts"]
+    counts = json.loads(OutputFolder(out).run_json.read_text())["counts"]
     assert (counts["images"], counts["ok"], counts["failed"]) == (len(rows), summary.n_ok, summary.n_failed)
-    assert (out / "report.html").is_file()
+    assert OutputFolder(out).report.is_file()
     assert seconds < 60, f"{len(rows)} small images took {seconds:.0f} s: a bomb or a hang was not refused"
 
 
@@ -211,7 +212,7 @@ def test_cli_exit_status_3(corpus, segmented, tiny_bundle, tmp_path):
     _, reference, _, _, _ = segmented
     out = tmp_path / "out"
     assert main(["segment", str(folder), "-o", str(out), "--model", str(tiny_bundle), "--progress", "log"]) == 3
-    images = pd.read_parquet(out / "images.parquet").set_index("image_id")
+    images = pd.read_parquet(OutputFolder(out).images).set_index("image_id")
     reference = reference.set_index("image_id")
     assert sorted(images.index) == sorted(reference.index)
     pd.testing.assert_series_equal(images["status"].sort_index(), reference["status"].sort_index())

@@ -20,7 +20,8 @@ from nucleibatch.channels import intensity_suffixes, parse_channel, resolve_chan
 from nucleibatch.cli import main
 from nucleibatch.errors import ImageReadError, UsageError
 from nucleibatch.io.discover import discover_inputs
-from nucleibatch.io.tables import SCHEMA_PART
+from nucleibatch.output.folder import OutputFolder, label_path
+from nucleibatch.output.tables import SCHEMA_PART
 from nucleibatch.pipeline import SegmentSettings
 from nucleibatch.segment import run_segment_job
 from nucleibatch.synthetic import synthetic_nuclei, threshold_model
@@ -57,7 +58,7 @@ def hand_touches_border(labels: np.ndarray) -> dict[int, bool]:
 
 def stored_labels(out, images: pd.DataFrame, image_id: str) -> np.ndarray:
     store_path = images.set_index("image_id").store_path[image_id]
-    return zarr.open_group(str(out / "masks.zarr"), mode="r")[store_path]["labels/nuclei/0"][:]
+    return zarr.open_group(str(OutputFolder(out).masks), mode="r")[store_path][label_path(0)][:]
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +107,8 @@ def channel_run(tmp_path_factory):
 def test_per_channel_means_match_a_hand_computation_over_every_nucleus(channel_run):
     _, out, data, summary, remeasured = channel_run
     assert summary.exit_code == 0
-    images = pd.read_parquet(out / "images.parquet")
-    nuclei = pd.read_parquet(out / "nuclei.parquet")
+    images = pd.read_parquet(OutputFolder(out).images)
+    nuclei = pd.read_parquet(OutputFolder(out).nuclei)
     labels = stored_labels(out, images, "stack")
     mine = nuclei[nuclei.image_id == "stack"].set_index("label")
     assert sorted(mine.index) == sorted(int(v) for v in np.unique(labels) if v) and len(mine) > 30
@@ -129,12 +130,12 @@ def test_remeasure_gives_exact_channel_means(channel_run):
     per-channel means of exactly its final pixels: sum over count of the raw values."""
     root, out, data, _, _ = channel_run
     from nucleibatch.io.readers import open_source
-    from nucleibatch.io.store import open_root
+    from nucleibatch.output.store import open_root
 
     record = next(r for r in discover_inputs([str(root / "in" / "stack.ome.tif")]))
-    images = pd.read_parquet(out / "images.parquet")
+    images = pd.read_parquet(OutputFolder(out).images)
     labels = stored_labels(out, images, "stack")
-    nuclei = pd.read_parquet(out / "nuclei.parquet").query("image_id == 'stack'").reset_index(drop=True)
+    nuclei = pd.read_parquet(OutputFolder(out).nuclei).query("image_id == 'stack'").reset_index(drop=True)
     columns = {name: nuclei[name].to_numpy().copy() for name in nuclei.columns if name != "image_id"}
     for name in ("mean_intensity_GFP", "mean_intensity_RFP", "mean_intensity_DAPI"):
         columns[name][:] = -1.0  # stale values the re-measure must replace
@@ -142,7 +143,7 @@ def test_remeasure_gives_exact_channel_means(channel_run):
     source = open_source(record)
     try:
         plan = pipeline.ImagePlan(record, images.store_path[images.image_id == "stack"].iloc[0], SHAPE, 3, np.dtype(np.uint16), None, [], channel=0)
-        group = open_root(out / "masks.zarr", mode="r")[plan.name]
+        group = open_root(OutputFolder(out).masks, mode="r")[plan.name]
         pipeline.remeasure(plan, source, group, columns, chosen, SegmentSettings())
     finally:
         source.close()
@@ -154,8 +155,8 @@ def test_remeasure_gives_exact_channel_means(channel_run):
 
 def test_touches_border_matches_the_labels_edges(channel_run):
     _, out, _, _, _ = channel_run
-    images = pd.read_parquet(out / "images.parquet")
-    nuclei = pd.read_parquet(out / "nuclei.parquet")
+    images = pd.read_parquet(OutputFolder(out).images)
+    nuclei = pd.read_parquet(OutputFolder(out).nuclei)
     assert nuclei.touches_border.dtype == bool
     for image_id in images.image_id:
         labels = stored_labels(out, images, image_id)
@@ -167,7 +168,7 @@ def test_touches_border_matches_the_labels_edges(channel_run):
 
 def test_mixed_grey_and_multichannel_run_reads_as_one_table(channel_run):
     _, out, _, _, _ = channel_run
-    nuclei = pd.read_parquet(out / "nuclei.parquet")
+    nuclei = pd.read_parquet(OutputFolder(out).nuclei)
     expected = {"mean_intensity_DAPI", "mean_intensity_GFP", "mean_intensity_RFP", "mean_intensity_c0", "mean_intensity_c1"}
     assert expected <= set(nuclei.columns)
     by_image = nuclei.groupby("image_id")
@@ -178,12 +179,12 @@ def test_mixed_grey_and_multichannel_run_reads_as_one_table(channel_run):
     assert nuclei.loc[nuclei.image_id == "two", "mean_intensity_GFP"].isna().all()
     assert nuclei.loc[nuclei.image_id == "stack", "mean_intensity_RFP"].notna().all()
     # the grey image's part has no channel columns of its own: the schema part unites them
-    assert "mean_intensity_GFP" not in pq.read_schema(out / "nuclei.parquet" / f"{pd.read_parquet(out / 'images.parquet').set_index('image_id').store_path['grey']}.parquet").names
-    assert (out / "nuclei.parquet" / SCHEMA_PART).is_file()
-    assert len(pd.read_parquet(out / "nuclei.parquet" / SCHEMA_PART)) == 0
+    assert "mean_intensity_GFP" not in pq.read_schema(OutputFolder(out).nuclei / f"{pd.read_parquet(OutputFolder(out).images).set_index('image_id').store_path['grey']}.parquet").names
+    assert (OutputFolder(out).nuclei / SCHEMA_PART).is_file()
+    assert len(pd.read_parquet(OutputFolder(out).nuclei / SCHEMA_PART)) == 0
     # the image copy keeps the names, for napari and for `--channel NAME` on this OUT
-    store_path = pd.read_parquet(out / "images.parquet").set_index("image_id").store_path["stack"]
-    attrs = zarr.open_group(str(out / "masks.zarr"), mode="r")[store_path].attrs.asdict()
+    store_path = pd.read_parquet(OutputFolder(out).images).set_index("image_id").store_path["stack"]
+    attrs = zarr.open_group(str(OutputFolder(out).masks), mode="r")[store_path].attrs.asdict()
     assert [c["label"] for c in attrs["ome"]["omero"]["channels"]] == list(NAMES)
 
 
@@ -195,8 +196,8 @@ def test_channel_by_name_picks_the_same_channel_as_its_index(tmp_path):
     model = threshold_model()
     for channel, name in ((1, "index"), ("dapi", "name")):  # case-insensitive: the one match
         run_segment_job([str(tmp_path / "in")], tmp_path / name, model=model, settings=SegmentSettings(channel=channel), progress=False)
-    by_index = pd.read_parquet(tmp_path / "index" / "nuclei.parquet")
-    by_name = pd.read_parquet(tmp_path / "name" / "nuclei.parquet")
+    by_index = pd.read_parquet(OutputFolder(tmp_path / "index").nuclei)
+    by_name = pd.read_parquet(OutputFolder(tmp_path / "name").nuclei)
     assert len(by_index) > 20
     pd.testing.assert_frame_equal(by_index, by_name)
     # evaluate on that OUT (read back as annotated data: names from its image copy) resolves alike
@@ -208,7 +209,7 @@ def test_channel_by_name_picks_the_same_channel_as_its_index(tmp_path):
         evaluate_model(model, [tmp_path / "index"], channel="CFP")
     # and not the mean of the colours: another channel gives other nuclei
     run_segment_job([str(tmp_path / "in")], tmp_path / "rfp", model=model, settings=SegmentSettings(channel="RFP"), progress=False)
-    assert len(pd.read_parquet(tmp_path / "rfp" / "nuclei.parquet")) != len(by_index)
+    assert len(pd.read_parquet(OutputFolder(tmp_path / "rfp").nuclei)) != len(by_index)
 
 
 def test_unknown_channel_name(tmp_path, capsys, tiny_bundle):
@@ -218,7 +219,7 @@ def test_unknown_channel_name(tmp_path, capsys, tiny_bundle):
     # a name some inputs have: the others fail, their row naming the channels they do have
     out = tmp_path / "out"
     assert main(["segment", str(tmp_path / "in"), "-o", str(out), "--channel", "GFP", "--model", str(tiny_bundle), "--device", "cpu"]) == 3
-    images = pd.read_parquet(out / "images.parquet").set_index("image_id")
+    images = pd.read_parquet(OutputFolder(out).images).set_index("image_id")
     assert images.status["named"] == "ok"
     assert images.status["other"] == "failed"
     assert "--channel 'GFP'" in images.error["other"] and "2 unnamed channel(s)" in images.error["other"]
@@ -227,7 +228,7 @@ def test_unknown_channel_name(tmp_path, capsys, tiny_bundle):
     assert main(["segment", str(tmp_path / "in"), "-o", str(tmp_path / "typo"), "--channel", "GPF"]) == 2
     err = capsys.readouterr().err
     assert "'GPF'" in err and "DAPI, GFP, RFP" in err and "\n" not in err.strip()
-    assert not (tmp_path / "typo" / "nuclei.parquet").exists()
+    assert not OutputFolder(tmp_path / "typo").nuclei.exists()
 
 
 def test_colour_images_get_no_channel_columns_and_names_are_sanitised(tmp_path):

@@ -18,6 +18,7 @@ import zarr
 
 from nucleibatch.errors import ModelBundleError, UsageError
 from nucleibatch.metrics import image_scores
+from nucleibatch.output.folder import OutputFolder, label_path
 from nucleibatch.pipeline import SegmentSettings
 from nucleibatch.segment import run_segment_job
 from tests import input_files as files
@@ -54,7 +55,7 @@ def test_post_processing_processes_give_the_local_engines_outputs(local_referenc
     summary = run_segment_job([str(local_reference / "in")], out, model="default", device="cpu", settings=SETTINGS, post_workers=2, progress=False)
     assert summary.exit_code == 3 and summary.n_failed == 1
     assert_same_outputs(local_reference / "local", out)
-    run = json.loads((out / "run.json").read_text())
+    run = json.loads(OutputFolder(out).run_json.read_text())
     assert run["engine"] == "local" and run["post_workers"] == 2 and run["model_busy_seconds"] > 0
     finishers = [w for w, units in run["placement"]["workers"].items() if units["finish"]]
     assert len(finishers) == 2 and f":{os.getpid()}" not in " ".join(finishers)  # other processes than this one
@@ -71,17 +72,17 @@ def test_instances_on_the_device_with_threads_and_with_processes(local_reference
         out = tmp_path / f"post-{post_workers}"
         summary = run_segment_job([str(local_reference / "in")], out, model="default", device="cpu", settings=settings, post_workers=post_workers, progress=False)
         assert summary.n_failed == 1
-        run = json.loads((out / "run.json").read_text())
+        run = json.loads(OutputFolder(out).run_json.read_text())
         assert run["instances_on"] == "device" and run["stage_seconds"]["instances"] > 0
         runs[post_workers] = out
     assert_same_outputs(runs[0], runs[2])
-    reference_nuclei = pd.read_parquet(local_reference / "local" / "nuclei.parquet")
-    device_nuclei = pd.read_parquet(runs[0] / "nuclei.parquet")
+    reference_nuclei = pd.read_parquet(OutputFolder(local_reference / "local").nuclei)
+    device_nuclei = pd.read_parquet(OutputFolder(runs[0]).nuclei)
     per_image = reference_nuclei.groupby("image_id").size().to_frame("cpu").join(device_nuclei.groupby("image_id").size().rename("device"))
     assert (abs(per_image["cpu"] - per_image["device"]) <= 0.02 * per_image["cpu"] + 1).all(), per_image
-    root_cpu, root_device = zarr.open_group(local_reference / "local" / "masks.zarr", mode="r"), zarr.open_group(runs[0] / "masks.zarr", mode="r")
+    root_cpu, root_device = zarr.open_group(OutputFolder(local_reference / "local").masks, mode="r"), zarr.open_group(OutputFolder(runs[0]).masks, mode="r")
     for name in image_groups(root_cpu):
-        agreement = image_scores(np.asarray(root_cpu[f"{name}/labels/nuclei/0"]), np.asarray(root_device[f"{name}/labels/nuclei/0"]))
+        agreement = image_scores(np.asarray(root_cpu[label_path(0, name)]), np.asarray(root_device[label_path(0, name)]))
         assert agreement["ap50"] >= 0.95 and agreement["map"] >= 0.9, (name, agreement)
 
 
@@ -127,7 +128,7 @@ def test_dask_engine_on_a_local_cluster_matches_the_local_engine(local_reference
     images = assert_same_outputs(local_reference / "local", out)
     failed = images[images.status == "failed"]
     assert list(failed.image_id) == ["slides/notes"] and "TIFF" in failed.error.iloc[0]
-    run = json.loads((out / "run.json").read_text())
+    run = json.loads(OutputFolder(out).run_json.read_text())
     assert run["engine"] == "dask"
     workers = run["placement"]["workers"]
     assert len(workers) == 2 and all(w.startswith("dask-worker:tcp://127.0.0.1:") for w in workers)  # loopback only
@@ -165,7 +166,7 @@ def test_a_failing_block_fails_only_its_image(tmp_path, engine, post_workers):
     settings = SegmentSettings(block_size=128, block_margin=16)
     summary = run_segment_job([str(tmp_path / "in")], tmp_path / "out", model=threshold_model(), settings=settings, engine=engine, workers=2, post_workers=post_workers, progress=False)
     assert summary.exit_code == 3 and summary.n_failed == 1 and summary.n_ok >= 4
-    images = __import__("pandas").read_parquet(tmp_path / "out" / "images.parquet").set_index("image_id")
+    images = __import__("pandas").read_parquet(OutputFolder(tmp_path / "out").images).set_index("image_id")
     assert "raise --block-margin" in images.loc["big", "error"] and __import__("pandas").isna(images.loc["big", "store_path"])
 
 
@@ -194,14 +195,14 @@ def test_a_bad_read_in_a_group_of_small_images_fails_only_its_own_block(tmp_path
     from nucleibatch.engines.distributed import BlockPredictor, finish_block_unit
     from nucleibatch.errors import ImageReadError
     from nucleibatch.io.discover import discover_inputs
-    from nucleibatch.io.store import open_root
+    from nucleibatch.output.store import open_root
     from nucleibatch.pipeline import instance_params, start_image
     from nucleibatch.synthetic import synthetic_nuclei, threshold_model
 
     for k in range(3):
         files.write_plain(tmp_path / "in" / f"f{k}.png", synthetic_nuclei((120, 140), n_nuclei=6, seed=k)[0])
     model, settings = threshold_model(), SegmentSettings()
-    open_root(tmp_path / "out" / "masks.zarr")
+    open_root(OutputFolder(tmp_path / "out").masks)
     plans = [start_image(record, settings, model.config, tmp_path / "out") for record in discover_inputs([str(tmp_path / "in")])]
     (tmp_path / "in" / "f1.png").unlink()  # vanishes between planning and reading
     predictor = BlockPredictor(model, "cpu", settings, batch_size=4)
@@ -260,13 +261,13 @@ def test_read_units_open_an_image_once_for_its_blocks(tmp_path, monkeypatch):
     from nucleibatch.engines import distributed
     from nucleibatch.io import readers
     from nucleibatch.io.discover import discover_inputs
-    from nucleibatch.io.store import open_root
+    from nucleibatch.output.store import open_root
     from nucleibatch.pipeline import start_image
     from nucleibatch.synthetic import synthetic_nuclei, threshold_model
 
     files.write_plain(tmp_path / "in" / "big.png", synthetic_nuclei((600, 520), n_nuclei=40, seed=3)[0])
     model = threshold_model()
-    open_root(tmp_path / "out" / "masks.zarr")
+    open_root(OutputFolder(tmp_path / "out").masks)
     (record,) = discover_inputs([str(tmp_path / "in")])
     plan = start_image(record, SETTINGS, model.config, tmp_path / "out")
     assert len(plan.blocks) >= 4
@@ -341,8 +342,8 @@ def test_the_local_engine_groups_small_images_into_shared_calls_with_unchanged_o
     alone = run_segment_job([str(tmp_path / "in")], tmp_path / "alone", model="default", device="cpu", precision=PRECISION, batch_size=4, progress=False)
     assert grouped.n_ok == alone.n_ok == 16 and grouped.n_failed == alone.n_failed == 1
     assert_same_outputs(tmp_path / "alone", tmp_path / "grouped")
-    calls = {tuple(shape[:3]): shape[3] for shape in json.loads((tmp_path / "grouped" / "run.json").read_text())["model_batches"]}
-    one_by_one = {tuple(shape[:3]): shape[3] for shape in json.loads((tmp_path / "alone" / "run.json").read_text())["model_batches"]}
+    calls = {tuple(shape[:3]): shape[3] for shape in json.loads(OutputFolder(tmp_path / "grouped").run_json.read_text())["model_batches"]}
+    one_by_one = {tuple(shape[:3]): shape[3] for shape in json.loads(OutputFolder(tmp_path / "alone").run_json.read_text())["model_batches"]}
     assert max(n for n, _, _ in calls) == 3 and max(n for n, _, _ in one_by_one) == 1  # the 3 copies of each demo image
     assert sum(calls.values()) < sum(one_by_one.values())
 
@@ -396,8 +397,8 @@ def test_a_group_of_small_images_fails_only_the_image_that_fails(tmp_path, monke
     for k in (0, 2, 3):
         row = alone[f"f{k}"]
         assert row["n_nuclei"] == grouped[f"f{k}"]["n_nuclei"] > 0
-        grouped_labels = zarr.open_group(tmp_path / "grouped" / "masks.zarr", mode="r")[f"{row['store_path'].split('/')[-1]}/labels/nuclei/0"]
-        alone_labels = zarr.open_group(tmp_path / "alone" / "masks.zarr", mode="r")[f"{row['store_path'].split('/')[-1]}/labels/nuclei/0"]
+        grouped_labels = zarr.open_group(OutputFolder(tmp_path / "grouped").masks, mode="r")[label_path(0, row["store_path"].split("/")[-1])]
+        alone_labels = zarr.open_group(OutputFolder(tmp_path / "alone").masks, mode="r")[label_path(0, row["store_path"].split("/")[-1])]
         np.testing.assert_array_equal(np.asarray(grouped_labels), np.asarray(alone_labels))
 
 

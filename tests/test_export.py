@@ -40,9 +40,10 @@ from nucleibatch.export import (
     write_png16,
     write_tiff,
 )
-from nucleibatch.io.store import create_image_group, store_name
-from nucleibatch.io.tables import IMAGES_SCHEMA, NUCLEI_SCHEMA
 from nucleibatch.measure import measure_labels, physical_columns
+from nucleibatch.output.folder import IMAGES, OutputFolder, label_path
+from nucleibatch.output.store import create_image_group, store_name
+from nucleibatch.output.tables import IMAGES_SCHEMA, NUCLEI_SCHEMA
 from nucleibatch.synthetic import synthetic_nuclei
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,8 +92,8 @@ def special_labels() -> np.ndarray:
 
 def write_out(out: Path, images: list[tuple[str, np.ndarray | None]], chunk: int = 64) -> Path:
     """A segment-like OUT written with zarr and pandas only (labels None: a failed image)."""
-    root = zarr.open_group(str(out / "masks.zarr"), mode="w", zarr_format=3)
-    (out / "nuclei.parquet").mkdir(parents=True)
+    root = zarr.open_group(str(OutputFolder(out).masks), mode="w", zarr_format=3)
+    OutputFolder(out).nuclei.mkdir(parents=True)
     rows = []
     for image_id, labels in images:
         name = store_name(image_id)
@@ -100,13 +101,13 @@ def write_out(out: Path, images: list[tuple[str, np.ndarray | None]], chunk: int
             rows.append(dict(image_id=image_id, source=f"{image_id}.png", height=None, width=None, n_nuclei=None, status="failed", error="cannot read: the file is empty", seconds=0.1, store_path=name))
             continue
         group = create_image_group(root, name, image_id, labels.shape, 1, np.uint8, chunk=chunk)
-        group["labels/nuclei/0"][:] = labels
+        group[label_path(0)][:] = labels
         columns = measure_labels(labels, np.ones(labels.shape, np.float32))
         columns.update(physical_columns(columns, None))
         frame = pd.DataFrame({"image_id": [image_id] * len(columns["label"]), **columns})
-        pq.write_table(pa.Table.from_pandas(frame, schema=NUCLEI_SCHEMA, preserve_index=False), out / "nuclei.parquet" / f"{name}.parquet")
+        pq.write_table(pa.Table.from_pandas(frame, schema=NUCLEI_SCHEMA, preserve_index=False), OutputFolder(out).nuclei / f"{name}.parquet")
         rows.append(dict(image_id=image_id, source=f"{image_id}.png", height=labels.shape[0], width=labels.shape[1], n_nuclei=len(frame), status="ok", error=None, seconds=0.1, store_path=name))
-    pq.write_table(pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA), out / "images.parquet")
+    pq.write_table(pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA), OutputFolder(out).images)
     return out
 
 
@@ -118,9 +119,9 @@ def synthetic_out(tmp_path_factory) -> Path:
 
 def ok_images(out: Path) -> list[tuple[str, str, np.ndarray]]:
     """(image_id, store_path, labels) of the ok images of OUT, labels read whole from zarr."""
-    images = pd.read_parquet(out / "images.parquet")
-    root = zarr.open_group(str(out / "masks.zarr"), mode="r")
-    return [(r.image_id, r.store_path, root[r.store_path]["labels/nuclei/0"][:]) for r in images.itertuples() if r.status == "ok"]
+    images = pd.read_parquet(OutputFolder(out).images)
+    root = zarr.open_group(str(OutputFolder(out).masks), mode="r")
+    return [(r.image_id, r.store_path, root[r.store_path][label_path(0)][:]) for r in images.itertuples() if r.status == "ok"]
 
 
 # --------------------------------------------------------------------------- pure functions
@@ -198,7 +199,7 @@ def test_outline_random_masks_rasterise_exactly():
 
 
 def test_chunk_cache_reads_like_slicing(synthetic_out):
-    array = zarr.open_group(str(synthetic_out / "masks.zarr"), mode="r")[store_name("plate/A01 field 1")]["labels/nuclei/0"]
+    array = zarr.open_group(str(OutputFolder(synthetic_out).masks), mode="r")[store_name("plate/A01 field 1")][label_path(0)]
     whole = array[:]
     rng = np.random.default_rng(2)
     for max_bytes in (1, 2**30):  # a one-chunk cache gives the same pixels
@@ -208,7 +209,7 @@ def test_chunk_cache_reads_like_slicing(synthetic_out):
             y1, x1 = rng.integers(y0 + 1, 151), rng.integers(x0 + 1, 171)
             assert np.array_equal(cache.read(y0, y1, x0, x1), whole[y0:y1, x0:x1])
     # nucleus by nucleus with a big enough cache, each of the 3 x 3 chunks is decoded once
-    nuclei = pd.read_parquet(synthetic_out / "nuclei.parquet" / f"{store_name('plate/A01 field 1')}.parquet")
+    nuclei = pd.read_parquet(OutputFolder(synthetic_out).nuclei / f"{store_name('plate/A01 field 1')}.parquet")
     seen = 0
     for row, crop in iter_nucleus_masks(array, nuclei):
         box = whole[row.bbox_min_y : row.bbox_max_y, row.bbox_min_x : row.bbox_max_x]
@@ -256,7 +257,7 @@ def test_dsb_rle_decodes_to_the_labels(which, request, tmp_path):
 def test_geojson_structure_and_round_trip(which, request, tmp_path):
     out = request.getfixturevalue(which)
     summary = export_run(out, "geojson", tmp_path / "gj", progress=False)
-    nuclei = pd.read_parquet(out / "nuclei.parquet")
+    nuclei = pd.read_parquet(OutputFolder(out).nuclei)
     images = ok_images(out)
     assert sorted(p.name for p in summary.files) == sorted(f"{store_path}.geojson" for _, store_path, _ in images)
     for image_id, store_path, labels in images:
@@ -317,7 +318,7 @@ def test_png_and_tiff_equal_the_labels(segment_out, synthetic_out, tmp_path):
             assert as_png.dtype == np.uint16 and np.array_equal(as_png, labels)
             assert as_tif.dtype == np.uint32 and np.array_equal(as_tif, labels)
     # the tiled path (big images): tiles of the zarr chunk size, read back identical
-    array = zarr.open_group(str(synthetic_out / "masks.zarr"), mode="r")[store_name("plate/A01 field 1")]["labels/nuclei/0"]
+    array = zarr.open_group(str(OutputFolder(synthetic_out).masks), mode="r")[store_name("plate/A01 field 1")][label_path(0)]
     write_tiff(array, tmp_path / "tiled.tif", whole_pixels=0)
     with tifffile.TiffFile(tmp_path / "tiled.tif") as handle:
         page = handle.pages[0]
@@ -376,7 +377,7 @@ def test_cli_usage_errors(tmp_path, segment_out, capsys):
     (tmp_path / "notout").mkdir()
     assert main(["export", str(tmp_path / "notout"), "--format", "tiff"]) == 2
     err = capsys.readouterr().err
-    assert "not a segment output" in err and "images.parquet" in err
+    assert "not a segment output" in err and IMAGES in err
     with pytest.raises(NotSegmentOutputError):
         export_run(tmp_path / "notout", "png")
     assert main(["export", str(segment_out), "--format", "png", "--images", "nope"]) == 2

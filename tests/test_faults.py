@@ -31,6 +31,7 @@ import pandas as pd
 import pytest
 
 from nucleibatch.cli import main
+from nucleibatch.output.folder import IMAGES, REPORT, RUN, OutputFolder, label_path
 from nucleibatch.pipeline import SegmentSettings
 from nucleibatch.runtime.faults import ENVIRONMENT
 from nucleibatch.segment import run_segment_job
@@ -115,8 +116,8 @@ IMAGE_PHASE = [
     "store:group:3", None, "part:2", None, "record:1", None, "store:pyramid:1",
 ]  # fmt: skip
 END_PHASE = [
-    "consolidate:1", "write:images.parquet:1", "rename:images.parquet:1", "write:run.json:1",
-    "rename:run.json:1", "write:report.html:1", "rename:report.html:1",
+    "consolidate:1", f"write:{IMAGES}:1", f"rename:{IMAGES}:1", f"write:{RUN}:1",
+    f"rename:{RUN}:1", f"write:{REPORT}:1", f"rename:{REPORT}:1",
 ]  # fmt: skip
 N_IMAGES = N_SMALL + len(LARGE) + 1
 
@@ -137,7 +138,7 @@ def test_killed_twenty_times_at_random_moments_and_fail_points_loses_nothing(arc
     # the last run of the image phase may have finished, and a rerun with nothing to do keeps its
     # run.json and report.html: without them, the end phase's runs have both to write (and are
     # killed writing them)
-    for name in ("run.json", "report.html"):
+    for name in (RUN, REPORT):
         (out / name).unlink(missing_ok=True)
     for step in END_PHASE:  # each is passed only by a run that gets that far: in the order a run passes them
         status, how = run_killed(cmd, out, rng, tmp_path / f"{step}.log", step)
@@ -153,7 +154,7 @@ def test_killed_twenty_times_at_random_moments_and_fail_points_loses_nothing(arc
     assert leftovers == []
     report = verify_output(out)
     assert report.intact and report.checked == N_IMAGES - 1
-    assert (out / "report.html").stat().st_size > 1000
+    assert OutputFolder(out).report.stat().st_size > 1000
 
 
 def _mount_tmpfs(folder: Path, megabytes: float) -> bool:
@@ -197,13 +198,13 @@ def test_a_full_disk_stops_the_run_with_status_1_and_the_rerun_completes(archive
 def test_verify_finds_damage_and_segment_verify_redoes_exactly_the_damaged_images(archive, tiny_bundle, reference, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(reference, out)
-    images = pd.read_parquet(out / "images.parquet").set_index("image_id")
+    images = pd.read_parquet(OutputFolder(out).images).set_index("image_id")
     assert main(["verify", str(out)]) == 0
-    chunk_of = {i: sorted((out / "masks.zarr" / images.loc[i, "store_path"] / "labels" / "nuclei" / "0" / "c").rglob("*")) for i in ("field01", "large_a")}
+    chunk_of = {i: sorted((OutputFolder(out).masks / images.loc[i, "store_path"] / label_path(0) / "c").rglob("*")) for i in ("field01", "large_a")}
     next(p for p in chunk_of["field01"] if p.is_file()).unlink()  # a deleted label chunk
     truncated = next(p for p in chunk_of["large_a"] if p.is_file())
     truncated.write_bytes(truncated.read_bytes()[:10])  # a truncated one
-    (out / "nuclei.parquet" / f"{images.loc['field04', 'store_path']}.parquet").unlink()
+    (OutputFolder(out).nuclei / f"{images.loc['field04', 'store_path']}.parquet").unlink()
     capsys.readouterr()
     assert main(["verify", str(out)]) == 3
     printed = capsys.readouterr().out
@@ -239,18 +240,18 @@ def test_recreating_an_image_group_replaces_the_leftovers_of_a_killed_attempt(tm
     """A run killed while it created (or deleted) an image group can leave array metadata or
     chunks under the group's path without the group's own zarr.json; the next attempt must
     start from an empty group, not fail on what is there."""
-    from nucleibatch.io.store import create_image_group, label_array, open_root
+    from nucleibatch.output.store import create_image_group, label_array, open_root
 
-    root = open_root(tmp_path / "masks.zarr")
+    root = open_root(OutputFolder(tmp_path).masks)
     group = create_image_group(root, "img", "img", (64, 80), 1, np.uint8, chunk=32)
     if leftover == "chunks without the group":
         label_array(group)[:, :] = 7
-    (tmp_path / "masks.zarr" / "img" / "zarr.json").unlink()
-    assert "img" not in open_root(tmp_path / "masks.zarr")
+    (OutputFolder(tmp_path).masks / "img" / "zarr.json").unlink()
+    assert "img" not in open_root(OutputFolder(tmp_path).masks)
 
-    again = create_image_group(open_root(tmp_path / "masks.zarr"), "img", "img", (64, 80), 1, np.uint8, chunk=32)
+    again = create_image_group(open_root(OutputFolder(tmp_path).masks), "img", "img", (64, 80), 1, np.uint8, chunk=32)
     assert label_array(again).shape == (64, 80) and not label_array(again)[:, :].any()
-    assert not list((tmp_path / "masks.zarr" / "img").rglob("c"))  # no chunk of the earlier attempt
+    assert not list((OutputFolder(tmp_path).masks / "img").rglob("c"))  # no chunk of the earlier attempt
 
 
 def test_a_full_disk_while_creating_an_image_group_is_reported_once(tmp_path, monkeypatch, caplog):
@@ -263,9 +264,9 @@ def test_a_full_disk_while_creating_an_image_group_is_reported_once(tmp_path, mo
 
     import zarr.storage._local as local_store
 
-    from nucleibatch.io.store import create_image_group, open_root
+    from nucleibatch.output.store import create_image_group, open_root
 
-    root = open_root(tmp_path / "masks.zarr")
+    root = open_root(OutputFolder(tmp_path).masks)
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

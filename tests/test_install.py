@@ -18,6 +18,8 @@ import pandas as pd
 import pytest
 import tomllib
 
+from nucleibatch.output.folder import OutputFolder
+
 REPO = Path(__file__).resolve().parents[1]
 LEFT_OUT = ("ray", "dask", "distributed", "pip", "nucleibatch", "__editable__", "_nucleibatch")
 
@@ -76,7 +78,7 @@ def test_a_core_install_from_the_wheel_keeps_torch_runs_every_local_command_and_
     assert version.returncode == 0 and version.stdout.startswith("nucleibatch ")
     demo = subprocess.run([str(nucleibatch), "segment", str(REPO / "examples" / "dsb_demo"), "-o", str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert demo.returncode == 0, demo.stderr[-3000:]
-    images = pd.read_parquet(tmp_path / "out" / "images.parquet")
+    images = pd.read_parquet(OutputFolder(tmp_path / "out").images)
     assert len(images) == 5 and (images.status == "ok").all() and (images.n_nuclei > 0).all()
     assert set(images.model) == {"default", "he"}  # the shipped bundles travel in the wheel
     located = subprocess.run([str(python), "-c", "import nucleibatch; print(nucleibatch.__file__)"], capture_output=True, text=True, cwd=tmp_path, check=True).stdout

@@ -18,8 +18,10 @@ import pytest
 from nucleibatch.cli import main
 from nucleibatch.errors import OutputError
 from nucleibatch.io.location import to_location
+from nucleibatch.output.folder import IMAGES, LOCK, REPORT, RUN, STATE_DIR
+from nucleibatch.output.lock import Lock
 from nucleibatch.pipeline import SegmentSettings
-from nucleibatch.segment import Lock, run_segment_job
+from nucleibatch.segment import run_segment_job
 from nucleibatch.synthetic import threshold_model
 from tests import input_files as files
 from tests.objectstore import new_bucket, s3_server, upload_folder
@@ -57,15 +59,15 @@ def test_an_archive_in_a_bucket_segments_into_a_bucket_like_local_folders(archiv
     assert summary.exit_code == 3 and summary.n_images == archive["n_images"] and summary.n_failed == 1
     images = assert_same_outputs(archive["root"] / "local", out, ignore=DIFFERS_BY_PLACE)
     assert "stores/well" in set(images.image_id) and "slides/mosaic" in set(images.image_id)
-    from_store = pd.read_parquet(f"{out}/images.parquet").set_index("image_id")
+    from_store = pd.read_parquet(f"{out}/{IMAGES}").set_index("image_id")
     assert all(source.startswith(f"{archive['bucket']}/in/") for source in from_store.source)
     assert "TIFF" in from_store.loc["slides/notes", "error"]
     fs = fsspec.filesystem("s3")
     fs.invalidate_cache()
-    run = json.loads(fs.cat(f"{out}/run.json"))
+    run = json.loads(fs.cat(f"{out}/{RUN}"))
     assert run["counts"]["ok"] == archive["n_images"] - 1 and run["inputs"] == [f"{archive['bucket']}/in"]
-    assert not fs.exists(f"{out}/.nucleibatch/lock"), "the run's lease outlived it"
-    report = fs.cat(f"{out}/report.html").decode()
+    assert not fs.exists(f"{out}/{STATE_DIR}/{LOCK}"), "the run's lease outlived it"
+    report = fs.cat(f"{out}/{REPORT}").decode()
     assert "Nuclei segmentation report" in report and "slides/notes" in report  # drawn from the bucket, failure listed
     assert not [p for p in fs.find(out) if ".tmp-" in p or p.endswith(".partial")]
 

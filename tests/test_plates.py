@@ -12,8 +12,9 @@ import pytest
 import zarr
 
 from nucleibatch.cli import main
-from nucleibatch.io.layout import OME_GROUP
-from nucleibatch.io.store import store_name
+from nucleibatch.output.folder import OutputFolder
+from nucleibatch.output.layout import OME_GROUP
+from nucleibatch.output.store import store_name
 from nucleibatch.pipeline import SegmentSettings
 from nucleibatch.segment import run_segment_job
 from nucleibatch.synthetic import threshold_model
@@ -71,7 +72,7 @@ def test_a_plate_input_gives_a_plate_that_ome_zarr_py_reads_at_the_root(plate_ru
     from ome_zarr.reader import Label, Multiscales, Plate, Reader
 
     tmp, drawn = plate_run
-    masks = tmp / "out" / "masks.zarr"
+    masks = OutputFolder(tmp / "out").masks
     nodes = list(Reader(parse_url(str(masks)))())
     plate = nodes[0].first(Plate)
     assert plate is not None, "the root of masks.zarr is not a plate"
@@ -100,16 +101,16 @@ def test_a_plate_input_gives_a_plate_that_ome_zarr_py_reads_at_the_root(plate_ru
 
 def test_images_table_places_each_field_and_store_paths_are_in_the_plate(plate_run):
     tmp, drawn = plate_run
-    images = pd.read_parquet(tmp / "out" / "images.parquet").set_index("image_id")
+    images = pd.read_parquet(OutputFolder(tmp / "out").images).set_index("image_id")
     assert len(images) == 4 and (images.status == "ok").all()
     for key, n in drawn.items():
         row = images.loc[f"screen/{key}"]
         well, field = key.rsplit("/", 1)
         assert (row.plate, row.well, row.field) == ("screen", well, field)
         assert row.store_path == key and row.n_nuclei == n
-    nuclei = pd.read_parquet(tmp / "out" / "nuclei.parquet")
+    nuclei = pd.read_parquet(OutputFolder(tmp / "out").nuclei)
     assert len(nuclei) == sum(drawn.values())
-    run = json.loads((tmp / "out" / "run.json").read_text())
+    run = json.loads(OutputFolder(tmp / "out").run_json.read_text())
     assert run["layout"] == "plate"
 
 
@@ -124,7 +125,7 @@ def test_verify_export_and_resume_of_a_plate_output(plate_run, capsys):
     summary = run_segment_job([str(tmp / "screen.zarr")], out, model=threshold_model(), settings=SETTINGS, progress=False)
     assert summary.n_resumed == 4 and summary.n_ok == 4
     # the root is still the plate after a run that did nothing
-    assert "plate" in zarr.open_group(str(out / "masks.zarr"), mode="r").attrs["ome"]
+    assert "plate" in zarr.open_group(str(OutputFolder(out).masks), mode="r").attrs["ome"]
 
 
 def test_an_ordinary_image_added_to_a_plate_out_is_refused(plate_run, tmp_path):
@@ -144,8 +145,8 @@ def test_a_folder_of_images_and_a_plate_opens_at_the_root(tmp_path):
     files.write_plain(folder / "sub" / "b.png", discs(2))
     summary = run_segment_job([str(folder)], tmp_path / "out", model=threshold_model(), settings=SETTINGS, progress=False)
     assert summary.exit_code == 0 and summary.n_ok == 6
-    masks = tmp_path / "out" / "masks.zarr"
-    images = pd.read_parquet(tmp_path / "out" / "images.parquet").set_index("image_id")
+    masks = OutputFolder(tmp_path / "out").masks
+    images = pd.read_parquet(OutputFolder(tmp_path / "out").images).set_index("image_id")
     # ordinary images keep their flat groups; the plate's fields go into its own plate group
     assert images.loc["a", "store_path"] == "a" and images.loc["sub/b", "store_path"].startswith("sub__b-")
     assert images.loc["screen/B/2/1", "store_path"] == "screen/B/2/1" and pd.isna(images.loc["a", "plate"])
@@ -170,9 +171,9 @@ def test_include_keeps_the_nuclear_channel_of_a_one_file_per_channel_export(tmp_
             files.write_plain(export / f"{well}_{site}_w1.tif", discs(len(well + site)))
             files.write_plain(export / f"{well}_{site}_w2.tif", np.full((64, 64), 90, np.uint8))
     summary = run_segment_job([str(export)], tmp_path / "out", model=threshold_model(), settings=SETTINGS, progress=False, include=["*_w1.tif"])
-    images = pd.read_parquet(tmp_path / "out" / "images.parquet")
+    images = pd.read_parquet(OutputFolder(tmp_path / "out").images)
     assert sorted(images.image_id) == ["A01_s1_w1", "A01_s2_w1", "A02_s1_w1", "A02_s2_w1"] and summary.n_ok == 4
-    assert json.loads((tmp_path / "out" / "run.json").read_text())["include"] == ["*_w1.tif"]
+    assert json.loads(OutputFolder(tmp_path / "out").run_json.read_text())["include"] == ["*_w1.tif"]
     # a pattern that matches nothing: one line, exit 2, naming the pattern
     code = main(["segment", str(export), "-o", str(tmp_path / "none"), "--include", "*_w1.tif", "--include", "*_w3.tif", "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -198,12 +199,12 @@ def test_an_out_from_before_plates_verifies_reports_and_resumes(tmp_path):
     for record in (state / "records").glob("*.json"):
         row = json.loads(record.read_text())
         record.write_text(json.dumps({k: v for k, v in row.items() if k not in ("plate", "well", "field")}))
-    table = pq.read_table(out / "images.parquet")
-    pq.write_table(table.drop(["plate", "well", "field"]), out / "images.parquet")
+    table = pq.read_table(OutputFolder(out).images)
+    pq.write_table(table.drop(["plate", "well", "field"]), OutputFolder(out).images)
     assert main(["verify", str(out)]) == 0
     write_report(out)
     summary = run_segment_job([str(folder)], out, model=threshold_model(), settings=SETTINGS, progress=False)
     assert summary.n_resumed == 2 and summary.n_ok == 2
-    images = pd.read_parquet(out / "images.parquet")
+    images = pd.read_parquet(OutputFolder(out).images)
     assert list(images.store_path) == ["a", "b"] and images.plate.isna().all()  # the columns are there now, null
-    assert zarr.open_group(str(out / "masks.zarr"), mode="r").attrs["ome"]["bioformats2raw.layout"] == 3
+    assert zarr.open_group(str(OutputFolder(out).masks), mode="r").attrs["ome"]["bioformats2raw.layout"] == 3

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from nucleibatch import load_model
+from nucleibatch.output.folder import OutputFolder
 from tests.outputs import assert_same_outputs
 from tests.raycluster import RayHead
 
@@ -90,7 +91,7 @@ def test_segment_job_on_two_ray_nodes_matches_the_local_engine(two_nodes, archiv
     assert "ray engine: 2 model worker(s)" in logs and "11/11 images" in logs and "segmented 11/11 images" in logs  # progress, summary
     images = assert_same_outputs(archive / "local", out)
     assert (images.status == "ok").all() and len(images) == 11
-    run = json.loads((out / "run.json").read_text())
+    run = json.loads(OutputFolder(out).run_json.read_text())
     assert run["engine"] == "ray" and len(_nodes_of(run)) == 2, run["placement"]  # work spread over both nodes
     units = [json.loads(line) for line in (out / ".nucleibatch" / "placement.jsonl").read_text().splitlines()]
     assert len(units) == run["placement"]["block_units"] and all(u["predict_worker"].startswith("ray-node:") for u in units)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from nucleibatch.output.folder import OutputFolder
 from tests.raycluster import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +74,7 @@ def test_the_readme_ray_jobs_recipe_runs_the_demo_with_token_authentication(tmp_
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert "succeeded" in done.stdout + done.stderr
         assert (home / ".ray" / "auth_token").stat().st_size > 0
-        images = pd.read_parquet(home / "demo_ray" / "images.parquet")
+        images = pd.read_parquet(OutputFolder(home / "demo_ray").images)
         assert len(images) == 5 and (images.status == "ok").all()
 
         # token authentication is on: a client without RAY_AUTH_MODE=token is refused

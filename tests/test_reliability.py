@@ -24,7 +24,8 @@ import tifffile
 import zarr
 
 from nucleibatch.cli import main
-from nucleibatch.io.store import MAX_STORE_NAME, store_name
+from nucleibatch.output.folder import NUCLEI, OutputFolder, label_path
+from nucleibatch.output.store import MAX_STORE_NAME, store_name
 from nucleibatch.synthetic import synthetic_nuclei
 from nucleibatch.tiling import MIN_WINDOW, small_image_window
 from nucleibatch.verify import verify_output
@@ -46,7 +47,7 @@ def cli(*args: str, env: dict | None = None, prefix: tuple[str, ...] = ()) -> su
 
 
 def images_table(out: Path) -> pd.DataFrame:
-    return pd.read_parquet(out / "images.parquet").set_index("image_id")
+    return pd.read_parquet(OutputFolder(out).images).set_index("image_id")
 
 
 # --------------------------------------------------------------------------- 1. long names
@@ -78,7 +79,7 @@ def test_file_names_of_any_legal_length_segment_or_fail_alone(tmp_path, tiny_bun
     assert len(rows) == 4 and (rows["status"] == "ok").sum() == 3
     assert rows.loc["b" * 250, "status"] == "failed" and "empty" in rows.loc["b" * 250, "error"]
     assert all(len(name) <= MAX_STORE_NAME for name in rows["store_path"].dropna())
-    assert (out / "run.json").is_file()
+    assert OutputFolder(out).run_json.is_file()
     assert main(argv) == 3, "the re-run resumes: the failed image stays failed"
     assert len(images_table(out)) == 4
 
@@ -162,22 +163,22 @@ def test_an_image_that_became_unreadable_leaves_no_nuclei_and_verify_reads_the_t
     argv = ["segment", str(inputs), "-o", str(out), "--model", str(tiny_bundle), "--post-workers", "0"]
     assert main(argv) == 0
     assert verify_output(out).intact
-    nuclei = pd.read_parquet(out / "nuclei.parquet")
+    nuclei = pd.read_parquet(OutputFolder(out).nuclei)
     assert (nuclei["image_id"] == "f1").sum() > 0
     (inputs / "f1.png").write_bytes(b"")  # replaced by something that fails at discovery
     time.sleep(0.01)
     assert main(argv) == 3
     assert images_table(out).loc["f1", "status"] == "failed"
-    assert (pd.read_parquet(out / "nuclei.parquet")["image_id"] == "f1").sum() == 0
+    assert (pd.read_parquet(OutputFolder(out).nuclei)["image_id"] == "f1").sum() == 0
     report = verify_output(out)
     assert report.intact, report.lines()
 
     # verify finds what a table or a part says against the records
-    parts = out / "nuclei.parquet"
+    parts = OutputFolder(out).nuclei
     shutil.copy(parts / "f0.parquet", parts / "f1.parquet")  # a part beside a failed image
-    table = pd.read_parquet(out / "images.parquet")
+    table = pd.read_parquet(OutputFolder(out).images)
     table.loc[table["image_id"] == "f2", "n_nuclei"] += 1
-    table.to_parquet(out / "images.parquet")
+    table.to_parquet(OutputFolder(out).images)
     shutil.copy(parts / "f0.parquet", parts / "gone.parquet")
     report = verify_output(out)
     assert not report.intact
@@ -188,7 +189,7 @@ def test_an_image_that_became_unreadable_leaves_no_nuclei_and_verify_reads_the_t
     assert done.returncode == 3
     assert main([*argv, "--verify"]) == 3
     assert verify_output(out).intact
-    assert set(pd.read_parquet(out / "nuclei.parquet")["image_id"]) == {"f0", "f2"}
+    assert set(pd.read_parquet(OutputFolder(out).nuclei)["image_id"]) == {"f0", "f2"}
 
 
 def test_verify_into_a_closed_pipe_stops_quietly(tmp_path, tiny_bundle):
@@ -220,11 +221,11 @@ def test_64_bit_and_big_endian_tiffs_segment_like_their_16_bit_twin(tmp_path):
     assert main(["segment", str(inputs), "-o", str(out), "--model", "default", "--post-workers", "0", "--precision", "float32"]) == 0
     rows = images_table(out)
     assert (rows["status"] == "ok").all(), rows["error"].dropna().to_dict()
-    root = zarr.open_group(str(out / "masks.zarr"), mode="r")
-    reference = root[rows.loc["u16", "store_path"]]["labels/nuclei/0"][:]
+    root = zarr.open_group(str(OutputFolder(out).masks), mode="r")
+    reference = root[rows.loc["u16", "store_path"]][label_path(0)][:]
     assert reference.max() > 0
     for image_id in ("u64", "i64", "be", "f64"):
-        labels = root[rows.loc[image_id, "store_path"]]["labels/nuclei/0"][:]
+        labels = root[rows.loc[image_id, "store_path"]][label_path(0)][:]
         np.testing.assert_array_equal(labels, reference, err_msg=image_id)
 
 
@@ -237,7 +238,7 @@ def test_usage_errors_exit_2(tmp_path, tiny_bundle):
     files.write_plain(inputs / "a.png", nucleus_image(50))
     done = cli("segment", str(inputs), "-o", "", "--model", str(tiny_bundle))
     assert done.returncode == 2 and "-o is empty" in done.stderr, done.stderr
-    assert not (Path(REPO) / "images.parquet").exists()
+    assert not OutputFolder(Path(REPO)).images.exists()
     missing = tmp_path / "no-such-bundle"
     done = cli("segment", str(inputs), "-o", str(tmp_path / "out"), "--model", str(missing))
     assert done.returncode == 2 and str(missing) in done.stderr and "config.json" in done.stderr, done.stderr
@@ -245,7 +246,7 @@ def test_usage_errors_exit_2(tmp_path, tiny_bundle):
 
 def test_a_live_out_is_refused_before_models_load_or_inputs_are_read(tmp_path, tiny_bundle, monkeypatch):
     from nucleibatch import segment
-    from nucleibatch.segment import Lock
+    from nucleibatch.output.lock import Lock
 
     inputs, out = tmp_path / "in", tmp_path / "out"
     inputs.mkdir()
@@ -305,13 +306,13 @@ def test_a_run_killed_during_overwrite_is_finished_by_the_next_run(tmp_path, tin
         files.write_plain(inputs / f"f{seed}.png", nucleus_image(80 + seed, (160, 200)))
     command = ["segment", str(inputs), "-o", str(out), "--model", str(tiny_bundle), "--post-workers", "0"]
     assert main(command) == 0
-    before = pd.read_parquet(out / "nuclei.parquet").sort_values(["image_id", "label"]).reset_index(drop=True)
-    env = {**os.environ, "NUCLEIBATCH_FAIL_AT": "clear:nuclei.parquet"}  # killed after the parts went, records still there
+    before = pd.read_parquet(OutputFolder(out).nuclei).sort_values(["image_id", "label"]).reset_index(drop=True)
+    env = {**os.environ, "NUCLEIBATCH_FAIL_AT": f"clear:{NUCLEI}"}  # killed after the parts went, records still there
     done = cli(*command, "--overwrite", env=env)
     assert done.returncode == -signal.SIGKILL, done.stderr
-    assert not (out / "nuclei.parquet").exists() and any((out / ".nucleibatch" / "records").glob("*.json"))
+    assert not OutputFolder(out).nuclei.exists() and any((out / ".nucleibatch" / "records").glob("*.json"))
     assert main(command) == 0  # a plain re-run
-    after = pd.read_parquet(out / "nuclei.parquet").sort_values(["image_id", "label"]).reset_index(drop=True)
+    after = pd.read_parquet(OutputFolder(out).nuclei).sort_values(["image_id", "label"]).reset_index(drop=True)
     pd.testing.assert_frame_equal(after, before)
     assert verify_output(out).intact
 
@@ -379,7 +380,7 @@ def test_adding_an_input_beside_the_first_is_refused_rather_than_renaming_images
     assert main(["segment", str(r1), str(r2), *common, "--overwrite"]) == 0
     rows = images_table(out)
     assert sorted(rows.index) == ["r1/f0", "r1/f1", "r2/f0", "r2/f1"]
-    assert set(pd.read_parquet(out / "nuclei.parquet")["image_id"]) == set(rows.index)
+    assert set(pd.read_parquet(OutputFolder(out).nuclei)["image_id"]) == set(rows.index)
 
 
 # --------------------------------------------------------------------------- 10. block-level resume
@@ -387,9 +388,9 @@ def test_adding_an_input_beside_the_first_is_refused_rather_than_renaming_images
 
 def slide_outputs(out: Path) -> tuple[np.ndarray, pd.DataFrame, dict]:
     rows = images_table(out)
-    labels = zarr.open_group(str(out / "masks.zarr"), mode="r")[rows.loc["slide", "store_path"]]["labels/nuclei/0"][:]
-    nuclei = pd.read_parquet(out / "nuclei.parquet").sort_values("label").reset_index(drop=True)
-    return labels, nuclei, json.loads((out / "run.json").read_text())
+    labels = zarr.open_group(str(OutputFolder(out).masks), mode="r")[rows.loc["slide", "store_path"]][label_path(0)][:]
+    nuclei = pd.read_parquet(OutputFolder(out).nuclei).sort_values("label").reset_index(drop=True)
+    return labels, nuclei, json.loads(OutputFolder(out).run_json.read_text())
 
 
 def kill_after_blocks(command: list[str], out: Path, blocks: int) -> int:
@@ -423,7 +424,7 @@ def test_a_slide_killed_again_and_again_resumes_from_its_finished_blocks(post_wo
     command = [sys.executable, "-m", "nucleibatch", "segment", str(inputs), "-o", str(out), *options]
     done_at_kills = [kill_after_blocks(command, out, 4), kill_after_blocks(command, out, 4)]
     assert 8 <= done_at_kills[1] < 16 and done_at_kills[1] > done_at_kills[0], "each run went further"
-    assert not (out / "images.parquet").exists()
+    assert not OutputFolder(out).images.exists()
     assert main(["segment", str(inputs), "-o", str(out), *options]) == 0
     labels, nuclei, run = slide_outputs(out)
     # at least half the blocks were kept (blocks alike in size, the border rows as the middle ones)
@@ -444,6 +445,6 @@ def test_a_file_of_the_same_name_added_beside_one_renames_it_without_a_second_ro
     assert main(argv) == 0
     rows = images_table(out)
     assert sorted(rows.index) == ["x.png", "x.tif"]
-    assert set(pd.read_parquet(out / "nuclei.parquet")["image_id"]) == {"x.png", "x.tif"}
-    assert sorted(image_groups(zarr.open_group(str(out / "masks.zarr"), mode="r"))) == sorted(rows["store_path"])
+    assert set(pd.read_parquet(OutputFolder(out).nuclei)["image_id"]) == {"x.png", "x.tif"}
+    assert sorted(image_groups(zarr.open_group(str(OutputFolder(out).masks), mode="r"))) == sorted(rows["store_path"])
     assert verify_output(out).intact

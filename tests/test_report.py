@@ -29,6 +29,7 @@ from skimage.segmentation import find_boundaries
 
 from nucleibatch.cli import main
 from nucleibatch.errors import UsageError
+from nucleibatch.output.folder import MASKS, REPORT, RUN, OutputFolder, label_path
 from nucleibatch.report import (
     CROP_SIDE,
     OUTLINE_RGB,
@@ -111,14 +112,14 @@ def segment_out(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def report(segment_out) -> tuple[Path, str]:
     path = write_report(segment_out)
-    assert path == segment_out / "report.html"
+    assert path == OutputFolder(segment_out).report
     return path, path.read_text()
 
 
 def test_report_sections_and_counts_match_the_tables(segment_out, report):
     _, text = report
-    images = pd.read_parquet(segment_out / "images.parquet")
-    nuclei = pd.read_parquet(segment_out / "nuclei.parquet")
+    images = pd.read_parquet(OutputFolder(segment_out).images)
+    nuclei = pd.read_parquet(OutputFolder(segment_out).nuclei)
     for anchor in ("summary", "gallery", "extremes", "histograms", "failed"):
         assert f'<section id="{anchor}">' in text
     ok = images[images.status == "ok"]
@@ -126,7 +127,7 @@ def test_report_sections_and_counts_match_the_tables(segment_out, report):
     assert int(card(text, "ok")) == len(ok) == 2
     assert int(card(text, "failed")) == int((images.status == "failed").sum()) == 1
     assert int(card(text, "nuclei")) == int(ok.n_nuclei.sum()) == len(nuclei) > 0
-    run = json.loads((segment_out / "run.json").read_text())
+    run = json.loads(OutputFolder(segment_out).run_json.read_text())
     assert run["model"]["sha256"][:12] in text and run["model"]["name"] in text
     assert f"{run['engine']} / {run['device']}" in text
     # the failed image, with its reason, in the failed table
@@ -163,14 +164,14 @@ def test_gallery_outlines_lie_on_the_label_boundaries(segment_out, report):
     import zarr
 
     _, text = report
-    images = pd.read_parquet(segment_out / "images.parquet").set_index("image_id")
-    root = zarr.open_group(str(segment_out / "masks.zarr"), mode="r")
+    images = pd.read_parquet(OutputFolder(segment_out).images).set_index("image_id")
+    root = zarr.open_group(str(OutputFolder(segment_out).masks), mode="r")
     page = parse(text)
     for tag, attributes in page.tags:
         if tag != "img" or attributes["_in_gallery"] != "True":
             continue
         shown = decode(attributes["src"]).astype(np.int32)
-        labels = root[images.loc[attributes["alt"], "store_path"]]["labels/nuclei/0"][:]
+        labels = root[images.loc[attributes["alt"], "store_path"]][label_path(0)][:]
         assert shown.shape[:2] == labels.shape  # small images are shown 1:1
         edge = find_boundaries(labels, mode="inner")
         green = np.abs(shown - np.array(OUTLINE_RGB)).sum(axis=2) < 90  # JPEG is lossy
@@ -181,7 +182,7 @@ def test_gallery_outlines_lie_on_the_label_boundaries(segment_out, report):
 
 def test_extremes_show_fewest_and_most(segment_out, report):
     _, text = report
-    ok = pd.read_parquet(segment_out / "images.parquet").query("status == 'ok'").sort_values("n_nuclei")
+    ok = pd.read_parquet(OutputFolder(segment_out).images).query("status == 'ok'").sort_values("n_nuclei")
     fewest = text.split('data-kind="fewest nuclei"', 1)[1].split("</div>", 1)[0]
     most = text.split('data-kind="most nuclei"', 1)[1].split("</div>", 1)[0]
     assert re.findall(r'data-image-id="([^"]+)"', fewest)[0] == ok.image_id.iloc[0]
@@ -190,12 +191,12 @@ def test_extremes_show_fewest_and_most(segment_out, report):
 
 
 def test_cli_report_rebuilds(segment_out, capsys):
-    path = segment_out / "report.html"
+    path = OutputFolder(segment_out).report
     path.write_text("stale")
     assert main(["report", str(segment_out)]) == 0
     assert str(path) in capsys.readouterr().out
     assert path.read_text().startswith("<!DOCTYPE html>")
-    assert not list(segment_out.glob(".report.html.tmp-*"))
+    assert not list(segment_out.glob(f".{REPORT}.tmp-*"))
 
 
 @pytest.mark.parametrize("kind", ["missing", "file", "empty folder"])
@@ -211,7 +212,7 @@ def test_bad_out_is_refused_with_exit_status_2(tmp_path, capsys, kind):
     assert main(["report", str(target)]) == 2
     error = capsys.readouterr().err
     assert "nucleibatch report: error:" in error and "nucleibatch segment" in error and str(target) in error
-    assert not (target / "report.html").exists() if target.is_dir() else True
+    assert not OutputFolder(target).report.exists() if target.is_dir() else True
 
 
 def test_partial_output_still_gives_a_report(segment_out, tmp_path):
@@ -219,25 +220,25 @@ def test_partial_output_still_gives_a_report(segment_out, tmp_path):
     one image's group gone. The report is written, counts the completion records and says what is missing."""
     out = tmp_path / "partial"
     shutil.copytree(segment_out, out)
-    images = pd.read_parquet(out / "images.parquet")
-    (out / "run.json").unlink()
-    (out / "images.parquet").unlink()
+    images = pd.read_parquet(OutputFolder(out).images)
+    OutputFolder(out).run_json.unlink()
+    OutputFolder(out).images.unlink()
     ok = images[images.status == "ok"].sort_values("image_id")
     broken, gone = ok.store_path.iloc[0], ok.store_path.iloc[1]
-    (out / "nuclei.parquet" / f"{broken}.parquet").write_bytes(b"PAR1 not really")
-    shutil.rmtree(out / "masks.zarr" / gone)
+    (OutputFolder(out).nuclei / f"{broken}.parquet").write_bytes(b"PAR1 not really")
+    shutil.rmtree(OutputFolder(out).masks / gone)
     text = write_report(out).read_text()
     assert int(card(text, "images")) == len(images) and int(card(text, "failed")) == 1
-    assert "run.json</td><td><span class=\"bad\">missing" in text
+    assert f"{RUN}</td><td><span class=\"bad\">missing" in text
     assert f"Unreadable parts skipped: {broken}.parquet" in text
-    assert "not in masks.zarr" in text
-    nuclei = pd.read_parquet(segment_out / "nuclei.parquet")
+    assert f"not in {MASKS}" in text
+    nuclei = pd.read_parquet(OutputFolder(segment_out).nuclei)
     survivors = nuclei[nuclei.image_id != ok.image_id.iloc[0]]
     assert f"n = {len(survivors):,}," in text
 
 
 def test_histogram_sample_is_an_even_stride_over_the_table(segment_out):
-    parts = sorted(p for p in (segment_out / "nuclei.parquet").glob("*.parquet"))
+    parts = sorted(p for p in OutputFolder(segment_out).nuclei.glob("*.parquet"))
     table = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
     data, total, problems = sample_nuclei(segment_out, max_rows=7)
     stride = -(-len(table) // 7)
@@ -254,8 +255,8 @@ def write_slide_out(out: Path, store_image: bool) -> tuple[str, tuple[int, int, 
     """An OUT holding one 2200x2200 uint16 image (pyramid levels 0, 1, 2) with a dense cluster
     of nuclei in one 512 px square and a few elsewhere, written with the store's own writers.
     Returns the image's store path and the cluster's box (y0, y1, x0, x1)."""
-    from nucleibatch.io.store import create_image_group, label_array, open_root, write_pyramids
     from nucleibatch.measure import measure_labels
+    from nucleibatch.output.store import create_image_group, label_array, open_root, write_pyramids
     from nucleibatch.synthetic import synthetic_nuclei
 
     shape, cluster = (2200, 2200), (1500, 2012, 300, 812)
@@ -268,7 +269,7 @@ def write_slide_out(out: Path, store_image: bool) -> tuple[str, tuple[int, int, 
         offset = int(labels.max())
         labels[y0:y1, x0:x1] = np.where(tile_labels > 0, tile_labels.astype(np.uint32) + offset, 0)
     out.mkdir(parents=True)
-    root = open_root(out / "masks.zarr")
+    root = open_root(OutputFolder(out).masks)
     group = create_image_group(root, "slide", "slide", shape, 1, np.dtype(np.uint16), chunk=512)
     if store_image:
         group["0"][0] = image
@@ -276,11 +277,11 @@ def write_slide_out(out: Path, store_image: bool) -> tuple[str, tuple[int, int, 
     write_pyramids(group, chunk=512)
     columns = measure_labels(labels.astype(np.int64), image.astype(np.float32))
     nuclei = pd.DataFrame({"image_id": "slide", **columns})
-    (out / "nuclei.parquet").mkdir()
-    nuclei.to_parquet(out / "nuclei.parquet" / "slide.parquet")
+    OutputFolder(out).nuclei.mkdir()
+    nuclei.to_parquet(OutputFolder(out).nuclei / "slide.parquet")
     row = dict(image_id="slide", source="slide.tif", height=shape[0], width=shape[1], n_nuclei=len(nuclei), status="ok", error=None, seconds=1.0, store_path="slide")
-    pd.DataFrame([row]).to_parquet(out / "images.parquet")
-    (out / "run.json").write_text(json.dumps({"engine": "local", "device": "cpu", "settings": {"store_image": store_image}}))
+    pd.DataFrame([row]).to_parquet(OutputFolder(out).images)
+    OutputFolder(out).run_json.write_text(json.dumps({"engine": "local", "device": "cpu", "settings": {"store_image": store_image}}))
     return "slide", cluster
 
 

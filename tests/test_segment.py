@@ -11,6 +11,7 @@ import zarr
 
 from nucleibatch.cli import main
 from nucleibatch.metrics import iou_matrix
+from nucleibatch.output.folder import OutputFolder, label_path
 from nucleibatch.pipeline import SegmentSettings
 from nucleibatch.segment import run_segment_job
 from nucleibatch.synthetic import synthetic_mosaic, synthetic_nuclei, threshold_model
@@ -29,23 +30,23 @@ def check_contract(out) -> tuple[pd.DataFrame, pd.DataFrame]:
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Label, Multiscales, Reader
 
-    images = pd.read_parquet(out / "images.parquet")
-    nuclei = pd.read_parquet(out / "nuclei.parquet")
+    images = pd.read_parquet(OutputFolder(out).images)
+    nuclei = pd.read_parquet(OutputFolder(out).nuclei)
     assert IMAGE_COLUMNS <= set(images.columns) and NUCLEI_COLUMNS <= set(nuclei.columns)
     assert images.image_id.is_unique
     assert not nuclei.duplicated(["image_id", "label"]).any()
     assert set(images.status) <= {"ok", "failed"}
-    run = json.loads((out / "run.json").read_text())
+    run = json.loads(OutputFolder(out).run_json.read_text())
     assert run["counts"]["ok"] == int((images.status == "ok").sum())
     assert run["counts"]["nuclei"] == len(nuclei) == int(images.n_nuclei.sum())
     assert run["model"]["sha256"] and "pixels" in run["units"]
-    root = zarr.open_group(str(out / "masks.zarr"), mode="r")
+    root = zarr.open_group(str(OutputFolder(out).masks), mode="r")
     for row in images.itertuples():
         if row.status != "ok":
             assert row.error and "\n" not in row.error
             continue
         assert pd.isna(row.error)
-        labels = root[row.store_path]["labels/nuclei/0"][:]
+        labels = root[row.store_path][label_path(0)][:]
         assert labels.shape == (row.height, row.width) and labels.dtype.kind == "u"
         mine = nuclei[nuclei.image_id == row.image_id].set_index("label")
         values, counts = np.unique(labels[labels > 0], return_counts=True)
@@ -56,7 +57,7 @@ def check_contract(out) -> tuple[pd.DataFrame, pd.DataFrame]:
             box = mine.loc[value, ["bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x"]].tolist()
             assert box == [ys.min(), xs.min(), ys.max() + 1, xs.max() + 1]
             assert abs(mine.loc[value, "centroid_y"] - ys.mean()) < 1e-6
-        nodes = list(Reader(parse_url(str(out / "masks.zarr" / row.store_path)))())
+        nodes = list(Reader(parse_url(str(OutputFolder(out).masks / row.store_path)))())
         assert any(isinstance(spec, Multiscales) for spec in nodes[0].specs)
         label_nodes = [n for n in nodes if any(isinstance(s, Label) for s in n.specs)]
         assert label_nodes and np.array_equal(np.asarray(label_nodes[0].data[0]), labels)
@@ -118,9 +119,9 @@ def test_cli_with_a_model_bundle_writes_the_contract(tmp_path, tiny_bundle, caps
     assert "napari" in printed and "read_parquet" in printed and str(tmp_path / "out") in printed
     from nucleibatch.model import native_bf16_cpu
 
-    assert json.loads((tmp_path / "out" / "run.json").read_text())["precision"] == ("bf16" if native_bf16_cpu() else "float32")
+    assert json.loads(OutputFolder(tmp_path / "out").run_json.read_text())["precision"] == ("bf16" if native_bf16_cpu() else "float32")
     code = main(["segment", str(tmp_path / "in"), "-o", str(tmp_path / "f32"), "--model", str(tiny_bundle), "--device", "cpu", "--precision", "float32"])
-    assert code == 0 and json.loads((tmp_path / "f32" / "run.json").read_text())["precision"] == "float32"
+    assert code == 0 and json.loads(OutputFolder(tmp_path / "f32").run_json.read_text())["precision"] == "float32"
 
 
 def match_fraction(reference: np.ndarray, candidate: np.ndarray, threshold: float = 0.9) -> tuple[float, int, int]:
@@ -136,8 +137,8 @@ def match_fraction(reference: np.ndarray, candidate: np.ndarray, threshold: floa
 
 
 def labels_of(out, image_id):
-    images = pd.read_parquet(out / "images.parquet").set_index("image_id")
-    return zarr.open_group(str(out / "masks.zarr"), mode="r")[images.loc[image_id, "store_path"]]["labels/nuclei/0"][:]
+    images = pd.read_parquet(OutputFolder(out).images).set_index("image_id")
+    return zarr.open_group(str(OutputFolder(out).masks), mode="r")[images.loc[image_id, "store_path"]][label_path(0)][:]
 
 
 def test_tiling_oracle_synthetic_is_exact(tmp_path):
@@ -152,8 +153,8 @@ def test_tiling_oracle_synthetic_is_exact(tmp_path):
     matched, split, merged = match_fraction(whole, blocks, threshold=0.999)
     assert matched == 1.0 and split == merged == 0
     assert len(np.unique(whole)) == len(np.unique(blocks)) > 150
-    a = pd.read_parquet(tmp_path / "one" / "nuclei.parquet").sort_values(["centroid_y", "centroid_x"]).reset_index(drop=True)
-    b = pd.read_parquet(tmp_path / "tiled" / "nuclei.parquet").sort_values(["centroid_y", "centroid_x"]).reset_index(drop=True)
+    a = pd.read_parquet(OutputFolder(tmp_path / "one").nuclei).sort_values(["centroid_y", "centroid_x"]).reset_index(drop=True)
+    b = pd.read_parquet(OutputFolder(tmp_path / "tiled").nuclei).sort_values(["centroid_y", "centroid_x"]).reset_index(drop=True)
     pd.testing.assert_frame_equal(a.drop(columns=["label"]), b.drop(columns=["label"]))
 
 
@@ -211,7 +212,7 @@ def test_file_urls_are_paths_and_unreachable_stores_a_usage_error(tmp_path, caps
     by_path = run_segment_job([str(tmp_path / "in")], tmp_path / "by-path", model=model, progress=False)
     by_url = run_segment_job([(tmp_path / "in").as_uri()], (tmp_path / "by url").as_uri(), model=model, progress=False)
     assert by_url.out_dir == tmp_path / "by url" and by_url.n_ok == by_path.n_ok == 2
-    a, b = pd.read_parquet(tmp_path / "by-path" / "images.parquet"), pd.read_parquet(tmp_path / "by url" / "images.parquet")
+    a, b = pd.read_parquet(OutputFolder(tmp_path / "by-path").images), pd.read_parquet(OutputFolder(tmp_path / "by url").images)
     assert list(a.image_id) == list(b.image_id) == ["one", "two"]
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
         monkeypatch.delenv(name, raising=False)
@@ -229,11 +230,11 @@ def test_file_urls_are_paths_and_unreachable_stores_a_usage_error(tmp_path, caps
 def test_pyramid_levels_are_level_zero_strided(tmp_path, monkeypatch):
     """Each level is built from the one before it; every level k must still equal level 0
     sampled every 2**k pixels (odd sizes: partial chunks at the edges)."""
-    from nucleibatch.io import store
+    from nucleibatch.output import store
 
     monkeypatch.setattr(store, "PYRAMID_MIN_SIDE", 16)
     rng = np.random.default_rng(3)
-    group = store.create_image_group(store.open_root(tmp_path / "masks.zarr"), "img", "img", (150, 91), 2, np.uint16, chunk=32)
+    group = store.create_image_group(store.open_root(OutputFolder(tmp_path).masks), "img", "img", (150, 91), 2, np.uint16, chunk=32)
     image = rng.integers(0, 60000, (2, 150, 91), dtype=np.uint16)
     labels = rng.integers(0, 1 << 31, (150, 91), dtype=np.uint32)
     group["0"][:] = image

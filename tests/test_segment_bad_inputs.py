@@ -24,6 +24,7 @@ import torch
 import zarr
 
 from nucleibatch.cli import main
+from nucleibatch.output.folder import OutputFolder, label_path
 from nucleibatch.synthetic import synthetic_nuclei
 from tests.outputs import image_groups
 
@@ -75,11 +76,11 @@ def test_bad_inputs_fail_alone_with_specific_reasons(tmp_path, tiny_bundle):
     argv = ["segment", str(inputs), "-o", str(out), "--model", str(tiny_bundle)]
     assert main(argv) == 3
 
-    images = pd.read_parquet(out / "images.parquet")
+    images = pd.read_parquet(OutputFolder(out).images)
     assert sorted(images["image_id"]) == sorted([*GOOD, *BAD]), "one row per input, whatever happened to it"
     rows = images.set_index("image_id")
-    nuclei = pd.read_parquet(out / "nuclei.parquet")
-    root = zarr.open_group(str(out / "masks.zarr"), mode="r")
+    nuclei = pd.read_parquet(OutputFolder(out).nuclei)
+    root = zarr.open_group(str(OutputFolder(out).masks), mode="r")
     for image_id, words in BAD.items():
         row = rows.loc[image_id]
         assert row["status"] == "failed", image_id
@@ -94,29 +95,29 @@ def test_bad_inputs_fail_alone_with_specific_reasons(tmp_path, tiny_bundle):
     for image_id in GOOD:
         row = rows.loc[image_id]
         assert row["status"] == "ok" and pd.isna(row["error"]) and (row["height"], row["width"]) == (160, 200)
-        labels = root[f"{row['store_path']}/labels/nuclei/0"][...]
+        labels = root[label_path(0, row['store_path'])][...]
         assert labels.shape == (160, 200) and labels.dtype == np.uint32
         ids = set(np.unique(labels[labels > 0]).tolist())
         table = nuclei[nuclei["image_id"] == image_id]
         assert len(table) == row["n_nuclei"] > 0 and set(table["label"].tolist()) == ids
-    summary = json.loads((out / "run.json").read_text())["counts"]
+    summary = json.loads(OutputFolder(out).run_json.read_text())["counts"]
     assert (summary["images"], summary["ok"], summary["failed"]) == (len(GOOD) + len(BAD), len(GOOD), len(BAD))
 
     # a re-run redoes nothing: failed images stay failed without being tried again
-    before, run_before = record_stamps(out), (out / "run.json").read_bytes()
+    before, run_before = record_stamps(out), OutputFolder(out).run_json.read_bytes()
     assert main(argv) == 3
     assert record_stamps(out) == before
-    assert (out / "run.json").read_bytes() == run_before, "a run that did nothing keeps the figures of the run that did the work"
-    pd.testing.assert_frame_equal(pd.read_parquet(out / "images.parquet"), images)
+    assert OutputFolder(out).run_json.read_bytes() == run_before, "a run that did nothing keeps the figures of the run that did the work"
+    pd.testing.assert_frame_equal(pd.read_parquet(OutputFolder(out).images), images)
 
     # --retry-failed tries exactly the failed ones again (and they fail the same way)
     assert main([*argv, "--retry-failed"]) == 3
     after = record_stamps(out)
     assert sorted(name for name in after if after[name] != before[name]) == sorted(BAD)
-    assert json.loads((out / "run.json").read_text())["counts"]["resumed"] == len(GOOD)
-    again = pd.read_parquet(out / "images.parquet")
+    assert json.loads(OutputFolder(out).run_json.read_text())["counts"]["resumed"] == len(GOOD)
+    again = pd.read_parquet(OutputFolder(out).images)
     pd.testing.assert_frame_equal(again.drop(columns="seconds"), images.drop(columns="seconds"))
-    assert sorted(image_groups(zarr.open_group(str(out / "masks.zarr"), mode="r"))) == sorted(GOOD)
+    assert sorted(image_groups(zarr.open_group(str(OutputFolder(out).masks), mode="r"))) == sorted(GOOD)
 
 
 # --------------------------------------------------------------------------- usage errors
@@ -163,7 +164,7 @@ def test_bad_arguments_exit_2_with_one_line(case, extra, words, good_folder, tin
     line = one_line(done.stderr)
     for word in words:
         assert word in line, f"{case}: {word!r} not in {line!r}"
-    assert not (out / "images.parquet").exists() and not (out / ".nucleibatch" / "lock").exists()
+    assert not OutputFolder(out).images.exists() and not (out / ".nucleibatch" / "lock").exists()
 
 
 def test_missing_input_exits_2_and_leaves_out_usable(good_folder, tiny_bundle, tmp_path):
@@ -172,7 +173,7 @@ def test_missing_input_exits_2_and_leaves_out_usable(good_folder, tiny_bundle, t
     assert done.returncode == 2, done.stderr
     line = one_line(done.stderr)
     assert str(missing) in line and "no such file or folder" in line
-    assert not (out / "images.parquet").exists() and not (out / ".nucleibatch" / "settings.json").exists()
+    assert not OutputFolder(out).images.exists() and not (out / ".nucleibatch" / "settings.json").exists()
     # the corrected command, with other settings, is not refused: OUT holds no results yet
     assert main(["segment", str(good_folder), "-o", str(out), "--model", str(tiny_bundle)]) == 0
 
@@ -184,4 +185,4 @@ def test_missing_model_folder_stops_the_run_with_a_clear_message(good_folder, tm
     assert done.returncode == 2, done.stderr
     line = one_line(done.stderr)
     assert str(bundle) in line and "config.json" in line and "--model default" in line
-    assert not (out / "images.parquet").exists() and not (out / ".nucleibatch" / "lock").exists()
+    assert not OutputFolder(out).images.exists() and not (out / ".nucleibatch" / "lock").exists()

@@ -33,6 +33,7 @@ import pytest
 import zarr
 
 from nucleibatch.cli import main
+from nucleibatch.output.folder import IMAGES, LABELS, RUN, OutputFolder, label_path
 from nucleibatch.synthetic import synthetic_nuclei
 from tests.outputs import image_groups
 
@@ -108,11 +109,11 @@ def reference(inputs, tiny_bundle, tmp_path_factory) -> Reference:
     wall = time.perf_counter() - started
     assert proc.returncode == 0, (out.parent / "reference.log").read_text()[-3000:]
     assert first_record is not None, "no completion record seen while the reference ran"
-    images = pd.read_parquet(out / "images.parquet")
+    images = pd.read_parquet(OutputFolder(out).images)
     assert len(images) == N_IMAGES and (images["status"] == "ok").all()
     assert (images["n_nuclei"] > 0).all(), "the reference must have nuclei in every image to compare"
-    levels = zarr.open_group(str(out / "masks.zarr"), mode="r")
-    assert "1" in levels[f"{images.set_index('image_id').loc['field08', 'store_path']}/labels/nuclei"], "field08 should have a pyramid level"
+    levels = zarr.open_group(str(OutputFolder(out).masks), mode="r")
+    assert "1" in levels[f"{images.set_index('image_id').loc['field08', 'store_path']}/{LABELS}"], "field08 should have a pyramid level"
     return Reference(out, wall, first_record)
 
 
@@ -128,13 +129,13 @@ def copy_of(reference_out: Path, tmp_path: Path) -> Path:
 
 def temporary_files(out: Path) -> list[str]:
     """A killed writer's leftovers: nucleibatch's hidden ``.<name>.tmp-<pid>`` and zarr's ``<name>.<uuid>.partial``."""
-    found = [*out.rglob(".*.tmp-*"), *(out / "masks.zarr").rglob("*.partial")]
+    found = [*out.rglob(".*.tmp-*"), *OutputFolder(out).masks.rglob("*.partial")]
     return sorted(str(p.relative_to(out)) for p in found)
 
 
 def part_stamps(out: Path) -> dict[str, tuple[int, int]]:
     """``{part file name: (inode, mtime_ns)}`` of nuclei.parquet/ (changes when a part is rewritten)."""
-    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted((out / "nuclei.parquet").glob("*.parquet"))}
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(OutputFolder(out).nuclei.glob("*.parquet"))}
 
 
 def record_names(out: Path) -> set[str]:
@@ -142,18 +143,18 @@ def record_names(out: Path) -> set[str]:
 
 
 def run_json(out: Path) -> dict:
-    return json.loads((out / "run.json").read_text())
+    return json.loads(OutputFolder(out).run_json.read_text())
 
 
 def label_levels(group: zarr.Group) -> list[str]:
-    datasets = group["labels/nuclei"].attrs["ome"]["multiscales"][0]["datasets"]
+    datasets = group[LABELS].attrs["ome"]["multiscales"][0]["datasets"]
     return [d["path"] for d in datasets]
 
 
 def assert_same_outputs(out: Path, reference_out: Path) -> None:
     """Tables and masks of ``out`` equal the reference's (except timings); nothing duplicated or left over."""
-    ref_images = pd.read_parquet(reference_out / "images.parquet")
-    images = pd.read_parquet(out / "images.parquet")
+    ref_images = pd.read_parquet(OutputFolder(reference_out).images)
+    images = pd.read_parquet(OutputFolder(out).images)
     assert len(images) == N_IMAGES and images["image_id"].is_unique, images["image_id"].tolist()
     pd.testing.assert_frame_equal(
         images.drop(columns="seconds").sort_values("image_id").reset_index(drop=True),
@@ -161,8 +162,8 @@ def assert_same_outputs(out: Path, reference_out: Path) -> None:
         check_exact=True,
     )
 
-    ref_nuclei = pd.read_parquet(reference_out / "nuclei.parquet")
-    nuclei = pd.read_parquet(out / "nuclei.parquet")
+    ref_nuclei = pd.read_parquet(OutputFolder(reference_out).nuclei)
+    nuclei = pd.read_parquet(OutputFolder(out).nuclei)
     duplicated = nuclei[nuclei.duplicated(["image_id", "label"], keep=False)]
     assert duplicated.empty, f"duplicate (image_id, label) rows:\n{duplicated.head()}"
     assert sorted(part_stamps(out)) == sorted(part_stamps(reference_out)), "nuclei parts differ from the reference's"
@@ -171,14 +172,14 @@ def assert_same_outputs(out: Path, reference_out: Path) -> None:
         nuclei.sort_values(key).reset_index(drop=True), ref_nuclei.sort_values(key).reset_index(drop=True), check_exact=True
     )
 
-    ref_root = zarr.open_group(str(reference_out / "masks.zarr"), mode="r")
-    root = zarr.open_group(str(out / "masks.zarr"), mode="r")
+    ref_root = zarr.open_group(str(OutputFolder(reference_out).masks), mode="r")
+    root = zarr.open_group(str(OutputFolder(out).masks), mode="r")
     assert sorted(image_groups(root)) == sorted(image_groups(ref_root)), "masks.zarr holds other image groups than the reference"
     for store_path in ref_images["store_path"]:
         group, ref_group = root[store_path], ref_root[store_path]
         assert label_levels(group) == label_levels(ref_group)
         for level in label_levels(ref_group):
-            labels, expected = group[f"labels/nuclei/{level}"], ref_group[f"labels/nuclei/{level}"]
+            labels, expected = group[label_path(level)], ref_group[label_path(level)]
             assert labels.dtype == expected.dtype and labels.shape == expected.shape
             assert np.array_equal(labels[...], expected[...]), f"{store_path} labels level {level} differ from the reference"
         assert np.array_equal(group["0"][...], ref_group["0"][...]), f"{store_path}: stored image differs"
@@ -291,10 +292,10 @@ def test_rerun_of_a_finished_out_does_no_work(inputs, tiny_bundle, reference, tm
     out = copy_of(reference.out, tmp_path)
     before = part_stamps(out)
     records_before = {p.name: p.stat().st_mtime_ns for p in (out / STATE / "records").glob("*.json")}
-    run_before = (out / "run.json").read_bytes()
+    run_before = OutputFolder(out).run_json.read_bytes()
     assert main(["segment", str(inputs), "-o", str(out), "--model", str(tiny_bundle), *BLOCK]) == 0
     assert "nothing to do" in capsys.readouterr().out
-    assert (out / "run.json").read_bytes() == run_before, "the run that did the work keeps its figures"
+    assert OutputFolder(out).run_json.read_bytes() == run_before, "the run that did the work keeps its figures"
     assert part_stamps(out) == before, "a finished image's nuclei part was rewritten"
     assert {p.name: p.stat().st_mtime_ns for p in (out / STATE / "records").glob("*.json")} == records_before
     assert_same_outputs(out, reference.out)
@@ -321,9 +322,9 @@ def test_an_out_from_before_a_setting_existed_resumes_and_a_changed_setting_is_r
 def test_overwrite_starts_over(inputs, tiny_bundle, reference, tmp_path):
     out = copy_of(reference.out, tmp_path)
     # results of an image that is not among the inputs any more: --overwrite must drop them
-    root = zarr.open_group(str(out / "masks.zarr"), mode="a")
+    root = zarr.open_group(str(OutputFolder(out).masks), mode="a")
     root.create_group("ghost")
-    shutil.copy(out / "nuclei.parquet" / "field03.parquet", out / "nuclei.parquet" / "ghost.parquet")
+    shutil.copy(OutputFolder(out).nuclei / "field03.parquet", OutputFolder(out).nuclei / "ghost.parquet")
     ghost = json.loads((out / STATE / "records" / "field03.json").read_text()) | {"image_id": "ghost", "store_path": "ghost"}
     (out / STATE / "records" / "ghost.json").write_text(json.dumps(ghost))
     before = part_stamps(out)
@@ -427,10 +428,10 @@ def test_leftover_temporary_files_of_a_killed_writer_are_removed(inputs, tiny_bu
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     leftovers = [
-        out / "nuclei.parquet" / f".field03.parquet.tmp-{dead.pid}",
+        OutputFolder(out).nuclei / f".field03.parquet.tmp-{dead.pid}",
         out / STATE / "records" / f".field03.json.tmp-{dead.pid}",
-        out / f".images.parquet.tmp-{dead.pid}",
-        out / f".run.json.tmp-{dead.pid}",
+        out / f".{IMAGES}.tmp-{dead.pid}",
+        out / f".{RUN}.tmp-{dead.pid}",
     ]
     for path in leftovers:
         path.write_bytes(b"PAR1 half written")
@@ -451,11 +452,11 @@ def test_images_running_at_once_open_the_masks_root_safely(tmp_path):
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from nucleibatch.io.store import open_root
+    from nucleibatch.output.store import open_root
 
     errors = []
     for trial in range(200):  # unguarded, the race is lost in ~5 % of tries: 200 tries would find it
-        path = tmp_path / f"out{trial}" / "masks.zarr"
+        path = OutputFolder(tmp_path / f"out{trial}").masks
         open_root(path)  # as run_segment_job does, once
         barrier = threading.Barrier(2)
 
@@ -477,9 +478,9 @@ def test_fresh_out_root_exists_before_images_run(inputs, tiny_bundle, tmp_path):
     out = tmp_path / "out"
     # --channel 5: every (grey) input is refused at discovery, so no image ever opens the root itself
     assert main(["segment", str(inputs), "-o", str(out), "--model", str(tiny_bundle), *BLOCK, "--channel", "5"]) == 3
-    root = zarr.open_group(str(out / "masks.zarr"), mode="r")
+    root = zarr.open_group(str(OutputFolder(out).masks), mode="r")
     assert list(root.group_keys()) == []
-    images = pd.read_parquet(out / "images.parquet")
+    images = pd.read_parquet(OutputFolder(out).images)
     assert len(images) == N_IMAGES and (images["status"] == "failed").all()
     assert images["error"].str.contains("--channel 5").all()
-    assert pd.read_parquet(out / "nuclei.parquet").empty
+    assert pd.read_parquet(OutputFolder(out).nuclei).empty

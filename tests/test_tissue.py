@@ -31,6 +31,7 @@ from nucleibatch.normalize import (
     network_channel,
     normalise_pixels,
 )
+from nucleibatch.output.folder import OutputFolder, label_path
 from nucleibatch.pipeline import SegmentSettings
 from nucleibatch.scale import (
     AUTO_PULL,
@@ -88,7 +89,7 @@ def test_pixel_size_of_ome_zarr_and_of_our_own_output(tmp_path):
     tifffile.imwrite(tmp_path / "tif" / "a.ome.tif", synthetic_nuclei((96, 96), seed=1)[0], metadata={"axes": "YX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
     out = tmp_path / "out"
     run_segment_job([str(tmp_path / "tif")], out, model=threshold_model(), progress=False)
-    again = discover_inputs([str(out / "masks.zarr")])
+    again = discover_inputs([str(OutputFolder(out).masks)])
     assert [r.pixel_size_um for r in again] == pytest.approx([0.5])
 
 
@@ -202,9 +203,9 @@ def test_an_image_resampled_for_its_model_keeps_its_nuclei_at_native_resolution(
     out = tmp_path / "out"
     summary = run_segment_job([str(tmp_path / "in")], out, model=model, settings=SegmentSettings(block_size=128, block_margin=48), progress=False)
     assert summary.exit_code == 0
-    images = pd.read_parquet(out / "images.parquet")
+    images = pd.read_parquet(OutputFolder(out).images)
     assert images.scale.tolist() == [scale] and images.pixel_size_um.tolist() == [pixel_size]
-    labels = zarr.open_group(str(out / "masks.zarr"), mode="r")[images.store_path[0]]["labels/nuclei/0"][:]
+    labels = zarr.open_group(str(OutputFolder(out).masks), mode="r")[images.store_path[0]][label_path(0)][:]
     assert labels.shape == image.shape
     blocks = image_scores(resampled, labels)  # in blocks of 128 as in one piece
     assert blocks["ap50"] >= 0.9 and blocks["map"] > 0.85
@@ -220,19 +221,19 @@ def test_micrometre_columns_and_physical_ngff_scales(tmp_path):
     tifffile.imwrite(tmp_path / "in" / "unknown.tif", image)
     out = tmp_path / "out"
     run_segment_job([str(tmp_path / "in")], out, model=threshold_model(), progress=False)
-    nuclei = pd.read_parquet(out / "nuclei.parquet")
+    nuclei = pd.read_parquet(OutputFolder(out).nuclei)
     known, unknown = nuclei[nuclei.image_id == "known"], nuclei[nuclei.image_id == "unknown"]
     assert len(known) > 5 and len(unknown) == len(known)
     np.testing.assert_allclose(known.area_um2, known.area * 0.65**2)
     np.testing.assert_allclose(known.perimeter_um, known.perimeter * 0.65)
     np.testing.assert_allclose(known[["centroid_y_um", "centroid_x_um"]], known[["centroid_y", "centroid_x"]] * 0.65)
     assert unknown[["area_um2", "perimeter_um", "centroid_y_um", "centroid_x_um"]].isna().all().all()
-    images = pd.read_parquet(out / "images.parquet").set_index("image_id")
+    images = pd.read_parquet(OutputFolder(out).images).set_index("image_id")
     assert images.loc["known", "pixel_size_um"] == 0.65 and pd.isna(images.loc["unknown", "pixel_size_um"])
-    run = json.loads((out / "run.json").read_text())
+    run = json.loads(OutputFolder(out).run_json.read_text())
     assert run["scales"]["images_with_pixel_size"] == 1
     for name, unit, size in (("known", "micrometer", 0.65), ("unknown", "pixel", 1.0)):
-        nodes = [n for n in Reader(parse_url(str(out / "masks.zarr" / images.loc[name, "store_path"])))() if any(isinstance(s, Multiscales) for s in n.specs)]
+        nodes = [n for n in Reader(parse_url(str(OutputFolder(out).masks / images.loc[name, "store_path"])))() if any(isinstance(s, Multiscales) for s in n.specs)]
         assert len(nodes) == 2
         for node in nodes:  # the image and its labels
             axes = [a for a in node.metadata["axes"] if a["type"] == "space"]
@@ -301,12 +302,12 @@ def test_diameter_auto_finds_the_magnification(tmp_path):
     out = tmp_path / "out"
     summary = run_segment_job([str(tmp_path / "in")], out, model=model, settings=SegmentSettings(diameter="auto"), progress=False)
     assert summary.exit_code == 0
-    images = pd.read_parquet(out / "images.parquet").set_index("image_id")
+    images = pd.read_parquet(OutputFolder(out).images).set_index("image_id")
     # auto pulls AUTO_PULL of the way (log scale) to the model's diameter: 0.5 ** AUTO_PULL for nuclei twice its size
     assert images.loc["twice", "scale"] == pytest.approx(0.5**AUTO_PULL, rel=0.1) and images.loc["native", "scale"] == pytest.approx(1.0, abs=0.1)
-    run = json.loads((out / "run.json").read_text())
+    run = json.loads(OutputFolder(out).run_json.read_text())
     assert run["diameter"] == "auto" and run["scales"]["min"] == images.loc["twice", "scale"]
-    labels = zarr.open_group(str(out / "masks.zarr"), mode="r")[images.loc["twice", "store_path"]]["labels/nuclei/0"][:]
+    labels = zarr.open_group(str(OutputFolder(out).masks), mode="r")[images.loc["twice", "store_path"]][label_path(0)][:]
     assert labels.shape == twice.shape
     native = segment_image(image, model)
     assert image_scores(np.kron(native, np.ones((2, 2), native.dtype)), labels)["ap50"] > 0.9
@@ -353,11 +354,11 @@ def test_a_mixed_archive_goes_to_the_shipped_models_alike_on_every_engine(dsb_ro
     tifffile.imwrite(folder / "tissue20x.ome.tif", tile[::2, ::2], photometric="rgb", metadata={"axes": "YXS", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
     local = run_segment_job([str(folder)], tmp_path / "local", device="cpu", precision="float32", progress=False)
     assert local.exit_code == 0
-    images = pd.read_parquet(tmp_path / "local" / "images.parquet").set_index("image_id")
+    images = pd.read_parquet(OutputFolder(tmp_path / "local").images).set_index("image_id")
     assert images.loc["tissue20x", ["modality", "model", "scale"]].tolist() == ["brightfield", "he", 2.0]
     assert set(images.drop(index="tissue20x").model) == {"default"} and set(images.drop(index="tissue20x").modality) == {"fluorescence"}
     assert (images.n_nuclei > 0).all()
-    run = json.loads((tmp_path / "local" / "run.json").read_text())
+    run = json.loads(OutputFolder(tmp_path / "local").run_json.read_text())
     assert run["model"]["name"] == "auto" and {m["name"]: m["images"] for m in run["models"]} == {"default": 2, "he": 1}
     assert {m["name"]: m["licence"] for m in run["models"]} == {"default": "CC0-1.0", "he": "CC-BY-NC-SA-4.0"}
     dask = run_segment_job([str(folder)], tmp_path / "dask", device="cpu", precision="float32", engine="dask", workers=1, progress=False)
@@ -384,7 +385,7 @@ def test_an_image_that_cannot_be_read_while_choosing_fails_alone(tmp_path, monus
     assert choose(records["cut"], models).model == "default"
     summary = run_segment_job([str(tmp_path / "in")], tmp_path / "out", model=fluorescence, progress=False)
     assert (summary.n_ok, summary.n_failed) == (1, 1)
-    images = pd.read_parquet(tmp_path / "out" / "images.parquet").set_index("image_id")
+    images = pd.read_parquet(OutputFolder(tmp_path / "out").images).set_index("image_id")
     assert images.loc["cut", "status"] == "failed" and images.loc["cut", "error"]
 
 
@@ -397,7 +398,7 @@ def test_a_whole_number_diameter_and_smaller_blocks_for_enlarged_images(tmp_path
     model = threshold_model()
     model.config = replace(model.config, scale={"nucleus_diameter_px": 40.0, "pixel_size_um": None})
     run_segment_job([str(tmp_path / "in")], tmp_path / "out", model=model, settings=SegmentSettings(diameter=20), progress=False)
-    assert pd.read_parquet(tmp_path / "out" / "images.parquet").scale.tolist() == [2.0]
+    assert pd.read_parquet(OutputFolder(tmp_path / "out").images).scale.tolist() == [2.0]
     assert [block_size_at(2048, s, 128) for s in (0.5, 1.0, 1.02, 1.37, 2.0, 3.0, 8.0)] == [2048, 2048, 1024, 1024, 1024, 512, 256]
     assert block_size_at(256, 8.0, 128) == 256 and block_size_at(2048, 8.0, 600) == 1024  # stays above the margin
 

@@ -33,12 +33,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..errors import is_fatal
-from ..io.checkpoints import drop_checkpoints
 from ..io.discover import ImageRecord
 from ..io.location import Location
-from ..io.store import open_root, store_name
-from ..io.tables import write_record
 from ..model.config import BundleConfig
+from ..output.checkpoints import drop_checkpoints
+from ..output.folder import OutputFolder
+from ..output.store import open_root, store_name
+from ..output.tables import write_record
 from ..pipeline import ImagePlan, SegmentSettings, Timer, one_tile_window, record_failed_image
 from ..scale import scaled_shape
 from ..tiling import small_image_window
@@ -399,7 +400,7 @@ def finish_block_unit(plan: ImagePlan, block_index: int, prediction, settings: S
 
     if isinstance(prediction, BaseException):  # its read failed inside a group of small images
         raise prediction
-    group = open_root(out_dir / "masks.zarr")[plan.store_path]
+    group = open_root(OutputFolder(out_dir).masks)[plan.store_path]
     result = finish_block(plan, plan.blocks[block_index], prediction, settings, params, group)
     keep_block(out_dir, plan, result)
     result.unit = {"predict_worker": prediction.worker, "finish_worker": current_worker(), "predict_group": prediction.predict_group}

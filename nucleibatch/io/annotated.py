@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadAnnotationError, ImageReadError, UsageError
+from ..output.folder import MASKS, OutputFolder, label_path
 from .discover import followed_folder, linked_folder
 from .readers import IMAGE_SUFFIXES, read_image_file
 
@@ -72,7 +73,7 @@ def discover_annotated(roots: Sequence[str | Path]) -> list[AnnotatedSource]:
         if not root.is_dir():
             raise UsageError(f"{root}: not a folder; give a DSB-layout folder (<id>/images, <id>/masks) or one with images/ and labels/")
         folders = _subfolders(root)
-        if "masks.zarr" in folders and (root / "images.parquet").is_file():
+        if MASKS in folders and OutputFolder(root).images.is_file():
             found = _discover_segment_output(root)
         elif "labels" in folders:
             found = _discover_pairs(folders)
@@ -150,11 +151,12 @@ def _discover_segment_output(root: Path) -> list[AnnotatedSource]:
     """The ok images of a segment OUT (``images.parquet``), read from ``masks.zarr``."""
     import pyarrow.parquet as pq
 
-    names = set(pq.read_schema(root / "images.parquet").names)
+    out = OutputFolder(root)
+    names = set(pq.read_schema(out.images).names)
     columns = ["image_id", "status", "store_path"] + (["pixel_size_um"] if "pixel_size_um" in names else [])
-    rows = pq.read_table(root / "images.parquet", columns=columns).to_pylist()
+    rows = pq.read_table(out.images, columns=columns).to_pylist()
     return [
-        AnnotatedSource(row["image_id"], root / "masks.zarr", store_path=row["store_path"], pixel_size_um=row.get("pixel_size_um"))
+        AnnotatedSource(row["image_id"], out.masks, store_path=row["store_path"], pixel_size_um=row.get("pixel_size_um"))
         for row in rows
         if row["status"] == "ok"
     ]
@@ -210,7 +212,7 @@ def _load_from_segment_output(source: AnnotatedSource) -> AnnotatedImage:
     where = f"{source.image_path}/{source.store_path}"
     try:
         group = zarr.open_group(source.image_path, mode="r")[source.store_path]
-        image_array, label_array = group["0"], group["labels/nuclei/0"]
+        image_array, label_array = group["0"], group[label_path(0)]
         if int(image_array.nchunks_initialized) == 0:
             raise BadAnnotationError(f"{where}: no image copy (the run used --no-store-image); segment the images again without it to train on them")
         image, labels = np.asarray(image_array[:]), np.asarray(label_array[:])

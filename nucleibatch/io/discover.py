@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 
 from ..channels import find_channel, resolve_channel
 from ..errors import ImageReadError, UsageError
+from ..output.folder import OUTPUT_FOLDERS, STATE_DIR
 from .location import Location, exists, fingerprint, is_remote, to_location
 from .readers import PIL_SUFFIXES, ProbedImage, printable, probe
 
@@ -38,8 +39,8 @@ ZARR_METADATA = ("zarr.json", ".zgroup", ".zarray")
 # what marks a folder as the OUT of `nucleibatch segment` (its state folder), and the folders of
 # its outputs there (labels, nuclei parts, `nucleibatch export`'s default), never searched for
 # images; the rest of such a folder is (a user may keep the images in the OUT folder itself)
-SEGMENT_OUTPUT_MARKER = ".nucleibatch"
-SEGMENT_OUTPUT_FOLDERS = frozenset({"masks.zarr", "nuclei.parquet", "export"})
+SEGMENT_OUTPUT_MARKER = STATE_DIR
+SEGMENT_OUTPUT_FOLDERS = OUTPUT_FOLDERS
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,8 @@ class ImageRecord:
             well's path in the plate (``B/2``: row and column names) and the field's path in
             the well (``0``); None for any other image.
         store_path: the image's group in OUT/masks.zarr when it is not the flat
-            :func:`~nucleibatch.io.store.store_name` of its id (plate fields: ``B/2/0``, set by
-            ``segment`` from the output's layout, :mod:`nucleibatch.io.layout`).
+            :func:`~nucleibatch.output.store.store_name` of its id (plate fields: ``B/2/0``, set by
+            ``segment`` from the output's layout, :mod:`nucleibatch.output.layout`).
         channel_names: one name per channel (``""`` where a channel has none) from the file's
             metadata (OME-XML ``Channel Name``, OME-Zarr ``omero.channels[].label``); None when
             the file names no channel. ``--channel NAME`` and the per-channel columns use them

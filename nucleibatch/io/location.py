@@ -2,9 +2,9 @@
 
 A location is a :class:`pathlib.Path` on a local filesystem and a :class:`upath.UPath` on an
 object store; both answer ``/``, ``name``, ``exists()``, ``is_dir()``, ``open()``... The few
-operations whose semantics differ (atomic writes, listing another process's writes, deleting
-trees, handing a store to zarr) go through the functions here, so the rest of the code does not
-branch on where data lives.
+operations whose semantics differ (listing another process's writes, deleting trees, handing a
+store to zarr) go through the functions here, so the rest of the code does not branch on where
+data lives (atomic writes of OUT's files: :mod:`nucleibatch.output.atomic`).
 
 Credentials and endpoints of object stores come from the usual environment of the store's
 fsspec driver (for s3: ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``,
@@ -22,7 +22,6 @@ from urllib.parse import unquote, urlparse
 from upath import UPath
 
 from ..errors import UsageError
-from ..runtime import faults
 
 Location = Path | UPath
 
@@ -90,26 +89,6 @@ def is_remote(location: Location) -> bool:
 def text_of(location: Location) -> str:
     """The path or URL as users wrote it (``s3://bucket/key``, ``/data/x``)."""
     return str(location)
-
-
-def write_bytes_atomic(path: Location, data: bytes) -> None:
-    """Make ``path`` hold ``data``, never visible half-written.
-
-    Local: a hidden temporary in the same folder, fsync, rename. Object store: one PUT, which
-    stores become visible whole or not at all.
-    """
-    faults.point(f"write:{path.name}")
-    if is_remote(path):
-        path.write_bytes(data)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    faults.point(f"rename:{path.name}")
-    tmp.replace(path)
 
 
 def fresh_listing(folder: Location, pattern: str = "*") -> list[Location]:

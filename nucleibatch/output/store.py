@@ -25,11 +25,11 @@ import zarr
 from zarr.core.group import GroupMetadata
 from zarr.storage import MemoryStore
 
+from ..io.location import Location, to_location, zarr_store
 from ..runtime import faults
-from .location import Location, to_location, zarr_store
+from .folder import LABEL_NAME, LABELS, LABELS_GROUP, label_path
 
 NGFF_VERSION = "0.5"
-LABEL_NAME = "nuclei"
 CHUNK = 1024
 # Pyramid levels are added (each half the previous) until the image fits this size.
 PYRAMID_MIN_SIDE = 1024
@@ -123,8 +123,8 @@ def create_image_group(
         image_attrs["omero"] = {"channels": [{"label": str(label), "active": True} for label in channel_names]}
     nodes: dict[str, Any] = {
         name: GroupMetadata(attributes={"ome": image_attrs}, zarr_format=3),
-        f"{name}/labels": GroupMetadata(attributes={"ome": {"version": NGFF_VERSION, "labels": [LABEL_NAME]}}, zarr_format=3),
-        f"{name}/labels/{LABEL_NAME}": GroupMetadata(
+        f"{name}/{LABELS_GROUP}": GroupMetadata(attributes={"ome": {"version": NGFF_VERSION, "labels": [LABEL_NAME]}}, zarr_format=3),
+        f"{name}/{LABELS}": GroupMetadata(
             attributes={
                 "ome": {
                     "version": NGFF_VERSION,
@@ -140,7 +140,7 @@ def create_image_group(
     for level, (h, w) in enumerate(levels):
         cy, cx = min(chunk, h), min(chunk, w)
         nodes[f"{name}/{level}"] = _array_metadata((channels, h, w), (channel_chunk, cy, cx), np.dtype(dtype), ("c", "y", "x"))
-        nodes[f"{name}/labels/{LABEL_NAME}/{level}"] = _array_metadata((h, w), (cy, cx), np.dtype(np.uint32), ("y", "x"))
+        nodes[label_path(level, name)] = _array_metadata((h, w), (cy, cx), np.dtype(np.uint32), ("y", "x"))
     # every node's metadata written at once (concurrently, one round trip), not node by node
     _quiet_sibling_write_errors()
     created = dict(root.create_hierarchy(nodes))
@@ -188,7 +188,8 @@ def _array_metadata(shape: tuple[int, ...], chunks: tuple[int, ...], dtype: np.d
 
 
 def label_array(group: zarr.Group, level: int = 0) -> zarr.Array:
-    return group[f"labels/{LABEL_NAME}/{level}"]
+    """Level ``level`` of an image group's label image: ``(H / 2**level, W / 2**level)`` uint32."""
+    return group[label_path(level)]
 
 
 def write_pyramids(group: zarr.Group, chunk: int = CHUNK) -> None:

@@ -17,7 +17,6 @@ reader (or a run killed at any moment) never sees half a file.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,9 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import NotSegmentOutputError
-from ..measure import NUCLEI_COLUMNS, PHYSICAL_COLUMNS
-from ..runtime import faults
-from .location import (
+from ..io.location import (
     Location,
     exists,
     file_size,
@@ -37,15 +34,16 @@ from .location import (
     is_remote,
     read_many,
     remove,
-    to_location,
-    write_bytes_atomic,
 )
+from ..measure import NUCLEI_COLUMNS, PHYSICAL_COLUMNS
+from ..runtime import faults
+from .atomic import replaced_on_success, write_bytes_atomic
+from .folder import IMAGES, MASKS, RUN, STATE_DIR, OutputFolder
 
 IMAGE_COLUMNS = (
     "image_id", "source", "height", "width", "n_nuclei", "status", "error", "seconds", "store_path", "modality", "model", "pixel_size_um", "scale",
     "plate", "well", "field",
 )  # fmt: skip  (plate, well, field came later: older OUTs' tables lack them until a run rewrites them)
-STATE_DIR = ".nucleibatch"
 
 NUCLEI_SCHEMA = pa.schema(
     [("image_id", pa.string()), ("label", pa.uint32())]
@@ -86,26 +84,22 @@ def check_segment_output(out: str | Location, finished: bool = False) -> Locatio
     Raises:
         NotSegmentOutputError: missing, a file, or none of the outputs (the message says what to do).
     """
-    location = to_location(out)
+    folder = OutputFolder(out)
+    location = folder.root
     hint = f"give the -o folder of a `nucleibatch segment` run (run `nucleibatch segment INPUT... -o {location}` first)"
     if not exists(location):
         raise NotSegmentOutputError(f"{location} does not exist: {hint}")
     if not location.is_dir():
         raise NotSegmentOutputError(f"{location} is a file, not a folder: {hint}")
-    required = ("images.parquet", "masks.zarr") if finished else ()
-    missing = [name for name in required if not (location / name).exists()]
-    if not finished and not any((location / name).exists() for name in ("run.json", "images.parquet", f"{STATE_DIR}/records")):
-        missing = ["run.json, images.parquet and .nucleibatch/records"]
+    required = ((IMAGES, folder.images), (MASKS, folder.masks)) if finished else ()
+    missing = [name for name, path in required if not path.exists()]
+    if not finished and not any(path.exists() for path in (folder.run_json, folder.images, folder.records)):
+        missing = [f"{RUN}, {IMAGES} and {STATE_DIR}/{folder.records.name}"]
     if missing:
-        if (location / STATE_DIR).is_dir():
+        if folder.state.is_dir():
             hint = "the run did not finish: re-run the same `nucleibatch segment ... -o OUT` command to resume it"
         raise NotSegmentOutputError(f"{location} is not a segment output ({' and '.join(missing)} missing): {hint}")
     return location
-
-
-def atomic_write_bytes(path: Location, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that no reader sees half of it (see :func:`write_bytes_atomic`)."""
-    write_bytes_atomic(path, data)
 
 
 def remove_stale_temporaries(out_dir: Location) -> int:
@@ -117,12 +111,13 @@ def remove_stale_temporaries(out_dir: Location) -> int:
     if is_remote(out_dir):
         return 0
     removed = 0
-    for directory in (out_dir, out_dir / "nuclei.parquet", out_dir / STATE_DIR, records_dir(out_dir)):
+    folder = OutputFolder(out_dir)
+    for directory in (folder.root, folder.nuclei, folder.state, folder.records):
         if directory.is_dir():
             for path in directory.glob(".*.tmp-*"):
                 path.unlink(missing_ok=True)
                 removed += 1
-    store = out_dir / "masks.zarr"
+    store = folder.masks
     if store.is_dir():
         for path in store.rglob("*.partial"):
             path.unlink(missing_ok=True)
@@ -143,19 +138,14 @@ def write_nuclei_part(out_dir: Location, name: str, image_id: str, columns: dict
     # a channel's mean is NaN where none of the nucleus's pixels is finite, as mean_intensity's
     arrays.update({key: pa.array(columns[key], pa.float64()) for key in channel_columns})
     table = pa.table(arrays, schema=schema)
-    path = out_dir / "nuclei.parquet" / f"{name}.parquet"
+    path = OutputFolder(out_dir).nuclei_part(name)
     if is_remote(path):
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
         write_bytes_atomic(path, sink.getvalue().to_pybytes())
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    pq.write_table(table, tmp)  # straight to disk: no second in-memory copy of a big table
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    faults.point("part")
-    tmp.replace(path)
+    with replaced_on_success(path, fsync=True, fail_point="part") as tmp:
+        pq.write_table(table, tmp)  # straight to disk: no second in-memory copy of a big table
     return path
 
 
@@ -178,7 +168,7 @@ def finish_nuclei_dataset(out_dir: Location, finished: set[str], channel_columns
     completion records). When there are any, :data:`SCHEMA_PART` holds them all (written when
     they change), so that readers that take a dataset's columns from its first file see them.
     """
-    directory = out_dir / "nuclei.parquet"
+    directory = OutputFolder(out_dir).nuclei
     placeholder = directory / EMPTY_PART
     listed = fresh_listing(directory, "*.parquet")
     for part in [p for p in listed if p.name not in TABLE_HELPERS and p.name.removesuffix(".parquet") not in finished]:
@@ -203,7 +193,7 @@ def finish_nuclei_dataset(out_dir: Location, finished: set[str], channel_columns
 def _write_empty_part(path: Location, schema: pa.Schema) -> None:
     sink = pa.BufferOutputStream()
     pq.write_table(schema.empty_table(), sink)
-    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+    write_bytes_atomic(path, sink.getvalue().to_pybytes())
 
 
 def _schema_of(path: Location, schema: pa.Schema) -> bool:
@@ -215,20 +205,16 @@ def _schema_of(path: Location, schema: pa.Schema) -> bool:
         return False
 
 
-def records_dir(out_dir: Location) -> Location:
-    return out_dir / STATE_DIR / "records"
-
-
 def write_record(out_dir: Location, name: str, row: dict[str, Any]) -> None:
     """The completion record of one image (its images.parquet row), written last."""
     faults.point("record")
-    atomic_write_bytes(records_dir(out_dir) / f"{name}.json", (json.dumps(row, sort_keys=True) + "\n").encode())
+    write_bytes_atomic(OutputFolder(out_dir).record(name), (json.dumps(row, sort_keys=True) + "\n").encode())
 
 
 def read_records(out_dir: Location) -> dict[str, dict[str, Any]]:
     """All completion records by image_id (unreadable ones are ignored: their images get redone)."""
     records = {}
-    for data in read_many(fresh_listing(records_dir(out_dir), "*.json")).values():
+    for data in read_many(fresh_listing(OutputFolder(out_dir).records, "*.json")).values():
         try:
             row = json.loads(data) if data is not None else None
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -241,13 +227,14 @@ def read_records(out_dir: Location) -> dict[str, dict[str, Any]]:
 def output_manifest(out_dir: Location, name: str, group: str | None = None) -> dict[str, Any]:
     """What a finished image wrote, for :mod:`nucleibatch.verify`: the size of every file of its
     masks.zarr group (``group``, its store_path; None: ``name``) and of its nuclei part (``name``)."""
-    part = out_dir / "nuclei.parquet" / f"{name}.parquet"
-    return {"masks": file_sizes(out_dir / "masks.zarr" / (group or name)), "nuclei_part": file_size(part)}
+    folder = OutputFolder(out_dir)
+    return {"masks": file_sizes(folder.image_group(group or name)), "nuclei_part": file_size(folder.nuclei_part(name))}
 
 
 def remove_image_outputs(out_dir: Location, name: str) -> None:
     """Delete an image's record and nuclei part (before it is redone)."""
-    for path in (records_dir(out_dir) / f"{name}.json", out_dir / "nuclei.parquet" / f"{name}.parquet"):
+    folder = OutputFolder(out_dir)
+    for path in (folder.record(name), folder.nuclei_part(name)):
         remove(path)
 
 
@@ -257,6 +244,6 @@ def write_images_table(out_dir: Location, rows: list[dict[str, Any]]) -> Locatio
     table = pa.table({name: pa.array([r.get(name) for r in rows], IMAGES_SCHEMA.field(name).type) for name in IMAGES_SCHEMA.names}, schema=IMAGES_SCHEMA)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
-    path = out_dir / "images.parquet"
-    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+    path = OutputFolder(out_dir).images
+    write_bytes_atomic(path, sink.getvalue().to_pybytes())
     return path

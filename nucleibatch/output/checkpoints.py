@@ -22,17 +22,18 @@ from typing import Any
 
 import numpy as np
 
+from ..io.location import Location, fresh_listing, is_remote, read_many, remove
 from ..runtime import faults
 from ..stitching import OwnedObjects
-from .location import Location, fresh_listing, is_remote, read_many, remove, write_bytes_atomic
-from .tables import STATE_DIR
+from .atomic import write_bytes_atomic
+from .folder import OutputFolder
 
 KEY_NAME = "key.json"
 
 
 def checkpoint_dir(out_dir: Location, name: str) -> Location:
     """The checkpoint folder of the image whose zarr group is ``name``."""
-    return out_dir / STATE_DIR / "blocks" / name
+    return OutputFolder(out_dir).checkpoints(name)
 
 
 def finished_blocks(out_dir: Location, name: str, key: dict[str, Any]) -> list[int]:
@@ -67,7 +68,7 @@ def _whole(path: Location) -> bool:
 def drop_finished(out_dir: Location, finished: set[str]) -> None:
     """Remove the checkpoint folders of finished images (``finished``: their store names) that a
     run stopped between the two steps left."""
-    for folder in fresh_listing(out_dir / STATE_DIR / "blocks"):
+    for folder in fresh_listing(OutputFolder(out_dir).blocks):
         if folder.name in finished:
             remove(folder)
 

@@ -6,7 +6,7 @@ keeps its OUT's layout; :func:`layout_for_run`):
 * ``plate``: every image of the run is a field of one OME-Zarr plate. The root of masks.zarr is
   that plate (NGFF 0.5 plate metadata); field ``0`` of well ``B/2`` is the group ``B/2/0``.
 * ``collection``: anything else. Ordinary images keep their flat group names
-  (:func:`~nucleibatch.io.store.store_name`); the fields of each plate go into a plate group
+  (:func:`~nucleibatch.output.store.store_name`); the fields of each plate go into a plate group
   named after the plate (``plateA/B/2/0``) that holds the plate metadata. The root follows the
   bioformats2raw transitional layout of NGFF 0.5: ``bioformats2raw.layout: 3`` at the root and
   an ``OME`` group whose ``series`` lists the image groups (plus ``OME/METADATA.ome.xml`` naming
@@ -30,8 +30,10 @@ from xml.sax.saxutils import quoteattr
 import zarr
 
 from ..errors import UsageError
-from .discover import ImageRecord
-from .location import Location, write_bytes_atomic
+from ..io.discover import ImageRecord
+from ..io.location import Location
+from .atomic import write_bytes_atomic
+from .folder import MASKS
 from .store import NGFF_VERSION, store_name
 
 FLAT = {"kind": "flat"}
@@ -66,7 +68,7 @@ def layout_for_run(recorded: dict[str, Any] | None, records: list[ImageRecord], 
         strangers = [record for record in records if record.plate != layout.get("plate")]
         if strangers:
             raise UsageError(
-                f"{out_dir}/masks.zarr holds the plate {layout.get('plate')!r} at its root, and {len(strangers)} image(s) of this run "
+                f"{out_dir}/{MASKS} holds the plate {layout.get('plate')!r} at its root, and {len(strangers)} image(s) of this run "
                 f"are not fields of that plate (e.g. {strangers[0].image_id!r}); give them their own -o OUT, or pass --overwrite to "
                 "lay OUT out for all of them"
             )
