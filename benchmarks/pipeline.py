@@ -39,9 +39,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from nucleibatch.options import INSTANCES_ON, PRECISIONS
+from nucleibatch.model.config import PRECISIONS
 from nucleibatch.output.folder import OutputFolder
 from nucleibatch.runtime.allocator import tune_allocator
+from nucleibatch.segment.settings import INSTANCES_ON
 
 tune_allocator()  # before any thread: the network runs with segment's allocator settings (NUCLEIBATCH_DEFAULT_MALLOC=1: glibc's)
 
@@ -94,7 +95,7 @@ def gpu_node_cluster(cpu_workers: int):
     workers = {"gpu": {"cls": Nanny, "options": {**options, "resources": {"GPU": 1}}}}
     workers |= {f"cpu-{i}": {"cls": Nanny, "options": dict(options)} for i in range(cpu_workers)}
     scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}}
-    from nucleibatch.engines.dask_engine import worker_allocator_config
+    from nucleibatch.segment.engines.dask_engine import worker_allocator_config
 
     with worker_allocator_config():  # as the dask engine's own LocalCluster
         return SpecCluster(scheduler=scheduler, workers=workers, silence_logs=logging.WARNING)

@@ -6,7 +6,7 @@
 The network predicts, once, the blocks of two workloads (with `segment`'s default settings):
 (a) DSB 2018 stage1_train images in id order until they total ``--dsb-mpix`` megapixels, and
 (b) one ``--big`` x ``--big`` synthetic nuclei image (benchmarks/memory.py's tiled TIFF; its
-blocks are 2048² with their margins). Then :func:`nucleibatch.pipeline.finish_block` (instances,
+blocks are 2048² with their margins). Then :func:`nucleibatch.segment.steps.finish_block` (instances,
 owned nuclei, measurements; no file writes) runs on every block ``--repeat`` times in this
 thread. Printed per workload: the best repeat's seconds per stage and its CPU milliseconds per
 megapixel of the blocks' read regions. On 2 cores every CPU-second of post-processing is taken
@@ -38,15 +38,10 @@ from pipeline import DSB, big_image, dsb_folder  # noqa: E402  (benchmarks/pipel
 def predicted_blocks(folder: Path, model) -> list:
     """``(plan, block, prediction)`` of every block of every image under ``folder``."""
     from nucleibatch.io.discover import discover_inputs
-    from nucleibatch.pipeline import (
-        SegmentSettings,
-        Timer,
-        context_pixels,
-        open_image,
-        plan_image,
-        predict_blocks,
-        read_block,
-    )
+    from nucleibatch.segment.plan import context_pixels, plan_image
+    from nucleibatch.segment.settings import SegmentSettings
+    from nucleibatch.segment.steps import open_image, predict_blocks, read_block
+    from nucleibatch.segment.timer import Timer
 
     settings = SegmentSettings()
     halo = context_pixels(model.config)
@@ -64,7 +59,8 @@ def predicted_blocks(folder: Path, model) -> list:
 
 
 def time_post_processing(name: str, blocks: list, params, repeat: int) -> None:
-    from nucleibatch.pipeline import SegmentSettings, finish_block
+    from nucleibatch.segment.settings import SegmentSettings
+    from nucleibatch.segment.steps import finish_block
 
     settings = SegmentSettings(store_image=False)
     megapixels = sum(prediction.probabilities.shape[1] * prediction.probabilities.shape[2] for _, _, prediction in blocks) / 1e6

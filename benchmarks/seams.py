@@ -118,8 +118,8 @@ def segment_labels(image: np.ndarray, model, block_size: int, instances_on: str 
     import tifffile
     import zarr
 
-    from nucleibatch.pipeline import SegmentSettings
-    from nucleibatch.segment import run_segment_job
+    from nucleibatch.segment.job import run_segment_job
+    from nucleibatch.segment.settings import SegmentSettings
 
     with tempfile.TemporaryDirectory() as work:
         (Path(work) / "in").mkdir()

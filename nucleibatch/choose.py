@@ -30,7 +30,7 @@ from .model.bundle import SHIPPED_BUNDLES, load_model
 from .model.predict import NucleiModel
 from .normalize import normalise_pixels, stats_for_bundle
 from .scale import AUTO_PULL, resample_scale
-from .segment_array import ESTIMATE_WINDOW, densest_window, estimate_diameter
+from .segment.array import ESTIMATE_WINDOW, densest_window, estimate_diameter
 
 log = logging.getLogger(__name__)
 AUTO = "auto"

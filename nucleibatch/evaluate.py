@@ -22,7 +22,7 @@ from .metrics import image_scores, mean_scores
 from .modality import MODALITIES, classify_modality
 from .model.predict import NucleiModel
 from .scale import AUTO_PULL, resample_scale
-from .segment_array import segment_image
+from .segment.array import segment_image
 
 log = logging.getLogger(__name__)
 

@@ -147,8 +147,8 @@ def test_the_dask_engines_workers_start_with_the_settings(monkeypatch):
     environment to spawn: they are taken out again (children started later get glibc's defaults)."""
     from distributed import Client
 
-    from nucleibatch.engines.dask_engine import start_local_cluster
     from nucleibatch.runtime.allocator import ALLOCATOR_ENV
+    from nucleibatch.segment.engines.dask_engine import start_local_cluster
 
     for key in ALLOCATOR_ENV:
         monkeypatch.delenv(key, raising=False)
@@ -165,8 +165,8 @@ def test_the_dask_engines_workers_start_with_the_settings(monkeypatch):
 def test_the_post_processing_processes_start_with_the_settings(monkeypatch):
     """`segment --post-workers N` starts its processes with the settings in their environment
     (this process's own environment is left as it was)."""
-    from nucleibatch.engines.process_pool import start_post_pool
     from nucleibatch.runtime.allocator import ALLOCATOR_ENV
+    from nucleibatch.segment.engines.process_pool import start_post_pool
 
     for key in ALLOCATOR_ENV:
         monkeypatch.delenv(key, raising=False)

@@ -413,7 +413,7 @@ def test_cellpose_pairs_are_read_with_either_mask_suffix_and_an_image_without_ma
 @pytest.fixture(scope="module")
 def segment_out(tmp_path_factory):
     """A finished segment OUT of two synthetic fields (the shipped model)."""
-    from nucleibatch.segment import run_segment_job
+    from nucleibatch.segment.job import run_segment_job
 
     root = tmp_path_factory.mktemp("loop")
     for seed in (3, 4):
@@ -454,8 +454,8 @@ def test_a_segment_out_with_edited_labels_is_read_as_annotations(segment_out, tm
 
 
 def test_a_segment_out_without_image_copies_says_how_to_train_on_it(tmp_path):
-    from nucleibatch.pipeline import SegmentSettings
-    from nucleibatch.segment import run_segment_job
+    from nucleibatch.segment.job import run_segment_job
+    from nucleibatch.segment.settings import SegmentSettings
 
     image, _ = synthetic_nuclei((96, 96), n_nuclei=6, radius=(5, 8), seed=5)
     write_png(tmp_path / "in" / "f.png", image)

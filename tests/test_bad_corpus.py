@@ -60,7 +60,7 @@ import zarr
 from nucleibatch.cli import main
 from nucleibatch.io.discover import discover_inputs
 from nucleibatch.output.folder import OutputFolder, label_path
-from nucleibatch.segment import run_segment_job
+from nucleibatch.segment.job import run_segment_job
 from nucleibatch.synthetic import threshold_model
 
 sys.path.insert(0, str(Path(__file__).parent))

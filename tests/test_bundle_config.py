@@ -54,6 +54,6 @@ def test_configs_that_cannot_be_read():
 
 
 def test_the_config_and_the_pipeline_import_no_torch():
-    code = "import sys, nucleibatch.model.config, nucleibatch.pipeline; print('torch' in sys.modules)"
+    code = "import sys, nucleibatch.model.config, nucleibatch.segment.units, nucleibatch.segment.stitch; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"

@@ -15,15 +15,17 @@ import pytest
 import tifffile
 import zarr
 
-from nucleibatch import pipeline
 from nucleibatch.channels import intensity_suffixes, parse_channel, resolve_channel, sanitise
 from nucleibatch.cli import main
 from nucleibatch.errors import ImageReadError, UsageError
 from nucleibatch.io.discover import discover_inputs
 from nucleibatch.output.folder import OutputFolder, label_path
+from nucleibatch.output.store import label_array
 from nucleibatch.output.tables import SCHEMA_PART
-from nucleibatch.pipeline import SegmentSettings
-from nucleibatch.segment import run_segment_job
+from nucleibatch.segment import stitch
+from nucleibatch.segment.job import run_segment_job
+from nucleibatch.segment.plan import ImagePlan
+from nucleibatch.segment.settings import SegmentSettings
 from nucleibatch.synthetic import synthetic_nuclei, threshold_model
 from tests import input_files as files
 
@@ -75,7 +77,7 @@ def channel_run(tmp_path_factory):
     two, _ = synthetic_nuclei((96, 96), n_nuclei=8, seed=4, dtype=np.uint16)
     files.write_ome_zarr(root / "in" / "two.zarr", np.stack([two, two // 2 + 7]), "cyx", n_levels=1)
     remeasured: list[int] = []
-    original_remeasure, original_paint = pipeline.remeasure, pipeline.paint_block
+    original_remeasure, original_paint = stitch.remeasure, stitch.paint_block
 
     def counting(plan, source, image_group, columns, global_ids, settings):
         remeasured.extend(global_ids)
@@ -87,15 +89,15 @@ def channel_run(tmp_path_factory):
         # the run then re-measures them from the final labels, as it does after a real conflict
         lost = original_paint(plan, block, results, offsets, image_group)
         cy0, cy1, cx0, cx1 = block.core
-        core = np.asarray(pipeline.label_array(image_group)[cy0:cy1, cx0:cx1])
+        core = np.asarray(label_array(image_group)[cy0:cy1, cx0:cx1])
         seams = [core[0], core[-1], core[:, 0], core[:, -1]]
         inner = [edge for edge, at_image_edge in zip(seams, (cy0 == 0, cy1 == plan.shape[0], cx0 == 0, cx1 == plan.shape[1]), strict=True) if not at_image_edge]
         crossing = {int(v) for edge in inner for v in np.unique(edge) if v}
         return {**dict.fromkeys(crossing, 0), **lost}
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(pipeline, "remeasure", counting)
-    mp.setattr(pipeline, "paint_block", seams_as_conflicts)
+    mp.setattr(stitch, "remeasure", counting)
+    mp.setattr(stitch, "paint_block", seams_as_conflicts)
     try:
         out = root / "out"
         summary = run_segment_job([str(root / "in")], out, model=threshold_model(), settings=SegmentSettings(block_size=128, block_margin=48, channel=0), progress=False)
@@ -142,9 +144,9 @@ def test_remeasure_gives_exact_channel_means(channel_run):
     chosen = [int(v) for v in columns["label"][:5]]
     source = open_source(record)
     try:
-        plan = pipeline.ImagePlan(record, images.store_path[images.image_id == "stack"].iloc[0], SHAPE, 3, np.dtype(np.uint16), None, [], channel=0)
+        plan = ImagePlan(record, images.store_path[images.image_id == "stack"].iloc[0], SHAPE, 3, np.dtype(np.uint16), None, [], channel=0)
         group = open_root(OutputFolder(out).masks, mode="r")[plan.name]
-        pipeline.remeasure(plan, source, group, columns, chosen, SegmentSettings())
+        stitch.remeasure(plan, source, group, columns, chosen, SegmentSettings())
     finally:
         source.close()
     for c, name in enumerate(NAMES):

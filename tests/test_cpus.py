@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from nucleibatch.cpus import cgroup_quota, usable_cpus
-from nucleibatch.engines.process_pool import default_post_workers
+from nucleibatch.segment.engines.process_pool import default_post_workers
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -19,8 +19,8 @@ import zarr
 from nucleibatch.errors import ModelBundleError, UsageError
 from nucleibatch.metrics import image_scores
 from nucleibatch.output.folder import OutputFolder, label_path
-from nucleibatch.pipeline import SegmentSettings
-from nucleibatch.segment import run_segment_job
+from nucleibatch.segment.job import run_segment_job
+from nucleibatch.segment.settings import SegmentSettings
 from tests import input_files as files
 from tests.outputs import assert_same_outputs, image_groups
 
@@ -89,12 +89,12 @@ def test_instances_on_the_device_with_threads_and_with_processes(local_reference
 def test_post_processing_processes_start_ready_and_without_torch():
     """The processes import the units' modules as they start (while the model loads), and not
     torch: its import is most of a process's start-up, and they never run the network."""
-    from nucleibatch.engines.process_pool import start_post_pool
+    from nucleibatch.segment.engines.process_pool import start_post_pool
 
     pool = start_post_pool(1)
     try:
         # a builtin: a function of this module would import it, and torch with it, in the process
-        loaded = pool.submit(eval, "[name in __import__('sys').modules for name in ('torch', 'nucleibatch.pipeline', 'pandas')]")
+        loaded = pool.submit(eval, "[name in __import__('sys').modules for name in ('torch', 'nucleibatch.segment.units', 'pandas')]")
         assert loaded.result() == [False, True, True]
     finally:
         pool.shutdown()
@@ -110,7 +110,7 @@ def test_a_model_that_fails_to_load_leaves_no_post_processing_process(tmp_path):
 
 
 def test_post_workers_default_to_none_on_the_cpu_and_the_spare_cores_on_a_gpu():
-    from nucleibatch.engines.process_pool import default_post_workers
+    from nucleibatch.segment.engines.process_pool import default_post_workers
 
     assert default_post_workers("cpu", cpus=16) == 0
     assert default_post_workers("cuda", "cpu", cpus=16) == 14 and default_post_workers("cuda", "cpu", cpus=2) == 1
@@ -192,11 +192,12 @@ def test_small_images_share_predict_units_with_the_local_engine_outputs(tmp_path
 def test_a_bad_read_in_a_group_of_small_images_fails_only_its_own_block(tmp_path):
     import numpy as np
 
-    from nucleibatch.engines.distributed import BlockPredictor, finish_block_unit
     from nucleibatch.errors import ImageReadError
     from nucleibatch.io.discover import discover_inputs
     from nucleibatch.output.store import open_root
-    from nucleibatch.pipeline import instance_params, start_image
+    from nucleibatch.segment.settings import instance_params
+    from nucleibatch.segment.steps import start_image
+    from nucleibatch.segment.units import BlockPredictor, finish_block_unit
     from nucleibatch.synthetic import synthetic_nuclei, threshold_model
 
     for k in range(3):
@@ -224,8 +225,8 @@ def test_a_group_of_reads_fails_the_block_that_failed_unless_alone_or_fatal():
 
     import numpy as np
 
-    from nucleibatch.engines.distributed import gather_reads
     from nucleibatch.errors import ImageReadError
+    from nucleibatch.segment.units import gather_reads
     from nucleibatch.tiling import block_grid
 
     class Plan:  # what gather_reads uses of an ImagePlan
@@ -258,11 +259,11 @@ def test_read_units_open_an_image_once_for_its_blocks(tmp_path, monkeypatch):
     those of a freshly opened image."""
     import numpy as np
 
-    from nucleibatch.engines import distributed
     from nucleibatch.io import readers
     from nucleibatch.io.discover import discover_inputs
     from nucleibatch.output.store import open_root
-    from nucleibatch.pipeline import start_image
+    from nucleibatch.segment import units
+    from nucleibatch.segment.steps import start_image
     from nucleibatch.synthetic import synthetic_nuclei, threshold_model
 
     files.write_plain(tmp_path / "in" / "big.png", synthetic_nuclei((600, 520), n_nuclei=40, seed=3)[0])
@@ -281,13 +282,13 @@ def test_read_units_open_an_image_once_for_its_blocks(tmp_path, monkeypatch):
         return source
 
     monkeypatch.setattr(readers, "open_source", counting_open)
-    outcomes = [distributed.read_unit(plan, index, SETTINGS, 64) for index in range(len(plan.blocks))]
-    assert len(opened) == 1 and closed == opened and record.image_id not in distributed._UNIT_IMAGES.open
+    outcomes = [units.read_unit(plan, index, SETTINGS, 64) for index in range(len(plan.blocks))]
+    assert len(opened) == 1 and closed == opened and record.image_id not in units._UNIT_IMAGES.open
     monkeypatch.setattr(readers, "open_source", real_open)
     for index, outcome in enumerate(outcomes):
         fresh = real_open(record)
         try:
-            expected = distributed.read_block_outcome(plan, index, fresh, SETTINGS, 64)
+            expected = units.read_block_outcome(plan, index, fresh, SETTINGS, 64)
         finally:
             fresh.close()
         for got, want in zip(outcome[:3], expected[:3], strict=True):
@@ -298,7 +299,7 @@ def test_model_workers_are_dealt_over_the_nodes_that_can_hold_them():
     """Ray's SPREAD skips a node whose CPUs are busy for a moment; the model workers are dealt
     round-robin over every alive node with the resource instead (soft: a dead node is left),
     never more to a node than it holds (a soft affinity to a full node would wait forever)."""
-    from nucleibatch.engines.ray_engine import spread_over_nodes
+    from nucleibatch.segment.engines.ray_engine import spread_over_nodes
 
     a, b = "aa" * 28, "bb" * 28
     nodes = [
@@ -320,8 +321,8 @@ def test_model_workers_are_dealt_over_the_nodes_that_can_hold_them():
 def test_small_images_are_batched_by_network_window():
     """The distributed driver groups one-tile images by window (a model call then holds one
     shape); larger and unreadable images keep their order, first."""
-    from nucleibatch.engines.distributed import batching_order
     from nucleibatch.io.discover import ImageRecord
+    from nucleibatch.segment.engines.driver import batching_order
 
     shapes = {"a": (256, 320), "big1": (2000, 3000), "b": (250, 250), "c": (256, 300), "bad": None, "d": (256, 256), "big2": (513, 100)}
     records = [ImageRecord(name, name, name, "plain", shape, 1 if shape else None, "uint8" if shape else None, error=None if shape else "unreadable") for name, shape in shapes.items()]
@@ -334,11 +335,11 @@ def test_the_local_engine_groups_small_images_into_shared_calls_with_unchanged_o
     """One-tile images share network calls in the local engine too (batch_size windows' worth,
     one shape per call): the labels and tables are those of one image per call, the broken file
     fails alone."""
-    from nucleibatch.engines import distributed
+    from nucleibatch.segment.engines import driver
 
     files.write_small_archive(tmp_path / "in", copies=3)
     grouped = run_segment_job([str(tmp_path / "in")], tmp_path / "grouped", model="default", device="cpu", precision=PRECISION, batch_size=4, progress=False)
-    monkeypatch.setattr(distributed, "small_images_per_unit", lambda batch_size, window: 1)
+    monkeypatch.setattr(driver, "small_images_per_unit", lambda batch_size, window: 1)
     alone = run_segment_job([str(tmp_path / "in")], tmp_path / "alone", model="default", device="cpu", precision=PRECISION, batch_size=4, progress=False)
     assert grouped.n_ok == alone.n_ok == 16 and grouped.n_failed == alone.n_failed == 1
     assert_same_outputs(tmp_path / "alone", tmp_path / "grouped")
@@ -352,7 +353,7 @@ def test_small_images_are_grouped_per_window_up_to_one_call(tmp_path):
     """Nine one-tile images of one window, batch_size 1 (one 512² tile's pixels per call): units of
     at most as many 224² windows as one call holds (5; fewer when the model would otherwise wait
     for images still being planned); an image of several blocks goes alone."""
-    from nucleibatch.engines.distributed import small_images_per_unit
+    from nucleibatch.segment.engines.driver import small_images_per_unit
     from nucleibatch.synthetic import synthetic_nuclei, threshold_model
 
     assert small_images_per_unit(1, (224, 224)) == 5 and small_images_per_unit(4, (256, 256)) == 16 and small_images_per_unit(1, (1024, 1024)) == 1
@@ -371,10 +372,11 @@ def test_small_images_are_grouped_per_window_up_to_one_call(tmp_path):
 def test_a_group_of_small_images_fails_only_the_image_that_fails(tmp_path, monkeypatch):
     """An image gone between discovery and reading, and one of several blocks, in a group: the
     first gets its error, the second the whole-image path; the others are those of one by one."""
-    from nucleibatch.engines import distributed
-    from nucleibatch.engines.local import run_local
     from nucleibatch.io.discover import discover_inputs
-    from nucleibatch.pipeline import Timer
+    from nucleibatch.segment.engines import EngineRun, driver
+    from nucleibatch.segment.engines.local import LocalEngine
+    from nucleibatch.segment.settings import JobOptions
+    from nucleibatch.segment.timer import Timer
     from nucleibatch.synthetic import synthetic_nuclei, threshold_model
 
     for k in range(3):
@@ -386,13 +388,14 @@ def test_a_group_of_small_images_fails_only_the_image_that_fails(tmp_path, monke
 
     def segment(out_dir) -> dict[str, dict]:
         rows: list[dict] = []
-        run_local(records, model, settings, out_dir, 4, Timer(), rows.append, [])
+        with LocalEngine(JobOptions(model=model, post_workers=0), settings) as engine:
+            engine.run(EngineRun(records, model, settings, out_dir, 4, Timer(), rows.append, []))
         return {row["image_id"]: row for row in rows}
 
     grouped = segment(tmp_path / "grouped")
     assert grouped["f1"]["status"] == "failed" and "f1.png" in grouped["f1"]["error"]
     assert [grouped[f"f{k}"]["status"] for k in (0, 2, 3)] == ["ok"] * 3
-    monkeypatch.setattr(distributed, "small_images_per_unit", lambda batch_size, window: 1)
+    monkeypatch.setattr(driver, "small_images_per_unit", lambda batch_size, window: 1)
     alone = segment(tmp_path / "alone")
     for k in (0, 2, 3):
         row = alone[f"f{k}"]

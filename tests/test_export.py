@@ -60,7 +60,7 @@ DEMO_IDS = (
 @pytest.fixture(scope="module")
 def segment_out(tmp_path_factory) -> Path:
     """A real segment output: 2 demo images ok, 'broken' (an empty PNG) failed."""
-    from nucleibatch.segment import run_segment_job
+    from nucleibatch.segment.job import run_segment_job
 
     root = tmp_path_factory.mktemp("export_segment")
     for image_id in DEMO_IDS:

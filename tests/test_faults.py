@@ -32,9 +32,9 @@ import pytest
 
 from nucleibatch.cli import main
 from nucleibatch.output.folder import IMAGES, REPORT, RUN, OutputFolder, label_path
-from nucleibatch.pipeline import SegmentSettings
 from nucleibatch.runtime.faults import ENVIRONMENT
-from nucleibatch.segment import run_segment_job
+from nucleibatch.segment.job import run_segment_job
+from nucleibatch.segment.settings import SegmentSettings
 from nucleibatch.synthetic import synthetic_nuclei
 from nucleibatch.verify import verify_output
 from tests import input_files as files

@@ -20,8 +20,8 @@ from nucleibatch.errors import OutputError
 from nucleibatch.io.location import to_location
 from nucleibatch.output.folder import IMAGES, LOCK, REPORT, RUN, STATE_DIR
 from nucleibatch.output.lock import Lock
-from nucleibatch.pipeline import SegmentSettings
-from nucleibatch.segment import run_segment_job
+from nucleibatch.segment.job import run_segment_job
+from nucleibatch.segment.settings import SegmentSettings
 from nucleibatch.synthetic import threshold_model
 from tests import input_files as files
 from tests.objectstore import new_bucket, s3_server, upload_folder

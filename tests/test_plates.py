@@ -15,8 +15,8 @@ from nucleibatch.cli import main
 from nucleibatch.output.folder import OutputFolder
 from nucleibatch.output.layout import OME_GROUP
 from nucleibatch.output.store import store_name
-from nucleibatch.pipeline import SegmentSettings
-from nucleibatch.segment import run_segment_job
+from nucleibatch.segment.job import run_segment_job
+from nucleibatch.segment.settings import SegmentSettings
 from nucleibatch.synthetic import threshold_model
 from tests import input_files as files
 

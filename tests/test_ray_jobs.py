@@ -66,8 +66,8 @@ def two_nodes(ray_head):
 def archive(tmp_path_factory):
     """A small archive (2 copies of the demo images, a multi-block mosaic) and the
     local engine's outputs on it."""
-    from nucleibatch.pipeline import SegmentSettings
-    from nucleibatch.segment import run_segment_job
+    from nucleibatch.segment.job import run_segment_job
+    from nucleibatch.segment.settings import SegmentSettings
     from tests import input_files as files
 
     root = tmp_path_factory.mktemp("ray-archive")

@@ -120,7 +120,7 @@ def test_a_narrow_image_gives_the_same_nuclei_on_every_run_on_the_bf16_path(shap
     from PIL import Image
 
     from nucleibatch.model import load_model
-    from nucleibatch.segment_array import segment_image
+    from nucleibatch.segment.array import segment_image
 
     field = np.asarray(Image.open(sorted(dsb_root.glob("*/images/*.png"))[0]))[..., :3]
     tall = np.concatenate([field] * 3, axis=0)[: shape[0], : shape[1]]

@@ -97,7 +97,7 @@ def card(text: str, name: str) -> str:
 
 @pytest.fixture(scope="module")
 def segment_out(tmp_path_factory) -> Path:
-    from nucleibatch.segment import run_segment_job
+    from nucleibatch.segment.job import run_segment_job
 
     inputs = tmp_path_factory.mktemp("report_in")
     for image_id in DEMO_IDS:

@@ -12,8 +12,8 @@ import zarr
 from nucleibatch.cli import main
 from nucleibatch.metrics import iou_matrix
 from nucleibatch.output.folder import OutputFolder, label_path
-from nucleibatch.pipeline import SegmentSettings
-from nucleibatch.segment import run_segment_job
+from nucleibatch.segment.job import run_segment_job
+from nucleibatch.segment.settings import SegmentSettings
 from nucleibatch.synthetic import synthetic_mosaic, synthetic_nuclei, threshold_model
 from tests import input_files as files
 from tests.test_tiling_stitching import same_up_to_renumbering
@@ -194,7 +194,7 @@ def test_evaluate_uses_exactly_the_segment_inference(tmp_path, tiny_bundle):
     """`evaluate` (in memory) and `segment` (blocks, zarr) give identical labels on real images."""
     from nucleibatch import load_model
     from nucleibatch.io.annotated import discover_annotated, load_annotated
-    from nucleibatch.segment_array import segment_image
+    from nucleibatch.segment.array import segment_image
 
     demo = __import__("pathlib").Path(__file__).resolve().parents[1] / "examples" / "dsb_demo"
     summary = run_segment_job([str(demo)], tmp_path / "out", model=str(tiny_bundle), device="cpu", progress=False)

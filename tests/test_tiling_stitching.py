@@ -270,7 +270,7 @@ def test_prediction_regions_start_on_the_network_grid(margin):
     """A block's prediction region holds its read region and ``halo`` pixels around it (cut at the
     image's edges) and starts on a multiple of 32, whatever the margin: the tiles laid from its
     corner are then on the whole image's pixel grid."""
-    from nucleibatch.pipeline import prediction_region
+    from nucleibatch.segment.plan import prediction_region
 
     shape, halo = (1000, 900), 64
     for block in block_grid(shape, 256, margin):

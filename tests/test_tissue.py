@@ -32,7 +32,6 @@ from nucleibatch.normalize import (
     normalise_pixels,
 )
 from nucleibatch.output.folder import OutputFolder, label_path
-from nucleibatch.pipeline import SegmentSettings
 from nucleibatch.scale import (
     AUTO_PULL,
     check_diameter,
@@ -41,8 +40,9 @@ from nucleibatch.scale import (
     resample_scale,
     to_network_scale,
 )
-from nucleibatch.segment import run_segment_job
-from nucleibatch.segment_array import densest_window, segment_image
+from nucleibatch.segment.array import densest_window, segment_image
+from nucleibatch.segment.job import run_segment_job
+from nucleibatch.segment.settings import SegmentSettings
 from nucleibatch.synthetic import synthetic_nuclei, threshold_model
 
 # --------------------------------------------------------------------------- pixel size readers
@@ -281,7 +281,7 @@ def test_densest_window_finds_the_bright_corner():
 
 def test_diameter_auto_finds_the_magnification(tmp_path):
     from nucleibatch.scale import median_diameter
-    from nucleibatch.segment_array import estimate_diameter
+    from nucleibatch.segment.array import estimate_diameter
 
     image, truth = synthetic_nuclei((256, 256), n_nuclei=25, radius=(6, 10), seed=8)
     true_diameter = median_diameter(np.bincount(truth.ravel())[1:])
@@ -390,7 +390,7 @@ def test_an_image_that_cannot_be_read_while_choosing_fails_alone(tmp_path, monus
 
 
 def test_a_whole_number_diameter_and_smaller_blocks_for_enlarged_images(tmp_path):
-    from nucleibatch.pipeline import block_size_at
+    from nucleibatch.segment.plan import block_size_at
 
     image, _ = synthetic_nuclei((200, 200), n_nuclei=12, radius=(8, 12), seed=10)
     (tmp_path / "in").mkdir()

@@ -94,7 +94,7 @@ def test_fine_tune_the_default_model_on_haematoxylin_records_input_scale_and_spl
     assert config["training"]["augment"] == {"stain_jitter": 0.1, "blur": 0.5, "scale": [0.8, 1.25]}
     assert config["scale"]["pixel_size_um"] == 0.25 and 10 < config["scale"]["nucleus_diameter_px"] < 40
     model = nucleibatch.load_model(run_dir / "bundle")
-    from nucleibatch.segment_array import segment_image
+    from nucleibatch.segment.array import segment_image
 
     labels = segment_image(load_annotated(discover_annotated([data])[1]).image, model)
     assert labels.shape == (256, 256)

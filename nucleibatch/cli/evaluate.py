@@ -7,7 +7,8 @@ import json
 
 from ..channels import parse_channel
 from ..errors import UsageError
-from ..options import INSTANCES_ON, PRECISIONS, TTA_CHOICES, resolve_instances_on
+from ..model.config import PRECISIONS
+from ..segment.settings import INSTANCES_ON, TTA_CHOICES, resolve_instances_on
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -6,7 +6,8 @@ import argparse
 import json
 
 from ..channels import parse_channel
-from ..options import INSTANCES_ON, PRECISIONS, TTA_CHOICES
+from ..model.config import PRECISIONS
+from ..segment.settings import INSTANCES_ON, TTA_CHOICES
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -74,9 +75,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``nucleibatch segment`` from parsed arguments; prints the closing summary (or run.json's
     content with --json); returns the job's exit status (0 all images ok, 3 some failed)."""
-    from ..pipeline import SegmentSettings
     from ..scale import check_diameter
-    from ..segment import closing_summary, run_segment_job
+    from ..segment.job import run_segment_job
+    from ..segment.settings import JobOptions, SegmentSettings
+    from ..segment.summary import closing_summary
 
     settings = SegmentSettings(
         block_size=args.block_size,
@@ -89,14 +91,11 @@ def run(args: argparse.Namespace) -> int:
         pixel_size=args.pixel_size,
         diameter=check_diameter(args.diameter),
     )
-    summary = run_segment_job(
-        list(args.inputs),
-        args.output,
+    options = JobOptions(
         model=args.model,
         engine=args.engine,
         device=args.device,
         precision=args.precision,
-        settings=settings,
         batch_size=args.batch_size,
         overwrite=args.overwrite,
         retry_failed=args.retry_failed,
@@ -106,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
         post_workers=args.post_workers,
         gpus_per_worker=args.gpus_per_worker,
         progress={"auto": None, "bar": True, "log": False}[args.progress],
-        include=list(args.include),
+        include=tuple(args.include),
     )
+    summary = run_segment_job(list(args.inputs), args.output, settings, options)
     print(json.dumps(summary.run, indent=2) if args.json else closing_summary(summary))
     return summary.exit_code

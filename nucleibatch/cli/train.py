@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..model.config import PRECISIONS
 from ..normalize import INPUTS
-from ..options import PRECISIONS
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

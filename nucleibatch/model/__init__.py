@@ -8,7 +8,7 @@
 
 The config's names are imported here; the rest on first use (PEP 562), so that a module needing
 only the config (``from nucleibatch.model.config import BundleConfig``, as the post-processing
-processes do through :mod:`nucleibatch.pipeline`) does not import torch.
+processes do through :mod:`nucleibatch.segment.units`) does not import torch.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ is not a fresh network's). Nested parts that other modules own stay plain dicts 
 and the records ``training``, ``metrics``, ``init`` and ``licence``; treat them as read-only and
 make a changed config with :func:`dataclasses.replace`.
 
-No torch here: the post-processing processes import this module (through :mod:`nucleibatch.pipeline`).
+No torch here: the post-processing processes import this module (through :mod:`nucleibatch.segment.units`).
 """
 
 from __future__ import annotations
@@ -207,3 +207,6 @@ def default_config(encoder: str | None = None, architecture: str | None = None, 
     chosen = {"encoder": encoder, "architecture": architecture, "tile_size": tile_size, "halo": halo}
     config = BundleConfig(**{key: value for key, value in chosen.items() if value is not None}, **normalization_config(input))
     return replace(config, name=f"nuclei-{config.architecture.lower()}-{config.encoder}")
+
+PRECISIONS = ("auto", "float32", "bf16")
+"""``--precision``: the network's arithmetic. ``auto`` is bf16 on CUDA and on CPUs with native bf16."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import UsageError
-from ..options import PRECISIONS
+from .config import PRECISIONS
 
 
 def resolve_device_name(device: str) -> str:

@@ -18,9 +18,8 @@ from ..errors import ModelBundleError, UsageError
 from ..extras import require_extra
 from ..io.annotated import discover_annotated, iter_annotated
 from ..model.bundle import CONFIG_NAME, load_model, save_bundle, sha256_file
-from ..model.config import BundleConfig, default_config, normalization_config
+from ..model.config import PRECISIONS, BundleConfig, default_config, normalization_config
 from ..normalize import INPUTS
-from ..options import PRECISIONS
 from ..tiling import DEFAULT_HALO
 from .data import Example, split_ids, to_example
 from .loop import (

@@ -1,21 +1,25 @@
 """Segmentation of one in-memory image (``evaluate``): the block pipeline's steps
-(:mod:`nucleibatch.pipeline`: network input, prediction, labels at the image's pixels) on the
+(:mod:`nucleibatch.segment.steps`: network input, prediction, labels at the image's pixels) on the
 whole image as one block; and the nucleus size of an image, estimated by segmenting it
 (``--diameter auto``)."""
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage as ndi
 
-from .instances import InstanceParams, probabilities_to_labels, relabel_sequential, remove_small
-from .model.predict import NucleiModel
-from .normalize import NormStats, stats_for_bundle
-from .options import resolve_instances_on
-from .pipeline import at_image_pixels, network_input
-from .scale import median_diameter, resample_scale
+from ..instances import InstanceParams, probabilities_to_labels, relabel_sequential, remove_small
+from ..normalize import NormStats, stats_for_bundle
+from ..scale import median_diameter, resample_scale
+from .settings import resolve_instances_on
+from .steps import at_image_pixels, network_input
+
+if TYPE_CHECKING:  # the post-processing processes import this module: no torch
+    from ..model.predict import NucleiModel
+
 
 # --diameter auto segments at most this many pixels of an image (the densest window of its overview)
 ESTIMATE_WINDOW = 1024
@@ -56,7 +60,7 @@ def segment_image(
     probabilities = at_image_pixels(probabilities, None if scale == 1.0 else (scale, (0, 0), (0, image.shape[0], 0, image.shape[1])))
     params = (params or model.postprocess).at_scale(scale)
     if resolve_instances_on(instances_on, model.device.type) == "device":
-        from .instances_torch import instance_labels_on
+        from ..instances_torch import instance_labels_on
 
         return relabel_sequential(remove_small(instance_labels_on(model.device, probabilities, params), params.min_size))
     return probabilities_to_labels(probabilities, params)

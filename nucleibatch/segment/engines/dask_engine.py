@@ -1,4 +1,4 @@
-"""`--engine dask`: the work units of :mod:`.distributed` on a dask.distributed cluster.
+"""`--engine dask`: the work units of :mod:`..units` on a dask.distributed cluster.
 
 ``--address tcp://...`` joins a running scheduler (e.g. dask-jobqueue's SLURMCluster, see
 cluster/dask_slurm.py); without it a LocalCluster of worker processes on 127.0.0.1 is started
@@ -13,19 +13,20 @@ from __future__ import annotations
 import logging
 import operator
 import threading
-from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..io.discover import ImageRecord
-from ..io.location import Location
-from ..model.predict import NucleiModel
-from ..pipeline import ImagePlan, SegmentSettings, Timer, instance_params
-from ..runtime.allocator import environment_for_children, worker_environment
-from . import distributed
+from ...io.discover import ImageRecord
+from ...io.location import Location
+from ...model.predict import NucleiModel
+from ...runtime.allocator import environment_for_children, worker_environment
+from ..plan import ImagePlan
+from ..settings import SegmentSettings, instance_params
+from ..units import BlockPredictor, complete_unit, finish_block_unit, start_unit
+from . import Engine, EngineRun, driver
 
 log = logging.getLogger(__name__)
 PRE_SPAWN_ENVIRON = "distributed.nanny.pre-spawn-environ"
-_PREDICTORS: dict[str, distributed.BlockPredictor] = {}  # per worker process, by model sha256 + settings
+_PREDICTORS: dict[str, BlockPredictor] = {}  # per worker process, by model sha256 + settings
 _LOCK = threading.Lock()
 
 
@@ -55,12 +56,12 @@ def predict_unit(model, device: str, settings: SegmentSettings, batch_size: int,
     with _LOCK:  # a worker with several threads loads the model once
         predictor = _PREDICTORS.get(key)
         if predictor is None:
-            predictor = _PREDICTORS[key] = distributed.BlockPredictor(model, device, settings, batch_size)
+            predictor = _PREDICTORS[key] = BlockPredictor(model, device, settings, batch_size)
     return predictor.predict(units)
 
 
 class DaskExecutor:
-    """:class:`.distributed.Executor` on dask.distributed."""
+    """:class:`.driver.Executor` on dask.distributed."""
 
     def __init__(self, client, model: NucleiModel, device: str, settings: SegmentSettings, batch_size: int, out_dir: Location, workers: int) -> None:
         from distributed import wait
@@ -84,7 +85,7 @@ class DaskExecutor:
         return self.client.submit(fn, *args, pure=False, **kwargs)
 
     def start(self, record: ImageRecord) -> Any:
-        return self._submit(distributed.start_unit, record, self.settings, self.model_config, self.out_dir)
+        return self._submit(start_unit, record, self.settings, self.model_config, self.out_dir)
 
     def predict(self, units: list[tuple[ImagePlan, int]]) -> list[Any]:
         group = self._submit(predict_unit, self.model, self.device, self.settings, self.batch_size, units, resources=self.resources)
@@ -92,10 +93,10 @@ class DaskExecutor:
         return [self._submit(operator.getitem, group, k) for k in range(len(units))]
 
     def finish_block(self, plan: ImagePlan, block_index: int, prediction: Any) -> Any:
-        return self._submit(distributed.finish_block_unit, plan, block_index, prediction, self.settings, self.params, self.out_dir)
+        return self._submit(finish_block_unit, plan, block_index, prediction, self.settings, self.params, self.out_dir)
 
     def complete(self, plan: ImagePlan, results: list[Any]) -> Any:
-        return self._submit(distributed.complete_unit, plan, self.settings, self.out_dir, *results)
+        return self._submit(complete_unit, plan, self.settings, self.out_dir, *results)
 
     def wait(self, futures: list[Any]) -> list[Any]:
         done, _ = self._wait(futures, return_when="FIRST_COMPLETED")
@@ -112,44 +113,36 @@ class DaskExecutor:
         pass
 
 
-def run_engine(
-    records: Sequence[ImageRecord],
-    model: NucleiModel,
-    device: str,
-    settings: SegmentSettings,
-    out_dir: Location,
-    batch_size: int,
-    timer: Timer,
-    on_row: Callable[[dict[str, Any]], None],
-    placement: list[dict[str, Any]],
-    address: str | None = None,
-    workers: int = 0,
-    gpus_per_worker: float = 1.0,
-) -> None:
-    """Segment ``records`` on the Dask scheduler at ``address``, else on a LocalCluster on 127.0.0.1."""
-    from distributed import Client
+class DaskEngine(Engine):
+    """``--engine dask``: on the scheduler at ``--address``, else on a LocalCluster on 127.0.0.1
+    started for the run."""
 
-    # the scheduler's and nannies' INFO lines (about 45 a run, all harmless): warnings and errors
-    # stay; the levels are put back after the run (a caller's own logging is not changed for good)
-    quieted = {name: logging.getLogger(name).level for name in ("distributed", "distributed.nanny")}
-    logging.getLogger("distributed").setLevel(logging.WARNING)
-    cluster = None
-    if address:
-        client = Client(address)
-    else:
-        from ..cpus import usable_cpus
+    name = "dask"
 
-        cluster = start_local_cluster(workers or max(1, min(4, usable_cpus().count)))
-        client = Client(cluster)
-    try:
-        executor = DaskExecutor(client, model, device, settings, batch_size, out_dir, workers)
-        distributed.run_distributed(executor, records, out_dir, timer, on_row, placement)
-    finally:
-        client.close()
-        if cluster is not None:
-            # a busy machine may take the nanny's 4 s to end a worker, which it then kills
-            # with a warning: harmless for the cluster this run made and now throws away
-            logging.getLogger("distributed.nanny").setLevel(logging.ERROR)
-            cluster.close()
-        for name, level in quieted.items():
-            logging.getLogger(name).setLevel(level)
+    def run(self, run: EngineRun) -> None:
+        from distributed import Client
+
+        # the scheduler's and nannies' INFO lines (about 45 a run, all harmless): warnings and errors
+        # stay; the levels are put back after the run (a caller's own logging is not changed for good)
+        quieted = {name: logging.getLogger(name).level for name in ("distributed", "distributed.nanny")}
+        logging.getLogger("distributed").setLevel(logging.WARNING)
+        cluster = None
+        if self.options.address:
+            client = Client(self.options.address)
+        else:
+            from ...cpus import usable_cpus
+
+            cluster = start_local_cluster(self.options.workers or max(1, min(4, usable_cpus().count)))
+            client = Client(cluster)
+        try:
+            executor = DaskExecutor(client, run.model, self.options.device, run.settings, run.batch_size, run.out_dir, self.options.workers)
+            driver.run_distributed(executor, run.records, run.out_dir, run.timer, run.on_row, run.placement)
+        finally:
+            client.close()
+            if cluster is not None:
+                # a busy machine may take the nanny's 4 s to end a worker, which it then kills
+                # with a warning: harmless for the cluster this run made and now throws away
+                logging.getLogger("distributed.nanny").setLevel(logging.ERROR)
+                cluster.close()
+            for name, level in quieted.items():
+                logging.getLogger(name).setLevel(level)

@@ -1,4 +1,4 @@
-"""`--engine ray`: the work units of :mod:`.distributed` on a Ray cluster (or a private local Ray).
+"""`--engine ray`: the work units of :mod:`..units` on a Ray cluster (or a private local Ray).
 
 Why actors and tasks rather than Ray Data ``map_batches``: a block's four steps have different
 shapes (one plan per image, a fan-out to blocks, a fan-in per image for stitching), and the
@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..io.discover import ImageRecord
-from ..io.location import Location
-from ..model.predict import NucleiModel
-from ..pipeline import ImagePlan, SegmentSettings, Timer, instance_params
-from ..runtime.allocator import worker_environment
-from . import distributed
+from ...io.discover import ImageRecord
+from ...io.location import Location
+from ...model.predict import NucleiModel
+from ...runtime.allocator import worker_environment
+from ..plan import ImagePlan
+from ..settings import SegmentSettings, instance_params
+from ..units import BlockPredictor, complete_unit, finish_block_unit, start_unit
+from . import Engine, EngineRun, driver
 
 log = logging.getLogger(__name__)
 RETRIES = 3
@@ -42,7 +43,7 @@ class ModelHolder:
         return self.model
 
 
-class RayBlockPredictor(distributed.BlockPredictor):
+class RayBlockPredictor(BlockPredictor):
     """The model worker as a Ray actor; its model comes from the run's :class:`ModelHolder`, named ``holder_name``."""
 
     def __init__(self, holder_name: str, device: str, settings: SegmentSettings, batch_size: int) -> None:
@@ -85,7 +86,7 @@ def spread_over_nodes(nodes: list[dict], resource: str, amount: float, count: in
 
 
 class RayExecutor:
-    """:class:`.distributed.Executor` on Ray."""
+    """:class:`.driver.Executor` on Ray."""
 
     def __init__(self, model: NucleiModel, device: str, settings: SegmentSettings, batch_size: int, out_dir: Location, workers: int, gpus_per_worker: float) -> None:
         import ray
@@ -124,9 +125,9 @@ class RayExecutor:
         ]
         self.next_predictor = 0
         task = ray.remote(num_cpus=1, max_retries=RETRIES)
-        self._start = task(distributed.start_unit)
-        self._finish = task(distributed.finish_block_unit)
-        self._complete = task(distributed.complete_unit)
+        self._start = task(start_unit)
+        self._finish = task(finish_block_unit)
+        self._complete = task(complete_unit)
         self.settings, self.out_dir = settings, out_dir
         self.params = instance_params(settings, model)
         self.model_config = model.config
@@ -176,26 +177,19 @@ class RayExecutor:
             self.ray.kill(actor)
 
 
-def run_engine(
-    records: Sequence[ImageRecord],
-    model: NucleiModel,
-    device: str,
-    settings: SegmentSettings,
-    out_dir: Location,
-    batch_size: int,
-    timer: Timer,
-    on_row: Callable[[dict[str, Any]], None],
-    placement: list[dict[str, Any]],
-    address: str | None = None,
-    workers: int = 0,
-    gpus_per_worker: float = 1.0,
-) -> None:
-    """Segment ``records`` on Ray: ``address`` (or ``$RAY_ADDRESS`` inside `ray job submit`), else a local Ray."""
-    from ..runtime.ray_start import init_ray
+class RayEngine(Engine):
+    """``--engine ray``: on ``--address`` (or ``$RAY_ADDRESS`` inside `ray job submit`), else on a
+    private Ray started on 127.0.0.1 for the run."""
 
-    init_ray(address)
-    executor = RayExecutor(model, device, settings, batch_size, out_dir, workers, gpus_per_worker)
-    try:
-        distributed.run_distributed(executor, records, out_dir, timer, on_row, placement)
-    finally:
-        executor.close()
+    name = "ray"
+
+    def run(self, run: EngineRun) -> None:
+        from ...runtime.ray_start import init_ray
+
+        init_ray(self.options.address)
+        options = self.options
+        executor = RayExecutor(run.model, options.device, run.settings, run.batch_size, run.out_dir, options.workers, options.gpus_per_worker)
+        try:
+            driver.run_distributed(executor, run.records, run.out_dir, run.timer, run.on_row, run.placement)
+        finally:
+            executor.close()

@@ -10,7 +10,7 @@ import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 
-from ..runtime.allocator import environment_for_children, tune_allocator, worker_environment
+from ...runtime.allocator import environment_for_children, tune_allocator, worker_environment
 
 
 def default_post_workers(device_type: str, instances_on: str = "auto", cpus: int | None = None) -> int:
@@ -21,8 +21,8 @@ def default_post_workers(device_type: str, instances_on: str = "auto", cpus: int
     of this process post-process between its calls, and where the instances and measurements are
     made on the device, what is left for the host (image copies, tables, pyramids) runs in threads,
     without pickling each block's pixels to another process."""
-    from ..cpus import usable_cpus
-    from ..options import resolve_instances_on
+    from ...cpus import usable_cpus
+    from ..settings import resolve_instances_on
 
     if device_type != "cuda" or resolve_instances_on(instances_on, device_type) == "device":
         return 0
@@ -54,4 +54,4 @@ def _prepare_worker() -> None:
     # modules, and pandas, which pyarrow imports on its first table written (~0.5 s)
     import pandas  # noqa: F401
 
-    from .. import pipeline  # noqa: F401
+    from .. import steps, stitch, units  # noqa: F401

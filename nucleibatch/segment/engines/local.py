@@ -1,5 +1,5 @@
 """The local engine: this machine, one device, the driver of every engine
-(:func:`.distributed.run_distributed`) with the units of :mod:`.distributed` run here.
+(:func:`.driver.run_distributed`) with the units of :mod:`..units` run here.
 
 The model stays in this process, in one thread that only predicts. The CPU units (plan an image,
 finish a block: instances, measurements, image copy; complete an image: paint, tables, pyramids)
@@ -11,8 +11,9 @@ time, as its readers are not thread-safe.
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import (
     FIRST_COMPLETED,
     CancelledError,
@@ -24,17 +25,31 @@ from concurrent.futures import (
 )
 from typing import TYPE_CHECKING, Any
 
-from ..io.discover import ImageRecord
-from ..io.location import Location
-from ..pipeline import ImagePlan, SegmentSettings, Timer, context_pixels, instance_params
-from . import distributed
+from ...cpus import limit_torch_threads, usable_cpus
+from ...io.discover import ImageRecord
+from ...io.location import Location
+from ..plan import ImagePlan, context_pixels
+from ..settings import JobOptions, SegmentSettings, instance_params, resolve_instances_on
+from ..summary import device_peak_bytes
+from ..units import (
+    BlockPredictor,
+    complete_unit,
+    finish_block_unit,
+    gather_reads,
+    read_unit,
+    start_unit,
+)
+from . import Engine, EngineRun, driver
+from .process_pool import default_post_workers, start_post_pool
 
 if TYPE_CHECKING:
-    from ..model.predict import NucleiModel
+    from ...model.predict import NucleiModel
+
+log = logging.getLogger(__name__)
 
 
 class LocalExecutor:
-    """:class:`.distributed.Executor` on this machine: predict units in one thread of this process
+    """:class:`.driver.Executor` on this machine: predict units in one thread of this process
     (with ``model``), CPU units in ``cpu_pool`` (threads, or the processes of
     :func:`.process_pool.start_post_pool`) with ``cpu_slots`` workers."""
 
@@ -44,7 +59,7 @@ class LocalExecutor:
         self.model_config = model.config
         self.workers = 1
         self.finish_slots = cpu_slots
-        self.predictor = distributed.BlockPredictor(model, str(model.device), settings, batch_size)
+        self.predictor = BlockPredictor(model, str(model.device), settings, batch_size)
         self.halo = context_pixels(model.config)
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nb-model")
         self.cpu_pool = cpu_pool
@@ -53,26 +68,26 @@ class LocalExecutor:
         self.reader = None if isinstance(cpu_pool, ProcessPoolExecutor) else ThreadPoolExecutor(max_workers=1, thread_name_prefix="nb-read")
 
     def start(self, record: ImageRecord) -> Future:
-        return self.cpu_pool.submit(distributed.start_unit, record, self.settings, self.model_config, self.out_dir)
+        return self.cpu_pool.submit(start_unit, record, self.settings, self.model_config, self.out_dir)
 
     def predict(self, units: list[tuple[ImagePlan, int]]) -> list[Future]:
         if self.reader is not None:
             read = self.reader.submit(self.predictor.read, units)
             group = _then(read, lambda values: self.model_thread.submit(self.predictor.predict_read, units, values))
         else:  # the processes read and normalise, off this process's GIL, which the model thread needs
-            reads = [self.cpu_pool.submit(distributed.read_unit, plan, index, self.settings, self.halo) for plan, index in units]
+            reads = [self.cpu_pool.submit(read_unit, plan, index, self.settings, self.halo) for plan, index in units]
             group = _after_all(reads, lambda values: self.model_thread.submit(self._predict_reads, units, values))
         return [_then(group, lambda predictions, k=k: _done(predictions[k])) for k in range(len(units))]
 
     def _predict_reads(self, units: list[tuple[ImagePlan, int]], outcomes: list[Any]) -> list[Any]:
-        """:meth:`.distributed.BlockPredictor.predict_read` on what the read units returned."""
-        return self.predictor.predict_read(units, distributed.gather_reads(units, outcomes))
+        """:meth:`..units.BlockPredictor.predict_read` on what the read units returned."""
+        return self.predictor.predict_read(units, gather_reads(units, outcomes))
 
     def finish_block(self, plan: ImagePlan, block_index: int, prediction: Future) -> Future:
-        return _then(prediction, lambda value: self.cpu_pool.submit(distributed.finish_block_unit, plan, block_index, value, self.settings, self.params, self.out_dir))
+        return _then(prediction, lambda value: self.cpu_pool.submit(finish_block_unit, plan, block_index, value, self.settings, self.params, self.out_dir))
 
     def complete(self, plan: ImagePlan, results: list[Future]) -> Future:
-        return _after_all(results, lambda values: self.cpu_pool.submit(distributed.complete_unit, plan, self.settings, self.out_dir, *values))
+        return _after_all(results, lambda values: self.cpu_pool.submit(complete_unit, plan, self.settings, self.out_dir, *values))
 
     def wait(self, futures: list[Future]) -> list[Future]:
         done, _ = wait(futures, return_when=FIRST_COMPLETED)
@@ -92,30 +107,77 @@ class LocalExecutor:
         self.predictor.images.close_all()
 
 
-def run_local(
-    records: Sequence[ImageRecord],
-    model: NucleiModel,
-    settings: SegmentSettings,
-    out_dir: Location,
-    batch_size: int,
-    timer: Timer,
-    on_row: Callable[[dict[str, Any]], None],
-    placement: list[dict[str, Any]],
-    post_pool: ProcessPoolExecutor | None = None,
-    post_workers: int = 0,
-    cpu_threads: int = 2,
-) -> None:
-    """Segment ``records`` with the model here: the CPU units in the ``post_workers`` processes
-    of ``post_pool`` (from :func:`.process_pool.start_post_pool`; the caller shuts it down), or,
-    without one, in ``cpu_threads`` threads of this process."""
-    threads = None if post_pool is not None else ThreadPoolExecutor(max_workers=max(1, cpu_threads), thread_name_prefix="nb-post")
-    executor = LocalExecutor(model, settings, batch_size, out_dir, post_pool or threads, post_workers if post_pool is not None else max(1, cpu_threads))
-    try:
-        distributed.run_distributed(executor, records, out_dir, timer, on_row, placement)
-    finally:
-        executor.close()
-        if threads is not None:
-            threads.shutdown(wait=True, cancel_futures=True)
+class LocalEngine(Engine):
+    """``--engine local``: the model on ``--device`` here, in one thread; the CPU units in
+    ``--post-workers`` processes (started before the models load: they take a second or more),
+    or, without, in threads of this process, one per usable CPU."""
+
+    name = "local"
+
+    def __init__(self, options: JobOptions, settings: SegmentSettings) -> None:
+        super().__init__(options, settings)
+        self.cpus = usable_cpus()
+        self.post_workers = options.post_workers
+        self.post_pool: ProcessPoolExecutor | None = None
+
+    @property
+    def model_device(self) -> str:
+        return self.options.device
+
+    def check(self) -> None:
+        if isinstance(self.options.model, str):  # a loaded model's device is settled
+            from ...model.device import resolve_device
+
+            resolve_device(self.options.device)
+
+    def __enter__(self) -> LocalEngine:
+        if self.post_workers is None:
+            from ...model.device import resolve_device
+
+            model = self.options.model
+            device_type = resolve_device(self.options.device).type if isinstance(model, str) else model.device.type
+            self.post_workers = default_post_workers(device_type, self.settings.instances_on)
+        if self.post_workers:
+            self.post_pool = start_post_pool(self.post_workers)  # the processes start while the models load
+        limit_torch_threads(self.cpus.count)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.post_pool is not None:
+            self.post_pool.shutdown(wait=True, cancel_futures=True)
+
+    def loaded(self, model: NucleiModel) -> None:
+        # said once the arguments and OUT are known good (a usage error stays one line)
+        fallback = " (--device auto: no CUDA GPU here)" if self.options.device == "auto" and model.device.type == "cpu" else ""
+        where = f"{self.post_workers} post-processing processes" if self.post_workers else "post-processing in this process"
+        log.info("device %s%s, %s usable CPUs, %s", model.device, fallback, self.cpus, where)
+
+    def instances_on(self, choice: str, model: NucleiModel) -> str:
+        # "auto" recorded as what it means here: a GPU rerun must not mix methods
+        return resolve_instances_on(choice, model.device.type)
+
+    def run(self, run: EngineRun) -> None:
+        threads = None if self.post_pool is not None else ThreadPoolExecutor(max_workers=max(1, self.cpus.count), thread_name_prefix="nb-post")
+        slots = self.post_workers if self.post_pool is not None else max(1, self.cpus.count)
+        executor = LocalExecutor(run.model, run.settings, run.batch_size, run.out_dir, self.post_pool or threads, slots)
+        try:
+            driver.run_distributed(executor, run.records, run.out_dir, run.timer, run.on_row, run.placement)
+        finally:
+            executor.close()
+            if threads is not None:
+                threads.shutdown(wait=True, cancel_futures=True)
+
+    def run_figures(self, model: NucleiModel, busy_seconds: float, tiles: int, batch_shapes: dict, engine_seconds: float) -> dict[str, Any]:
+        return {
+            "device": str(model.device),
+            "precision": "bf16" if model.bf16 else "float32",
+            "post_workers": self.post_workers,
+            "model_busy_seconds": round(busy_seconds, 3),
+            "model_idle_fraction": round(max(0.0, 1 - busy_seconds / engine_seconds), 4) if engine_seconds > 0 else None,
+            "model_tiles": tiles,
+            "model_batches": [[*shape, count] for shape, count in sorted(batch_shapes.items())],
+            "device_peak_bytes": device_peak_bytes(model.device),
+        }
 
 
 # --- concurrent.futures chained as Ray and Dask chain tasks ----------------------------------

@@ -1,1 +1,0 @@
-"""Schedulers of the same work units: local (in-process), Ray and Dask."""
