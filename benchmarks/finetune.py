@@ -74,7 +74,7 @@ def link_folder(data: Path, ids: list[str], folder: Path) -> Path:
     """A DSB-layout folder of ``ids`` (the training DATA of the runs), made of symbolic links to
     their files (discovery does not follow links to folders)."""
     shutil.rmtree(folder, ignore_errors=True)
-    from nucleibatch.io.annotated import link_dsb_sample
+    from nucleibatch.annotated import link_dsb_sample
 
     folder.mkdir(parents=True)
     for image_id in ids:

@@ -38,9 +38,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from nucleibatch.annotated import discover_annotated, iter_annotated
     from nucleibatch.instances import probabilities_to_labels, relabel_sequential, remove_small
     from nucleibatch.instances_torch import instance_labels_torch
-    from nucleibatch.io.annotated import discover_annotated, iter_annotated
     from nucleibatch.metrics import image_scores, mean_scores
     from nucleibatch.model import load_model
     from nucleibatch.normalize import normalise_pixels, stats_for_bundle

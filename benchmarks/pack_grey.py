@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from nucleibatch.io.annotated import discover_annotated, iter_annotated
+from nucleibatch.annotated import discover_annotated, iter_annotated
 from nucleibatch.normalize import to_grey
 
 

@@ -31,7 +31,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tissue_sets import HE_VALIDATION_TILES  # noqa: E402
 
-from nucleibatch.io.annotated import discover_annotated, load_annotated  # noqa: E402
+from nucleibatch.annotated import discover_annotated, load_annotated  # noqa: E402
 from nucleibatch.io.readers import read_image_file  # noqa: E402
 from nucleibatch.modality import classify_modality  # noqa: E402
 from nucleibatch.model import DEFAULT_BUNDLE  # noqa: E402

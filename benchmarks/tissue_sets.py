@@ -25,7 +25,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from nucleibatch.io.annotated import discover_annotated, iter_annotated, link_dsb_sample
+from nucleibatch.annotated import discover_annotated, iter_annotated, link_dsb_sample
 from nucleibatch.io.readers import read_image_file
 from nucleibatch.modality import classify_modality
 from nucleibatch.model import DEFAULT_BUNDLE

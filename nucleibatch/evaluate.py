@@ -8,21 +8,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .channels import resolve_channel
-from .choose import AUTO, ModelSet, image_diameter
-from .errors import ImageReadError, UsageError
-from .io.annotated import (
+from .annotated import (
     AnnotatedImage,
     annotated_channel_names,
     discover_annotated,
     iter_annotated,
 )
+from .channels import resolve_channel
+from .errors import ImageReadError, UsageError
 from .io.readers import ArraySource, file_pixel_size
 from .metrics import image_scores, mean_scores
 from .modality import MODALITIES, classify_modality
 from .model.predict import NucleiModel
 from .scale import AUTO_PULL, resample_scale
 from .segment.array import segment_image
+from .segment.choose import AUTO, ModelSet, image_diameter
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def evaluate_model(
     """Segment every annotated image exactly as ``segment`` does and score it.
 
     Each image gets the model, normalisation and scale ``segment`` would give it
-    (:mod:`nucleibatch.choose`): its kind picks the model of a :class:`ModelSet` that routes
+    (:mod:`nucleibatch.segment.choose`): its kind picks the model of a :class:`ModelSet` that routes
     by image kind; its scale comes from ``diameter`` (pixels, or ``"auto"``), else from its pixel
     size (``pixel_size``, else the image file's metadata) and the model's.
 
@@ -93,7 +93,7 @@ def evaluate_image(
     """One annotated image segmented as ``segment`` would, and its scores (a row of :func:`evaluate_model`).
 
     ``channel``: an index, or a channel name resolved against the image's names
-    (:func:`~nucleibatch.io.annotated.annotated_channel_names`).
+    (:func:`~nucleibatch.annotated.annotated_channel_names`).
 
     Raises:
         UsageError: ``channel`` is a name the image has no channel of (a score without it

@@ -10,14 +10,14 @@ import pytest
 import tifffile
 from PIL import Image
 
-from nucleibatch.errors import BadAnnotationError, UsageError
-from nucleibatch.io.annotated import (
+from nucleibatch.annotated import (
     MAX_OVERLAP_FRACTION,
     AnnotatedSource,
     discover_annotated,
     iter_annotated,
     load_annotated,
 )
+from nucleibatch.errors import BadAnnotationError, UsageError
 from nucleibatch.output.folder import OutputFolder, label_path
 from nucleibatch.synthetic import synthetic_nuclei
 
@@ -264,7 +264,7 @@ def test_iter_annotated_skip_bad_warns_and_yields_the_good_ones(tmp_path, caplog
     write_dsb(tmp_path, "b_bad", seed=2)
     good_2 = write_dsb(tmp_path, "c_good", seed=3)
     write_png(tmp_path / "b_bad" / "masks" / "mask_001.png", np.full((10, 10), 255, np.uint8))
-    with caplog.at_level(logging.WARNING, logger="nucleibatch.io.annotated"):
+    with caplog.at_level(logging.WARNING, logger="nucleibatch.annotated"):
         loaded = list(iter_annotated(discover_annotated([tmp_path]), skip_bad=True))
     assert [a.image_id for a in loaded] == ["a_good", "c_good"]
     np.testing.assert_array_equal(loaded[0].labels, good_1)
@@ -330,7 +330,7 @@ def test_discover_the_real_dsb_folder(dsb_root):
 def linked_data(tmp_path):
     """DATA with a real sample ``a``, a link ``b`` to a sample folder elsewhere, a sample ``c`` made
     of links to files (link_dsb_sample), and a sample ``d`` whose masks folder is a link."""
-    from nucleibatch.io.annotated import link_dsb_sample
+    from nucleibatch.annotated import link_dsb_sample
 
     elsewhere, data = tmp_path / "elsewhere", tmp_path / "data"
     for seed, image_id in enumerate("abcd"):

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 import nucleibatch
+from nucleibatch.annotated import discover_annotated, iter_annotated, link_dsb_sample
 from nucleibatch.cli import main
 from nucleibatch.errors import ModelBundleError, ModelNotFoundError
 from nucleibatch.evaluate import evaluate_model
-from nucleibatch.io.annotated import discover_annotated, iter_annotated, link_dsb_sample
 from nucleibatch.model import (
     CONFIG_NAME,
     DEFAULT_BUNDLE,

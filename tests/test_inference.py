@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from nucleibatch import load_model
+from nucleibatch.annotated import discover_annotated, load_annotated
 from nucleibatch.instances import probabilities_to_labels
-from nucleibatch.io.annotated import discover_annotated, load_annotated
 from nucleibatch.metrics import image_scores
 from nucleibatch.model import (
     ModelUsage,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from skimage.measure import regionprops_table
 
-from nucleibatch.io.annotated import discover_annotated, iter_annotated
+from nucleibatch.annotated import discover_annotated, iter_annotated
 from nucleibatch.measure import NUCLEI_COLUMNS, measure_labels
 from nucleibatch.synthetic import synthetic_nuclei
 from tests.outputs import awkward_shapes

@@ -193,7 +193,7 @@ def test_tiling_oracle_on_a_mosaic_of_real_images_with_the_default_model(tmp_pat
 def test_evaluate_uses_exactly_the_segment_inference(tmp_path, tiny_bundle):
     """`evaluate` (in memory) and `segment` (blocks, zarr) give identical labels on real images."""
     from nucleibatch import load_model
-    from nucleibatch.io.annotated import discover_annotated, load_annotated
+    from nucleibatch.annotated import discover_annotated, load_annotated
     from nucleibatch.segment.array import segment_image
 
     demo = __import__("pathlib").Path(__file__).resolve().parents[1] / "examples" / "dsb_demo"

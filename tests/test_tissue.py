@@ -14,10 +14,9 @@ import pytest
 import tifffile
 import zarr
 
-from nucleibatch.choose import ModelSet, choose
+from nucleibatch.annotated import discover_annotated, load_annotated
 from nucleibatch.errors import UsageError
 from nucleibatch.instances import InstanceParams
-from nucleibatch.io.annotated import discover_annotated, load_annotated
 from nucleibatch.io.discover import discover_inputs
 from nucleibatch.io.readers import read_image_file
 from nucleibatch.io.readers.ome_zarr import ome_zarr_pixel_size
@@ -41,6 +40,7 @@ from nucleibatch.scale import (
     to_network_scale,
 )
 from nucleibatch.segment.array import densest_window, segment_image
+from nucleibatch.segment.choose import ModelSet, choose
 from nucleibatch.segment.job import run_segment_job
 from nucleibatch.segment.settings import SegmentSettings
 from nucleibatch.synthetic import synthetic_nuclei, threshold_model

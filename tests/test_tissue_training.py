@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 import nucleibatch
+from nucleibatch.annotated import discover_annotated, load_annotated
 from nucleibatch.cli import main
 from nucleibatch.errors import UsageError
-from nucleibatch.io.annotated import discover_annotated, load_annotated
 from nucleibatch.training.data import AugmentSettings, random_patch, stained_window, to_example
 from nucleibatch.training.run import split_by_list
 

@@ -162,7 +162,7 @@ def test_train_writes_metrics_curves_and_a_loadable_bundle(first_run):
 
 @pytest.mark.slow
 def test_train_writes_a_validation_overlay_per_epoch(first_run, dsb_root):
-    from nucleibatch.io.annotated import discover_annotated, iter_annotated
+    from nucleibatch.annotated import discover_annotated, iter_annotated
     from nucleibatch.training.overlays import OVERLAY_CROP, TRUE_RGB
 
     status, run_dir, rows = first_run

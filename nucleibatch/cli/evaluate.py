@@ -50,9 +50,9 @@ def run(args: argparse.Namespace) -> int:
     modality; or JSON), writes the per-image CSV when asked; returns 0."""
     from dataclasses import replace
 
-    from ..choose import load_models
     from ..evaluate import evaluate_model, write_rows_csv
     from ..scale import check_diameter, check_pixel_size
+    from ..segment.choose import load_models
 
     diameter = check_diameter(args.diameter)
     check_pixel_size(args.pixel_size)

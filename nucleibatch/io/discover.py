@@ -17,11 +17,11 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from fnmatch import fnmatchcase
+from functools import cached_property
 from pathlib import Path, PurePosixPath
 
 from ..channels import find_channel, resolve_channel
 from ..errors import ImageReadError, UsageError
-from ..output.folder import OUTPUT_FOLDERS, STATE_DIR
 from .location import Location, exists, fingerprint, is_remote, to_location
 from .readers import PIL_SUFFIXES, ProbedImage, printable, probe
 
@@ -36,11 +36,23 @@ DOUBLE_SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.btf", ".ome.zarr")
 # in a folder that has images/, these siblings hold annotations (DSB masks, label images)
 ANNOTATION_FOLDERS = frozenset({"masks", "labels"})
 ZARR_METADATA = ("zarr.json", ".zgroup", ".zarray")
-# what marks a folder as the OUT of `nucleibatch segment` (its state folder), and the folders of
-# its outputs there (labels, nuclei parts, `nucleibatch export`'s default), never searched for
-# images; the rest of such a folder is (a user may keep the images in the OUT folder itself)
-SEGMENT_OUTPUT_MARKER = STATE_DIR
-SEGMENT_OUTPUT_FOLDERS = OUTPUT_FOLDERS
+
+
+@dataclass(frozen=True)
+class NotInputs:
+    """The folders discovery does not search: in an OUT of `nucleibatch segment` (a folder that
+    holds ``marker``, its state folder, or ``own``, the run's own OUT), its output folders
+    ``folders`` (labels, nuclei parts, `nucleibatch export`'s default). The rest of such a folder
+    is searched: a user may keep the images in the OUT folder itself. The names are OUT's
+    (:func:`nucleibatch.output.folder.not_inputs`), given by the caller."""
+
+    marker: str
+    folders: frozenset[str]
+    own: Location | None = None
+
+    @cached_property
+    def own_key(self) -> str | None:
+        return None if self.own is None else _key(self.own)
 
 
 @dataclass(frozen=True)
@@ -71,7 +83,7 @@ class ImageRecord:
             fingerprint differs: a file changed, repaired or created since, even while this run
             was reading it.
         modality, model, scale: how ``segment`` treats the image, decided before it runs
-            (:mod:`nucleibatch.choose`): its modality (:mod:`nucleibatch.modality`), the name of
+            (:mod:`nucleibatch.segment.choose`): its modality (:mod:`nucleibatch.modality`), the name of
             the model bundle it goes to (None: the run's one model), and the factor it is
             resampled by for that model (:mod:`nucleibatch.scale`; 1: not resampled).
         plate, well, field: for a field of an OME-Zarr plate (NGFF plate metadata), the plate's
@@ -138,7 +150,7 @@ class _Candidate:
 
 
 def discover_inputs(
-    inputs: Sequence[str], channel: int | str | None = None, exclude: Location | None = None, include: Sequence[str] = ()
+    inputs: Sequence[str], channel: int | str | None = None, not_inputs: NotInputs | None = None, include: Sequence[str] = ()
 ) -> list[ImageRecord]:
     """Find every image under the INPUT paths.
 
@@ -147,9 +159,8 @@ def discover_inputs(
         channel: the ``--channel`` asked for: an index (images with fewer channels get an
             ``error``) or a channel name (images without a channel of that name get an
             ``error`` listing theirs; a :class:`UsageError` when no input has it).
-        exclude: the run's own OUT: its output folders are not searched, nor those of any other
-            `nucleibatch segment` OUT (:data:`SEGMENT_OUTPUT_FOLDERS`); unlistable folders are
-            skipped with a warning.
+        not_inputs: the output folders of OUTs, not searched (:class:`NotInputs`); None: every
+            folder is searched. Unlistable folders are skipped with a warning.
         include: ``--include`` glob patterns: only the files and zarr stores that one of them
             matches are kept (:func:`included`); empty: all.
 
@@ -171,11 +182,10 @@ def discover_inputs(
     if isinstance(channel, str) and not channel.strip():
         raise UsageError("--channel is empty: give a channel index (0, 1, ...) or a channel name")
     check_inputs_exist(inputs)
-    skipped = frozenset() if exclude is None else frozenset({_key(exclude)})
     candidates: list[_Candidate] = []
     root_dirs: list[Path] = []
     for number, text in enumerate(inputs):
-        found, root_dir = _collect_input(number, str(text), skipped)
+        found, root_dir = _collect_input(number, str(text), not_inputs)
         if not found:
             log.warning("%s: no images found there", text)
         candidates.extend(found)
@@ -243,16 +253,16 @@ def check_inputs_exist(inputs: Sequence[str]) -> None:
             raise UsageError(f"{text}: no such file or folder; {where}")
 
 
-def _collect_input(number: int, text: str, skipped: frozenset[str] = frozenset()) -> tuple[list[_Candidate], Location]:
+def _collect_input(number: int, text: str, not_inputs: NotInputs | None = None) -> tuple[list[_Candidate], Location]:
     """Candidates under one INPUT, and the folder whose name prefixes ids on collisions."""
     path = to_location(text)
     if path.is_dir():
         if _is_zarr_store(path) or path.suffix.lower() in ZARR_SUFFIXES:
             return [_Candidate(number, path, "zarr", path.name, strip_extension(path.name))], _resolved(path).parent
-        return _walk(number, path, "", "", skipped), _resolved(path)
+        return _walk(number, path, "", "", not_inputs), _resolved(path)
     suffix = path.suffix.lower()
     if suffix in MANIFEST_SUFFIXES:
-        return _read_manifest(number, path, skipped), _resolved(path).parent
+        return _read_manifest(number, path, not_inputs), _resolved(path).parent
     kind = _kind_of(path.name)
     if kind is None:
         raise UsageError(
@@ -281,7 +291,7 @@ def _walk_folders(top: Location) -> Iterator[tuple[Location, str, list[str], lis
         yield here, here.relative_to(top).as_posix(), dirnames, filenames
 
 
-def _walk(number: int, top: Location, rel_prefix: str, id_prefix: str, skipped: frozenset[str] = frozenset()) -> list[_Candidate]:
+def _walk(number: int, top: Location, rel_prefix: str, id_prefix: str, not_inputs: NotInputs | None = None) -> list[_Candidate]:
     """Image files and zarr stores under a folder (no symlinked folders followed, hidden skipped).
 
     ``rel_prefix`` / ``id_prefix`` are prepended to the relative paths / ids (manifest
@@ -295,8 +305,8 @@ def _walk(number: int, top: Location, rel_prefix: str, id_prefix: str, skipped: 
         rel_dir = _join(rel_prefix, rel_here)
         id_dir = id_dirs.get(str(here), rel_dir)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        if _is_segment_output(here, skipped):
-            dirnames[:] = [d for d in dirnames if d not in SEGMENT_OUTPUT_FOLDERS]
+        if not_inputs is not None and _is_segment_output(here, not_inputs):
+            dirnames[:] = [d for d in dirnames if d not in not_inputs.folders]
         if "images" in dirnames:
             dirnames[:] = [d for d in dirnames if d not in ANNOTATION_FOLDERS]
         for name in list(dirnames):
@@ -323,7 +333,7 @@ def linked_folder(folder: Location) -> bool:
     DATA argument that is itself a link. Object stores have no links: always False there.
 
     The one rule of ``segment`` (:func:`discover_inputs`) and of the annotated-data discovery of
-    ``evaluate`` / ``train`` (:func:`nucleibatch.io.annotated.discover_annotated`)."""
+    ``evaluate`` / ``train`` (:func:`nucleibatch.annotated.discover_annotated`)."""
     if is_remote(folder) or not folder.is_symlink():
         return False
     log.info("%s: symbolic link to a folder, not followed", folder)
@@ -336,7 +346,7 @@ def followed_folder(path: Location) -> bool:
     return path.is_dir() and not linked_folder(path)
 
 
-def _read_manifest(number: int, manifest: Location, skipped: frozenset[str] = frozenset()) -> list[_Candidate]:
+def _read_manifest(number: int, manifest: Location, not_inputs: NotInputs | None = None) -> list[_Candidate]:
     """Entries of a .txt (one path per line) or .csv/.tsv (``path`` [, ``image_id``]) manifest."""
     folder = manifest.parent
     try:
@@ -377,7 +387,7 @@ def _read_manifest(number: int, manifest: Location, skipped: frozenset[str] = fr
         if not path.exists() and (is_remote(path) or not path.is_symlink()):
             found.append(_Candidate(number, path, _kind_of(path.name) or "plain", rel, image_id or strip_extension(rel), image_id, f"file not found ({where})"))
         elif path.is_dir() and not (_is_zarr_store(path) or path.suffix.lower() in ZARR_SUFFIXES):
-            found.extend(_walk(number, path, rel, image_id or rel, skipped))
+            found.extend(_walk(number, path, rel, image_id or rel, not_inputs))
         elif path.is_dir():
             found.append(_Candidate(number, path, "zarr", rel, image_id or strip_extension(rel), image_id))
         else:
@@ -561,11 +571,11 @@ def _key(path: Location) -> str:
         return str(path)
 
 
-def _is_segment_output(folder: Location, skipped: frozenset[str]) -> bool:
+def _is_segment_output(folder: Location, not_inputs: NotInputs) -> bool:
     """Whether ``folder`` is the run's own OUT or another `nucleibatch segment` OUT: its output
     folders are then left out of the search."""
-    if _key(folder) in skipped or _exists_safely(folder / SEGMENT_OUTPUT_MARKER, "is_dir"):
-        log.info("%s: the OUT of `nucleibatch segment`: its %s are not searched for images", folder, ", ".join(sorted(SEGMENT_OUTPUT_FOLDERS)))
+    if _key(folder) == not_inputs.own_key or _exists_safely(folder / not_inputs.marker, "is_dir"):
+        log.info("%s: the OUT of `nucleibatch segment`: its %s are not searched for images", folder, ", ".join(sorted(not_inputs.folders)))
         return True
     return False
 

@@ -19,7 +19,7 @@ from .predict import NucleiModel
 CONFIG_NAME = "config.json"
 DEFAULT_BUNDLE = Path(__file__).parent.parent / "models" / "default"
 # the bundles shipped in the package, by the name --model takes; `segment` without --model sends each
-# image to the one serving its modality (nucleibatch.choose), the first listed where several do
+# image to the one serving its modality (nucleibatch.segment.choose), the first listed where several do
 SHIPPED_BUNDLES = {
     "default": DEFAULT_BUNDLE,  # fluorescence and grey brightfield; trained on DSB 2018 only (CC0)
     "he": DEFAULT_BUNDLE.parent / "he",  # H&E and other stained tissue; MoNuSeg 2018 (CC BY-NC-SA 4.0) + DSB's stained images

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..io.discover import NotInputs
 from ..io.location import Location, to_location
 
 MASKS = "masks.zarr"
@@ -51,6 +52,12 @@ LABELS = f"{LABELS_GROUP}/{LABEL_NAME}"
 OUTPUT_NAMES = (MASKS, NUCLEI, IMAGES, RUN, REPORT, STATE_DIR)
 # folders of OUT that input discovery never searches for images
 OUTPUT_FOLDERS = frozenset({MASKS, NUCLEI, EXPORT})
+
+
+def not_inputs(own: Location | None = None) -> NotInputs:
+    """What input discovery leaves out (:class:`~nucleibatch.io.discover.NotInputs`): the output
+    folders of any OUT (recognised by its state folder) and of ``own``, the run's own OUT."""
+    return NotInputs(STATE_DIR, OUTPUT_FOLDERS, own)
 
 
 def label_path(level: int | str = 0, store_path: str | None = None) -> str:

@@ -17,7 +17,7 @@ from ..io.discover import ImageRecord, check_inputs_exist, discover_inputs
 from ..io.location import Location, exists, make_dirs, to_location
 from ..output.atomic import write_bytes_atomic
 from ..output.checkpoints import drop_finished
-from ..output.folder import OutputFolder
+from ..output.folder import OutputFolder, not_inputs
 from ..output.layout import assign_store_paths, layout_for_run, write_layout
 from ..output.lock import Lock
 from ..output.reader import read_run
@@ -85,12 +85,12 @@ def run_segment_job(
     make_dirs(out_dir)
     # then the lock: a second run on a live OUT is refused before it loads models or reads inputs
     with Lock(out_dir), engine:
-        from ..choose import choose_all, load_models
+        from .choose import choose_all, load_models
 
         # the inputs are discovered (file headers probed) while the models load (torch and
         # smp imports, weights): the first block reaches the device that much sooner
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nb-discover") as discovery:
-            discovered = discovery.submit(discover_inputs, inputs, channel=settings.channel, exclude=out_dir, include=options.include)
+            discovered = discovery.submit(discover_inputs, inputs, channel=settings.channel, not_inputs=not_inputs(out_dir), include=options.include)
             models = load_models(options.model, device=engine.model_device, precision=options.precision)
             records = discovered.result()
         loaded = models.first  # the device, precision and post-processing processes are the same for every model

@@ -159,3 +159,11 @@ def neighbours(plan: ImagePlan, block: Block) -> list[Block]:
     """Blocks whose read region overlaps this block's core (their nuclei may reach into it)."""
     cy0, cy1, cx0, cx1 = block.core
     return [b for b in plan.blocks if b.read[0] < cy1 and b.read[1] > cy0 and b.read[2] < cx1 and b.read[3] > cx0]
+
+
+def small_images_per_unit(batch_size: int, window: tuple[int, int]) -> int:
+    """One-tile images of one network ``window`` grouped per predict unit: as many as one model
+    call of ``batch_size`` 512² tiles' worth of pixels holds (a call holds one shape)."""
+    from ..model.predict import windows_per_call
+
+    return windows_per_call(max(1, batch_size), window)

@@ -53,13 +53,20 @@ def failed_row(record: ImageRecord, error: BaseException | str, seconds: float) 
 
 
 def choice_columns(record: ImageRecord) -> dict[str, Any]:
-    """The images.parquet columns of how an image was treated (:mod:`nucleibatch.choose`)."""
+    """The images.parquet columns of how an image was treated (:mod:`nucleibatch.segment.choose`)."""
     return {"modality": record.modality, "model": record.model, "pixel_size_um": record.pixel_size_um, "scale": float(record.scale)}
 
 
 def plate_columns(record: ImageRecord) -> dict[str, Any]:
     """The images.parquet columns that place a plate field (null for other images)."""
     return {"plate": record.plate, "well": record.well, "field": record.field}
+
+
+def record_finished_image(out_dir: Location, record: ImageRecord, row: dict[str, Any]) -> None:
+    """Record an image as done with ``row`` (ok, from :func:`~nucleibatch.segment.stitch.paint_and_complete`):
+    its block checkpoints are dropped first, so that a kill in between redoes the image whole."""
+    drop_checkpoints(out_dir, store_name(record.image_id))
+    write_record(out_dir, store_name(record.image_id), row)
 
 
 def record_failed_image(out_dir: Location, record: ImageRecord, error: BaseException | str, seconds: float) -> dict[str, Any]:

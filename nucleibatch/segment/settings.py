@@ -96,7 +96,7 @@ def settings_of_older_runs() -> dict[str, Any]:
 class JobOptions:
     """How a segment job runs: what does not change its results (not checked on resume).
 
-    ``model``: ``"auto"`` (each image to the shipped bundle of its modality, :mod:`nucleibatch.choose`),
+    ``model``: ``"auto"`` (each image to the shipped bundle of its modality, :mod:`nucleibatch.segment.choose`),
     a shipped bundle's name, a bundle folder, or a loaded model (every image to it).
     ``include``: ``--include`` globs; only the files they match are segmented
     (:func:`~nucleibatch.io.discover.included`). Like the INPUTs, a rerun with another filter adds

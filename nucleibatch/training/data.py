@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 
-from ..io.annotated import AnnotatedImage
+from ..annotated import AnnotatedImage
 from ..normalize import (
     HAEMATOXYLIN_WEIGHTS,
     apply_stats,

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..annotated import discover_annotated, iter_annotated
 from ..errors import ModelBundleError, UsageError
 from ..extras import require_extra
-from ..io.annotated import discover_annotated, iter_annotated
 from ..model.bundle import CONFIG_NAME, load_model, save_bundle, sha256_file
 from ..model.config import PRECISIONS, BundleConfig, default_config, normalization_config
 from ..normalize import INPUTS

@@ -33,28 +33,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ...errors import is_fatal
-from ...io.discover import ImageRecord
-from ...io.location import Location
-from ...output.checkpoints import (
-    drop_checkpoints,
-)
-from ...output.store import (
-    store_name,
-)
-from ...output.tables import (
-    write_record,
-)
-from ...scale import (
-    scaled_shape,
-)
+from ...scale import scaled_shape
 from ...tiling import small_image_window
-from ..plan import ImagePlan, one_tile_window
-from ..rows import record_failed_image
+from ..plan import ImagePlan, one_tile_window, small_images_per_unit
+from ..rows import record_failed_image, record_finished_image
 from ..timer import Timer
 
-if TYPE_CHECKING:  # the post-processing processes import this module: no torch
+if TYPE_CHECKING:
+    from ...io.discover import ImageRecord
+    from ...io.location import Location
     from ...model.config import BundleConfig
-
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +95,6 @@ def batching_order(records: Sequence[ImageRecord], tile_size: int) -> list[Image
 
     return sorted(records, key=key)
 
-
-def small_images_per_unit(batch_size: int, window: tuple[int, int]) -> int:
-    """One-tile images of one network ``window`` grouped per predict unit: as many as one model
-    call of ``batch_size`` 512² tiles' worth of pixels holds (a call holds one shape)."""
-    from ...model.predict import windows_per_call
-
-    return windows_per_call(max(1, batch_size), window)
 
 
 def run_distributed(
@@ -226,8 +207,7 @@ def run_distributed(
                         fail(image, error)
                         continue
                     row["seconds"] = round(time.perf_counter() - image.started, 4)
-                    drop_checkpoints(out_dir, store_name(image.record.image_id))  # first: a kill between redoes the image whole
-                    write_record(out_dir, store_name(image.record.image_id), row)
+                    record_finished_image(out_dir, image.record, row)
                     timer.add(seconds)
                     placement.extend(units)
                     images.pop(image.record.image_id, None)

@@ -26,8 +26,6 @@ from concurrent.futures import (
 from typing import TYPE_CHECKING, Any
 
 from ...cpus import limit_torch_threads, usable_cpus
-from ...io.discover import ImageRecord
-from ...io.location import Location
 from ..plan import ImagePlan, context_pixels
 from ..settings import JobOptions, SegmentSettings, instance_params, resolve_instances_on
 from ..summary import device_peak_bytes
@@ -43,6 +41,8 @@ from . import Engine, EngineRun, driver
 from .process_pool import default_post_workers, start_post_pool
 
 if TYPE_CHECKING:
+    from ...io.discover import ImageRecord
+    from ...io.location import Location
     from ...model.predict import NucleiModel
 
 log = logging.getLogger(__name__)

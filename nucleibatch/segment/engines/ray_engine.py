@@ -16,16 +16,19 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ...io.discover import ImageRecord
-from ...io.location import Location
-from ...model.predict import NucleiModel
 from ...runtime.allocator import worker_environment
 from ..plan import ImagePlan
 from ..settings import SegmentSettings, instance_params
 from ..units import BlockPredictor, complete_unit, finish_block_unit, start_unit
 from . import Engine, EngineRun, driver
+
+if TYPE_CHECKING:
+    from ...io.discover import ImageRecord
+    from ...io.location import Location
+    from ...model.predict import NucleiModel
+
 
 log = logging.getLogger(__name__)
 RETRIES = 3

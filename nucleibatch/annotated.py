@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BadAnnotationError, ImageReadError, UsageError
-from ..output.folder import MASKS, OutputFolder, label_path
-from .discover import followed_folder, linked_folder
-from .readers import IMAGE_SUFFIXES, read_image_file
+from .errors import BadAnnotationError, ImageReadError, UsageError
+from .io.discover import followed_folder, linked_folder
+from .io.readers import IMAGE_SUFFIXES, read_image_file
+from .output.folder import MASKS, OutputFolder, label_path
 
 log = logging.getLogger(__name__)
 # Masks may share a few rim pixels (annotation jitter, seen in 3 of the 545 DSB images);
@@ -236,14 +236,14 @@ def annotated_channel_names(source: AnnotatedSource, channels: int) -> tuple[str
     if source.store_path is not None:
         import zarr
 
-        from .readers.ome_zarr import ome_zarr_channel_names
+        from .io.readers.ome_zarr import ome_zarr_channel_names
 
         try:
             attrs = zarr.open_group(source.image_path, mode="r")[source.store_path].attrs.asdict()
         except Exception:  # names are a bonus; the image itself was read
             return None
         return ome_zarr_channel_names(attrs, channels)
-    from .readers import probe
+    from .io.readers import probe
 
     found = probe(source.image_path, "plain")  # the file's first bytes choose the reader
     return found[0].channel_names if found and found[0].channels == channels else None

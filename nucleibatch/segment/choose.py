@@ -21,16 +21,16 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
-from .channels import resolve_channel
-from .errors import ImageReadError, UsageError, is_fatal
-from .io.discover import ImageRecord
-from .io.readers import ImageSource, open_source
-from .modality import IMAGE_KINDS, classify_modality
-from .model.bundle import SHIPPED_BUNDLES, load_model
-from .model.predict import NucleiModel
-from .normalize import normalise_pixels, stats_for_bundle
-from .scale import AUTO_PULL, resample_scale
-from .segment.array import ESTIMATE_WINDOW, densest_window, estimate_diameter
+from ..channels import resolve_channel
+from ..errors import ImageReadError, UsageError, is_fatal
+from ..io.discover import ImageRecord
+from ..io.readers import ImageSource, open_source
+from ..modality import IMAGE_KINDS, classify_modality
+from ..model.bundle import SHIPPED_BUNDLES, load_model
+from ..model.predict import NucleiModel
+from ..normalize import normalise_pixels, stats_for_bundle
+from ..scale import AUTO_PULL, resample_scale
+from .array import ESTIMATE_WINDOW, densest_window, estimate_diameter
 
 log = logging.getLogger(__name__)
 AUTO = "auto"
