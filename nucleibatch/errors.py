@@ -53,6 +53,10 @@ class OutputError(NucleibatchError):
     """The output directory cannot be used (locked, written by other settings, not writable)."""
 
 
+class ExportError(NucleibatchError):
+    """OUT is inconsistent (a table names an image or nucleus that masks.zarr lacks): ``export`` stops (exit 1)."""
+
+
 def is_fatal(error: BaseException) -> bool:
     """Errors about the output side (disk full, read-only, quota) or memory stop a run; an
     image's own errors (unreadable, too small) fail only that image."""

@@ -1,6 +1,6 @@
 """The one reader of a finished (or partial) OUT, shared by ``segment`` (resume), ``report``,
-``export`` and ``verify``: run.json, the images table, the nuclei parts, masks.zarr's groups
-and label arrays. pandas, pyarrow and zarr are imported where used: ``nucleibatch --help``
+``export`` and ``verify``: run.json, the images table, the nuclei parts (one image's rows, or an
+even sample of some columns of all), masks.zarr's groups, their pyramid levels and label arrays. pandas, pyarrow and zarr are imported where used: ``nucleibatch --help``
 stays quick, and the report's drawing functions (used by training) need no zarr.
 """
 
@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from ..io.location import Location, fresh_listing, is_remote, open_binary, read_many
 from .folder import OutputFolder, label_path
@@ -79,6 +82,47 @@ def nuclei_files(out: Location) -> list[Location]:
     return [p for p in fresh_listing(path, "*.parquet") if not p.name.startswith((".", "_"))]
 
 
+def sample_nuclei(out: Location, columns: Sequence[str], max_rows: int) -> tuple[dict[str, np.ndarray], int, list[str]]:
+    """Columns of ``nuclei.parquet`` for at most ``max_rows`` nuclei (every k-th row), streamed
+    in batches so memory stays bounded however many nuclei there are.
+
+    Returns ``({column: float64 array}, total rows, problems)``; unreadable parts are skipped
+    and named in ``problems``.
+    """
+    import pyarrow.parquet as pq
+
+    problems: list[str] = []
+    files = []
+    total = 0
+    for path in nuclei_files(out):
+        try:
+            handle = pq.ParquetFile(open_binary(path))
+            files.append((path, handle))
+            total += handle.metadata.num_rows
+        except Exception as error:
+            problems.append(f"{path.name}: {error}")
+    stride = max(1, math.ceil(total / max_rows)) if max_rows > 0 else 1
+    chunks: dict[str, list[np.ndarray]] = {c: [] for c in columns}
+    position = 0  # rows seen so far: every stride-th row of the whole table is kept
+    for path, handle in files:
+        present = [c for c in columns if c in handle.schema_arrow.names]
+        if not present:
+            problems.append(f"{path.name}: none of the columns {', '.join(columns)}")
+            continue
+        try:
+            for batch in handle.iter_batches(batch_size=262_144, columns=present):
+                start = (-position) % stride
+                for c in columns:
+                    if c in present:
+                        values = batch.column(present.index(c)).to_numpy(zero_copy_only=False)
+                        chunks[c].append(np.asarray(values[start::stride], dtype=np.float64))
+                position += batch.num_rows
+        except Exception as error:
+            problems.append(f"{path.name}: {error}")
+    data = {c: (np.concatenate(v) if v else np.zeros(0)) for c, v in chunks.items()}
+    return data, total, problems
+
+
 def read_image_nuclei(out: Location, image_id: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
     """The ``nuclei.parquet`` rows of one image: from its own part when there is one, else a
     filtered read of the whole table. ``columns``: only these (None: all).
@@ -126,3 +170,29 @@ def label_image(root: zarr.Group, store_path: str, level: int | str = 0) -> zarr
         KeyError: masks.zarr has no such group or level.
     """
     return root[label_path(level, store_path)]
+
+
+def pyramid_levels(group: zarr.Group) -> list[str]:
+    """Paths of an image group's pyramid levels (``["0", "1", ...]``), full resolution first:
+    from its OME multiscales metadata, else probed (damaged or missing metadata)."""
+    try:
+        ome = group.attrs.asdict().get("ome") or group.attrs.asdict()
+        paths = [d["path"] for d in ome["multiscales"][0]["datasets"]]
+        if paths:
+            return [str(p) for p in paths]
+    except Exception:
+        pass
+    paths, level = [], 0
+    while str(level) in group:
+        paths.append(str(level))
+        level += 1
+    return paths
+
+
+def image_written(array: zarr.Array) -> bool:
+    """Whether an image group's copy of the pixels holds data (``--no-store-image`` leaves the
+    array unwritten); True when the store cannot say."""
+    try:
+        return int(array.nchunks_initialized) > 0
+    except Exception:
+        return True

@@ -3,7 +3,7 @@
 Each epoch the rank-0 worker draws a few fixed validation images side by side, the image
 as the network sees it (normalised grey, bright nuclei) with the true outlines in magenta
 and the predicted ones in green on top, and saves ``RUN_DIR/overlays/epoch_XXX.png``.
-The drawing reuses the QC report's :func:`~nucleibatch.report.draw_outlines`.
+The drawing reuses the QC report's :func:`~nucleibatch.report.drawing.draw_outlines`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..report import OUTLINE_RGB, draw_outlines, to_display_rgb
+from ..report.drawing import OUTLINE_RGB, draw_outlines, to_display_rgb
 
 PREDICTED_RGB = tuple(OUTLINE_RGB)  # neon green, as in the QC report
 TRUE_RGB = (255, 0, 255)  # magenta
