@@ -6,14 +6,14 @@
 The network predicts, once, the blocks of two workloads (with `segment`'s default settings):
 (a) DSB 2018 stage1_train images in id order until they total ``--dsb-mpix`` megapixels, and
 (b) one ``--big`` x ``--big`` synthetic nuclei image (benchmarks/memory.py's tiled TIFF; its
-blocks are 2048² with their margins). Then :func:`nucleibatch.segment.steps.finish_block` (instances,
+blocks are 2048² with their margins). Then :func:`nucleibatch.segment.steps.find_block_nuclei` (instances,
 owned nuclei, measurements; no file writes) runs on every block ``--repeat`` times in this
 thread. Printed per workload: the best repeat's seconds per stage and its CPU milliseconds per
 megapixel of the blocks' read regions. On 2 cores every CPU-second of post-processing is taken
 from the network (see docs/performance.md); on a GPU node it is what the
 post-processing processes spend.
 
-``finish_block`` is the per-block step of every engine, in this version of the code and in
+``find_block_nuclei`` is the per-block step of every engine, in this version of the code and in
 earlier ones, so the script can be copied into an older checkout to compare.
 """
 
@@ -60,7 +60,7 @@ def predicted_blocks(folder: Path, model) -> list:
 
 def time_post_processing(name: str, blocks: list, params, repeat: int) -> None:
     from nucleibatch.segment.settings import SegmentSettings
-    from nucleibatch.segment.steps import finish_block
+    from nucleibatch.segment.steps import find_block_nuclei
 
     settings = SegmentSettings(store_image=False)
     megapixels = sum(prediction.probabilities.shape[1] * prediction.probabilities.shape[2] for _, _, prediction in blocks) / 1e6
@@ -71,7 +71,7 @@ def time_post_processing(name: str, blocks: list, params, repeat: int) -> None:
         nuclei = 0
         for plan, block, prediction in blocks:
             prediction.seconds = {}  # the network's share is not post-processing
-            result = finish_block(plan, block, prediction, settings, params)
+            result = find_block_nuclei(plan, block, prediction, settings, params)
             nuclei += result.owned.count
             for stage, value in result.seconds.items():
                 seconds[stage] = seconds.get(stage, 0.0) + value

@@ -47,7 +47,7 @@ def evaluate_model(
     size (``pixel_size``, else the image file's metadata) and the model's.
 
     ``instances_on``: where probabilities become labels, ``"cpu"`` or ``"device"`` (see
-    :func:`nucleibatch.segment_array.segment_image`).
+    :func:`nucleibatch.segment.array.segment_image`).
 
     Returns:
         ``(summary, rows)``: the mean ``map``, ``ap50``, ``ap75``, ``f1_50`` (+ ``n_images``, and

@@ -263,7 +263,7 @@ def _lookup_table(dtype: str, channels: int, stats: NormStats) -> np.ndarray:
     return apply_stats(sums, stats)
 
 
-def normalize_image(image: np.ndarray, channel: int | None = None, percentiles=(1.0, 99.8), invert: str = "auto") -> tuple[np.ndarray, NormStats]:
+def normalise_image(image: np.ndarray, channel: int | None = None, percentiles=(1.0, 99.8), invert: str = "auto") -> tuple[np.ndarray, NormStats]:
     """Grey + statistics + normalisation of an in-memory image: ``(H, W[, C]) -> (H, W) float32``."""
     grey = to_grey(image, channel)
     stats = compute_stats(grey, percentiles, invert)

@@ -152,7 +152,7 @@ def test_a_rerun_on_the_dask_engine_resumes(local_reference, tmp_path):
 
 @pytest.mark.parametrize("engine, post_workers", [("local", 0), ("local", 2), ("dask", None)])
 def test_a_failing_block_fails_only_its_image(tmp_path, engine, post_workers):
-    """A nucleus wider than the block margin fails its image (in a finish_block unit on a worker or
+    """A nucleus wider than the block margin fails its image (in a find_block_nuclei unit on a worker or
     a post-processing process, or in the local engine's finisher thread while the model goes on);
     the error reaches images.parquet with its advice, other images finish."""
     import numpy as np
@@ -197,7 +197,7 @@ def test_a_bad_read_in_a_group_of_small_images_fails_only_its_own_block(tmp_path
     from nucleibatch.output.store import open_root
     from nucleibatch.segment.settings import instance_params
     from nucleibatch.segment.steps import start_image
-    from nucleibatch.segment.units import BlockPredictor, finish_block_unit
+    from nucleibatch.segment.units import BlockPredictor, block_nuclei_unit
     from nucleibatch.synthetic import synthetic_nuclei, threshold_model
 
     for k in range(3):
@@ -212,7 +212,7 @@ def test_a_bad_read_in_a_group_of_small_images_fails_only_its_own_block(tmp_path
     alone = BlockPredictor(model, "cpu", settings, batch_size=4).predict([(plans[2], 0)])[0]
     np.testing.assert_array_equal(grouped[2].probabilities, alone.probabilities)
     with pytest.raises(ImageReadError):
-        finish_block_unit(plans[1], 0, grouped[1], settings, instance_params(settings, model), tmp_path / "out")
+        block_nuclei_unit(plans[1], 0, grouped[1], settings, instance_params(settings, model), tmp_path / "out")
     with pytest.raises(ImageReadError):  # a block predicted alone raises as before (the unit fails, Ray/Dask report it)
         BlockPredictor(model, "cpu", settings, batch_size=4).predict([(plans[1], 0)])
 

@@ -24,7 +24,7 @@ from nucleibatch.model import (
     prepare_network,
     windows_per_call,
 )
-from nucleibatch.normalize import normalize_image
+from nucleibatch.normalize import normalise_image
 
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "dsb_demo"
 
@@ -35,7 +35,7 @@ def test_bf16_channels_last_path_agrees_with_float32_on_the_cpu():
     assert fast_network.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     for source in list(discover_annotated([DEMO]))[:2]:
         example = load_annotated(source)
-        image, _ = normalize_image(example.image)
+        image, _ = normalise_image(example.image)
         usage = ModelUsage()
         reference = predict_image(model.network, image, tile_size=256, halo=32, bf16=False)
         fast = predict_image(fast_network, image, tile_size=256, halo=32, bf16=True, usage=usage)
@@ -163,7 +163,7 @@ def test_batch_norms_folded_into_convolutions_compute_the_same_function():
     folded = model.inference_network
     assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in folded.modules())
     assert any(isinstance(module, torch.nn.BatchNorm2d) for module in model.network.modules())
-    image, _ = normalize_image(load_annotated(next(iter(discover_annotated([DEMO])))).image)
+    image, _ = normalise_image(load_annotated(next(iter(discover_annotated([DEMO])))).image)
     reference = predict_image(model.network, image, tile_size=256, halo=32, bf16=False)
     np.testing.assert_allclose(model.predict(image), predict_image(folded, image, tile_size=256, halo=32, bf16=False))
     np.testing.assert_allclose(predict_image(folded, image, tile_size=256, halo=32, bf16=False), reference, atol=1e-4)

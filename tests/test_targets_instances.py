@@ -20,8 +20,8 @@ from nucleibatch.normalize import (
     NormStats,
     apply_stats,
     compute_stats,
+    normalise_image,
     normalise_pixels,
-    normalize_image,
     to_grey,
 )
 from nucleibatch.synthetic import synthetic_nuclei
@@ -284,8 +284,8 @@ def test_tiles_normalised_with_whole_image_stats_equal_the_normalised_image():
 def test_normalize_image_of_rgb_equals_its_grey():
     image, _ = synthetic_nuclei((64, 64), seed=3)
     rgba = np.stack([image, image, image, np.full_like(image, 255)], axis=2)
-    from_rgba, stats_rgba = normalize_image(rgba)
-    from_grey, stats_grey = normalize_image(image)
+    from_rgba, stats_rgba = normalise_image(rgba)
+    from_grey, stats_grey = normalise_image(image)
     np.testing.assert_array_equal(from_rgba, from_grey)
     assert stats_rgba == stats_grey
 

@@ -41,7 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ids-from-bundle", action="store_true", help="evaluate only the validation images recorded in the bundle's config (with --model auto: in any shipped bundle's)")
     p.add_argument("--skip-bad", action="store_true", help="skip bad annotations with a warning")
     p.add_argument("--tta", default="auto", choices=TTA_CHOICES, help="average predictions over 4 flips [the model's setting]")
-    p.add_argument("--instances-on", default="auto", choices=INSTANCES_ON, help="where probabilities become nuclei, as segment's: cpu (watershed) or device (torch) [auto: device on CUDA, else cpu]")
+    p.add_argument("--instances-on", default="auto", choices=INSTANCES_ON, help="where probabilities become nuclei, as segment's: cpu (watershed) or device (torch, on the network's device: the GPU, or the CPU where the network runs there) [auto: device on CUDA, else cpu]")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 

@@ -60,7 +60,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default="auto",
         choices=INSTANCES_ON,
         help="where probabilities become nuclei: cpu (scikit-image's watershed, in the post-processing threads or processes) or device "
-        "(torch, next to the network; on a GPU it spares the CPU cores; both score alike, figures in docs/performance.md) [auto: device on CUDA, else cpu]",
+        "(torch, next to the network, on --device: the GPU's, or the CPU when the network runs there; on a GPU it spares the CPU cores; "
+        "both score alike, figures in docs/performance.md) [auto: device on CUDA, else cpu]",
     )
     p.add_argument("--block-size", type=int, default=2048, help="side of the blocks an image is processed in [2048]")
     p.add_argument("--block-margin", type=int, default=128, help="context around each block; must exceed a nucleus' size [128]")

@@ -150,7 +150,7 @@ def choose(record: ImageRecord, models: ModelSet, channel: int | str | None = No
 
 
 def image_diameter(source: ImageSource, overview, model: NucleiModel, channel: int | None, invert: str | None) -> float | None:
-    """``--diameter auto`` for one image: :func:`~nucleibatch.segment_array.estimate_diameter` on
+    """``--diameter auto`` for one image: :func:`~nucleibatch.segment.array.estimate_diameter` on
     the window of at most ``ESTIMATE_WINDOW``² full-resolution pixels where the overview is densest,
     normalised with the whole image's statistics."""
     stats = stats_for_bundle(overview, model.config.normalization, invert, channel)

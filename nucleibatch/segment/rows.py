@@ -63,7 +63,7 @@ def plate_columns(record: ImageRecord) -> dict[str, Any]:
 
 
 def record_finished_image(out_dir: Location, record: ImageRecord, row: dict[str, Any]) -> None:
-    """Record an image as done with ``row`` (ok, from :func:`~nucleibatch.segment.stitch.paint_and_complete`):
+    """Record an image as done with ``row`` (ok, from :func:`~nucleibatch.segment.stitch.stitch_image`):
     its block checkpoints are dropped first, so that a kill in between redoes the image whole."""
     drop_checkpoints(out_dir, store_name(record.image_id))
     write_record(out_dir, store_name(record.image_id), row)

@@ -27,7 +27,8 @@ TABLES_VERSION = 3
 # --tta: flip test-time augmentation; "auto" is the model bundle's setting
 TTA_CHOICES = ("auto", "on", "off")
 
-# --instances-on: where probabilities become instance labels; "auto" is the device on CUDA, else the CPU
+# --instances-on: where probabilities become instance labels: "cpu" (scikit-image), "device" (torch,
+# on the network's device, which is the CPU where the network runs there), "auto" (device on CUDA, else cpu)
 INSTANCES_ON = ("auto", "cpu", "device")
 
 

@@ -155,7 +155,7 @@ class BlockPrediction:
         for the network, at the network's scale (see ``resampling`` and :func:`at_image_pixels`).
     pixels: ``(h, w, C)`` the image's raw pixels over ``block.read`` (for intensities and the image copy).
     owned: where the labels were made on the network's device (:func:`instances_on_device`), what
-        :func:`finish_block` would compute from them, computed there too (:func:`finish_on_device`):
+        :func:`find_block_nuclei` would compute from them, computed there too (:func:`find_nuclei_on_device`):
         ``(OwnedObjects, columns)``, or the error that the block's image fails with;
         else None.
     """
@@ -196,7 +196,7 @@ def predict_blocks(
     stage seconds are its share by pixels. Where :func:`instances_on_device`, each block's
     instance labels are made on the model's device too (at the image's own pixels), and replace
     its probabilities; else the probabilities of an image resampled for the network stay at the
-    network's scale, and :func:`finish_block` takes them back to the image's pixels (outside the
+    network's scale, and :func:`find_block_nuclei` takes them back to the image's pixels (outside the
     model's thread).
 
     Args:
@@ -228,7 +228,7 @@ def predict_blocks(
         with timer("instances"):
             labels = labels_on_device(probabilities, resamplings, params, scales)
         with timer("measure"):
-            owned = [finish_on_device(plan, block, block_labels, block_pixels, settings, params) for (plan, block, _, _), block_labels, block_pixels in zip(items, labels, pixels, strict=True)]
+            owned = [find_nuclei_on_device(plan, block, block_labels, block_pixels, settings, params) for (plan, block, _, _), block_labels, block_pixels in zip(items, labels, pixels, strict=True)]
         del labels
         probabilities = [None] * len(items)
         resamplings = [None] * len(items)
@@ -241,8 +241,8 @@ def predict_blocks(
     return predictions
 
 
-def finish_on_device(plan: ImagePlan, block: Block, labels, pixels: np.ndarray, settings: SegmentSettings, params: InstanceParams) -> tuple | BaseException:
-    """:func:`finish_block`'s ownership and measurements of a block whose labels (``(h, w)`` tensor
+def find_nuclei_on_device(plan: ImagePlan, block: Block, labels, pixels: np.ndarray, settings: SegmentSettings, params: InstanceParams) -> tuple | BaseException:
+    """:func:`find_block_nuclei`'s ownership and measurements of a block whose labels (``(h, w)`` tensor
     over ``block.read``) are on the network's device, done there
     (:func:`nucleibatch.stitching_torch.own_and_measure_on_device`); a nucleus larger than the
     block margin is returned as the error its image fails with (the other images of the call go on)."""
@@ -293,7 +293,7 @@ def at_image_pixels(probabilities: np.ndarray, resampling: tuple | None) -> np.n
     return probabilities if resampling is None else from_network_scale(probabilities, *resampling)
 
 
-def finish_block(plan: ImagePlan, block: Block, prediction: BlockPrediction, settings: SegmentSettings, params: InstanceParams, image_group=None) -> BlockResult:
+def find_block_nuclei(plan: ImagePlan, block: Block, prediction: BlockPrediction, settings: SegmentSettings, params: InstanceParams, image_group=None) -> BlockResult:
     """Instances of one block, its owned nuclei and their measurements; writes the block's image core."""
     timer = Timer()
     timer.add(prediction.seconds)
@@ -320,7 +320,7 @@ def finish_block(plan: ImagePlan, block: Block, prediction: BlockPrediction, set
 def without_masks(plan: ImagePlan, result: BlockResult) -> BlockResult:
     """What a finished block passes on to its image's last step: for an image of several blocks,
     whose block results are checkpointed (:func:`keep_block`), the result without its owned nuclei
-    (:func:`paint_and_complete` reads them back in their turn), so that the blocks of a whole
+    (:func:`stitch_image` reads them back in their turn), so that the blocks of a whole
     slide waiting for its last step hold their measurements only; else the result itself."""
     if len(plan.blocks) == 1:
         return result

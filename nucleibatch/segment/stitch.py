@@ -66,7 +66,7 @@ def remeasure(plan: ImagePlan, source: ImageSource, image_group, columns: dict[s
             columns[key][i] = values[0]
 
 
-def complete_image(
+def finish_image(
     plan: ImagePlan,
     results: dict[int, BlockResult],
     offsets: np.ndarray,
@@ -123,10 +123,10 @@ def complete_image(
     return row
 
 
-def paint_and_complete(plan: ImagePlan, results: list[BlockResult], settings: SegmentSettings, out_dir: Location, timer: Timer) -> dict[str, Any]:
+def stitch_image(plan: ImagePlan, results: list[BlockResult], settings: SegmentSettings, out_dir: Location, timer: Timer) -> dict[str, Any]:
     """The last step of an image whose blocks are all finished: paint every block core, in raster
     order, from the owned nuclei of the blocks around it (:class:`ImageStitcher`), then
-    :func:`complete_image`. Returns the row (not yet recorded).
+    :func:`finish_image`. Returns the row (not yet recorded).
 
     ``results``: the blocks finished by this run, in any order. A block that an earlier run
     finished (``plan.done_blocks``), or whose result comes without its nuclei's masks (an image of
@@ -145,7 +145,7 @@ def paint_and_complete(plan: ImagePlan, results: list[BlockResult], settings: Se
         if result is None or result.owned is None:
             result = kept_block(out_dir, plan, block.index)
         stitcher.add(result)
-    return complete_image(plan, stitcher.results, stitcher.offsets, stitcher.lost, group, settings, out_dir, timer)
+    return finish_image(plan, stitcher.results, stitcher.offsets, stitcher.lost, group, settings, out_dir, timer)
 
 
 class ImageStitcher:

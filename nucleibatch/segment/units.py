@@ -70,7 +70,7 @@ class BlockPredictor:
         """Read and predict the blocks ``[(plan, block index), ...]`` (one block, or the blocks
         of several small images whose tiles then share network calls); one
         :class:`~nucleibatch.segment.steps.BlockPrediction` per unit. In a group, a block whose read
-        fails gets its exception in its place (its finish_block unit raises it): one bad image
+        fails gets its exception in its place (its find_block_nuclei unit raises it): one bad image
         never fails the others of its group."""
         return self.predict_read(units, self.read(units))
 
@@ -187,15 +187,15 @@ def read_unit(plan: ImagePlan, block_index: int, settings: SegmentSettings, halo
     return _UNIT_IMAGES.read(plan, block_index, settings, halo)
 
 
-def finish_block_unit(plan: ImagePlan, block_index: int, prediction, settings: SegmentSettings, params, out_dir: Location):
-    """Unit 3: :func:`nucleibatch.segment.steps.finish_block`, writing into the image's group."""
+def block_nuclei_unit(plan: ImagePlan, block_index: int, prediction, settings: SegmentSettings, params, out_dir: Location):
+    """Unit 3: :func:`nucleibatch.segment.steps.find_block_nuclei`, writing into the image's group."""
     from ..runtime.allocator import release_free_memory
-    from .steps import finish_block, keep_block, without_masks
+    from .steps import find_block_nuclei, keep_block, without_masks
 
     if isinstance(prediction, BaseException):  # its read failed inside a group of small images
         raise prediction
     group = open_root(OutputFolder(out_dir).masks)[plan.store_path]
-    result = finish_block(plan, plan.blocks[block_index], prediction, settings, params, group)
+    result = find_block_nuclei(plan, plan.blocks[block_index], prediction, settings, params, group)
     keep_block(out_dir, plan, result)
     result.unit = {"predict_worker": prediction.worker, "finish_worker": current_worker(), "predict_group": prediction.predict_group}
     del prediction
@@ -204,17 +204,17 @@ def finish_block_unit(plan: ImagePlan, block_index: int, prediction, settings: S
     return result
 
 
-def complete_unit(plan: ImagePlan, settings: SegmentSettings, out_dir: Location, *results) -> tuple[dict[str, Any], dict[str, float], list[dict]]:
-    """Unit 4: :func:`nucleibatch.segment.stitch.paint_and_complete` (which adds the blocks an earlier run
+def stitch_unit(plan: ImagePlan, settings: SegmentSettings, out_dir: Location, *results) -> tuple[dict[str, Any], dict[str, float], list[dict]]:
+    """Unit 4: :func:`nucleibatch.segment.stitch.stitch_image` (which adds the blocks an earlier run
     finished); returns the row, the summed stage seconds of the image's units and where its block
     units ran."""
     from ..runtime.allocator import release_free_memory
-    from .stitch import paint_and_complete
+    from .stitch import stitch_image
 
     timer = Timer()
     for result in results:
         timer.add(result.seconds)
-    row = paint_and_complete(plan, list(results), settings, out_dir, timer)
+    row = stitch_image(plan, list(results), settings, out_dir, timer)
     release_free_memory()
     units = [{"image_id": plan.record.image_id, "block": r.block_index, **(r.unit or {})} for r in results]
     return row, dict(timer.seconds), units

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ...runtime.allocator import environment_for_children, worker_environment
 from ..plan import ImagePlan
 from ..settings import SegmentSettings, instance_params
-from ..units import BlockPredictor, complete_unit, finish_block_unit, start_unit
+from ..units import BlockPredictor, block_nuclei_unit, start_unit, stitch_unit
 from . import Engine, EngineRun, driver
 
 if TYPE_CHECKING:
@@ -92,14 +92,14 @@ class DaskExecutor:
 
     def predict(self, units: list[tuple[ImagePlan, int]]) -> list[Any]:
         group = self._submit(predict_unit, self.model, self.device, self.settings, self.batch_size, units, resources=self.resources)
-        # one future per block, so that each finish_block unit receives only its own prediction
+        # one future per block, so that each find_block_nuclei unit receives only its own prediction
         return [self._submit(operator.getitem, group, k) for k in range(len(units))]
 
-    def finish_block(self, plan: ImagePlan, block_index: int, prediction: Any) -> Any:
-        return self._submit(finish_block_unit, plan, block_index, prediction, self.settings, self.params, self.out_dir)
+    def find_block_nuclei(self, plan: ImagePlan, block_index: int, prediction: Any) -> Any:
+        return self._submit(block_nuclei_unit, plan, block_index, prediction, self.settings, self.params, self.out_dir)
 
-    def complete(self, plan: ImagePlan, results: list[Any]) -> Any:
-        return self._submit(complete_unit, plan, self.settings, self.out_dir, *results)
+    def stitch(self, plan: ImagePlan, results: list[Any]) -> Any:
+        return self._submit(stitch_unit, plan, self.settings, self.out_dir, *results)
 
     def wait(self, futures: list[Any]) -> list[Any]:
         done, _ = self._wait(futures, return_when="FIRST_COMPLETED")

@@ -8,14 +8,14 @@ Work units, per image (:mod:`nucleibatch.segment.units`, run where the scheduler
                read one block with its context, normalise, run the model -> probabilities
                (``segment --post-workers``: a ``read`` CPU task reads and normalises, the
                model's thread only predicts);
-3. ``finish_block`` (CPU task) instances, owned nuclei, measurements, the block's image copy;
-4. ``complete`` (CPU task)  paint every block core, nuclei table part, pyramids, completion record.
+3. ``find_block_nuclei`` (CPU task) instances, owned nuclei, measurements, the block's image copy;
+4. ``stitch`` (CPU task)    paint every block core, nuclei table part, pyramids, completion record.
 
 The driver only passes references between them (block data never goes through it) and bounds
 what is in flight: at most ``2 x model workers + CPU slots`` predict units between predict and
-finish_block, a few images planned ahead, so memory stays bounded however large the archive.
+find_block_nuclei, a few images planned ahead, so memory stays bounded however large the archive.
 Images that fit one network tile are grouped, by network window, as many to a predict unit as
-one model call of ``batch_size`` tiles' pixels holds (:func:`small_images_per_unit`), so that a
+one model call of ``batch_size`` tiles' pixels holds (:func:`~nucleibatch.segment.plan.small_images_per_unit`), so that a
 GPU gets full batches and per-call scheduling overhead is paid once per group. Each unit's writes go to
 places only that unit writes, by overwriting or atomic rename: a unit run twice (a retry after
 its worker died) leaves the same outputs and no duplicate rows.
@@ -59,9 +59,9 @@ class Executor(Protocol):
     def predict(self, units: list[tuple[ImagePlan, int]]) -> list[Any]:
         """One predict unit for ``[(plan, block index), ...]``; a prediction future per entry."""
         ...
-    def finish_block(self, plan: ImagePlan, block_index: int, prediction: Any) -> Any: ...
-    def complete(self, plan: ImagePlan, results: list[Any]) -> Any:
-        """The :func:`complete_unit` of an image, given its block result futures (in block order)."""
+    def find_block_nuclei(self, plan: ImagePlan, block_index: int, prediction: Any) -> Any: ...
+    def stitch(self, plan: ImagePlan, results: list[Any]) -> Any:
+        """The :func:`stitch_unit` of an image, given its block result futures (in block order)."""
         ...
     def wait(self, futures: list[Any]) -> list[Any]:
         """Block until at least one future is done; return the done ones."""
@@ -80,7 +80,7 @@ class _Image:
     started: float
     plan: ImagePlan | None = None
     to_submit: deque = field(default_factory=deque)
-    results: dict[int, Any] = field(default_factory=dict)  # block index -> finish_block future
+    results: dict[int, Any] = field(default_factory=dict)  # block index -> find_block_nuclei future
     blocks_done: int = 0
 
 
@@ -96,7 +96,6 @@ def batching_order(records: Sequence[ImageRecord], tile_size: int) -> list[Image
     return sorted(records, key=key)
 
 
-
 def run_distributed(
     executor: Executor,
     records: Sequence[ImageRecord],
@@ -108,7 +107,7 @@ def run_distributed(
     """Segment ``records`` with ``executor``; ``on_row`` gets each image's row as it finishes.
 
     ``placement`` receives one entry per block unit: ``{image_id, block, predict_worker, finish_worker}``.
-    A block unit's error reaches the driver through the image's ``complete`` unit, which depends
+    A block unit's error reaches the driver through the image's ``stitch`` unit, which depends
     on it (Ray and Dask both fail a task whose inputs failed, with the original exception).
     """
     tile_size = executor.model_config.tile_size
@@ -128,13 +127,13 @@ def run_distributed(
     starting: dict[Any, _Image] = {}
     blocks: dict[Any, _Image] = {}
     load: dict[Any, float] = {}  # finish future -> its share of a predict unit
-    completing: dict[Any, _Image] = {}
+    stitching: dict[Any, _Image] = {}
     small: dict[tuple[int, int], list[tuple[_Image, int]]] = {}  # one-tile images waiting, by window
 
     def submit(units: list[tuple[_Image, int]]) -> None:
         predictions = executor.predict([(image.plan, index) for image, index in units])
         for (image, index), prediction in zip(units, predictions, strict=True):
-            future = executor.finish_block(image.plan, index, prediction)
+            future = executor.find_block_nuclei(image.plan, index, prediction)
             image.results[index] = future
             blocks[future] = image
             load[future] = 1 / len(units)
@@ -179,7 +178,7 @@ def run_distributed(
                     for image, index in reversed(units):
                         image.to_submit.appendleft(index)
                 small.clear()
-            for future in executor.wait([*starting, *blocks, *completing]):
+            for future in executor.wait([*starting, *blocks, *stitching]):
                 if future in starting:
                     image = starting.pop(future)
                     try:
@@ -190,17 +189,17 @@ def run_distributed(
                     image.to_submit.extend(b.index for b in image.plan.blocks_to_do)
                     image.blocks_done = len(image.plan.done_blocks)
                     if not image.to_submit:  # every block was finished by an earlier run
-                        completing[executor.complete(image.plan, [])] = image
+                        stitching[executor.stitch(image.plan, [])] = image
                 elif future in blocks:
                     image = blocks.pop(future)
                     load.pop(future)
                     image.blocks_done += 1
                     if image.blocks_done == len(image.plan.blocks):
                         results = [image.results[b.index] for b in image.plan.blocks_to_do]
-                        completing[executor.complete(image.plan, results)] = image
+                        stitching[executor.stitch(image.plan, results)] = image
                         image.results = {}
                 else:
-                    image = completing.pop(future)
+                    image = stitching.pop(future)
                     try:
                         row, seconds, units = executor.result(future)
                     except Exception as error:
@@ -213,7 +212,7 @@ def run_distributed(
                     images.pop(image.record.image_id, None)
                     on_row(row)
     except BaseException:
-        executor.cancel([*starting, *blocks, *completing])
+        executor.cancel([*starting, *blocks, *stitching])
         raise
 
 

@@ -2,7 +2,7 @@
 (:func:`.driver.run_distributed`) with the units of :mod:`..units` run here.
 
 The model stays in this process, in one thread that only predicts. The CPU units (plan an image,
-finish a block: instances, measurements, image copy; complete an image: paint, tables, pyramids)
+find a block's nuclei: instances, measurements, image copy; stitch an image: paint, tables, pyramids)
 run in threads of this process, or in the processes of ``segment --post-workers N``
 (:mod:`.process_pool`), which also read and normalise the blocks. Without processes the blocks
 are read and normalised in one thread ahead of the model: an image is read by one thread at a
@@ -31,11 +31,11 @@ from ..settings import JobOptions, SegmentSettings, instance_params, resolve_ins
 from ..summary import device_peak_bytes
 from ..units import (
     BlockPredictor,
-    complete_unit,
-    finish_block_unit,
+    block_nuclei_unit,
     gather_reads,
     read_unit,
     start_unit,
+    stitch_unit,
 )
 from . import Engine, EngineRun, driver
 from .process_pool import default_post_workers, start_post_pool
@@ -83,11 +83,11 @@ class LocalExecutor:
         """:meth:`..units.BlockPredictor.predict_read` on what the read units returned."""
         return self.predictor.predict_read(units, gather_reads(units, outcomes))
 
-    def finish_block(self, plan: ImagePlan, block_index: int, prediction: Future) -> Future:
-        return _then(prediction, lambda value: self.cpu_pool.submit(finish_block_unit, plan, block_index, value, self.settings, self.params, self.out_dir))
+    def find_block_nuclei(self, plan: ImagePlan, block_index: int, prediction: Future) -> Future:
+        return _then(prediction, lambda value: self.cpu_pool.submit(block_nuclei_unit, plan, block_index, value, self.settings, self.params, self.out_dir))
 
-    def complete(self, plan: ImagePlan, results: list[Future]) -> Future:
-        return _after_all(results, lambda values: self.cpu_pool.submit(complete_unit, plan, self.settings, self.out_dir, *values))
+    def stitch(self, plan: ImagePlan, results: list[Future]) -> Future:
+        return _after_all(results, lambda values: self.cpu_pool.submit(stitch_unit, plan, self.settings, self.out_dir, *values))
 
     def wait(self, futures: list[Future]) -> list[Future]:
         done, _ = wait(futures, return_when=FIRST_COMPLETED)

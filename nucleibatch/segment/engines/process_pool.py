@@ -1,5 +1,5 @@
 """The post-processing processes of the local engine (``segment --post-workers N``): the CPU units
-of :mod:`.distributed` (plan an image, read and normalise a block, finish a block, complete an
+of :mod:`..units` (plan an image, read and normalise a block, find a block's nuclei, stitch an
 image) run in ``N`` worker processes, so that the work around the network uses every core without
 the GIL and keeps up with a GPU (:class:`.local.LocalExecutor` schedules them).
 """

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from ...runtime.allocator import worker_environment
 from ..plan import ImagePlan
 from ..settings import SegmentSettings, instance_params
-from ..units import BlockPredictor, complete_unit, finish_block_unit, start_unit
+from ..units import BlockPredictor, block_nuclei_unit, start_unit, stitch_unit
 from . import Engine, EngineRun, driver
 
 if TYPE_CHECKING:
@@ -129,8 +129,8 @@ class RayExecutor:
         self.next_predictor = 0
         task = ray.remote(num_cpus=1, max_retries=RETRIES)
         self._start = task(start_unit)
-        self._finish = task(finish_block_unit)
-        self._complete = task(complete_unit)
+        self._finish = task(block_nuclei_unit)
+        self._stitch = task(stitch_unit)
         self.settings, self.out_dir = settings, out_dir
         self.params = instance_params(settings, model)
         self.model_config = model.config
@@ -143,15 +143,15 @@ class RayExecutor:
     def predict(self, units: list[tuple[ImagePlan, int]]) -> list[Any]:
         actor = self.predictors[self.next_predictor]
         self.next_predictor = (self.next_predictor + 1) % len(self.predictors)
-        # one object per block: each finish_block task fetches only its own prediction
+        # one object per block: each find_block_nuclei task fetches only its own prediction
         futures = actor.predict.options(num_returns=len(units)).remote(units)
         return [futures] if len(units) == 1 else list(futures)
 
-    def finish_block(self, plan: ImagePlan, block_index: int, prediction: Any) -> Any:
+    def find_block_nuclei(self, plan: ImagePlan, block_index: int, prediction: Any) -> Any:
         return self._finish.remote(plan, block_index, prediction, self.settings, self.params, self.out_dir)
 
-    def complete(self, plan: ImagePlan, results: list[Any]) -> Any:
-        return self._complete.remote(plan, self.settings, self.out_dir, *results)
+    def stitch(self, plan: ImagePlan, results: list[Any]) -> Any:
+        return self._stitch.remote(plan, self.settings, self.out_dir, *results)
 
     def wait(self, futures: list[Any]) -> list[Any]:
         done, _ = self.ray.wait(futures, num_returns=1, fetch_local=False)

@@ -1,0 +1,7 @@
+"""`python -m nucleibatch.cli ...` = `nucleibatch ...`."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
