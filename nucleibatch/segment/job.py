@@ -232,4 +232,4 @@ def write_report_or_warn(out_dir: Location) -> None:
     try:
         write_report(out_dir)
     except Exception as error:
-        log.warning("report.html not written (%s: %s); rebuild it with: nucleibatch report %s", type(error).__name__, error, out_dir)
+        log.warning("%s not written (%s: %s); rebuild it with: nucleibatch report %s", OutputFolder(out_dir).report, type(error).__name__, error, out_dir)
