@@ -18,8 +18,7 @@ from nucleibatch.cli import main
 from nucleibatch.model import DEFAULT_BUNDLE, sha256_file
 from nucleibatch.training.loop import STATE_NAME
 from nucleibatch.training.overlays import PREDICTED_RGB, TRUE_RGB
-
-from .test_training import has_colour, png_rgb, ray_session, read_metrics, train_argv  # noqa: F401  (ray_session: fixture)
+from tests.helpers.training import has_colour, png_rgb, read_metrics, tiny_network, train_argv
 
 pytestmark = pytest.mark.slow
 
@@ -40,13 +39,11 @@ def _ddp_worker(rank: int, store_path: str, out_dir: str) -> None:
 
     from nucleibatch.training.loop import set_encoder_trainable, wrap_for_phase
 
-    from .test_training import _tiny_network
-
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
     try:
         for rewrap in (True, False):
-            network = _tiny_network()  # the same seed on both ranks
+            network = tiny_network()  # the same seed on both ranks
             optimizer = torch.optim.AdamW(network.parameters(), lr=1e-2)
             generator = torch.Generator().manual_seed(rank)  # each rank its own data, as DDP shards it
 
@@ -78,7 +75,7 @@ def test_ddp_ranks_agree_on_the_encoder_after_unfreezing_only_when_rewrapped(tmp
 
 
 @pytest.fixture(scope="module")
-def finetune_run(ray_session, dsb_root, tmp_path_factory):  # noqa: F811
+def finetune_run(ray_session, dsb_root, tmp_path_factory):
     """2 epochs from the default bundle, the encoder frozen in the first; returns (status, RUN_DIR)."""
     run_dir = tmp_path_factory.mktemp("finetune") / "run"
     status = main(train_argv(dsb_root, run_dir, "--epochs", "2", "--init", "default", "--freeze-encoder-epochs", "1"))

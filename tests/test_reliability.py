@@ -29,12 +29,9 @@ from nucleibatch.output.store import MAX_STORE_NAME, store_name
 from nucleibatch.synthetic import synthetic_nuclei
 from nucleibatch.tiling import MIN_WINDOW, small_image_window
 from nucleibatch.verify import verify_output
-from tests.outputs import image_groups
-
-sys.path.insert(0, str(Path(__file__).parent))
-import input_files as files  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import input_files as files
+from tests.helpers.outputs import image_groups
+from tests.helpers.paths import REPO
 
 
 def nucleus_image(seed: int, shape: tuple[int, int] = (96, 128)) -> np.ndarray:
@@ -174,17 +171,17 @@ def test_an_image_that_became_unreadable_leaves_no_nuclei_and_verify_reads_the_t
     assert report.intact, report.lines()
 
     # verify finds what a table or a part says against the records
-    parts = OutputFolder(out).nuclei
-    shutil.copy(parts / "f0.parquet", parts / "f1.parquet")  # a part beside a failed image
+    part = OutputFolder(out).nuclei_part
+    shutil.copy(part("f0"), part("f1"))  # a part beside a failed image
     table = pd.read_parquet(OutputFolder(out).images)
     table.loc[table["image_id"] == "f2", "n_nuclei"] += 1
     table.to_parquet(OutputFolder(out).images)
-    shutil.copy(parts / "f0.parquet", parts / "gone.parquet")
+    shutil.copy(part("f0"), part("gone"))
     report = verify_output(out)
     assert not report.intact
     assert [d.image_id for d in report.damaged] == ["f1"]
     text = "\n".join(report.lines())
-    assert "'f2'" in text and "n_nuclei" in text and "gone.parquet" in text, text
+    assert "'f2'" in text and "n_nuclei" in text and part("gone").name in text, text
     done = cli("verify", str(out))
     assert done.returncode == 3
     assert main([*argv, "--verify"]) == 3
@@ -270,7 +267,7 @@ def test_sigterm_stops_with_the_stopped_line_and_a_rerun_finishes(tmp_path, tiny
     command = [sys.executable, "-m", "nucleibatch", "segment", str(inputs), "-o", str(out), "--model", str(tiny_bundle), "--post-workers", "0", "--batch-size", "1"]
     env = {**os.environ, "NUCLEIBATCH_FAIL_AT": ""}
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    records = out / ".nucleibatch" / "records"
+    records = OutputFolder(out).records
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not (records.is_dir() and any(records.glob("*.json"))) and proc.poll() is None:
         time.sleep(0.05)
@@ -310,7 +307,7 @@ def test_a_run_killed_during_overwrite_is_finished_by_the_next_run(tmp_path, tin
     env = {**os.environ, "NUCLEIBATCH_FAIL_AT": f"clear:{NUCLEI}"}  # killed after the parts went, records still there
     done = cli(*command, "--overwrite", env=env)
     assert done.returncode == -signal.SIGKILL, done.stderr
-    assert not OutputFolder(out).nuclei.exists() and any((out / ".nucleibatch" / "records").glob("*.json"))
+    assert not OutputFolder(out).nuclei.exists() and any(OutputFolder(out).records.glob("*.json"))
     assert main(command) == 0  # a plain re-run
     after = pd.read_parquet(OutputFolder(out).nuclei).sort_values(["image_id", "label"]).reset_index(drop=True)
     pd.testing.assert_frame_equal(after, before)
@@ -396,7 +393,7 @@ def slide_outputs(out: Path) -> tuple[np.ndarray, pd.DataFrame, dict]:
 def kill_after_blocks(command: list[str], out: Path, blocks: int) -> int:
     """Start ``command``, SIGKILL its process group once ``blocks`` more block checkpoints than now
     exist; returns how many there were at the kill."""
-    folder = out / ".nucleibatch" / "blocks"
+    folder = OutputFolder(out).blocks
     count = lambda: len(list(folder.glob("*/*.npz"))) if folder.is_dir() else 0  # noqa: E731
     target = count() + blocks
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -431,7 +428,7 @@ def test_a_slide_killed_again_and_again_resumes_from_its_finished_blocks(post_wo
     assert run["model_tiles"] <= 0.75 * reference_run["model_tiles"], "the finished blocks were not predicted again"
     np.testing.assert_array_equal(labels, reference_labels)
     pd.testing.assert_frame_equal(nuclei, reference_nuclei)
-    assert not any((out / ".nucleibatch" / "blocks").glob("*")), "checkpoints go with the completion record"
+    assert not any(OutputFolder(out).blocks.glob("*")), "checkpoints go with the completion record"
     assert verify_output(out).intact
 
 

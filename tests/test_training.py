@@ -7,11 +7,8 @@ Fine-tuning (--init, --freeze-encoder-epochs) runs in tests/test_finetune.py.
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 import struct
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +17,14 @@ import torch
 
 import nucleibatch
 from nucleibatch.cli import main
-
-SMALL_RUN = ["--workers", "2", "--limit-images", "6", "--patches-per-epoch", "16", "--batch-size", "2", "--patch-size", "128"]
-METRIC_COLUMNS = ["epoch", "train_loss", "val_map", "val_ap50", "val_ap75", "val_f1_50", "lr", "patches_per_s", "epoch_seconds"]
-
-
-def train_argv(data: Path, run_dir: Path, *extra: str) -> list[str]:
-    return ["train", str(data), "-o", str(run_dir), *SMALL_RUN, *extra]
+from tests.helpers.training import (
+    METRIC_COLUMNS,
+    has_colour,
+    png_rgb,
+    read_metrics,
+    tiny_network,
+    train_argv,
+)
 
 
 def read_tensorboard(path: Path) -> dict[str, list[tuple[int, str, object]]]:
@@ -46,74 +44,6 @@ def read_tensorboard(path: Path) -> dict[str, list[tuple[int, str, object]]]:
             content = value.simple_value if kind == "simple_value" else value.image if kind == "image" else None
             tags.setdefault(value.tag, []).append((event.step, kind, content))
     return tags
-
-
-def png_rgb(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
-
-
-def has_colour(rgb: np.ndarray, colour) -> bool:
-    return bool((rgb == np.asarray(colour, np.uint8)).all(axis=-1).any())
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, str]]:
-    with open(run_dir / "metrics.csv", newline="") as handle:
-        reader = csv.DictReader(handle)
-        assert reader.fieldnames == METRIC_COLUMNS
-        return list(reader)
-
-
-def _descendants(pid: int) -> set[int]:
-    """Every process below ``pid`` (from /proc; Linux)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    """Ray Train starts a private local Ray inside `train`; shut it down after the module and check
-    that none of the processes it started is left."""
-    import ray
-
-    before = set(_descendants(os.getpid()))  # e.g. multiprocessing's resource tracker of earlier tests
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("RAY_ADDRESS", raising=False)  # never join another cluster from the tests
-        yield
-    started = [pid for pid in _descendants(os.getpid()) if pid not in before]
-    ray.shutdown()
-    assert not ray.is_initialized()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(_alive(pid) for pid in started):
-        time.sleep(0.5)
-    left = sorted(pid for pid in started if _alive(pid))
-    assert not left, f"processes left after ray.shutdown(): {left}"
 
 
 @pytest.fixture(scope="module")
@@ -337,16 +267,6 @@ def test_overlay_panel_draws_true_outlines_magenta_and_predicted_ones_green_on_t
         overlay_image(image, true[:10], predicted)
 
 
-def _tiny_network():
-    from dataclasses import replace
-
-    from nucleibatch.model import build_network, default_config
-
-    torch.manual_seed(0)
-    config = replace(default_config("resnet18"), decoder_channels=[16, 8, 8, 8, 8])  # full depth: every encoder parameter is used
-    return build_network(config)
-
-
 def _train_steps(network, optimizer, steps=2):
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
@@ -357,7 +277,7 @@ def _train_steps(network, optimizer, steps=2):
 def test_a_frozen_encoder_stays_as_it_was_and_learns_once_unfrozen():
     from nucleibatch.training.loop import encoder_of, set_encoder_trainable
 
-    network = _tiny_network()
+    network = tiny_network()
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-2, weight_decay=0.1)  # decay too must not touch it
     encoder_before = {k: v.clone() for k, v in network.encoder.state_dict().items()}
     decoder_before = {k: v.clone() for k, v in network.decoder.state_dict().items()}
@@ -380,7 +300,7 @@ def test_a_frozen_encoder_stays_as_it_was_and_learns_once_unfrozen():
 def test_a_checkpoint_takes_precedence_over_init_weights():
     from nucleibatch.training.loop import starting_state
 
-    network, other = _tiny_network(), _tiny_network()
+    network, other = tiny_network(), tiny_network()
     with torch.no_grad():
         for p in other.parameters():
             p.add_(1.0)
