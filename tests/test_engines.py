@@ -154,7 +154,7 @@ def test_a_rerun_on_the_dask_engine_resumes(local_reference, tmp_path):
 def test_a_failing_block_fails_only_its_image(tmp_path, engine, post_workers):
     """A nucleus wider than the block margin fails its image (in a finish_block unit on a worker or
     a post-processing process, or in the local engine's finisher thread while the model goes on);
-    the error reaches images.parquet with its advice, other images finish."""
+    the error reaches the images table with its advice, other images finish."""
     import numpy as np
 
     from nucleibatch.synthetic import threshold_model

@@ -5,7 +5,7 @@ and changed files. Whatever happens, the final outputs equal those of an uninter
   at random moments while images are processed (triggered by its own progress), and at named
   fail points (:mod:`nucleibatch.runtime.faults`): creating a store group, writing a pyramid level, a
   nuclei part, a completion record, between a temporary file and its rename, consolidating
-  images.parquet / nuclei.parquet, writing run.json and report.html. After each kill the same
+  the images and nuclei tables, writing the run summary and the report. After each kill the same
   command is run again; the last run goes to the end.
 * Full disk: a tmpfs of a few MB (or, where this machine cannot mount one, the ``enospc`` fail
   point on every write) fills mid-run: exit status 1 with a clear message, finished images
@@ -102,7 +102,7 @@ def run_killed(cmd: list[str], out: Path, rng: random.Random, log: Path, fail_at
 
 
 # While images are processed: random moments, and fail points of the image phase. Once every
-# image is done, the end phase: consolidation, run.json, report.html (each kill point is passed
+# image is done, the end phase: consolidation, run summary, report (each kill point is passed
 # only by a run that gets that far, so they come last, in the order the run passes them).
 IMAGE_PHASE = [
     f"rename:{SETTINGS_FILE}:1", None, "store:group:2", None, "part:1", None, "record:2", None,
@@ -129,7 +129,7 @@ def test_killed_twenty_times_at_random_moments_and_fail_points_loses_nothing(fau
         if status == -signal.SIGKILL:
             kills.append(how)
     # the last run of the image phase may have finished, and a rerun with nothing to do keeps its
-    # run.json and report.html: without them, the end phase's runs have both to write (and are
+    # run summary and report: without them, the end phase's runs have both to write (and are
     # killed writing them)
     for name in (RUN, REPORT):
         (out / name).unlink(missing_ok=True)

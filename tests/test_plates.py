@@ -1,4 +1,4 @@
-"""Screens (issue 23): OME-Zarr plates in and out, the root of masks.zarr in OME-Zarr readers,
+"""Screens (issue 23): OME-Zarr plates in and out, the root of the masks store in OME-Zarr readers,
 and ``--include`` for one-file-per-channel exports."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import zarr
 
 from nucleibatch.cli import main
-from nucleibatch.output.folder import LABEL_NAME, LABELS, OutputFolder
+from nucleibatch.output.folder import LABEL_NAME, LABELS, MASKS, OutputFolder
 from nucleibatch.output.layout import OME_GROUP
 from nucleibatch.output.store import store_name
 from nucleibatch.pipeline import SegmentSettings
@@ -75,7 +75,7 @@ def test_a_plate_input_gives_a_plate_that_ome_zarr_py_reads_at_the_root(plate_ru
     masks = OutputFolder(tmp / "out").masks
     nodes = list(Reader(parse_url(str(masks)))())
     plate = nodes[0].first(Plate)
-    assert plate is not None, "the root of masks.zarr is not a plate"
+    assert plate is not None, f"the root of {MASKS} is not a plate"
     # the wells that hold fields, in the input's rows and columns
     assert plate.row_names == ["B", "C"] and plate.col_names == ["2", "3"]
     assert plate.well_paths == ["B/2", "C/3"]
@@ -181,7 +181,7 @@ def test_include_keeps_the_nuclear_channel_of_a_one_file_per_channel_export(tmp_
 
 
 def test_an_out_from_before_plates_verifies_reports_and_resumes(tmp_path):
-    """An OUT written before the plate columns and layouts (no `layout` setting, images.parquet
+    """An OUT written before the plate columns and layouts (no `layout` setting, an images table
     and records without plate/well/field) keeps its groups and is read, checked and resumed."""
     import pyarrow.parquet as pq
 

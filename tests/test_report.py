@@ -1,8 +1,8 @@
-"""The QC report `OUT/report.html` (nucleibatch.report, `nucleibatch report OUT`).
+"""The QC report in OUT (nucleibatch.report, `nucleibatch report OUT`).
 
 A real small OUT (the shipped model on two DSB demo images, a grey fluorescence and an H&E
 one, plus a zero-byte PNG that fails) must give a report whose sections, counts and failed
-list agree with images.parquet, whose pictures are embedded JPEGs with the outlines where the
+list agree with the images table, whose pictures are embedded JPEGs with the outlines where the
 labels' boundaries are, and that references nothing outside itself. A whole-slide-sized OUT
 (written with the store's own writers) must be shown as a pyramid level plus a full-resolution
 crop of its densest area. Partial outputs still give a report; a folder that is not a segment
@@ -142,7 +142,7 @@ def test_report_embeds_everything_and_references_nothing_outside(report):
 
 
 def test_gallery_outlines_lie_on_the_label_boundaries(demo_segment_out, report):
-    """Decode each gallery picture and compare it with the labels in masks.zarr: the outline
+    """Decode each gallery picture and compare it with the labels in the masks store: the outline
     colour is on the labels' boundaries and nowhere else (catches shifted or transposed overlays)."""
     import zarr
 
@@ -199,7 +199,7 @@ def test_bad_out_is_refused_with_exit_status_2(tmp_path, capsys, kind):
 
 
 def test_partial_output_still_gives_a_report(demo_segment_out, tmp_path):
-    """A run killed before its tables: no run.json, no images.parquet, a nuclei part damaged,
+    """A run killed before its tables: no run summary, no images table, a nuclei part damaged,
     one image's group gone. The report is written, counts the completion records and says what is missing."""
     out = tmp_path / "partial"
     shutil.copytree(demo_segment_out, out)

@@ -3,7 +3,7 @@
 A folder mixes 3 good synthetic images with files that cannot be segmented (empty,
 truncated PNG and TIFF, text named .tif, 1x1 image, 5-D array without axes metadata,
 bool and complex pixels). The run must finish with exit status 3, give every input one
-row in images.parquet, the bad ones 'failed' with a specific one-line reason and no
+row in the images table, the bad ones 'failed' with a specific one-line reason and no
 labels, the good ones 'ok' with labels and nuclei; a re-run leaves failed images alone
 unless --retry-failed. (Every other kind of bad input, run once: tests/test_bad_corpus.py.) Usage errors exit 2 with one line on stderr. Real files, the real
 CLI (in-process ``main`` and ``python -m nucleibatch`` subprocesses), nothing mocked.

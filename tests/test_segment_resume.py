@@ -11,7 +11,7 @@ Everything is real: `python -m nucleibatch segment` subprocesses killed with SIG
 real files, parquet and zarr. Kill points are drawn with a fixed seed from the wall
 time of the uninterrupted reference run (``NB_KILL_POINTS=N`` draws N of them; 2 by
 default), plus one triggered by the run's own progress: right after its last
-completion record, i.e. while it writes images.parquet / run.json and exits.
+completion record, i.e. while it writes the images table and the run summary and exits.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import pytest
 import zarr
 
 from nucleibatch.cli import main
-from nucleibatch.output.folder import LABELS, OutputFolder, label_path
+from nucleibatch.output.folder import LABELS, MASKS, OutputFolder, label_path
 from nucleibatch.synthetic import synthetic_nuclei
 from tests.helpers import input_files as files
 from tests.helpers.outputs import image_groups
@@ -128,7 +128,7 @@ def temporary_files(out: Path) -> list[str]:
 
 
 def part_stamps(out: Path) -> dict[str, tuple[int, int]]:
-    """``{part file name: (inode, mtime_ns)}`` of nuclei.parquet/ (changes when a part is rewritten)."""
+    """``{part file name: (inode, mtime_ns)}`` of the nuclei table's parts (changes when a part is rewritten)."""
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(OutputFolder(out).nuclei.glob("*.parquet"))}
 
 
@@ -168,7 +168,7 @@ def assert_resumed_out_equals_reference(out: Path, reference_out: Path) -> None:
 
     ref_root = zarr.open_group(str(OutputFolder(reference_out).masks), mode="r")
     root = zarr.open_group(str(OutputFolder(out).masks), mode="r")
-    assert sorted(image_groups(root)) == sorted(image_groups(ref_root)), "masks.zarr holds other image groups than the reference"
+    assert sorted(image_groups(root)) == sorted(image_groups(ref_root)), f"{MASKS} holds other image groups than the reference"
     for store_path in ref_images["store_path"]:
         group, ref_group = root[store_path], ref_root[store_path]
         assert label_levels(group) == label_levels(ref_group)
@@ -223,7 +223,7 @@ def kill_after(proc: subprocess.Popen, delay: float) -> bool:
 
 
 def kill_after_last_record(proc: subprocess.Popen, out: Path, timeout: float = 300) -> bool:
-    """Kill as soon as every image has its completion record: the end phase (tables, run.json, exit)."""
+    """Kill as soon as every image has its completion record: the end phase (tables, run summary, exit)."""
     records = OutputFolder(out).records
     deadline = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < deadline:
@@ -267,7 +267,7 @@ def test_sigkill_at_any_moment_then_rerun_equals_uninterrupted_run(point, inputs
     # finished images were skipped, not redone: same count, same part files
     if len(done_before) < N_IMAGES:
         assert f"{len(done_before)} done by an earlier run" in rerun.stdout, rerun.stdout
-    else:  # nothing left to do: run.json keeps the killed run's figures where it had written them
+    else:  # nothing left to do: the run summary keeps the killed run's figures where it had written them
         assert "nothing to do" in rerun.stdout or f"{N_IMAGES} done by an earlier run" in rerun.stdout, rerun.stdout
     assert {name: stamp for name, stamp in part_stamps(out).items() if name in stamps_before} == stamps_before
 
@@ -364,7 +364,7 @@ def test_live_lock_refuses_a_second_run_and_a_dead_ones_is_taken_over(inputs, ti
     out = copy_of(reference.out, tmp_path)
     lock = OutputFolder(out).lock
     argv = ["segment", str(inputs), "-o", str(out), "--model", str(tiny_bundle), *BLOCK]
-    # another process holds the run lock (as a live run does: an flock on OUT/.nucleibatch/lock)
+    # another process holds the run lock (as a live run does: an flock on OutputFolder(out).lock)
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD_LOCK, str(lock)], stdout=subprocess.PIPE, text=True
     )
@@ -434,7 +434,7 @@ def test_leftover_temporary_files_of_a_killed_writer_are_removed(inputs, tiny_bu
 
 
 def test_images_running_at_once_open_the_masks_root_safely(tmp_path):
-    """The local engine segments 2 images at once and each opens OUT/masks.zarr.
+    """The local engine segments 2 images at once and each opens OUT's masks store.
 
     ``open_root`` (``zarr.open_group(mode="a")``) checks for the group, then creates it: two
     threads creating a fresh root race, and the loser gets ``ContainsGroupError`` (its image
@@ -463,11 +463,11 @@ def test_images_running_at_once_open_the_masks_root_safely(tmp_path):
                     future.result()
                 except Exception as error:  # noqa: BLE001 (collected and reported below)
                     errors.append(f"{type(error).__name__}: {error}")
-    assert errors == [], f"{len(errors)} of 400 concurrent opens of masks.zarr failed, e.g. {errors[0]}"
+    assert errors == [], f"{len(errors)} of 400 concurrent opens of {MASKS} failed, e.g. {errors[0]}"
 
 
 def test_fresh_out_root_exists_before_images_run(inputs, tiny_bundle, tmp_path):
-    """A run whose every image fails still creates masks.zarr up front (the root is made once, by the job)."""
+    """A run whose every image fails still creates the masks store up front (the root is made once, by the job)."""
     out = tmp_path / "out"
     # --channel 5: every (grey) input is refused at discovery, so no image ever opens the root itself
     assert main(["segment", str(inputs), "-o", str(out), "--model", str(tiny_bundle), *BLOCK, "--channel", "5"]) == 3
