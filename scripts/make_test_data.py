@@ -13,7 +13,7 @@ small_monuseg_root), in the on-disk formats of the real sets in ../shared/data:
 
 Deterministic: the nuclei (ellipses, some touching) come from :func:`nucleibatch.synthetic.synthetic_nuclei`
 with fixed seeds, the pixels are drawn here with fixed seeds: smooth textures, no pixel noise
-(so that the PNGs stay small: the whole set is about 350 KB). The tissue is made by the Beer-Lambert law from
+(so that the PNGs stay small: the whole set is about 360 KB). The tissue is made by the Beer-Lambert law from
 the haematoxylin and eosin stain vectors that colour deconvolution assumes (Ruifrok & Johnston).
 Generated data, no third-party pixels: CC0, like the code.
 """
@@ -79,7 +79,7 @@ def he_tile(shape: tuple[int, int], seed: int) -> tuple[np.ndarray, np.ndarray]:
     amount = rng.uniform(0.7, 1.3, int(labels.max()) + 1)
     amount[0] = 0.0
     haematoxylin = 0.08 + ndi.gaussian_filter(amount[labels] * (0.85 + 0.15 * smooth_noise(rng, shape, 1.5)), 1.0)
-    eosin = 0.35 + 0.15 * smooth_noise(rng, shape, 12.0)
+    eosin = 0.35 + 0.25 * smooth_noise(rng, shape, 12.0)  # uneven, as real tissue: stain jitter shows
     density = haematoxylin[..., None] * HAEMATOXYLIN_OD + eosin[..., None] * EOSIN_OD
     rgb = 255 * np.exp(-density)
     return np.clip(rgb, 0, 255).round().astype(np.uint8), labels

@@ -35,10 +35,10 @@ def ray_head():
 
 
 @pytest.mark.slow
-def test_train_job_submitted_to_a_ray_cluster_writes_a_bundle(ray_head, dsb_root, tmp_path):
+def test_train_job_submitted_to_a_ray_cluster_writes_a_bundle(ray_head, small_dsb_root, tmp_path):
     run_dir = tmp_path / "run"
     result = ray_head.job(
-        "python", "jobs/train.py", str(dsb_root), "-o", str(run_dir),
+        "python", "jobs/train.py", str(small_dsb_root), "-o", str(run_dir),
         "--workers", "2", "--epochs", "1", "--limit-images", "4", "--patches-per-epoch", "8",
         "--batch-size", "2", "--patch-size", "128", "--no-tune",
     )  # fmt: skip

@@ -113,13 +113,13 @@ def test_narrow_images_get_windows_of_at_least_min_window():
 
 
 @pytest.mark.parametrize("shape", [(400, 24), (600, 16)])
-def test_a_narrow_image_gives_the_same_nuclei_on_every_run_on_the_bf16_path(shape, dsb_root):
+def test_a_narrow_image_gives_the_same_nuclei_on_every_run_on_the_bf16_path(shape, small_dsb_root):
     from PIL import Image
 
     from nucleibatch.model import load_model
     from nucleibatch.segment_array import segment_image
 
-    field = np.asarray(Image.open(sorted(dsb_root.glob("*/images/*.png"))[0]))[..., :3]
+    field = np.asarray(Image.open(sorted(small_dsb_root.glob("*/images/*.png"))[0]))[..., :3]
     tall = np.concatenate([field] * 3, axis=0)[: shape[0], : shape[1]]
     model = load_model("default", precision="bf16")
     assert model.bf16

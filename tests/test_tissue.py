@@ -369,7 +369,7 @@ def test_a_mixed_archive_goes_to_the_shipped_models_alike_on_every_engine(dsb_ro
         run_segment_job([str(folder)], tmp_path / "local", model="default", device="cpu", precision="float32", progress=False)
 
 
-def test_an_image_that_cannot_be_read_while_choosing_fails_alone(tmp_path, monuseg_root):
+def test_an_image_that_cannot_be_read_while_choosing_fails_alone(tmp_path):
     from nucleibatch.io.location import to_location
 
     fluorescence, tissue = threshold_model(), threshold_model()

@@ -1,4 +1,5 @@
-"""`nucleibatch train` end to end: real Ray Train (2 DDP workers on the CPU), real DSB files.
+"""`nucleibatch train` end to end: real Ray Train (2 DDP workers on the CPU), real files in the
+DSB layout (the small generated set, tests/data/dsb).
 
 The runs are tiny (6 images, 16 patches of 128 px per epoch) so that the module stays within a
 few minutes on 2 cores; they check plumbing (files, resume, refusals), not model quality.
@@ -47,10 +48,10 @@ def read_tensorboard(path: Path) -> dict[str, list[tuple[int, str, object]]]:
 
 
 @pytest.fixture(scope="module")
-def first_run(ray_session, dsb_root, tmp_path_factory):
+def first_run(ray_session, small_dsb_root, tmp_path_factory):
     """`train --epochs 2 --tensorboard` on 6 real images; returns (exit status, RUN_DIR, metrics rows)."""
     run_dir = tmp_path_factory.mktemp("train") / "run"
-    status = main(train_argv(dsb_root, run_dir, "--epochs", "2", "--tensorboard"))
+    status = main(train_argv(small_dsb_root, run_dir, "--epochs", "2", "--tensorboard"))
     rows = read_metrics(run_dir) if (run_dir / "metrics.csv").is_file() else []
     return status, run_dir, rows
 
@@ -91,7 +92,7 @@ def test_train_writes_metrics_curves_and_a_loadable_bundle(first_run):
 
 
 @pytest.mark.slow
-def test_train_writes_a_validation_overlay_per_epoch(first_run, dsb_root):
+def test_train_writes_a_validation_overlay_per_epoch(first_run, small_dsb_root):
     from nucleibatch.io.annotated import discover_annotated, iter_annotated
     from nucleibatch.training.overlays import OVERLAY_CROP, TRUE_RGB
 
@@ -101,7 +102,7 @@ def test_train_writes_a_validation_overlay_per_epoch(first_run, dsb_root):
     assert [p.name for p in overlays] == ["epoch_001.png", "epoch_002.png"]
     # the one validation image (rank 0 holds it), shown whole or by its central crop
     val_id = nucleibatch.load_model(run_dir / "bundle").config.training["val_image_ids"][0]
-    annotated = next(iter_annotated([s for s in discover_annotated([dsb_root]) if s.image_id == val_id]))
+    annotated = next(iter_annotated([s for s in discover_annotated([small_dsb_root]) if s.image_id == val_id]))
     expected = tuple(min(side, OVERLAY_CROP) for side in annotated.labels.shape)
     for path in overlays:
         rgb = png_rgb(path)
@@ -128,12 +129,12 @@ def test_tensorboard_logs_the_metrics_and_the_overlay_per_epoch(first_run):
 
 
 @pytest.mark.slow
-def test_train_again_with_more_epochs_resumes(first_run, dsb_root, capfd):
+def test_train_again_with_more_epochs_resumes(first_run, small_dsb_root, capfd):
     import ray
 
     status, run_dir, first_rows = first_run
     assert status == 0 and len(first_rows) == 2
-    assert main(train_argv(dsb_root, run_dir, "--epochs", "3")) == 0
+    assert main(train_argv(small_dsb_root, run_dir, "--epochs", "3")) == 0
     rows = read_metrics(run_dir)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert rows[:2] == first_rows  # the first two epochs come from the checkpoint, not retrained
@@ -147,11 +148,11 @@ def test_train_again_with_more_epochs_resumes(first_run, dsb_root, capfd):
 
 
 @pytest.mark.slow
-def test_rerunning_a_finished_run_trains_nothing_more(first_run, dsb_root):
+def test_rerunning_a_finished_run_trains_nothing_more(first_run, small_dsb_root):
     _, run_dir, _ = first_run
     rows_before = read_metrics(run_dir)
     epochs = len(rows_before)  # 3 after the resume test, 2 when run alone
-    assert main(train_argv(dsb_root, run_dir, "--epochs", str(epochs))) == 0
+    assert main(train_argv(small_dsb_root, run_dir, "--epochs", str(epochs))) == 0
     assert read_metrics(run_dir) == rows_before
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["epochs_run"] == epochs
@@ -159,11 +160,11 @@ def test_rerunning_a_finished_run_trains_nothing_more(first_run, dsb_root):
 
 
 @pytest.mark.slow
-def test_changed_encoder_on_the_same_run_dir_is_refused(first_run, dsb_root, capfd):
+def test_changed_encoder_on_the_same_run_dir_is_refused(first_run, small_dsb_root, capfd):
     _, run_dir, _ = first_run
     settings_before = (run_dir / "train_settings.json").read_text()
     metrics_before = (run_dir / "metrics.csv").read_text()
-    assert main(train_argv(dsb_root, run_dir, "--epochs", "3", "--encoder", "mobilenet_v2")) == 2
+    assert main(train_argv(small_dsb_root, run_dir, "--epochs", "3", "--encoder", "mobilenet_v2")) == 2
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert err[0].startswith("nucleibatch train: error: ")
@@ -173,19 +174,19 @@ def test_changed_encoder_on_the_same_run_dir_is_refused(first_run, dsb_root, cap
 
 
 @pytest.mark.slow
-def test_init_on_a_run_dir_trained_from_scratch_is_refused(first_run, dsb_root, capfd):
+def test_init_on_a_run_dir_trained_from_scratch_is_refused(first_run, small_dsb_root, capfd):
     _, run_dir, _ = first_run
     settings_before = (run_dir / "train_settings.json").read_text()
-    assert main(train_argv(dsb_root, run_dir, "--epochs", "3", "--init", "default")) == 2
+    assert main(train_argv(small_dsb_root, run_dir, "--epochs", "3", "--init", "default")) == 2
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("nucleibatch train: error: ")
     assert "other init (None, now default)" in err[0] and "--overwrite" in err[0]
     assert (run_dir / "train_settings.json").read_text() == settings_before
 
 
-def test_bad_patch_size_exits_2_with_one_line(dsb_root, tmp_path, capsys):
+def test_bad_patch_size_exits_2_with_one_line(small_dsb_root, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    assert main(train_argv(dsb_root, run_dir, "--epochs", "1", "--patch-size", "100")) == 2
+    assert main(train_argv(small_dsb_root, run_dir, "--epochs", "1", "--patch-size", "100")) == 2
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
     assert len(err) == 1
@@ -194,17 +195,17 @@ def test_bad_patch_size_exits_2_with_one_line(dsb_root, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("bad", [["--workers", "two"], ["--epochs"], ["--no-such-option"]])
-def test_unparsable_arguments_exit_2_with_one_line(dsb_root, tmp_path, capsys, bad):
+def test_unparsable_arguments_exit_2_with_one_line(small_dsb_root, tmp_path, capsys, bad):
     with pytest.raises(SystemExit) as info:
-        main(["train", str(dsb_root), "-o", str(tmp_path / "run"), *bad])
+        main(["train", str(small_dsb_root), "-o", str(tmp_path / "run"), *bad])
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "error" in err[0]
 
 
-def test_other_invalid_settings_exit_2(dsb_root, tmp_path, capsys):
+def test_other_invalid_settings_exit_2(small_dsb_root, tmp_path, capsys):
     for extra, fragment in ((["--workers", "0"], "--workers"), (["--val-fraction", "1.0"], "--val-fraction"), (["--epochs", "0"], "--epochs")):
-        assert main(["train", str(dsb_root), "-o", str(tmp_path / "run"), *extra]) == 2
+        assert main(["train", str(small_dsb_root), "-o", str(tmp_path / "run"), *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and fragment in err[0]
 
@@ -342,29 +343,29 @@ def test_epochs_are_numbered_from_1_also_in_checkpoints_of_earlier_versions(tmp_
     assert load_best_state([(old, {"epoch": 1, "score": 0.4}), (new, {"epoch": 3, "epoch_base": 1, "score": 0.5})])[1]["epoch"] == 3
 
 
-def test_resolve_init_takes_the_network_from_the_bundle_and_lowers_the_learning_rate(dsb_root, tmp_path):
+def test_resolve_init_takes_the_network_from_the_bundle_and_lowers_the_learning_rate(small_dsb_root, tmp_path):
     from nucleibatch.errors import UsageError
     from nucleibatch.model import DEFAULT_BUNDLE, sha256_file
     from nucleibatch.training.run import TrainSettings, _check_resume, _save_settings, resolve_init
 
-    base = TrainSettings(data=[str(dsb_root)], run_dir=str(tmp_path / "run"))
+    base = TrainSettings(data=[str(small_dsb_root)], run_dir=str(tmp_path / "run"))
     scratch, config, state = resolve_init(base)
     assert (scratch.encoder, scratch.architecture, scratch.learning_rate, state, config.init) == ("resnet18", "Unet", 2e-3, None, None)
 
     default = nucleibatch.load_model("default")
-    tuned, config, state = resolve_init(TrainSettings(data=[str(dsb_root)], run_dir=str(tmp_path / "run"), init="default"))
+    tuned, config, state = resolve_init(TrainSettings(data=[str(small_dsb_root)], run_dir=str(tmp_path / "run"), init="default"))
     assert tuned.learning_rate == pytest.approx(2e-4)  # 10x lower than from scratch
     assert (tuned.encoder, tuned.architecture, tuned.init) == (default.config.encoder, default.config.architecture, "default")
     assert config.init == {"name": default.name, "source": "default", "sha256": sha256_file(DEFAULT_BUNDLE / "model.safetensors")}
     assert config.postprocess == default.config.postprocess and config.normalization == default.config.normalization
     assert all(torch.equal(state[k], v) for k, v in default.network.state_dict().items())
-    assert resolve_init(TrainSettings(data=[str(dsb_root)], run_dir="r", init="default", learning_rate=1e-3))[0].learning_rate == 1e-3
-    assert resolve_init(TrainSettings(data=[str(dsb_root)], run_dir="r", init="default", encoder="resnet18"))[0].encoder == "resnet18"
+    assert resolve_init(TrainSettings(data=[str(small_dsb_root)], run_dir="r", init="default", learning_rate=1e-3))[0].learning_rate == 1e-3
+    assert resolve_init(TrainSettings(data=[str(small_dsb_root)], run_dir="r", init="default", encoder="resnet18"))[0].encoder == "resnet18"
 
     # the same --init resumes; another one (or none) is refused
     _save_settings(tmp_path / "run", tuned)
-    _check_resume(tmp_path / "run", resolve_init(TrainSettings(data=[str(dsb_root)], run_dir=str(tmp_path / "run"), init="default"))[0], False)
-    same_by_path = resolve_init(TrainSettings(data=[str(dsb_root)], run_dir="r", init=str(DEFAULT_BUNDLE / "config.json")))[0]
+    _check_resume(tmp_path / "run", resolve_init(TrainSettings(data=[str(small_dsb_root)], run_dir=str(tmp_path / "run"), init="default"))[0], False)
+    same_by_path = resolve_init(TrainSettings(data=[str(small_dsb_root)], run_dir="r", init=str(DEFAULT_BUNDLE / "config.json")))[0]
     assert same_by_path.init == str(DEFAULT_BUNDLE.resolve())
     with pytest.raises(UsageError, match=r"other init \(default, now .*models/default\)"):
         _check_resume(tmp_path / "run", same_by_path, False)
@@ -381,9 +382,9 @@ def test_resolve_init_takes_the_network_from_the_bundle_and_lowers_the_learning_
         (["--init", "default", "--freeze-encoder-epochs", "-1"], ["--freeze-encoder-epochs must be >= 0"]),
     ],
 )
-def test_bad_fine_tuning_arguments_exit_2_with_one_line(dsb_root, tmp_path, capsys, extra, fragments):
+def test_bad_fine_tuning_arguments_exit_2_with_one_line(small_dsb_root, tmp_path, capsys, extra, fragments):
     run_dir = tmp_path / "run"
-    assert main(["train", str(dsb_root), "-o", str(run_dir), "--epochs", "1", *extra]) == 2
+    assert main(["train", str(small_dsb_root), "-o", str(run_dir), "--epochs", "1", *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("nucleibatch train: error: ")
     for fragment in fragments:
@@ -391,11 +392,11 @@ def test_bad_fine_tuning_arguments_exit_2_with_one_line(dsb_root, tmp_path, caps
     assert not run_dir.exists()
 
 
-def test_tensorboard_without_a_writer_library_exits_2(dsb_root, tmp_path, capsys, monkeypatch):
+def test_tensorboard_without_a_writer_library_exits_2(small_dsb_root, tmp_path, capsys, monkeypatch):
     import nucleibatch.training.run as run_module
 
     monkeypatch.setattr(run_module, "tensorboard_writer_class", lambda: None)
-    assert main(["train", str(dsb_root), "-o", str(tmp_path / "run"), "--epochs", "1", "--tensorboard"]) == 2
+    assert main(["train", str(small_dsb_root), "-o", str(tmp_path / "run"), "--epochs", "1", "--tensorboard"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--tensorboard needs tensorboardX" in err[0] and "pip install" in err[0]
 
@@ -404,7 +405,7 @@ LOCAL_RUN = ["--engine", "local", "--limit-images", "6", "--patches-per-epoch", 
 
 
 @pytest.mark.slow
-def test_engine_local_trains_resumes_and_exports_without_ray(dsb_root, tmp_path, capfd, monkeypatch):
+def test_engine_local_trains_resumes_and_exports_without_ray(small_dsb_root, tmp_path, capfd, monkeypatch):
     import nucleibatch.runtime.ray_start
 
     def no_ray(*args, **kwargs):
@@ -412,7 +413,7 @@ def test_engine_local_trains_resumes_and_exports_without_ray(dsb_root, tmp_path,
 
     monkeypatch.setattr(nucleibatch.runtime.ray_start, "init_ray", no_ray)
     run_dir = tmp_path / "run"
-    assert main(["train", str(dsb_root), "-o", str(run_dir), *LOCAL_RUN, "--epochs", "2", "--overlay-every", "0"]) == 0
+    assert main(["train", str(small_dsb_root), "-o", str(run_dir), *LOCAL_RUN, "--epochs", "2", "--overlay-every", "0"]) == 0
     rows = read_metrics(run_dir)
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     checkpoints = sorted(p.name for p in (run_dir / "local_train").iterdir())
@@ -421,7 +422,7 @@ def test_engine_local_trains_resumes_and_exports_without_ray(dsb_root, tmp_path,
     assert bundle.config.training["engine"] == "local" and bundle.config.metrics["epochs"] == 2
     capfd.readouterr()
 
-    assert main(["train", str(dsb_root), "-o", str(run_dir), *LOCAL_RUN, "--epochs", "3", "--overlay-every", "0"]) == 0
+    assert main(["train", str(small_dsb_root), "-o", str(run_dir), *LOCAL_RUN, "--epochs", "3", "--overlay-every", "0"]) == 0
     out = capfd.readouterr().out
     assert "resuming after epoch 2/3" in out and "epoch 3/3 done" in out
     resumed = read_metrics(run_dir)
@@ -429,13 +430,13 @@ def test_engine_local_trains_resumes_and_exports_without_ray(dsb_root, tmp_path,
     assert json.loads((run_dir / "summary.json").read_text())["best_epoch"] in (1, 2, 3)
 
     # the same RUN_DIR under Ray Train would not find these checkpoints: refused
-    assert main(["train", str(dsb_root), "-o", str(run_dir), *LOCAL_RUN[2:], "--epochs", "3"]) == 2
+    assert main(["train", str(small_dsb_root), "-o", str(run_dir), *LOCAL_RUN[2:], "--epochs", "3"]) == 2
     err = capfd.readouterr().err
     assert "engine (local, now ray)" in err and "--overwrite" in err
 
 
-def test_engine_local_takes_one_worker_only(dsb_root, tmp_path, capsys):
-    assert main(["train", str(dsb_root), "-o", str(tmp_path / "run"), *LOCAL_RUN, "--workers", "2"]) == 2
+def test_engine_local_takes_one_worker_only(small_dsb_root, tmp_path, capsys):
+    assert main(["train", str(small_dsb_root), "-o", str(tmp_path / "run"), *LOCAL_RUN, "--workers", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--engine local" in err[0] and "--workers 1" in err[0]
 

@@ -1,7 +1,7 @@
 """Training faults (issue 5): a Ray Train worker killed mid-run, and a corrupt checkpoint.
 
 Real `python -m nucleibatch train` processes (2 DDP workers on the CPU, a private Ray on
-127.0.0.1), tiny runs on 6 real DSB images.
+127.0.0.1), tiny runs on the 6 small generated DSB-layout images.
 * A worker process SIGKILLed after the first checkpoint: Ray Train restarts the worker group
   from the last checkpoint (FailureConfig), the command finishes with status 0 and every epoch
   appears once in metrics.csv.
@@ -54,10 +54,10 @@ def registered_checkpoints(run_dir: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_a_training_worker_killed_mid_run_resumes_from_the_last_checkpoint(dsb_root, tmp_path):
+def test_a_training_worker_killed_mid_run_resumes_from_the_last_checkpoint(small_dsb_root, tmp_path):
     run_dir = tmp_path / "run"
     with open(tmp_path / "train.log", "w") as log:
-        proc = subprocess.Popen(train_command(dsb_root, run_dir, 6), cwd=REPO, env=child_environment(RAY_DISABLE_USAGE_STATS="1"), stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(train_command(small_dsb_root, run_dir, 6), cwd=REPO, env=child_environment(RAY_DISABLE_USAGE_STATS="1"), stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 400
         while proc.poll() is None and not registered_checkpoints(run_dir) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -73,15 +73,15 @@ def test_a_training_worker_killed_mid_run_resumes_from_the_last_checkpoint(dsb_r
 
 
 @pytest.mark.slow
-def test_a_corrupt_checkpoint_is_skipped_for_the_previous_good_one(dsb_root, tmp_path):
+def test_a_corrupt_checkpoint_is_skipped_for_the_previous_good_one(small_dsb_root, tmp_path):
     run_dir = tmp_path / "run"
-    first = subprocess.run(train_command(dsb_root, run_dir, 2), cwd=REPO, env=child_environment(RAY_DISABLE_USAGE_STATS="1"), capture_output=True, text=True, timeout=600)
+    first = subprocess.run(train_command(small_dsb_root, run_dir, 2), cwd=REPO, env=child_environment(RAY_DISABLE_USAGE_STATS="1"), capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     kept = checkpoints(run_dir)
     assert len(kept) == 2
     state = kept[-1] / "state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 3])  # the newest one, truncated
-    again = subprocess.run(train_command(dsb_root, run_dir, 3), cwd=REPO, env=child_environment(RAY_DISABLE_USAGE_STATS="1"), capture_output=True, text=True, timeout=600)
+    again = subprocess.run(train_command(small_dsb_root, run_dir, 3), cwd=REPO, env=child_environment(RAY_DISABLE_USAGE_STATS="1"), capture_output=True, text=True, timeout=600)
     output = again.stdout + again.stderr
     assert again.returncode == 0, output[-4000:]
     assert f"checkpoint {kept[-1].name} is unreadable" in output and f"resuming from the older checkpoint {kept[0].name} (epoch 1)" in output, output[-4000:]
