@@ -411,7 +411,7 @@ def test_cellpose_pairs_are_read_with_either_mask_suffix_and_an_image_without_ma
 
 
 @pytest.fixture(scope="module")
-def segment_out(tmp_path_factory):
+def synthetic_fields_out(tmp_path_factory):
     """A finished segment OUT of two synthetic fields (the shipped model)."""
     from nucleibatch.segment.job import run_segment_job
 
@@ -440,16 +440,16 @@ def edit_labels(out: Path, store_path: str) -> np.ndarray:
     return labels
 
 
-def test_a_segment_out_with_edited_labels_is_read_as_annotations(segment_out, tmp_path):
+def test_a_segment_out_with_edited_labels_is_read_as_annotations(synthetic_fields_out, tmp_path):
     import pandas as pd
 
-    images = pd.read_parquet(OutputFolder(segment_out).images).sort_values("image_id")
-    edited = edit_labels(segment_out, images.store_path.iloc[0])
-    sources = discover_annotated([segment_out])
+    images = pd.read_parquet(OutputFolder(synthetic_fields_out).images).sort_values("image_id")
+    edited = edit_labels(synthetic_fields_out, images.store_path.iloc[0])
+    sources = discover_annotated([synthetic_fields_out])
     assert [s.image_id for s in sources] == list(images.image_id)
     first = load_annotated(sources[0])
     np.testing.assert_array_equal(first.labels, edited)  # the corrections are the targets
-    original = np.asarray(Image.open(segment_out.parent / "in" / f"{images.image_id.iloc[0]}.png"))
+    original = np.asarray(Image.open(synthetic_fields_out.parent / "in" / f"{images.image_id.iloc[0]}.png"))
     np.testing.assert_array_equal(first.image, original)
 
 
@@ -466,7 +466,7 @@ def test_a_segment_out_without_image_copies_says_how_to_train_on_it(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_reads_cellpose_pairs_and_a_corrected_segment_out(segment_out, tmp_path):
+def test_train_reads_cellpose_pairs_and_a_corrected_segment_out(synthetic_fields_out, tmp_path):
     """The loop's last step: `train` on what the user corrected (and Cellpose pairs beside it)."""
     import json
     import subprocess
@@ -479,7 +479,7 @@ def test_train_reads_cellpose_pairs_and_a_corrected_segment_out(segment_out, tmp
         write_png(cellpose / f"f{seed}_masks.png", labels.astype(np.uint16))
     run = tmp_path / "run"
     done = subprocess.run(
-        [sys.executable, "-m", "nucleibatch", "train", str(cellpose), str(segment_out), "-o", str(run), "--engine", "local", "--init", "default",
+        [sys.executable, "-m", "nucleibatch", "train", str(cellpose), str(synthetic_fields_out), "-o", str(run), "--engine", "local", "--init", "default",
          "--epochs", "1", "--patches-per-epoch", "4", "--batch-size", "2", "--patch-size", "64", "--no-tune", "--overlay-every", "0", "--val-fraction", "0.25"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip

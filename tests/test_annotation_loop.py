@@ -9,7 +9,6 @@ import shlex
 import subprocess
 import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,8 +18,8 @@ from PIL import Image
 
 from nucleibatch.output.folder import OutputFolder, label_path
 from nucleibatch.synthetic import synthetic_nuclei
+from tests.helpers.paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Correct and fine-tune"
 # appended to the README's train line (argparse: the last value wins): the same loop, in seconds
 # (test_annotated.py trains with these on the CPU too)

@@ -1,4 +1,4 @@
-"""The bad-inputs corpus (tests/bad_corpus.py) through a real `segment` run (issue 5, point 3).
+"""The bad-inputs corpus (tests/helpers/bad_corpus.py) through a real `segment` run (issue 5, point 3).
 
 Every corpus item must end as an 'ok' row that passes its sanity checks (all-black and
 saturated images: 0 nuclei; the same picture as another dtype, format, file name or channel
@@ -55,18 +55,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import zarr
 
 from nucleibatch.cli import main
 from nucleibatch.io.discover import discover_inputs
-from nucleibatch.output.folder import OutputFolder, label_path
+from nucleibatch.output.folder import MASKS, OutputFolder
 from nucleibatch.segment.job import run_segment_job
 from nucleibatch.synthetic import threshold_model
+from tests.helpers import bad_corpus
+from tests.helpers.outputs import labels_of
+from tests.helpers.paths import REPO
 
-sys.path.insert(0, str(Path(__file__).parent))
-import bad_corpus  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 # corpus file -> its image id in the corpus run
 BOMBS = {
     "bomb.png": "bomb.png",
@@ -101,10 +99,6 @@ def segmented(corpus, tmp_path_factory):
     return summary, images, nuclei, out, seconds
 
 
-def labels_of(out: Path, row: pd.Series) -> np.ndarray:
-    return zarr.open_group(str(OutputFolder(out).masks), mode="r")[label_path(0, row['store_path'])][...]
-
-
 def test_run_finishes_with_exit_status_3(segmented, corpus):
     summary, images, _, out, seconds = segmented
     _, expected = corpus
@@ -137,9 +131,9 @@ def test_every_item_ends_as_expected(segmented, corpus):
             if missing:
                 problems.append(f"{image_id!r}: reason {error!r} lacks {missing}")
             if row["n_nuclei"] != 0 or not pd.isna(row["store_path"]) or (nuclei["image_id"] == image_id).any():
-                problems.append(f"{image_id!r}: failed but has nuclei or a masks.zarr group")
+                problems.append(f"{image_id!r}: failed but has nuclei or a {MASKS} group")
             continue
-        labels = labels_of(out, row)
+        labels = labels_of(out, image_id)
         table = nuclei[nuclei["image_id"] == image_id]
         if labels.shape != (row["height"], row["width"]) or labels.dtype != np.uint32:
             problems.append(f"{image_id!r}: labels {labels.shape} {labels.dtype} for a {row['height']}x{row['width']} image")
@@ -171,16 +165,15 @@ def test_same_picture_gives_the_same_nuclei(segmented, corpus):
     """Another dtype (int8, int32, float16, 16-bit with 5 grey levels, floats with NaN / inf),
     format (JPEG, BMP, GIF, palette, RGBA, TIFF named .png), name or channel layout of the
     reference picture: the oracle model finds the reference's nuclei (foreground IoU >= 0.95)."""
-    _, images, _, out, _ = segmented
+    _, _, _, out, _ = segmented
     _, expected = corpus
-    rows = images.set_index("image_id")
-    reference = labels_of(out, rows.loc[bad_corpus.REFERENCE]) > 0
+    reference = labels_of(out, bad_corpus.REFERENCE) > 0
     assert reference.any()
     checked = 0
     for image_id, item in expected.items():
         if item.like is None or item.outcome != "ok":
             continue
-        found = labels_of(out, rows.loc[image_id]) > 0
+        found = labels_of(out, image_id) > 0
         assert found.shape == reference.shape, image_id
         iou = (found & reference).sum() / (found | reference).sum()
         assert iou >= 0.95, f"{image_id!r}: foreground IoU {iou:.3f} with {bad_corpus.REFERENCE} ({item.note})"
@@ -194,7 +187,7 @@ def test_non_finite_pixels_are_background_not_nan(segmented):
     _, images, _, out, _ = segmented
     rows = images.set_index("image_id")
     for image_id in ("float_nan", "float_inf"):
-        labels = labels_of(out, rows.loc[image_id])
+        labels = labels_of(out, image_id)
         assert rows.loc[image_id, "status"] == "ok" and labels.max() > 0
     assert "no finite pixel values" in rows.loc["float_all_nan", "error"]
 
@@ -291,10 +284,10 @@ def test_decompression_bombs_are_refused_before_allocating(corpus):
 
 def test_generator_entry_point(tmp_path):
     target = tmp_path / "corpus"
-    done = subprocess.run([sys.executable, "tests/bad_corpus.py", str(target)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "tests/helpers/bad_corpus.py", str(target)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
     assert lines[-1].startswith(f"{len(lines) - 1} items written to {target}")
     assert (target / "bomb.png").stat().st_size < 200 and (target / "good.png").is_file()
-    again = subprocess.run([sys.executable, "tests/bad_corpus.py", str(target)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    again = subprocess.run([sys.executable, "tests/helpers/bad_corpus.py", str(target)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "not empty" in again.stderr

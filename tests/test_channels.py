@@ -27,7 +27,7 @@ from nucleibatch.segment.job import run_segment_job
 from nucleibatch.segment.plan import ImagePlan
 from nucleibatch.segment.settings import SegmentSettings
 from nucleibatch.synthetic import synthetic_nuclei, threshold_model
-from tests import input_files as files
+from tests.helpers import input_files as files
 
 NAMES = ("DAPI", "GFP", "RFP")
 SHAPE = (320, 288)
@@ -181,7 +181,7 @@ def test_mixed_grey_and_multichannel_run_reads_as_one_table(channel_run):
     assert nuclei.loc[nuclei.image_id == "two", "mean_intensity_GFP"].isna().all()
     assert nuclei.loc[nuclei.image_id == "stack", "mean_intensity_RFP"].notna().all()
     # the grey image's part has no channel columns of its own: the schema part unites them
-    assert "mean_intensity_GFP" not in pq.read_schema(OutputFolder(out).nuclei / f"{pd.read_parquet(OutputFolder(out).images).set_index('image_id').store_path['grey']}.parquet").names
+    assert "mean_intensity_GFP" not in pq.read_schema(OutputFolder(out).nuclei_part(pd.read_parquet(OutputFolder(out).images).set_index('image_id').store_path['grey'])).names
     assert (OutputFolder(out).nuclei / SCHEMA_PART).is_file()
     assert len(pd.read_parquet(OutputFolder(out).nuclei / SCHEMA_PART)) == 0
     # the image copy keeps the names, for napari and for `--channel NAME` on this OUT
@@ -259,7 +259,7 @@ def test_geojson_export_carries_each_images_own_channel_means(channel_run):
 
     _, out, _, _, _ = channel_run
     assert main(["export", str(out), "--format", "geojson"]) == 0
-    exported = {p.name: json.loads(p.read_text()) for p in (out / "export" / "geojson").rglob("*.geojson")}
+    exported = {p.name: json.loads(p.read_text()) for p in OutputFolder(out).export("geojson").rglob("*.geojson")}
     measured = {name: set(collection["features"][0]["properties"]["measurements"]) for name, collection in exported.items() if collection["features"]}
     stack = next(m for name, m in measured.items() if name.startswith("stack"))
     grey = next(m for name, m in measured.items() if name.startswith("grey"))

@@ -18,9 +18,9 @@ import yaml
 import nucleibatch
 from nucleibatch.cli import build_parser
 from nucleibatch.runtime.allocator import ALLOCATOR_ENV
+from tests.helpers.paths import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
-CLUSTER = ROOT / "cluster"
+CLUSTER = REPO / "cluster"
 YAMLS = sorted(CLUSTER.glob("*.yaml"))
 COMMAND_FILES = [*YAMLS, CLUSTER / "README.md", CLUSTER / "dask_slurm.py"]
 SUBCOMMANDS = ("segment", "train", "evaluate")
@@ -85,7 +85,7 @@ def test_commands_name_existing_entrypoints_and_real_flags():
         seen[path.name] = len(commands)
         for subcommand, arguments in commands:
             where = f"{path.name}: {subcommand} {arguments.strip()}"
-            assert (ROOT / "jobs" / f"{subcommand}.py").is_file(), where
+            assert (REPO / "jobs" / f"{subcommand}.py").is_file(), where
             assert subcommand in subparsers, where
             unknown = [f for f in _flags(arguments) if f not in options[subcommand]]
             assert not unknown, f"{where}: unknown flags {unknown}"
@@ -244,7 +244,7 @@ def test_ray_launcher_config_is_valid_with_a_cpu_head_and_gpu_workers():
 def test_dask_slurm_script_compiles_and_shows_help_without_dask_jobqueue(tmp_path):
     script = CLUSTER / "dask_slurm.py"
     py_compile.compile(str(script), cfile=str(tmp_path / "dask_slurm.pyc"), doraise=True)
-    result = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    result = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert result.returncode == 0, result.stderr
     for flag in ("--jobs", "--queue", "--walltime", "-o"):
         assert flag in result.stdout
@@ -316,7 +316,7 @@ def test_dask_slurm_script_says_how_to_install_dask_jobqueue(tmp_path):
     out = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, str(CLUSTER / "dask_slurm.py"), str(tmp_path), "-o", str(out), "--jobs", "1"],
-        capture_output=True, text=True, timeout=60, cwd=ROOT,
+        capture_output=True, text=True, timeout=60, cwd=REPO,
     )  # fmt: skip
     assert result.returncode == 2
     assert "pip install dask-jobqueue" in result.stderr

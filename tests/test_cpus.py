@@ -12,8 +12,7 @@ import pytest
 
 from nucleibatch.cpus import cgroup_quota, usable_cpus
 from nucleibatch.segment.engines.process_pool import default_post_workers
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.paths import REPO
 
 
 def fake_cgroup(tmp_path: Path, **files: str) -> Path:
@@ -63,9 +62,7 @@ def test_a_run_says_its_device_and_cpus_at_the_start(tmp_path, tiny_bundle):
     import torch
 
     from nucleibatch.synthetic import synthetic_nuclei
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    import input_files as files
+    from tests.helpers import input_files as files
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: --device auto takes it")

@@ -21,8 +21,8 @@ from nucleibatch.metrics import image_scores
 from nucleibatch.output.folder import OutputFolder, label_path
 from nucleibatch.segment.job import run_segment_job
 from nucleibatch.segment.settings import SegmentSettings
-from tests import input_files as files
-from tests.outputs import assert_same_outputs, image_groups
+from tests.helpers import input_files as files
+from tests.helpers.outputs import assert_same_masks_and_tables, image_groups
 
 SETTINGS = SegmentSettings(block_size=256, block_margin=64)
 # bf16 convolutions on CPUs with AVX512-BF16 (oneDNN) round differently with the batch size, so
@@ -54,7 +54,7 @@ def test_post_processing_processes_give_the_local_engines_outputs(local_referenc
     out = tmp_path / "pool"
     summary = run_segment_job([str(local_reference / "in")], out, model="default", device="cpu", settings=SETTINGS, post_workers=2, progress=False)
     assert summary.exit_code == 3 and summary.n_failed == 1
-    assert_same_outputs(local_reference / "local", out)
+    assert_same_masks_and_tables(local_reference / "local", out)
     run = json.loads(OutputFolder(out).run_json.read_text())
     assert run["engine"] == "local" and run["post_workers"] == 2 and run["model_busy_seconds"] > 0
     finishers = [w for w, units in run["placement"]["workers"].items() if units["finish"]]
@@ -75,7 +75,7 @@ def test_instances_on_the_device_with_threads_and_with_processes(local_reference
         run = json.loads(OutputFolder(out).run_json.read_text())
         assert run["instances_on"] == "device" and run["stage_seconds"]["instances"] > 0
         runs[post_workers] = out
-    assert_same_outputs(runs[0], runs[2])
+    assert_same_masks_and_tables(runs[0], runs[2])
     reference_nuclei = pd.read_parquet(OutputFolder(local_reference / "local").nuclei)
     device_nuclei = pd.read_parquet(OutputFolder(runs[0]).nuclei)
     per_image = reference_nuclei.groupby("image_id").size().to_frame("cpu").join(device_nuclei.groupby("image_id").size().rename("device"))
@@ -125,7 +125,7 @@ def test_dask_engine_on_a_local_cluster_matches_the_local_engine(local_reference
         [str(local_reference / "in")], out, model="default", device="cpu", settings=SETTINGS, engine="dask", workers=2, progress=False
     )
     assert summary.exit_code == 3 and summary.n_failed == 1
-    images = assert_same_outputs(local_reference / "local", out)
+    images = assert_same_masks_and_tables(local_reference / "local", out)
     failed = images[images.status == "failed"]
     assert list(failed.image_id) == ["slides/notes"] and "TIFF" in failed.error.iloc[0]
     run = json.loads(OutputFolder(out).run_json.read_text())
@@ -154,7 +154,7 @@ def test_a_rerun_on_the_dask_engine_resumes(local_reference, tmp_path):
 def test_a_failing_block_fails_only_its_image(tmp_path, engine, post_workers):
     """A nucleus wider than the block margin fails its image (in a find_block_nuclei unit on a worker or
     a post-processing process, or in the local engine's finisher thread while the model goes on);
-    the error reaches images.parquet with its advice, other images finish."""
+    the error reaches the images table with its advice, other images finish."""
     import numpy as np
 
     from nucleibatch.synthetic import threshold_model
@@ -182,8 +182,8 @@ def test_small_images_share_predict_units_with_the_local_engine_outputs(tmp_path
     local = run_segment_job([str(tmp_path / "in")], tmp_path / "local", model=model, progress=False)
     grouped = run_segment_job([str(tmp_path / "in")], tmp_path / "dask", model=model, engine="dask", workers=1, batch_size=4, progress=False)
     assert grouped.n_ok == local.n_ok == 11
-    assert_same_outputs(tmp_path / "local", tmp_path / "dask")
-    units = pd.read_json(tmp_path / "dask" / ".nucleibatch" / "placement.jsonl", lines=True)
+    assert_same_masks_and_tables(tmp_path / "local", tmp_path / "dask")
+    units = pd.read_json(OutputFolder(tmp_path / "dask").placement, lines=True)
     # how many share a call depends on when their start units finish: at least one group, none above batch_size
     assert len(units) == 11 and 2 <= units.predict_group.max() <= 4, units.predict_group.tolist()
     assert set(units[units.predict_group > 1].image_id) <= {i for i in units.image_id if not i.startswith("slides/")}
@@ -342,7 +342,7 @@ def test_the_local_engine_groups_small_images_into_shared_calls_with_unchanged_o
     monkeypatch.setattr(driver, "small_images_per_unit", lambda batch_size, window: 1)
     alone = run_segment_job([str(tmp_path / "in")], tmp_path / "alone", model="default", device="cpu", precision=PRECISION, batch_size=4, progress=False)
     assert grouped.n_ok == alone.n_ok == 16 and grouped.n_failed == alone.n_failed == 1
-    assert_same_outputs(tmp_path / "alone", tmp_path / "grouped")
+    assert_same_masks_and_tables(tmp_path / "alone", tmp_path / "grouped")
     calls = {tuple(shape[:3]): shape[3] for shape in json.loads(OutputFolder(tmp_path / "grouped").run_json.read_text())["model_batches"]}
     one_by_one = {tuple(shape[:3]): shape[3] for shape in json.loads(OutputFolder(tmp_path / "alone").run_json.read_text())["model_batches"]}
     assert max(n for n, _, _ in calls) == 3 and max(n for n, _, _ in one_by_one) == 1  # the 3 copies of each demo image
@@ -363,7 +363,7 @@ def test_small_images_are_grouped_per_window_up_to_one_call(tmp_path):
     summary = run_segment_job([str(tmp_path / "in")], tmp_path / "out", model=threshold_model(), settings=SegmentSettings(block_size=256, block_margin=32), batch_size=1, progress=False)
     assert summary.n_ok == 10
     calls = Counter()
-    for n, *window, count in json.loads((tmp_path / "out" / "run.json").read_text())["model_batches"]:
+    for n, *window, count in json.loads(OutputFolder(tmp_path / "out").run_json.read_text())["model_batches"]:
         calls[(n, *window)] += count
     small = sorted(n for (n, h, w), count in calls.items() for _ in range(count) if (h, w) == (224, 224))
     assert sum(small) == 9 and max(small) <= 5 and len(small) < 9, calls

@@ -179,11 +179,11 @@ def test_default_bundle_loads_or_says_it_is_missing():
 
 
 @pytest.fixture(scope="module")
-def three_images(dsb_root, tmp_path_factory) -> Path:
-    """A DSB-layout folder of three small (256 x 256) real images, made of symlinks to their files."""
+def three_images(small_dsb_root, tmp_path_factory) -> Path:
+    """A DSB-layout folder of three 256 x 256 images (of the small generated set), made of symlinks to their files."""
     folder = tmp_path_factory.mktemp("dsb3")
     picked = []
-    for source in discover_annotated([dsb_root]):
+    for source in discover_annotated([small_dsb_root]):
         with Image.open(source.image_path) as image:
             if image.size == (256, 256):
                 picked.append(source.image_path.parent.parent)

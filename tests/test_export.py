@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -26,43 +25,28 @@ from PIL import Image
 from scipy import ndimage as ndi
 
 from nucleibatch.cli import main
-from nucleibatch.errors import NotSegmentOutputError, UsageError
-from nucleibatch.export import export_run
-from nucleibatch.export.chunks import ChunkCache, iter_nucleus_masks
-from nucleibatch.export.outlines import mask_outline, rasterise_geojson, rasterise_polygons
-from nucleibatch.export.png import write_png16
-from nucleibatch.export.rle import rle_decode, rle_encode
-from nucleibatch.export.writers import write_tiff
+from nucleibatch.errors import UsageError
+from nucleibatch.export import (
+    ChunkCache,
+    NotSegmentOutputError,
+    export_run,
+    iter_nucleus_masks,
+    mask_outline,
+    rasterise_geojson,
+    rasterise_polygons,
+    rle_decode,
+    rle_encode,
+    write_png16,
+    write_tiff,
+)
 from nucleibatch.measure import measure_labels, physical_columns
 from nucleibatch.output.folder import IMAGES, OutputFolder, label_path
 from nucleibatch.output.store import create_image_group, store_name
 from nucleibatch.output.tables import IMAGES_SCHEMA, NUCLEI_SCHEMA
 from nucleibatch.synthetic import synthetic_nuclei
-
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "examples" / "dsb_demo"
-DEMO_IDS = (
-    "00071198d059ba7f5914a526d124d28e6d010c92466da21d4a04cd5413362552",  # 256 x 256 fluorescence
-    "00ae65c1c6631ae6f2be1a449902976e6eb8483bf6b0740d00530220832c6d3e",  # 256 x 320 tissue
-)
-
+from tests.helpers.outputs import DEMO_OUT_IDS
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def segment_out(tmp_path_factory) -> Path:
-    """A real segment output: 2 demo images ok, 'broken' (an empty PNG) failed."""
-    from nucleibatch.segment.job import run_segment_job
-
-    root = tmp_path_factory.mktemp("export_segment")
-    for image_id in DEMO_IDS:
-        shutil.copytree(DEMO / image_id / "images", root / "in" / "dsb" / image_id / "images")
-    (root / "in" / "loose").mkdir(parents=True)
-    (root / "in" / "loose" / "broken.png").write_bytes(b"")
-    summary = run_segment_job([str(root / "in" / "dsb"), str(root / "in" / "loose")], root / "out", model="default", device="cpu", progress=False)
-    assert summary.n_ok == 2 and summary.n_failed == 1
-    return root / "out"
 
 
 def special_labels() -> np.ndarray:
@@ -98,7 +82,7 @@ def write_out(out: Path, images: list[tuple[str, np.ndarray | None]], chunk: int
         columns = measure_labels(labels, np.ones(labels.shape, np.float32))
         columns.update(physical_columns(columns, None))
         frame = pd.DataFrame({"image_id": [image_id] * len(columns["label"]), **columns})
-        pq.write_table(pa.Table.from_pandas(frame, schema=NUCLEI_SCHEMA, preserve_index=False), OutputFolder(out).nuclei / f"{name}.parquet")
+        pq.write_table(pa.Table.from_pandas(frame, schema=NUCLEI_SCHEMA, preserve_index=False), OutputFolder(out).nuclei_part(name))
         rows.append(dict(image_id=image_id, source=f"{image_id}.png", height=labels.shape[0], width=labels.shape[1], n_nuclei=len(frame), status="ok", error=None, seconds=0.1, store_path=name))
     pq.write_table(pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA), OutputFolder(out).images)
     return out
@@ -202,7 +186,7 @@ def test_chunk_cache_reads_like_slicing(synthetic_out):
             y1, x1 = rng.integers(y0 + 1, 151), rng.integers(x0 + 1, 171)
             assert np.array_equal(cache.read(y0, y1, x0, x1), whole[y0:y1, x0:x1])
     # nucleus by nucleus with a big enough cache, each of the 3 x 3 chunks is decoded once
-    nuclei = pd.read_parquet(OutputFolder(synthetic_out).nuclei / f"{store_name('plate/A01 field 1')}.parquet")
+    nuclei = pd.read_parquet(OutputFolder(synthetic_out).nuclei_part(store_name("plate/A01 field 1")))
     seen = 0
     for row, crop in iter_nucleus_masks(array, nuclei):
         box = whole[row.bbox_min_y : row.bbox_max_y, row.bbox_min_x : row.bbox_max_x]
@@ -214,7 +198,7 @@ def test_chunk_cache_reads_like_slicing(synthetic_out):
 # --------------------------------------------------------------------------- formats
 
 
-@pytest.mark.parametrize("which", ["segment_out", "synthetic_out"])
+@pytest.mark.parametrize("which", ["demo_segment_out", "synthetic_out"])
 def test_dsb_rle_decodes_to_the_labels(which, request, tmp_path):
     out = request.getfixturevalue(which)
     summary = export_run(out, "dsb-rle", tmp_path / "rle", progress=False)
@@ -243,10 +227,10 @@ def test_dsb_rle_decodes_to_the_labels(which, request, tmp_path):
         assert found == set(values.tolist())
         assert np.array_equal(union, (labels > 0).astype(np.int32))  # union = foreground, no overlap
         total += values.size
-    assert summary.n_nuclei == total and summary.failed == (["broken"] if which == "segment_out" else ["bad"])
+    assert summary.n_nuclei == total and summary.failed == (["broken"] if which == "demo_segment_out" else ["bad"])
 
 
-@pytest.mark.parametrize("which", ["segment_out", "synthetic_out"])
+@pytest.mark.parametrize("which", ["demo_segment_out", "synthetic_out"])
 def test_geojson_structure_and_round_trip(which, request, tmp_path):
     out = request.getfixturevalue(which)
     summary = export_run(out, "geojson", tmp_path / "gj", progress=False)
@@ -299,8 +283,8 @@ def test_geojson_special_shapes(synthetic_out, tmp_path):
     assert max(x for x, _ in features[top + 5]["coordinates"][0]) == 170  # the image's right edge
 
 
-def test_png_and_tiff_equal_the_labels(segment_out, synthetic_out, tmp_path):
-    for out in (segment_out, synthetic_out):
+def test_png_and_tiff_equal_the_labels(demo_segment_out, synthetic_out, tmp_path):
+    for out in (demo_segment_out, synthetic_out):
         png = export_run(out, "png", tmp_path / out.parent.name / "png", progress=False)
         tif = export_run(out, "tiff", tmp_path / out.parent.name / "tif", progress=False)
         images = ok_images(out)
@@ -341,30 +325,30 @@ def test_png_refuses_labels_above_16_bits(tmp_path, capsys):
     out = write_out(tmp_path / "out", [("many", labels)])
     with pytest.raises(UsageError, match="--format tiff"):
         export_run(out, "png", progress=False)
-    assert not list((out / "export").rglob("*.png"))
+    assert not list(OutputFolder(out).exports.rglob("*.png"))
     assert main(["export", str(out), "--format", "png"]) == 2
     assert "--format tiff" in capsys.readouterr().err
     assert main(["export", str(out), "--format", "tiff", "--no-progress"]) == 0
-    assert np.array_equal(tifffile.imread(out / "export" / "tiff" / "many.tif"), labels)
+    assert np.array_equal(tifffile.imread(OutputFolder(out).export("tiff") / "many.tif"), labels)
 
 
 # --------------------------------------------------------------------------- CLI and errors
 
 
-def test_cli_exports_and_reports_failed_images(segment_out, capsys):
-    assert main(["export", str(segment_out), "--format", "geojson", "--no-progress"]) == 0
+def test_cli_exports_and_reports_failed_images(demo_segment_out, capsys):
+    assert main(["export", str(demo_segment_out), "--format", "geojson", "--no-progress"]) == 0
     captured = capsys.readouterr()
-    assert "exported 2 images" in captured.out and str(segment_out / "export" / "geojson") in captured.out
+    assert "exported 2 images" in captured.out and str(OutputFolder(demo_segment_out).export("geojson")) in captured.out
     assert "skipped 1 failed image" in captured.err and "broken" in captured.err
-    assert len(list((segment_out / "export" / "geojson").glob("*.geojson"))) == 2
+    assert len(list(OutputFolder(demo_segment_out).export("geojson").glob("*.geojson"))) == 2
     # --images: only the one asked for
-    dest = segment_out.parent / "one"
-    assert main(["export", str(segment_out), "--format", "dsb-rle", "-o", str(dest), "--images", DEMO_IDS[1]]) == 0
+    dest = demo_segment_out.parent / "one"
+    assert main(["export", str(demo_segment_out), "--format", "dsb-rle", "-o", str(dest), "--images", DEMO_OUT_IDS[1]]) == 0
     rows = pd.read_csv(dest / "submission.csv")
-    assert set(rows.ImageId) == {DEMO_IDS[1]} and "failed" not in capsys.readouterr().err
+    assert set(rows.ImageId) == {DEMO_OUT_IDS[1]} and "failed" not in capsys.readouterr().err
 
 
-def test_cli_usage_errors(tmp_path, segment_out, capsys):
+def test_cli_usage_errors(tmp_path, demo_segment_out, capsys):
     assert main(["export", str(tmp_path / "missing"), "--format", "geojson"]) == 2
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "notout").mkdir()
@@ -373,8 +357,8 @@ def test_cli_usage_errors(tmp_path, segment_out, capsys):
     assert "not a segment output" in err and IMAGES in err
     with pytest.raises(NotSegmentOutputError):
         export_run(tmp_path / "notout", "png")
-    assert main(["export", str(segment_out), "--format", "png", "--images", "nope"]) == 2
+    assert main(["export", str(demo_segment_out), "--format", "png", "--images", "nope"]) == 2
     assert "nope" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
-        main(["export", str(segment_out), "--format", "shapefile"])
+        main(["export", str(demo_segment_out), "--format", "shapefile"])
     assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err

@@ -5,7 +5,7 @@ and changed files. Whatever happens, the final outputs equal those of an uninter
   at random moments while images are processed (triggered by its own progress), and at named
   fail points (:mod:`nucleibatch.runtime.faults`): creating a store group, writing a pyramid level, a
   nuclei part, a completion record, between a temporary file and its rename, consolidating
-  images.parquet / nuclei.parquet, writing run.json and report.html. After each kill the same
+  the images and nuclei tables, writing the run summary and the report. After each kill the same
   command is run again; the last run goes to the end.
 * Full disk: a tmpfs of a few MB (or, where this machine cannot mount one, the ``enospc`` fail
   point on every write) fills mid-run: exit status 1 with a clear message, finished images
@@ -32,15 +32,16 @@ import pytest
 
 from nucleibatch.cli import main
 from nucleibatch.output.folder import IMAGES, REPORT, RUN, OutputFolder, label_path
-from nucleibatch.runtime.faults import ENVIRONMENT
+from nucleibatch.output.folder import SETTINGS as SETTINGS_FILE
 from nucleibatch.segment.job import run_segment_job
 from nucleibatch.segment.settings import SegmentSettings
 from nucleibatch.synthetic import synthetic_nuclei
 from nucleibatch.verify import verify_output
-from tests import input_files as files
-from tests.outputs import assert_same_outputs
+from tests.helpers import input_files as files
+from tests.helpers.outputs import assert_same_masks_and_tables
+from tests.helpers.paths import REPO
+from tests.helpers.processes import child_environment
 
-REPO = Path(__file__).resolve().parents[1]
 SETTINGS = SegmentSettings(block_size=256, block_margin=64)
 BLOCK_ARGS = ["--block-size", "256", "--block-margin", "64"]
 N_SMALL = 27
@@ -49,7 +50,7 @@ SEED = 5
 
 
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory) -> Path:
+def fault_inputs(tmp_path_factory) -> Path:
     """30 inputs: 27 small fields (PNG, TIFF), 2 multi-block tiled TIFFs, 1 text file named .tif."""
     folder = tmp_path_factory.mktemp("faults") / "in"
     rng = np.random.default_rng(SEED)
@@ -65,27 +66,19 @@ def archive(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(archive, tiny_bundle, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("faults-reference") / "out"
-    summary = run_segment_job([str(archive)], out, model=str(tiny_bundle), settings=SETTINGS, progress=False)
+def uninterrupted_out(fault_inputs, tiny_bundle, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("faults-uninterrupted_out") / "out"
+    summary = run_segment_job([str(fault_inputs)], out, model=str(tiny_bundle), settings=SETTINGS, progress=False)
     assert summary.n_images == N_SMALL + len(LARGE) + 1 and summary.n_failed == 1 and summary.n_nuclei > 100
     return out
 
 
-def command(archive: Path, out: Path, bundle: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "nucleibatch", "segment", str(archive), "-o", str(out), "--model", str(bundle), *BLOCK_ARGS, *extra]
-
-
-def environment(fail_at: str | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != ENVIRONMENT}
-    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    if fail_at:
-        env[ENVIRONMENT] = fail_at
-    return env
+def command(fault_inputs: Path, out: Path, bundle: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "nucleibatch", "segment", str(fault_inputs), "-o", str(out), "--model", str(bundle), *BLOCK_ARGS, *extra]
 
 
 def records(out: Path) -> int:
-    folder = out / ".nucleibatch" / "records"
+    folder = OutputFolder(out).records
     return len(list(folder.glob("*.json"))) if folder.is_dir() else 0
 
 
@@ -95,7 +88,7 @@ def run_killed(cmd: list[str], out: Path, rng: random.Random, log: Path, fail_at
     ended: the fail point's name, "random", or "finished"."""
     before, wanted = records(out), (N_IMAGES + 1 if fail_at else rng.randint(1, 2))
     with open(log, "w") as handle:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=environment(fail_at), stdout=handle, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=child_environment(fail_at), stdout=handle, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 240
         while proc.poll() is None and records(out) < before + wanted and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -109,10 +102,10 @@ def run_killed(cmd: list[str], out: Path, rng: random.Random, log: Path, fail_at
 
 
 # While images are processed: random moments, and fail points of the image phase. Once every
-# image is done, the end phase: consolidation, run.json, report.html (each kill point is passed
+# image is done, the end phase: consolidation, run summary, report (each kill point is passed
 # only by a run that gets that far, so they come last, in the order the run passes them).
 IMAGE_PHASE = [
-    "rename:settings.json:1", None, "store:group:2", None, "part:1", None, "record:2", None,
+    f"rename:{SETTINGS_FILE}:1", None, "store:group:2", None, "part:1", None, "record:2", None,
     "store:group:3", None, "part:2", None, "record:1", None, "store:pyramid:1",
 ]  # fmt: skip
 END_PHASE = [
@@ -123,9 +116,9 @@ N_IMAGES = N_SMALL + len(LARGE) + 1
 
 
 @pytest.mark.slow
-def test_killed_twenty_times_at_random_moments_and_fail_points_loses_nothing(archive, tiny_bundle, reference, tmp_path):
+def test_killed_twenty_times_at_random_moments_and_fail_points_loses_nothing(fault_inputs, tiny_bundle, uninterrupted_out, tmp_path):
     out = tmp_path / "out"
-    cmd = command(archive, out, tiny_bundle)
+    cmd = command(fault_inputs, out, tiny_bundle)
     rng = random.Random(SEED)
     kills: list[str] = []
     for number, fail_at in enumerate(IMAGE_PHASE + [None] * N_IMAGES):
@@ -136,7 +129,7 @@ def test_killed_twenty_times_at_random_moments_and_fail_points_loses_nothing(arc
         if status == -signal.SIGKILL:
             kills.append(how)
     # the last run of the image phase may have finished, and a rerun with nothing to do keeps its
-    # run.json and report.html: without them, the end phase's runs have both to write (and are
+    # run summary and report: without them, the end phase's runs have both to write (and are
     # killed writing them)
     for name in (RUN, REPORT):
         (out / name).unlink(missing_ok=True)
@@ -144,11 +137,11 @@ def test_killed_twenty_times_at_random_moments_and_fail_points_loses_nothing(arc
         status, how = run_killed(cmd, out, rng, tmp_path / f"{step}.log", step)
         assert status == -signal.SIGKILL and how == step, f"{step} was not reached (exit {status})"
         kills.append(step)
-    final = subprocess.run(cmd, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
+    final = subprocess.run(cmd, cwd=REPO, env=child_environment(), capture_output=True, text=True, timeout=300)
     assert final.returncode == 3, final.stderr[-3000:]  # broken.tif stays failed
     print(f"{len(kills)} kills: {kills}")
     assert len(kills) >= 20 and len(set(kills) - {"random"}) >= 12, kills
-    images = assert_same_outputs(reference, out)
+    images = assert_same_masks_and_tables(uninterrupted_out, out)
     assert images.image_id.is_unique and len(images) == N_IMAGES
     leftovers = [str(p) for p in out.rglob("*") if ".tmp-" in p.name or p.name.endswith(".partial")]
     assert leftovers == []
@@ -168,14 +161,14 @@ def _mount_tmpfs(folder: Path, megabytes: float) -> bool:
     return done.returncode == 0
 
 
-def test_a_full_disk_stops_the_run_with_status_1_and_the_rerun_completes(archive, tiny_bundle, reference, tmp_path):
+def test_a_full_disk_stops_the_run_with_status_1_and_the_rerun_completes(fault_inputs, tiny_bundle, uninterrupted_out, tmp_path):
     disk = tmp_path / "small-disk"
-    used = sum(p.stat().st_size for p in reference.rglob("*") if p.is_file()) / 2**20
+    used = sum(p.stat().st_size for p in uninterrupted_out.rglob("*") if p.is_file()) / 2**20
     mounted = _mount_tmpfs(disk, used / 2)
     try:
         out = disk / "out"
         fail_at = None if mounted else "write*:12:enospc"  # no mount here: every write from the 12th on fails
-        first = subprocess.run(command(archive, out, tiny_bundle), cwd=REPO, env=environment(fail_at), capture_output=True, text=True, timeout=300)
+        first = subprocess.run(command(fault_inputs, out, tiny_bundle), cwd=REPO, env=child_environment(fail_at), capture_output=True, text=True, timeout=300)
         assert first.returncode == 1, first.stderr[-3000:]
         last_line = first.stderr.strip().splitlines()[-1]
         assert "stopped" in last_line and "No space left on device" in last_line and "finished work is kept" in last_line, first.stderr[-3000:]
@@ -185,42 +178,42 @@ def test_a_full_disk_stops_the_run_with_status_1_and_the_rerun_completes(archive
         assert report.intact and report.checked >= done - 1  # broken.tif's record is a failed row, not checked
         if mounted:
             subprocess.run(["mount", "-o", "remount,size=256m", str(disk)], check=True, timeout=30)
-        again = subprocess.run(command(archive, out, tiny_bundle), cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
+        again = subprocess.run(command(fault_inputs, out, tiny_bundle), cwd=REPO, env=child_environment(), capture_output=True, text=True, timeout=300)
         assert again.returncode == 3, again.stderr[-3000:]
         assert f"{done} done by an earlier run" in again.stdout
-        assert_same_outputs(reference, out)
+        assert_same_masks_and_tables(uninterrupted_out, out)
     finally:
         if mounted:
             subprocess.run(["umount", "-l", str(disk)], timeout=30)
     print("full disk:", "tmpfs" if mounted else "enospc fail point")
 
 
-def test_verify_finds_damage_and_segment_verify_redoes_exactly_the_damaged_images(archive, tiny_bundle, reference, tmp_path, capsys):
+def test_verify_finds_damage_and_segment_verify_redoes_exactly_the_damaged_images(fault_inputs, tiny_bundle, uninterrupted_out, tmp_path, capsys):
     out = tmp_path / "out"
-    shutil.copytree(reference, out)
+    shutil.copytree(uninterrupted_out, out)
     images = pd.read_parquet(OutputFolder(out).images).set_index("image_id")
     assert main(["verify", str(out)]) == 0
     chunk_of = {i: sorted((OutputFolder(out).masks / images.loc[i, "store_path"] / label_path(0) / "c").rglob("*")) for i in ("field01", "large_a")}
     next(p for p in chunk_of["field01"] if p.is_file()).unlink()  # a deleted label chunk
     truncated = next(p for p in chunk_of["large_a"] if p.is_file())
     truncated.write_bytes(truncated.read_bytes()[:10])  # a truncated one
-    (OutputFolder(out).nuclei / f"{images.loc['field04', 'store_path']}.parquet").unlink()
+    OutputFolder(out).nuclei_part(images.loc["field04", "store_path"]).unlink()
     capsys.readouterr()
     assert main(["verify", str(out)]) == 3
     printed = capsys.readouterr().out
     assert "3 damaged" in printed and all(i in printed for i in ("field01", "large_a", "field04")) and "--verify" in printed
 
-    resumed = run_segment_job([str(archive)], out, model=str(tiny_bundle), settings=SETTINGS, progress=False)
+    resumed = run_segment_job([str(fault_inputs)], out, model=str(tiny_bundle), settings=SETTINGS, progress=False)
     assert resumed.n_resumed == len(images)  # without --verify a resume trusts finished images
-    redone = run_segment_job([str(archive)], out, model=str(tiny_bundle), settings=SETTINGS, verify=True, progress=False)
+    redone = run_segment_job([str(fault_inputs)], out, model=str(tiny_bundle), settings=SETTINGS, verify=True, progress=False)
     assert redone.n_resumed == len(images) - 3
     assert verify_output(out).intact
-    assert_same_outputs(reference, out)
+    assert_same_masks_and_tables(uninterrupted_out, out)
 
 
-def test_an_input_changed_since_it_was_processed_is_redone(archive, tiny_bundle, reference, tmp_path):
+def test_an_input_changed_since_it_was_processed_is_redone(fault_inputs, tiny_bundle, uninterrupted_out, tmp_path):
     inputs = tmp_path / "in"
-    shutil.copytree(archive, inputs)
+    shutil.copytree(fault_inputs, inputs)
     out = tmp_path / "out"
     first = run_segment_job([str(inputs)], out, model=str(tiny_bundle), settings=SETTINGS, progress=False)
     changed, _ = synthetic_nuclei((150, 170), n_nuclei=3, seed=999)
@@ -232,7 +225,7 @@ def test_an_input_changed_since_it_was_processed_is_redone(archive, tiny_bundle,
     assert second.n_resumed == first.n_images - 2 and second.n_failed == 0
     fresh = run_segment_job([str(inputs)], tmp_path / "fresh", model=str(tiny_bundle), settings=SETTINGS, progress=False)
     assert fresh.n_nuclei == second.n_nuclei
-    assert_same_outputs(tmp_path / "fresh", out)
+    assert_same_masks_and_tables(tmp_path / "fresh", out)
 
 
 @pytest.mark.parametrize("leftover", ["metadata without the group", "chunks without the group"])

@@ -1,5 +1,6 @@
 """`nucleibatch train --init default --freeze-encoder-epochs 1`: one tiny real run (Ray Train, 2 DDP
-workers on the CPU, real DSB files), checked through its checkpoints, bundle and overlays.
+workers on the CPU, the small generated DSB-layout files), checked through its checkpoints, bundle
+and overlays.
 
 The option checks that need no training (conflicting --encoder, another --init on resume, the
 learning rate, which start wins) are unit tests in tests/test_training.py.
@@ -18,8 +19,7 @@ from nucleibatch.cli import main
 from nucleibatch.model import DEFAULT_BUNDLE, sha256_file
 from nucleibatch.training.loop import STATE_NAME
 from nucleibatch.training.overlays import PREDICTED_RGB, TRUE_RGB
-
-from .test_training import has_colour, png_rgb, ray_session, read_metrics, train_argv  # noqa: F401  (ray_session: fixture)
+from tests.helpers.training import has_colour, png_rgb, read_metrics, tiny_network, train_argv
 
 pytestmark = pytest.mark.slow
 
@@ -40,13 +40,11 @@ def _ddp_worker(rank: int, store_path: str, out_dir: str) -> None:
 
     from nucleibatch.training.loop import set_encoder_trainable, wrap_for_phase
 
-    from .test_training import _tiny_network
-
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
     try:
         for rewrap in (True, False):
-            network = _tiny_network()  # the same seed on both ranks
+            network = tiny_network()  # the same seed on both ranks
             optimizer = torch.optim.AdamW(network.parameters(), lr=1e-2)
             generator = torch.Generator().manual_seed(rank)  # each rank its own data, as DDP shards it
 
@@ -78,10 +76,10 @@ def test_ddp_ranks_agree_on_the_encoder_after_unfreezing_only_when_rewrapped(tmp
 
 
 @pytest.fixture(scope="module")
-def finetune_run(ray_session, dsb_root, tmp_path_factory):  # noqa: F811
+def finetune_run(ray_session, small_dsb_root, tmp_path_factory):
     """2 epochs from the default bundle, the encoder frozen in the first; returns (status, RUN_DIR)."""
     run_dir = tmp_path_factory.mktemp("finetune") / "run"
-    status = main(train_argv(dsb_root, run_dir, "--epochs", "2", "--init", "default", "--freeze-encoder-epochs", "1"))
+    status = main(train_argv(small_dsb_root, run_dir, "--epochs", "2", "--init", "default", "--freeze-encoder-epochs", "1"))
     return status, run_dir
 
 
@@ -133,12 +131,12 @@ def test_overlays_of_the_fine_tuned_model_show_both_outline_colours(finetune_run
         assert has_colour(rgb, TRUE_RGB) and has_colour(rgb, PREDICTED_RGB)  # the default model finds nuclei from the start
 
 
-def test_resuming_with_another_init_is_refused(finetune_run, dsb_root, tiny_bundle, capfd):
+def test_resuming_with_another_init_is_refused(finetune_run, small_dsb_root, tiny_bundle, capfd):
     status, run_dir = finetune_run
     assert status == 0
     settings_before = (run_dir / "train_settings.json").read_text()
     for other in (["--init", str(tiny_bundle)], []):  # another bundle, or none (from scratch)
-        assert main(train_argv(dsb_root, run_dir, "--epochs", "3", *other)) == 2
+        assert main(train_argv(small_dsb_root, run_dir, "--epochs", "3", *other)) == 2
         err = capfd.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("nucleibatch train: error: ")
         assert "other init (default, now " in err[0] and "--overwrite" in err[0]

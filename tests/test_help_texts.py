@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import argparse
 import re
-from pathlib import Path
 
 import pytest
 
 from nucleibatch.cli import build_parser
+from tests.helpers.paths import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
-CLUSTER_FILES = sorted(p for p in (ROOT / "cluster").iterdir() if p.is_file())
+CLUSTER_FILES = sorted(p for p in (REPO / "cluster").iterdir() if p.is_file())
 RETIRED_FLAGS = ("--context",)  # removed from segment; OUTs recorded with it still resume
 # a measured figure: a score with 3+ decimals (mAP 0.6361), or a measured speed-up (2.8x faster;
 # "4 flips (4x slower)" is by design, not measured)
@@ -53,7 +52,7 @@ def test_cluster_files_name_no_retired_flag_and_do_not_deny_object_stores(path):
 
 def test_cluster_files_claim_no_torch_index_of_ci_install():
     """A line that cites .ci/install for a torch index (whl/cu130, ...) holds only if .ci/install uses one."""
-    ci_install = (ROOT / ".ci" / "install").read_text()
+    ci_install = (REPO / ".ci" / "install").read_text()
     for path in CLUSTER_FILES:
         for number, line in enumerate(path.read_text().splitlines(), start=1):
             for index in re.findall(r"whl/(cu\d+|cpu|rocm[\d.]+)", line):

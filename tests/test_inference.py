@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import pickle
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,8 +24,7 @@ from nucleibatch.model import (
     windows_per_call,
 )
 from nucleibatch.normalize import normalise_image
-
-DEMO = Path(__file__).resolve().parents[1] / "examples" / "dsb_demo"
+from tests.helpers.paths import DEMO
 
 
 def test_bf16_channels_last_path_agrees_with_float32_on_the_cpu():

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
-import sys
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,9 +13,8 @@ import tifffile
 from nucleibatch.errors import ImageReadError, UsageError
 from nucleibatch.io.discover import ImageRecord, discover_inputs, strip_extension
 from nucleibatch.io.readers import MIN_SIDE, guess_axes, open_source, plan_axes, read_image_file
-
-sys.path.insert(0, str(Path(__file__).parent))
-import input_files as files  # noqa: E402
+from nucleibatch.output.folder import LABELS
+from tests.helpers import input_files as files
 
 
 def by_id(records: list[ImageRecord]) -> dict[str, ImageRecord]:
@@ -266,7 +263,7 @@ def test_ome_zarr_images_and_plate(tmp_path, version):
     for group in ["A/1/0", "A/1/1", "B/2/0"]:
         fields[group] = files.grey((64, 64), hash(group) % 1000)
         files.write_ome_zarr(tmp_path / "plate.zarr", fields[group], "yx", version, n_levels=2, group=group)
-    labels = files.write_ome_zarr(tmp_path / "plate.zarr", np.zeros((64, 64), np.uint8), "yx", version, n_levels=1, group="A/1/0/labels/nuclei")
+    labels = files.write_ome_zarr(tmp_path / "plate.zarr", np.zeros((64, 64), np.uint8), "yx", version, n_levels=1, group=f"A/1/0/{LABELS}")
     assert labels  # written, and must not be an input
     found = by_id(discover_inputs([str(tmp_path)]))
     assert sorted(found) == ["img", "plate/A/1/0", "plate/A/1/1", "plate/B/2/0"]

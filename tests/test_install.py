@@ -19,8 +19,8 @@ import pytest
 import tomllib
 
 from nucleibatch.output.folder import OutputFolder
+from tests.helpers.paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 LEFT_OUT = ("ray", "dask", "distributed", "pip", "nucleibatch", "__editable__", "_nucleibatch")
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from skimage.measure import regionprops_table
@@ -11,9 +9,9 @@ from skimage.measure import regionprops_table
 from nucleibatch.annotated import discover_annotated, iter_annotated
 from nucleibatch.measure import NUCLEI_COLUMNS, measure_labels
 from nucleibatch.synthetic import synthetic_nuclei
-from tests.outputs import awkward_shapes
+from tests.helpers.measurements import awkward_shapes
+from tests.helpers.paths import DEMO
 
-DEMO = Path(__file__).resolve().parents[1] / "examples" / "dsb_demo"
 REGIONPROPS = {
     "label": "label", "centroid_y": "centroid-0", "centroid_x": "centroid-1", "area": "area",
     "perimeter": "perimeter", "eccentricity": "eccentricity", "solidity": "solidity",

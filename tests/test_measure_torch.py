@@ -12,7 +12,7 @@ from nucleibatch import measure_torch
 from nucleibatch.measure import measure_labels
 from nucleibatch.measure_torch import measure_batch_torch, measure_labels_torch
 from nucleibatch.synthetic import synthetic_nuclei
-from tests.outputs import assert_same_columns, awkward_shapes
+from tests.helpers.measurements import assert_same_measurement_columns, awkward_shapes
 
 
 def check(
@@ -29,7 +29,7 @@ def check(
         origin=origin,
         id_offset=id_offset,
     )
-    return assert_same_columns(
+    return assert_same_measurement_columns(
         ours, measure_labels(labels, intensity, origin=origin, id_offset=id_offset)
     )
 
@@ -92,7 +92,7 @@ def test_nan_and_infinite_intensities_average_the_finite_pixels_only():
 def test_empty_label_image_gives_empty_typed_columns(dtype):
     labels = torch.zeros((16, 12), dtype=dtype)
     ours = measure_labels_torch(labels, torch.rand(16, 12))
-    assert_same_columns(ours, measure_labels(labels.numpy(), np.zeros((16, 12))))
+    assert_same_measurement_columns(ours, measure_labels(labels.numpy(), np.zeros((16, 12))))
     assert ours["label"].dtype == np.uint32 and ours["area"].dtype == np.int64
 
 
@@ -110,7 +110,7 @@ def test_ids_far_beyond_the_pixel_count_are_sorted_not_binned(monkeypatch):
         torch.from_numpy(huge).to(torch.int32), torch.from_numpy(intensity), id_offset=5
     )
     reference["label"][-1] = np.uint32(np.iinfo(np.int32).max + 5)
-    assert_same_columns(ours, reference)
+    assert_same_measurement_columns(ours, reference)
 
 
 def test_batch_equals_image_by_image():
@@ -126,7 +126,7 @@ def test_batch_equals_image_by_image():
     batch = measure_batch_torch(labels, intensity, origins=origins, id_offsets=offsets)
     assert len(batch) == 3
     counts = [
-        assert_same_columns(ours, measure_labels(lab, inten, origin=o, id_offset=k))
+        assert_same_measurement_columns(ours, measure_labels(lab, inten, origin=o, id_offset=k))
         for ours, (lab, inten), o, k in zip(batch, images, origins, offsets, strict=True)
     ]
     assert counts[1] == 0 and counts[0] > 10 and counts[2] > 10

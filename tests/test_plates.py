@@ -1,4 +1,4 @@
-"""Screens (issue 23): OME-Zarr plates in and out, the root of masks.zarr in OME-Zarr readers,
+"""Screens (issue 23): OME-Zarr plates in and out, the root of the masks store in OME-Zarr readers,
 and ``--include`` for one-file-per-channel exports."""
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ import pytest
 import zarr
 
 from nucleibatch.cli import main
-from nucleibatch.output.folder import OutputFolder
+from nucleibatch.output.folder import LABEL_NAME, LABELS, MASKS, OutputFolder
 from nucleibatch.output.layout import OME_GROUP
 from nucleibatch.output.store import store_name
 from nucleibatch.segment.job import run_segment_job
 from nucleibatch.segment.settings import SegmentSettings
 from nucleibatch.synthetic import threshold_model
-from tests import input_files as files
+from tests.helpers import input_files as files
 
 SETTINGS = SegmentSettings(block_size=256, block_margin=64)
 # the input plate: 2 rows x 2 columns, wells B/2 and C/3 filled (the others empty), 2 fields each
@@ -75,7 +75,7 @@ def test_a_plate_input_gives_a_plate_that_ome_zarr_py_reads_at_the_root(plate_ru
     masks = OutputFolder(tmp / "out").masks
     nodes = list(Reader(parse_url(str(masks)))())
     plate = nodes[0].first(Plate)
-    assert plate is not None, "the root of masks.zarr is not a plate"
+    assert plate is not None, f"the root of {MASKS} is not a plate"
     # the wells that hold fields, in the input's rows and columns
     assert plate.row_names == ["B", "C"] and plate.col_names == ["2", "3"]
     assert plate.well_paths == ["B/2", "C/3"]
@@ -90,10 +90,10 @@ def test_a_plate_input_gives_a_plate_that_ome_zarr_py_reads_at_the_root(plate_ru
             field_nodes = list(Reader(parse_url(str(masks / well / field)))())
             assert any(node.first(Multiscales) for node in field_nodes)
             labels = [node for node in field_nodes if node.first(Label)]
-            assert len(labels) == 1 and labels[0].metadata["name"] == "nuclei"
+            assert len(labels) == 1 and labels[0].metadata["name"] == LABEL_NAME
             values = np.unique(np.asarray(labels[0].data[0]))
             assert len(values[values > 0]) == drawn[f"{well}/{field}"]
-            label_attrs = zarr.open_group(str(masks / well / field / "labels" / "nuclei"), mode="r").attrs["ome"]
+            label_attrs = zarr.open_group(str(masks / well / field / LABELS), mode="r").attrs["ome"]
             assert label_attrs["image-label"]["source"]["image"] == "../../"
     # the stitched plate view reads (every field has the same shape)
     assert nodes[0].data[0].shape[-2:] == (2 * 64, 2 * 64)
@@ -120,7 +120,7 @@ def test_verify_export_and_resume_of_a_plate_output(plate_run, capsys):
     assert main(["verify", str(out)]) == 0
     assert main(["export", str(out), "--format", "png"]) == 0
     # export files stay flat (one folder), named after the image ids
-    exported = sorted(p.name for p in (out / "export" / "png").iterdir())
+    exported = sorted(p.name for p in OutputFolder(out).export("png").iterdir())
     assert exported == sorted(f"{store_name('screen/' + key)}.png" for key in drawn) and all(name.startswith("screen__") for name in exported)
     summary = run_segment_job([str(tmp / "screen.zarr")], out, model=threshold_model(), settings=SETTINGS, progress=False)
     assert summary.n_resumed == 4 and summary.n_ok == 4
@@ -181,7 +181,7 @@ def test_include_keeps_the_nuclear_channel_of_a_one_file_per_channel_export(tmp_
 
 
 def test_an_out_from_before_plates_verifies_reports_and_resumes(tmp_path):
-    """An OUT written before the plate columns and layouts (no `layout` setting, images.parquet
+    """An OUT written before the plate columns and layouts (no `layout` setting, an images table
     and records without plate/well/field) keeps its groups and is read, checked and resumed."""
     import pyarrow.parquet as pq
 
@@ -192,11 +192,11 @@ def test_an_out_from_before_plates_verifies_reports_and_resumes(tmp_path):
     files.write_plain(folder / "b.png", discs(2))
     out = tmp_path / "out"
     run_segment_job([str(folder)], out, model=threshold_model(), settings=SETTINGS, progress=False)
-    state = out / ".nucleibatch"
-    settings = json.loads((state / "settings.json").read_text())
+    state = OutputFolder(out)
+    settings = json.loads(state.settings.read_text())
     del settings["layout"]
-    (state / "settings.json").write_text(json.dumps(settings))
-    for record in (state / "records").glob("*.json"):
+    state.settings.write_text(json.dumps(settings))
+    for record in state.records.glob("*.json"):
         row = json.loads(record.read_text())
         record.write_text(json.dumps({k: v for k, v in row.items() if k not in ("plate", "well", "field")}))
     table = pq.read_table(OutputFolder(out).images)

@@ -15,8 +15,8 @@ import pytest
 
 from nucleibatch import load_model
 from nucleibatch.output.folder import OutputFolder
-from tests.outputs import assert_same_outputs
-from tests.raycluster import RayHead
+from tests.helpers.outputs import assert_same_masks_and_tables
+from tests.helpers.raycluster import RayHead
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +35,10 @@ def ray_head():
 
 
 @pytest.mark.slow
-def test_train_job_submitted_to_a_ray_cluster_writes_a_bundle(ray_head, dsb_root, tmp_path):
+def test_train_job_submitted_to_a_ray_cluster_writes_a_bundle(ray_head, small_dsb_root, tmp_path):
     run_dir = tmp_path / "run"
     result = ray_head.job(
-        "python", "jobs/train.py", str(dsb_root), "-o", str(run_dir),
+        "python", "jobs/train.py", str(small_dsb_root), "-o", str(run_dir),
         "--workers", "2", "--epochs", "1", "--limit-images", "4", "--patches-per-epoch", "8",
         "--batch-size", "2", "--patch-size", "128", "--no-tune",
     )  # fmt: skip
@@ -63,12 +63,12 @@ def two_nodes(ray_head):
 
 
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory):
+def two_copies_reference(tmp_path_factory):
     """A small archive (2 copies of the demo images, a multi-block mosaic) and the
     local engine's outputs on it."""
     from nucleibatch.segment.job import run_segment_job
     from nucleibatch.segment.settings import SegmentSettings
-    from tests import input_files as files
+    from tests.helpers import input_files as files
 
     root = tmp_path_factory.mktemp("ray-archive")
     files.write_small_archive(root / "in", copies=2, bad_file=False)
@@ -83,26 +83,26 @@ def _nodes_of(run: dict) -> set[str]:
 
 
 @pytest.mark.slow
-def test_segment_job_on_two_ray_nodes_matches_the_local_engine(two_nodes, archive, tmp_path):
+def test_segment_job_on_two_ray_nodes_matches_the_local_engine(two_nodes, two_copies_reference, tmp_path):
     out = tmp_path / "ray"
-    result = two_nodes.job("python", "jobs/segment.py", str(archive / "in"), "-o", str(out), "--engine", "ray", *SEGMENT_FLAGS)
+    result = two_nodes.job("python", "jobs/segment.py", str(two_copies_reference / "in"), "-o", str(out), "--engine", "ray", *SEGMENT_FLAGS)
     logs = result.stdout + result.stderr
     assert result.returncode == 0 and "succeeded" in logs, logs[-3000:]
     assert "ray engine: 2 model worker(s)" in logs and "11/11 images" in logs and "segmented 11/11 images" in logs  # progress, summary
-    images = assert_same_outputs(archive / "local", out)
+    images = assert_same_masks_and_tables(two_copies_reference / "local", out)
     assert (images.status == "ok").all() and len(images) == 11
     run = json.loads(OutputFolder(out).run_json.read_text())
     assert run["engine"] == "ray" and len(_nodes_of(run)) == 2, run["placement"]  # work spread over both nodes
-    units = [json.loads(line) for line in (out / ".nucleibatch" / "placement.jsonl").read_text().splitlines()]
+    units = [json.loads(line) for line in OutputFolder(out).placement.read_text().splitlines()]
     assert len(units) == run["placement"]["block_units"] and all(u["predict_worker"].startswith("ray-node:") for u in units)
 
 
 @pytest.mark.slow
-def test_killing_a_model_worker_mid_job_changes_nothing(two_nodes, archive, tmp_path):
+def test_killing_a_model_worker_mid_job_changes_nothing(two_nodes, two_copies_reference, tmp_path):
     """SIGKILL a Ray worker process while it runs a predict unit: the actor restarts, its units are
     retried, and the outputs are exactly the local engine's, without duplicate rows."""
     out = tmp_path / "ray-killed"
-    job_id = two_nodes.submit("python", "jobs/segment.py", str(archive / "in"), "-o", str(out), "--engine", "ray", *SEGMENT_FLAGS)
+    job_id = two_nodes.submit("python", "jobs/segment.py", str(two_copies_reference / "in"), "-o", str(out), "--engine", "ray", *SEGMENT_FLAGS)
     killed = None
     deadline = time.time() + 300
     while killed is None and time.time() < deadline:
@@ -116,8 +116,8 @@ def test_killing_a_model_worker_mid_job_changes_nothing(two_nodes, archive, tmp_
     assert killed, "no model worker was seen running a unit"
     status, logs = two_nodes.wait_job(job_id)
     assert status == "SUCCEEDED" and "segmented 11/11 images" in logs, logs[-3000:]
-    assert_same_outputs(archive / "local", out)
-    units = [json.loads(line) for line in (out / ".nucleibatch" / "placement.jsonl").read_text().splitlines()]
+    assert_same_masks_and_tables(two_copies_reference / "local", out)
+    units = [json.loads(line) for line in OutputFolder(out).placement.read_text().splitlines()]
     assert len({(u["image_id"], u["block"]) for u in units}) == len(units)  # each block unit recorded once
     predict_pids = {int(u["predict_worker"].rpartition("/pid:")[2]) for u in units}
     assert killed not in predict_pids or len(predict_pids) >= 3  # the killed unit ran again elsewhere: a restarted actor

@@ -16,9 +16,8 @@ import pandas as pd
 import pytest
 
 from nucleibatch.output.folder import OutputFolder
-from tests.raycluster import free_port
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.paths import REPO
+from tests.helpers.raycluster import free_port
 
 
 def readme_recipe() -> list[str]:

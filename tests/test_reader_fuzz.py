@@ -80,7 +80,7 @@ def address_space_limit(headroom: int = HEADROOM):
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
-def one_line(message: str) -> None:
+def assert_one_line(message: str) -> None:
     assert message and "\n" not in message and "\r" not in message, repr(message)
     assert "MemoryError" not in message, f"a reader tried to allocate too much: {message}"
 
@@ -93,7 +93,7 @@ def check_readers(path: Path, expected: np.ndarray | None = None) -> list:
         for record in records:
             assert record.image_id.isprintable() and record.source.isprintable()
             if record.error is not None:
-                one_line(record.error)
+                assert_one_line(record.error)
                 assert record.shape is None
                 with pytest.raises(ImageReadError):
                     open_source(record)
@@ -116,7 +116,7 @@ def check_readers(path: Path, expected: np.ndarray | None = None) -> list:
                         whole = source.read(0, height, 0, width)
                         np.testing.assert_array_equal(whole, expected)
             except ImageReadError as error:
-                one_line(str(error))
+                assert_one_line(str(error))
     return records
 
 

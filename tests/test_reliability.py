@@ -29,12 +29,9 @@ from nucleibatch.output.store import MAX_STORE_NAME, store_name
 from nucleibatch.synthetic import synthetic_nuclei
 from nucleibatch.tiling import MIN_WINDOW, small_image_window
 from nucleibatch.verify import verify_output
-from tests.outputs import image_groups
-
-sys.path.insert(0, str(Path(__file__).parent))
-import input_files as files  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import input_files as files
+from tests.helpers.outputs import image_groups
+from tests.helpers.paths import REPO
 
 
 def nucleus_image(seed: int, shape: tuple[int, int] = (96, 128)) -> np.ndarray:
@@ -116,13 +113,13 @@ def test_narrow_images_get_windows_of_at_least_min_window():
 
 
 @pytest.mark.parametrize("shape", [(400, 24), (600, 16)])
-def test_a_narrow_image_gives_the_same_nuclei_on_every_run_on_the_bf16_path(shape, dsb_root):
+def test_a_narrow_image_gives_the_same_nuclei_on_every_run_on_the_bf16_path(shape, small_dsb_root):
     from PIL import Image
 
     from nucleibatch.model import load_model
     from nucleibatch.segment.array import segment_image
 
-    field = np.asarray(Image.open(sorted(dsb_root.glob("*/images/*.png"))[0]))[..., :3]
+    field = np.asarray(Image.open(sorted(small_dsb_root.glob("*/images/*.png"))[0]))[..., :3]
     tall = np.concatenate([field] * 3, axis=0)[: shape[0], : shape[1]]
     model = load_model("default", precision="bf16")
     assert model.bf16
@@ -174,17 +171,17 @@ def test_an_image_that_became_unreadable_leaves_no_nuclei_and_verify_reads_the_t
     assert report.intact, report.lines()
 
     # verify finds what a table or a part says against the records
-    parts = OutputFolder(out).nuclei
-    shutil.copy(parts / "f0.parquet", parts / "f1.parquet")  # a part beside a failed image
+    part = OutputFolder(out).nuclei_part
+    shutil.copy(part("f0"), part("f1"))  # a part beside a failed image
     table = pd.read_parquet(OutputFolder(out).images)
     table.loc[table["image_id"] == "f2", "n_nuclei"] += 1
     table.to_parquet(OutputFolder(out).images)
-    shutil.copy(parts / "f0.parquet", parts / "gone.parquet")
+    shutil.copy(part("f0"), part("gone"))
     report = verify_output(out)
     assert not report.intact
     assert [d.image_id for d in report.damaged] == ["f1"]
     text = "\n".join(report.lines())
-    assert "'f2'" in text and "n_nuclei" in text and "gone.parquet" in text, text
+    assert "'f2'" in text and "n_nuclei" in text and part("gone").name in text, text
     done = cli("verify", str(out))
     assert done.returncode == 3
     assert main([*argv, "--verify"]) == 3
@@ -245,8 +242,8 @@ def test_usage_errors_exit_2(tmp_path, tiny_bundle):
 
 
 def test_a_live_out_is_refused_before_models_load_or_inputs_are_read(tmp_path, tiny_bundle, monkeypatch):
-    from nucleibatch import segment
     from nucleibatch.output.lock import Lock
+    from nucleibatch.segment import choose, job
 
     inputs, out = tmp_path / "in", tmp_path / "out"
     inputs.mkdir()
@@ -255,8 +252,8 @@ def test_a_live_out_is_refused_before_models_load_or_inputs_are_read(tmp_path, t
     def too_early(*args, **kwargs):
         raise AssertionError("loaded models or read inputs before taking the lock")
 
-    monkeypatch.setattr(segment, "load_models", too_early)
-    monkeypatch.setattr(segment, "discover_inputs", too_early)
+    monkeypatch.setattr(choose, "load_models", too_early)
+    monkeypatch.setattr(job, "discover_inputs", too_early)
     out.mkdir()
     with Lock(out):
         assert main(["segment", str(inputs), "-o", str(out), "--model", str(tiny_bundle), "--post-workers", "0"]) == 1
@@ -270,7 +267,7 @@ def test_sigterm_stops_with_the_stopped_line_and_a_rerun_finishes(tmp_path, tiny
     command = [sys.executable, "-m", "nucleibatch", "segment", str(inputs), "-o", str(out), "--model", str(tiny_bundle), "--post-workers", "0", "--batch-size", "1"]
     env = {**os.environ, "NUCLEIBATCH_FAIL_AT": ""}
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    records = out / ".nucleibatch" / "records"
+    records = OutputFolder(out).records
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not (records.is_dir() and any(records.glob("*.json"))) and proc.poll() is None:
         time.sleep(0.05)
@@ -310,7 +307,7 @@ def test_a_run_killed_during_overwrite_is_finished_by_the_next_run(tmp_path, tin
     env = {**os.environ, "NUCLEIBATCH_FAIL_AT": f"clear:{NUCLEI}"}  # killed after the parts went, records still there
     done = cli(*command, "--overwrite", env=env)
     assert done.returncode == -signal.SIGKILL, done.stderr
-    assert not OutputFolder(out).nuclei.exists() and any((out / ".nucleibatch" / "records").glob("*.json"))
+    assert not OutputFolder(out).nuclei.exists() and any(OutputFolder(out).records.glob("*.json"))
     assert main(command) == 0  # a plain re-run
     after = pd.read_parquet(OutputFolder(out).nuclei).sort_values(["image_id", "label"]).reset_index(drop=True)
     pd.testing.assert_frame_equal(after, before)
@@ -341,23 +338,23 @@ def test_inputs_repaired_after_a_run_are_redone_without_retry_failed(tmp_path, t
 
 
 def test_a_file_changed_after_discovery_is_redone_by_the_next_run(tmp_path, tiny_bundle, monkeypatch):
-    from nucleibatch import segment
+    from nucleibatch.segment import choose
 
     inputs, out = tmp_path / "in", tmp_path / "out"
     inputs.mkdir()
     files.write_plain(inputs / "a.png", nucleus_image(93))
     files.write_plain(inputs / "b.png", nucleus_image(94))
-    choose_all = segment.choose_all
+    choose_all = choose.choose_all
 
     def change_b_then_choose(records, *args):
         files.write_plain(inputs / "b.png", nucleus_image(95, (120, 150)))  # rewritten while the run goes on
         return choose_all(records, *args)
 
     argv = ["segment", str(inputs), "-o", str(out), "--model", str(tiny_bundle), "--post-workers", "0"]
-    monkeypatch.setattr(segment, "choose_all", change_b_then_choose)
+    monkeypatch.setattr(choose, "choose_all", change_b_then_choose)
     assert main(argv) == 3
     assert images_table(out).loc["b", "status"] == "failed"
-    monkeypatch.setattr(segment, "choose_all", choose_all)
+    monkeypatch.setattr(choose, "choose_all", choose_all)
     assert main(argv) == 0, "the file changed after the first run discovered it: redone"
     assert images_table(out).loc["b", "height"] == 120
 
@@ -396,7 +393,7 @@ def slide_outputs(out: Path) -> tuple[np.ndarray, pd.DataFrame, dict]:
 def kill_after_blocks(command: list[str], out: Path, blocks: int) -> int:
     """Start ``command``, SIGKILL its process group once ``blocks`` more block checkpoints than now
     exist; returns how many there were at the kill."""
-    folder = out / ".nucleibatch" / "blocks"
+    folder = OutputFolder(out).blocks
     count = lambda: len(list(folder.glob("*/*.npz"))) if folder.is_dir() else 0  # noqa: E731
     target = count() + blocks
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -431,7 +428,7 @@ def test_a_slide_killed_again_and_again_resumes_from_its_finished_blocks(post_wo
     assert run["model_tiles"] <= 0.75 * reference_run["model_tiles"], "the finished blocks were not predicted again"
     np.testing.assert_array_equal(labels, reference_labels)
     pd.testing.assert_frame_equal(nuclei, reference_nuclei)
-    assert not any((out / ".nucleibatch" / "blocks").glob("*")), "checkpoints go with the completion record"
+    assert not any(OutputFolder(out).blocks.glob("*")), "checkpoints go with the completion record"
     assert verify_output(out).intact
 
 

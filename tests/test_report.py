@@ -1,8 +1,8 @@
-"""The QC report `OUT/report.html` (nucleibatch.report, `nucleibatch report OUT`).
+"""The QC report in OUT (nucleibatch.report, `nucleibatch report OUT`).
 
 A real small OUT (the shipped model on two DSB demo images, a grey fluorescence and an H&E
 one, plus a zero-byte PNG that fails) must give a report whose sections, counts and failed
-list agree with images.parquet, whose pictures are embedded JPEGs with the outlines where the
+list agree with the images table, whose pictures are embedded JPEGs with the outlines where the
 labels' boundaries are, and that references nothing outside itself. A whole-slide-sized OUT
 (written with the store's own writers) must be shown as a pyramid level plus a full-resolution
 crop of its densest area. Partial outputs still give a report; a folder that is not a segment
@@ -28,25 +28,24 @@ from PIL import Image
 from skimage.segmentation import find_boundaries
 
 from nucleibatch.cli import main
-from nucleibatch.errors import NotSegmentOutputError, UsageError
+from nucleibatch.errors import UsageError
 from nucleibatch.output.folder import MASKS, REPORT, RUN, OutputFolder, label_path
-from nucleibatch.output.reader import sample_nuclei
-from nucleibatch.report import write_report
-from nucleibatch.report.drawing import (
+from nucleibatch.report import (
+    CROP_SIDE,
     OUTLINE_RGB,
+    NotSegmentOutputError,
     densest_window,
     display_range,
     draw_box,
     draw_outlines,
     encode_jpeg,
     histogram_svg,
+    sample_ids,
+    sample_nuclei,
     to_display_rgb,
+    write_report,
 )
-from nucleibatch.report.gather import CROP_SIDE, NUCLEI_COLUMNS_USED, sample_ids
-
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "examples" / "dsb_demo"
-DEMO_IDS = ("00071198d059ba7f5914a526d124d28e6d010c92466da21d4a04cd5413362552", "00ae65c1c6631ae6f2be1a449902976e6eb8483bf6b0740d00530220832c6d3e")
+from tests.helpers.outputs import DEMO_OUT_IDS
 
 
 class _Page(HTMLParser):
@@ -94,30 +93,16 @@ def card(text: str, name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def segment_out(tmp_path_factory) -> Path:
-    from nucleibatch.segment.job import run_segment_job
-
-    inputs = tmp_path_factory.mktemp("report_in")
-    for image_id in DEMO_IDS:
-        shutil.copy(DEMO / image_id / "images" / f"{image_id}.png", inputs / f"{image_id}.png")
-    (inputs / "empty.png").write_bytes(b"")  # fails: zero bytes
-    out = tmp_path_factory.mktemp("report_out") / "out"
-    summary = run_segment_job([str(inputs)], out, model="default", progress=False)
-    assert (summary.n_ok, summary.n_failed) == (2, 1)
-    return out
-
-
-@pytest.fixture(scope="module")
-def report(segment_out) -> tuple[Path, str]:
-    path = write_report(segment_out)
-    assert path == OutputFolder(segment_out).report
+def report(demo_segment_out) -> tuple[Path, str]:
+    path = write_report(demo_segment_out)
+    assert path == OutputFolder(demo_segment_out).report
     return path, path.read_text()
 
 
-def test_report_sections_and_counts_match_the_tables(segment_out, report):
+def test_report_sections_and_counts_match_the_tables(demo_segment_out, report):
     _, text = report
-    images = pd.read_parquet(OutputFolder(segment_out).images)
-    nuclei = pd.read_parquet(OutputFolder(segment_out).nuclei)
+    images = pd.read_parquet(OutputFolder(demo_segment_out).images)
+    nuclei = pd.read_parquet(OutputFolder(demo_segment_out).nuclei)
     for anchor in ("summary", "gallery", "extremes", "histograms", "failed"):
         assert f'<section id="{anchor}">' in text
     ok = images[images.status == "ok"]
@@ -125,7 +110,7 @@ def test_report_sections_and_counts_match_the_tables(segment_out, report):
     assert int(card(text, "ok")) == len(ok) == 2
     assert int(card(text, "failed")) == int((images.status == "failed").sum()) == 1
     assert int(card(text, "nuclei")) == int(ok.n_nuclei.sum()) == len(nuclei) > 0
-    run = json.loads(OutputFolder(segment_out).run_json.read_text())
+    run = json.loads(OutputFolder(demo_segment_out).run_json.read_text())
     assert run["model"]["sha256"][:12] in text and run["model"]["name"] in text
     assert f"{run['engine']} / {run['device']}" in text
     # the failed image, with its reason, in the failed table
@@ -152,18 +137,18 @@ def test_report_embeds_everything_and_references_nothing_outside(report):
             pixels = decode(attributes["src"])
             assert pixels.shape[:2] == (int(attributes["height"]), int(attributes["width"]))
     gallery = [a for t, a in page.tags if t == "img" and a["_in_gallery"] == "True"]
-    assert sorted(a["alt"] for a in gallery) == sorted(DEMO_IDS)
+    assert sorted(a["alt"] for a in gallery) == sorted(DEMO_OUT_IDS)
     assert len(text) < 5_000_000
 
 
-def test_gallery_outlines_lie_on_the_label_boundaries(segment_out, report):
-    """Decode each gallery picture and compare it with the labels in masks.zarr: the outline
+def test_gallery_outlines_lie_on_the_label_boundaries(demo_segment_out, report):
+    """Decode each gallery picture and compare it with the labels in the masks store: the outline
     colour is on the labels' boundaries and nowhere else (catches shifted or transposed overlays)."""
     import zarr
 
     _, text = report
-    images = pd.read_parquet(OutputFolder(segment_out).images).set_index("image_id")
-    root = zarr.open_group(str(OutputFolder(segment_out).masks), mode="r")
+    images = pd.read_parquet(OutputFolder(demo_segment_out).images).set_index("image_id")
+    root = zarr.open_group(str(OutputFolder(demo_segment_out).masks), mode="r")
     page = parse(text)
     for tag, attributes in page.tags:
         if tag != "img" or attributes["_in_gallery"] != "True":
@@ -178,9 +163,9 @@ def test_gallery_outlines_lie_on_the_label_boundaries(segment_out, report):
         assert green[~edge].mean() < 0.01, "and hardly anywhere else"
 
 
-def test_extremes_show_fewest_and_most(segment_out, report):
+def test_extremes_show_fewest_and_most(demo_segment_out, report):
     _, text = report
-    ok = pd.read_parquet(OutputFolder(segment_out).images).query("status == 'ok'").sort_values("n_nuclei")
+    ok = pd.read_parquet(OutputFolder(demo_segment_out).images).query("status == 'ok'").sort_values("n_nuclei")
     fewest = text.split('data-kind="fewest nuclei"', 1)[1].split("</div>", 1)[0]
     most = text.split('data-kind="most nuclei"', 1)[1].split("</div>", 1)[0]
     assert re.findall(r'data-image-id="([^"]+)"', fewest)[0] == ok.image_id.iloc[0]
@@ -188,13 +173,13 @@ def test_extremes_show_fewest_and_most(segment_out, report):
     assert fewest.count("<img") == len(ok) and most.count("<img") == len(ok)
 
 
-def test_cli_report_rebuilds(segment_out, capsys):
-    path = OutputFolder(segment_out).report
+def test_cli_report_rebuilds(demo_segment_out, capsys):
+    path = OutputFolder(demo_segment_out).report
     path.write_text("stale")
-    assert main(["report", str(segment_out)]) == 0
+    assert main(["report", str(demo_segment_out)]) == 0
     assert str(path) in capsys.readouterr().out
     assert path.read_text().startswith("<!DOCTYPE html>")
-    assert not list(segment_out.glob(f".{REPORT}.tmp-*"))
+    assert not list(demo_segment_out.glob(f".{REPORT}.tmp-*"))
 
 
 @pytest.mark.parametrize("kind", ["missing", "file", "empty folder"])
@@ -213,32 +198,32 @@ def test_bad_out_is_refused_with_exit_status_2(tmp_path, capsys, kind):
     assert not OutputFolder(target).report.exists() if target.is_dir() else True
 
 
-def test_partial_output_still_gives_a_report(segment_out, tmp_path):
-    """A run killed before its tables: no run.json, no images.parquet, a nuclei part damaged,
+def test_partial_output_still_gives_a_report(demo_segment_out, tmp_path):
+    """A run killed before its tables: no run summary, no images table, a nuclei part damaged,
     one image's group gone. The report is written, counts the completion records and says what is missing."""
     out = tmp_path / "partial"
-    shutil.copytree(segment_out, out)
+    shutil.copytree(demo_segment_out, out)
     images = pd.read_parquet(OutputFolder(out).images)
     OutputFolder(out).run_json.unlink()
     OutputFolder(out).images.unlink()
     ok = images[images.status == "ok"].sort_values("image_id")
     broken, gone = ok.store_path.iloc[0], ok.store_path.iloc[1]
-    (OutputFolder(out).nuclei / f"{broken}.parquet").write_bytes(b"PAR1 not really")
+    OutputFolder(out).nuclei_part(broken).write_bytes(b"PAR1 not really")
     shutil.rmtree(OutputFolder(out).masks / gone)
     text = write_report(out).read_text()
     assert int(card(text, "images")) == len(images) and int(card(text, "failed")) == 1
     assert f"{RUN}</td><td><span class=\"bad\">missing" in text
-    assert f"Unreadable parts skipped: {broken}.parquet" in text
+    assert f"Unreadable parts skipped: {OutputFolder(out).nuclei_part(broken).name}" in text
     assert f"not in {MASKS}" in text
-    nuclei = pd.read_parquet(OutputFolder(segment_out).nuclei)
+    nuclei = pd.read_parquet(OutputFolder(demo_segment_out).nuclei)
     survivors = nuclei[nuclei.image_id != ok.image_id.iloc[0]]
     assert f"n = {len(survivors):,}," in text
 
 
-def test_histogram_sample_is_an_even_stride_over_the_table(segment_out):
-    parts = sorted(p for p in OutputFolder(segment_out).nuclei.glob("*.parquet"))
+def test_histogram_sample_is_an_even_stride_over_the_table(demo_segment_out):
+    parts = sorted(p for p in OutputFolder(demo_segment_out).nuclei.glob("*.parquet"))
     table = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
-    data, total, problems = sample_nuclei(segment_out, NUCLEI_COLUMNS_USED, max_rows=7)
+    data, total, problems = sample_nuclei(demo_segment_out, max_rows=7)
     stride = -(-len(table) // 7)
     assert total == len(table) and not problems
     np.testing.assert_array_equal(data["area"], table.area.to_numpy()[::stride])
@@ -276,7 +261,7 @@ def write_slide_out(out: Path, store_image: bool) -> tuple[str, tuple[int, int, 
     columns = measure_labels(labels.astype(np.int64), image.astype(np.float32))
     nuclei = pd.DataFrame({"image_id": "slide", **columns})
     OutputFolder(out).nuclei.mkdir()
-    nuclei.to_parquet(OutputFolder(out).nuclei / "slide.parquet")
+    nuclei.to_parquet(OutputFolder(out).nuclei_part("slide"))
     row = dict(image_id="slide", source="slide.tif", height=shape[0], width=shape[1], n_nuclei=len(nuclei), status="ok", error=None, seconds=1.0, store_path="slide")
     pd.DataFrame([row]).to_parquet(OutputFolder(out).images)
     OutputFolder(out).run_json.write_text(json.dumps({"engine": "local", "device": "cpu", "settings": {"store_image": store_image}}))
@@ -408,7 +393,7 @@ def test_report_in_headless_chromium(report, tmp_path):
     body, console = _load_in_chromium(browser, path, tmp_path / "profile", tmp_path / "shot.png")
     assert body.get("data-report-loaded") == "1", "the page's load handler ran"
     assert body["data-errors"] == "" and console == "", (body["data-errors"], console)
-    n_images, n_gallery = text.count("<img "), len(DEMO_IDS)
+    n_images, n_gallery = text.count("<img "), len(DEMO_OUT_IDS)
     assert (body["data-images"], body["data-images-decoded"]) == (str(n_images), str(n_images))
     assert (body["data-gallery-images"], body["data-gallery-decoded"]) == (str(n_gallery), str(n_gallery))
     shot = np.asarray(Image.open(tmp_path / "shot.png").convert("RGB"))

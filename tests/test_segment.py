@@ -15,8 +15,10 @@ from nucleibatch.output.folder import OutputFolder, label_path
 from nucleibatch.segment.job import run_segment_job
 from nucleibatch.segment.settings import SegmentSettings
 from nucleibatch.synthetic import synthetic_mosaic, synthetic_nuclei, threshold_model
-from tests import input_files as files
-from tests.test_tiling_stitching import same_up_to_renumbering
+from tests.helpers import input_files as files
+from tests.helpers.labels import same_up_to_renumbering
+from tests.helpers.outputs import labels_of
+from tests.helpers.paths import DEMO
 
 IMAGE_COLUMNS = {"image_id", "source", "height", "width", "n_nuclei", "status", "error", "seconds", "store_path"}
 NUCLEI_COLUMNS = {
@@ -136,11 +138,6 @@ def match_fraction(reference: np.ndarray, candidate: np.ndarray, threshold: floa
     return matched, split, merged
 
 
-def labels_of(out, image_id):
-    images = pd.read_parquet(OutputFolder(out).images).set_index("image_id")
-    return zarr.open_group(str(OutputFolder(out).masks), mode="r")[images.loc[image_id, "store_path"]][label_path(0)][:]
-
-
 def test_tiling_oracle_synthetic_is_exact(tmp_path):
     """With a model whose context fits in the halo, small blocks give exactly the one-block labels."""
     image, _ = synthetic_mosaic(tiles=3, tile_shape=(230, 250), seed=3, n_nuclei=70, radius=(5, 12))
@@ -196,11 +193,10 @@ def test_evaluate_uses_exactly_the_segment_inference(tmp_path, tiny_bundle):
     from nucleibatch.annotated import discover_annotated, load_annotated
     from nucleibatch.segment.array import segment_image
 
-    demo = __import__("pathlib").Path(__file__).resolve().parents[1] / "examples" / "dsb_demo"
-    summary = run_segment_job([str(demo)], tmp_path / "out", model=str(tiny_bundle), device="cpu", progress=False)
+    summary = run_segment_job([str(DEMO)], tmp_path / "out", model=str(tiny_bundle), device="cpu", progress=False)
     assert summary.exit_code == 0 and summary.n_images == 5
     model = load_model(tiny_bundle)
-    for source in discover_annotated([demo]):
+    for source in discover_annotated([DEMO]):
         in_memory = segment_image(load_annotated(source).image, model)
         stored = labels_of(tmp_path / "out", source.image_id)
         assert stored.max() > 0 and same_up_to_renumbering(stored, in_memory)  # ids follow centroid order

@@ -3,7 +3,7 @@
 A folder mixes 3 good synthetic images with files that cannot be segmented (empty,
 truncated PNG and TIFF, text named .tif, 1x1 image, 5-D array without axes metadata,
 bool and complex pixels). The run must finish with exit status 3, give every input one
-row in images.parquet, the bad ones 'failed' with a specific one-line reason and no
+row in the images table, the bad ones 'failed' with a specific one-line reason and no
 labels, the good ones 'ok' with labels and nuclei; a re-run leaves failed images alone
 unless --retry-failed. (Every other kind of bad input, run once: tests/test_bad_corpus.py.) Usage errors exit 2 with one line on stderr. Real files, the real
 CLI (in-process ``main`` and ``python -m nucleibatch`` subprocesses), nothing mocked.
@@ -24,15 +24,13 @@ import torch
 import zarr
 
 from nucleibatch.cli import main
-from nucleibatch.output.folder import OutputFolder, label_path
+from nucleibatch.output.folder import MASKS, OutputFolder, label_path
 from nucleibatch.synthetic import synthetic_nuclei
-from tests.outputs import image_groups
+from tests.helpers import input_files as files
+from tests.helpers.bad_corpus import truncated
+from tests.helpers.outputs import image_groups
+from tests.helpers.paths import REPO
 
-sys.path.insert(0, str(Path(__file__).parent))
-import input_files as files  # noqa: E402
-from bad_corpus import truncated  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 GOOD = ("good0", "good1", "good2")
 # image_id -> words its error must contain (one kind of bad input each)
 BAD = {
@@ -67,7 +65,7 @@ def write_inputs(folder: Path) -> None:
 
 
 def record_stamps(out: Path) -> dict[str, int]:
-    return {p.stem: p.stat().st_mtime_ns for p in (out / ".nucleibatch" / "records").glob("*.json")}
+    return {p.stem: p.stat().st_mtime_ns for p in OutputFolder(out).records.glob("*.json")}
 
 
 def test_bad_inputs_fail_alone_with_specific_reasons(tmp_path, tiny_bundle):
@@ -89,9 +87,9 @@ def test_bad_inputs_fail_alone_with_specific_reasons(tmp_path, tiny_bundle):
         for word in words:
             assert word in error, f"{image_id}: {word!r} not in {error!r}"
         assert row["n_nuclei"] == 0 and pd.isna(row["store_path"]), image_id
-        assert image_id not in root, f"{image_id} failed but has a group in masks.zarr"
+        assert image_id not in root, f"{image_id} failed but has a group in {MASKS}"
         assert not (nuclei["image_id"] == image_id).any()
-    assert sorted(image_groups(root)) == sorted(GOOD), "masks.zarr holds only the good images"
+    assert sorted(image_groups(root)) == sorted(GOOD), f"{MASKS} holds only the good images"
     for image_id in GOOD:
         row = rows.loc[image_id]
         assert row["status"] == "ok" and pd.isna(row["error"]) and (row["height"], row["width"]) == (160, 200)
@@ -127,7 +125,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "nucleibatch", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
-def one_line(stderr: str) -> str:
+def only_line(stderr: str) -> str:
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1, f"expected one line on stderr, got:\n{stderr}"
     return lines[0]
@@ -161,19 +159,19 @@ def test_bad_arguments_exit_2_with_one_line(case, extra, words, good_folder, tin
     out = tmp_path / "out"
     done = run_cli("segment", str(good_folder), "-o", str(out), "--model", str(tiny_bundle), *extra)
     assert done.returncode == 2, (case, done.stderr)
-    line = one_line(done.stderr)
+    line = only_line(done.stderr)
     for word in words:
         assert word in line, f"{case}: {word!r} not in {line!r}"
-    assert not OutputFolder(out).images.exists() and not (out / ".nucleibatch" / "lock").exists()
+    assert not OutputFolder(out).images.exists() and not OutputFolder(out).lock.exists()
 
 
 def test_missing_input_exits_2_and_leaves_out_usable(good_folder, tiny_bundle, tmp_path):
     out, missing = tmp_path / "out", tmp_path / "no-such-folder"
     done = run_cli("segment", str(missing), "-o", str(out), "--model", str(tiny_bundle), "--block-size", "512")
     assert done.returncode == 2, done.stderr
-    line = one_line(done.stderr)
+    line = only_line(done.stderr)
     assert str(missing) in line and "no such file or folder" in line
-    assert not OutputFolder(out).images.exists() and not (out / ".nucleibatch" / "settings.json").exists()
+    assert not OutputFolder(out).images.exists() and not OutputFolder(out).settings.exists()
     # the corrected command, with other settings, is not refused: OUT holds no results yet
     assert main(["segment", str(good_folder), "-o", str(out), "--model", str(tiny_bundle)]) == 0
 
@@ -183,6 +181,6 @@ def test_missing_model_folder_stops_the_run_with_a_clear_message(good_folder, tm
     done = run_cli("segment", str(good_folder), "-o", str(out), "--model", str(bundle))
     # --model names no bundle: a usage error, exit status 2
     assert done.returncode == 2, done.stderr
-    line = one_line(done.stderr)
+    line = only_line(done.stderr)
     assert str(bundle) in line and "config.json" in line and "--model default" in line
-    assert not OutputFolder(out).images.exists() and not (out / ".nucleibatch" / "lock").exists()
+    assert not OutputFolder(out).images.exists() and not OutputFolder(out).lock.exists()

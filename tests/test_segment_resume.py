@@ -11,7 +11,7 @@ Everything is real: `python -m nucleibatch segment` subprocesses killed with SIG
 real files, parquet and zarr. Kill points are drawn with a fixed seed from the wall
 time of the uninterrupted reference run (``NB_KILL_POINTS=N`` draws N of them; 2 by
 default), plus one triggered by the run's own progress: right after its last
-completion record, i.e. while it writes images.parquet / run.json and exits.
+completion record, i.e. while it writes the images table and the run summary and exits.
 """
 
 from __future__ import annotations
@@ -33,16 +33,14 @@ import pytest
 import zarr
 
 from nucleibatch.cli import main
-from nucleibatch.output.folder import IMAGES, LABELS, RUN, OutputFolder, label_path
+from nucleibatch.output.folder import LABELS, MASKS, OutputFolder, label_path
 from nucleibatch.synthetic import synthetic_nuclei
-from tests.outputs import image_groups
+from tests.helpers import input_files as files
+from tests.helpers.outputs import image_groups
+from tests.helpers.paths import REPO
+from tests.helpers.processes import child_environment
 
-sys.path.insert(0, str(Path(__file__).parent))
-import input_files as files  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 BLOCK = ["--block-size", "256", "--block-margin", "64"]
-STATE = ".nucleibatch"
 KILL_SEED = 20240611
 N_RANDOM_KILLS = int(os.environ.get("NB_KILL_POINTS", "2"))  # tests/test_faults.py kills one run 20+ times
 # small fields (one block each) and two larger images processed in several blocks, placed among
@@ -78,12 +76,8 @@ def segment_command(inputs: Path, out: Path, bundle: Path, *extra: str) -> list[
     return [sys.executable, "-m", "nucleibatch", "segment", str(inputs), "-o", str(out), "--model", str(bundle), *BLOCK, *extra]
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-
-
 def run_to_end(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command, cwd=REPO, env=child_environment(), capture_output=True, text=True, timeout=timeout)
 
 
 @dataclass
@@ -97,11 +91,11 @@ class Reference:
 def reference(inputs, tiny_bundle, tmp_path_factory) -> Reference:
     """The uninterrupted run (subprocess): its OUT, wall time, and when it finished its first image."""
     out = tmp_path_factory.mktemp("reference") / "out"
-    records = out / STATE / "records"
+    records = OutputFolder(out).records
     started = time.perf_counter()
     first_record = None
     with open(out.parent / "reference.log", "w") as log:
-        proc = subprocess.Popen(segment_command(inputs, out, tiny_bundle), cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(segment_command(inputs, out, tiny_bundle), cwd=REPO, env=child_environment(), stdout=log, stderr=subprocess.STDOUT)
         while proc.poll() is None:
             if first_record is None and records.is_dir() and any(records.glob("*.json")):
                 first_record = time.perf_counter() - started
@@ -134,12 +128,12 @@ def temporary_files(out: Path) -> list[str]:
 
 
 def part_stamps(out: Path) -> dict[str, tuple[int, int]]:
-    """``{part file name: (inode, mtime_ns)}`` of nuclei.parquet/ (changes when a part is rewritten)."""
+    """``{part file name: (inode, mtime_ns)}`` of the nuclei table's parts (changes when a part is rewritten)."""
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(OutputFolder(out).nuclei.glob("*.parquet"))}
 
 
 def record_names(out: Path) -> set[str]:
-    return {p.stem for p in (out / STATE / "records").glob("*.json")}
+    return {p.stem for p in OutputFolder(out).records.glob("*.json")}
 
 
 def run_json(out: Path) -> dict:
@@ -151,7 +145,7 @@ def label_levels(group: zarr.Group) -> list[str]:
     return [d["path"] for d in datasets]
 
 
-def assert_same_outputs(out: Path, reference_out: Path) -> None:
+def assert_resumed_out_equals_reference(out: Path, reference_out: Path) -> None:
     """Tables and masks of ``out`` equal the reference's (except timings); nothing duplicated or left over."""
     ref_images = pd.read_parquet(OutputFolder(reference_out).images)
     images = pd.read_parquet(OutputFolder(out).images)
@@ -174,7 +168,7 @@ def assert_same_outputs(out: Path, reference_out: Path) -> None:
 
     ref_root = zarr.open_group(str(OutputFolder(reference_out).masks), mode="r")
     root = zarr.open_group(str(OutputFolder(out).masks), mode="r")
-    assert sorted(image_groups(root)) == sorted(image_groups(ref_root)), "masks.zarr holds other image groups than the reference"
+    assert sorted(image_groups(root)) == sorted(image_groups(ref_root)), f"{MASKS} holds other image groups than the reference"
     for store_path in ref_images["store_path"]:
         group, ref_group = root[store_path], ref_root[store_path]
         assert label_levels(group) == label_levels(ref_group)
@@ -187,7 +181,7 @@ def assert_same_outputs(out: Path, reference_out: Path) -> None:
     # a kill inside an atomic write leaves a temporary file: the re-run must have removed it
     leftovers = temporary_files(out)
     assert leftovers == [], f"temporary files left in OUT: {leftovers}"
-    assert not lock_is_held(out / STATE / "lock"), "a finished run still holds its lock"
+    assert not lock_is_held(OutputFolder(out).lock), "a finished run still holds its lock"
     counts = run_json(out)["counts"]
     assert (counts["images"], counts["ok"], counts["failed"]) == (N_IMAGES, N_IMAGES, 0)
     assert counts["nuclei"] == len(ref_nuclei)
@@ -229,8 +223,8 @@ def kill_after(proc: subprocess.Popen, delay: float) -> bool:
 
 
 def kill_after_last_record(proc: subprocess.Popen, out: Path, timeout: float = 300) -> bool:
-    """Kill as soon as every image has its completion record: the end phase (tables, run.json, exit)."""
-    records = out / STATE / "records"
+    """Kill as soon as every image has its completion record: the end phase (tables, run summary, exit)."""
+    records = OutputFolder(out).records
     deadline = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < deadline:
         if records.is_dir() and sum(1 for _ in records.glob("*.json")) >= N_IMAGES:
@@ -250,7 +244,7 @@ def test_sigkill_at_any_moment_then_rerun_equals_uninterrupted_run(point, inputs
     out = tmp_path / "out"
     command = segment_command(inputs, out, tiny_bundle)
     with open(tmp_path / "killed.log", "w") as log_handle:
-        proc = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=log_handle, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, cwd=REPO, env=child_environment(), stdout=log_handle, stderr=subprocess.STDOUT)
         if point == "after-last-record":
             was_running = kill_after_last_record(proc, out)
             when = "after the last completion record"
@@ -262,18 +256,18 @@ def test_sigkill_at_any_moment_then_rerun_equals_uninterrupted_run(point, inputs
     # what the killed run left: finished images (records), their parts, and maybe its lock
     done_before = record_names(out) if out.exists() else set()
     stamps_before = {name: stamp for name, stamp in part_stamps(out).items() if Path(name).stem in done_before} if out.exists() else {}
-    lock = out / STATE / "lock"
+    lock = OutputFolder(out).lock
     assert not lock_is_held(lock), "the killed run's lock is still held: the OS must release it"
     print(f"{point}: killed {when}; running: {was_running}; finished images: {len(done_before)}/{N_IMAGES}")
     assert was_running or "segmented" in log, f"the run exited by itself before the kill with status {proc.returncode}:\n{log[-2000:]}"
 
     rerun = run_to_end(command)
     assert rerun.returncode == 0, f"re-run after a kill {when} failed:\n{rerun.stderr[-3000:]}"
-    assert_same_outputs(out, reference_out)
+    assert_resumed_out_equals_reference(out, reference_out)
     # finished images were skipped, not redone: same count, same part files
     if len(done_before) < N_IMAGES:
         assert f"{len(done_before)} done by an earlier run" in rerun.stdout, rerun.stdout
-    else:  # nothing left to do: run.json keeps the killed run's figures where it had written them
+    else:  # nothing left to do: the run summary keeps the killed run's figures where it had written them
         assert "nothing to do" in rerun.stdout or f"{N_IMAGES} done by an earlier run" in rerun.stdout, rerun.stdout
     assert {name: stamp for name, stamp in part_stamps(out).items() if name in stamps_before} == stamps_before
 
@@ -291,14 +285,14 @@ def test_kill_delays_are_spread_over_the_run():
 def test_rerun_of_a_finished_out_does_no_work(inputs, tiny_bundle, reference, tmp_path, capsys):
     out = copy_of(reference.out, tmp_path)
     before = part_stamps(out)
-    records_before = {p.name: p.stat().st_mtime_ns for p in (out / STATE / "records").glob("*.json")}
+    records_before = {p.name: p.stat().st_mtime_ns for p in OutputFolder(out).records.glob("*.json")}
     run_before = OutputFolder(out).run_json.read_bytes()
     assert main(["segment", str(inputs), "-o", str(out), "--model", str(tiny_bundle), *BLOCK]) == 0
     assert "nothing to do" in capsys.readouterr().out
     assert OutputFolder(out).run_json.read_bytes() == run_before, "the run that did the work keeps its figures"
     assert part_stamps(out) == before, "a finished image's nuclei part was rewritten"
-    assert {p.name: p.stat().st_mtime_ns for p in (out / STATE / "records").glob("*.json")} == records_before
-    assert_same_outputs(out, reference.out)
+    assert {p.name: p.stat().st_mtime_ns for p in OutputFolder(out).records.glob("*.json")} == records_before
+    assert_resumed_out_equals_reference(out, reference.out)
 
 
 def test_an_out_from_before_a_setting_existed_resumes_and_a_changed_setting_is_refused(inputs, tiny_bundle, reference, tmp_path):
@@ -306,10 +300,10 @@ def test_an_out_from_before_a_setting_existed_resumes_and_a_changed_setting_is_r
     instances on the CPU) and hold --context (a setting retired since): the same command on this
     CPU, and --instances-on cpu, resume it; --instances-on device is refused."""
     out = copy_of(reference.out, tmp_path)
-    recorded = json.loads((out / STATE / "settings.json").read_text())
+    recorded = json.loads(OutputFolder(out).settings.read_text())
     del recorded["settings"]["instances_on"]
     recorded["settings"]["context"] = 64
-    (out / STATE / "settings.json").write_text(json.dumps(recorded))
+    OutputFolder(out).settings.write_text(json.dumps(recorded))
     before = part_stamps(out)
     assert main(["segment", str(inputs), "-o", str(out), "--model", str(tiny_bundle), *BLOCK]) == 0
     assert part_stamps(out) == before
@@ -324,9 +318,9 @@ def test_overwrite_starts_over(inputs, tiny_bundle, reference, tmp_path):
     # results of an image that is not among the inputs any more: --overwrite must drop them
     root = zarr.open_group(str(OutputFolder(out).masks), mode="a")
     root.create_group("ghost")
-    shutil.copy(OutputFolder(out).nuclei / "field03.parquet", OutputFolder(out).nuclei / "ghost.parquet")
-    ghost = json.loads((out / STATE / "records" / "field03.json").read_text()) | {"image_id": "ghost", "store_path": "ghost"}
-    (out / STATE / "records" / "ghost.json").write_text(json.dumps(ghost))
+    shutil.copy(OutputFolder(out).nuclei_part("field03"), OutputFolder(out).nuclei_part("ghost"))
+    ghost = json.loads(OutputFolder(out).record("field03").read_text()) | {"image_id": "ghost", "store_path": "ghost"}
+    OutputFolder(out).record("ghost").write_text(json.dumps(ghost))
     before = part_stamps(out)
     (out / "notes.txt").write_text("a user's file in OUT is kept\n")
 
@@ -334,21 +328,21 @@ def test_overwrite_starts_over(inputs, tiny_bundle, reference, tmp_path):
     assert run_json(out)["counts"]["resumed"] == 0
     after = part_stamps(out)
     assert all(after[name] != before[name] for name in after), "--overwrite kept a nuclei part of the previous run"
-    assert_same_outputs(out, reference.out)  # also: no ghost group, part, or row
+    assert_resumed_out_equals_reference(out, reference.out)  # also: no ghost group, part, or row
     assert (out / "notes.txt").exists()
 
 
 def test_deleted_completion_record_redoes_exactly_that_image(inputs, tiny_bundle, reference, tmp_path):
     out = copy_of(reference.out, tmp_path)
     before = part_stamps(out)
-    (out / STATE / "records" / "field03.json").unlink()
+    OutputFolder(out).record("field03").unlink()
     assert main(["segment", str(inputs), "-o", str(out), "--model", str(tiny_bundle), *BLOCK]) == 0
     assert run_json(out)["counts"]["resumed"] == N_IMAGES - 1
     after = part_stamps(out)
     changed = sorted(name for name in after if after[name] != before[name])
-    assert changed == ["field03.parquet"]
+    assert changed == [OutputFolder(out).nuclei_part("field03").name]
     assert run_json(out)["processed_megapixels"] == pytest.approx(LARGE[3][0] * LARGE[3][1] / 1e6, abs=1e-4)
-    assert_same_outputs(out, reference.out)
+    assert_resumed_out_equals_reference(out, reference.out)
 
 
 def test_other_settings_on_the_same_out_are_refused(inputs, tiny_bundle, reference, tmp_path):
@@ -361,16 +355,16 @@ def test_other_settings_on_the_same_out_are_refused(inputs, tiny_bundle, referen
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, done.stderr
     assert "--overwrite" in lines[0] and str(out) in lines[0], lines[0]
-    assert part_stamps(out) == before and not lock_is_held(out / STATE / "lock")
-    assert_same_outputs(out, reference.out)
+    assert part_stamps(out) == before and not lock_is_held(OutputFolder(out).lock)
+    assert_resumed_out_equals_reference(out, reference.out)
     assert "block_size: 256 -> 512" in lines[0], lines[0]  # the message names what changed
 
 
 def test_live_lock_refuses_a_second_run_and_a_dead_ones_is_taken_over(inputs, tiny_bundle, reference, tmp_path, capsys):
     out = copy_of(reference.out, tmp_path)
-    lock = out / STATE / "lock"
+    lock = OutputFolder(out).lock
     argv = ["segment", str(inputs), "-o", str(out), "--model", str(tiny_bundle), *BLOCK]
-    # another process holds the run lock (as a live run does: an flock on OUT/.nucleibatch/lock)
+    # another process holds the run lock (as a live run does: an flock on OutputFolder(out).lock)
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD_LOCK, str(lock)], stdout=subprocess.PIPE, text=True
     )
@@ -424,24 +418,23 @@ def test_leftover_temporary_files_of_a_killed_writer_are_removed(inputs, tiny_bu
     they leave is made here directly: the files a writer killed mid-write leaves behind.
     """
     out = copy_of(reference.out, tmp_path)
-    (out / STATE / "records" / "field03.json").unlink()  # field03 was being finished when the run was killed
+    OutputFolder(out).record("field03").unlink()  # field03 was being finished when the run was killed
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
+    folder = OutputFolder(out)
     leftovers = [
-        OutputFolder(out).nuclei / f".field03.parquet.tmp-{dead.pid}",
-        out / STATE / "records" / f".field03.json.tmp-{dead.pid}",
-        out / f".{IMAGES}.tmp-{dead.pid}",
-        out / f".{RUN}.tmp-{dead.pid}",
+        path.parent / f".{path.name}.tmp-{dead.pid}"
+        for path in (folder.nuclei_part("field03"), folder.record("field03"), folder.images, folder.run_json)
     ]
     for path in leftovers:
         path.write_bytes(b"PAR1 half written")
     assert main(["segment", str(inputs), "-o", str(out), "--model", str(tiny_bundle), *BLOCK]) == 0
     assert temporary_files(out) == []  # a dead writer's temporary files are removed at the next run
-    assert_same_outputs(out, reference.out)
+    assert_resumed_out_equals_reference(out, reference.out)
 
 
 def test_images_running_at_once_open_the_masks_root_safely(tmp_path):
-    """The local engine segments 2 images at once and each opens OUT/masks.zarr.
+    """The local engine segments 2 images at once and each opens OUT's masks store.
 
     ``open_root`` (``zarr.open_group(mode="a")``) checks for the group, then creates it: two
     threads creating a fresh root race, and the loser gets ``ContainsGroupError`` (its image
@@ -470,11 +463,11 @@ def test_images_running_at_once_open_the_masks_root_safely(tmp_path):
                     future.result()
                 except Exception as error:  # noqa: BLE001 (collected and reported below)
                     errors.append(f"{type(error).__name__}: {error}")
-    assert errors == [], f"{len(errors)} of 400 concurrent opens of masks.zarr failed, e.g. {errors[0]}"
+    assert errors == [], f"{len(errors)} of 400 concurrent opens of {MASKS} failed, e.g. {errors[0]}"
 
 
 def test_fresh_out_root_exists_before_images_run(inputs, tiny_bundle, tmp_path):
-    """A run whose every image fails still creates masks.zarr up front (the root is made once, by the job)."""
+    """A run whose every image fails still creates the masks store up front (the root is made once, by the job)."""
     out = tmp_path / "out"
     # --channel 5: every (grey) input is refused at discovery, so no image ever opens the root itself
     assert main(["segment", str(inputs), "-o", str(out), "--model", str(tiny_bundle), *BLOCK, "--channel", "5"]) == 3

@@ -14,7 +14,7 @@ from nucleibatch.stitching import select_owned
 from nucleibatch.stitching_torch import own_and_measure_on_device, select_owned_torch
 from nucleibatch.synthetic import synthetic_nuclei
 from nucleibatch.tiling import block_grid
-from tests.outputs import assert_same_columns
+from tests.helpers.measurements import assert_same_measurement_columns
 
 
 def shuffled_ids(labels: np.ndarray, seed: int) -> np.ndarray:
@@ -40,7 +40,7 @@ def test_blocks_own_the_same_nuclei_with_the_same_measurements_on_the_device(see
         np.testing.assert_array_equal(owned.ids, expected.ids)
         np.testing.assert_array_equal(owned.boxes, expected.boxes)
         assert all(np.array_equal(a, b) for a, b in zip(owned.masks, expected.masks, strict=True))
-        owned_in_all += assert_same_columns(columns, measure_labels(expected_labels, grey, origin=(y0, x0)))
+        owned_in_all += assert_same_measurement_columns(columns, measure_labels(expected_labels, grey, origin=(y0, x0)))
     assert owned_in_all > 60  # most nuclei are owned by some block (those under min_size are not)
 
 

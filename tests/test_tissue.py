@@ -342,7 +342,7 @@ def test_evaluate_prints_per_modality_figures_and_takes_segments_scale_options(d
 def test_a_mixed_archive_goes_to_the_shipped_models_alike_on_every_engine(dsb_root, monuseg_root, tmp_path):
     """Without --model: fluorescence fields to `default`, stained tissue (at 20x, resampled 2x for
     `he`) to `he`; the Dask engine runs each model's images and writes what the local one does."""
-    from tests.outputs import assert_same_outputs
+    from tests.helpers.outputs import assert_same_masks_and_tables
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -363,13 +363,13 @@ def test_a_mixed_archive_goes_to_the_shipped_models_alike_on_every_engine(dsb_ro
     assert {m["name"]: m["licence"] for m in run["models"]} == {"default": "CC0-1.0", "he": "CC-BY-NC-SA-4.0"}
     dask = run_segment_job([str(folder)], tmp_path / "dask", device="cpu", precision="float32", engine="dask", workers=1, progress=False)
     assert dask.exit_code == 0
-    assert_same_outputs(tmp_path / "local", tmp_path / "dask")
+    assert_same_masks_and_tables(tmp_path / "local", tmp_path / "dask")
     # the same OUT with one model forced is another run: refused, as other settings are
     with pytest.raises(UsageError, match="model_sha256"):
         run_segment_job([str(folder)], tmp_path / "local", model="default", device="cpu", precision="float32", progress=False)
 
 
-def test_an_image_that_cannot_be_read_while_choosing_fails_alone(tmp_path, monuseg_root):
+def test_an_image_that_cannot_be_read_while_choosing_fails_alone(tmp_path):
     from nucleibatch.io.location import to_location
 
     fluorescence, tissue = threshold_model(), threshold_model()
@@ -409,7 +409,7 @@ def test_an_out_written_before_the_micrometre_columns_is_refused_with_the_reason
     tifffile.imwrite(tmp_path / "in" / "cells.tif", image)
     out = tmp_path / "out"
     run_segment_job([str(tmp_path / "in")], out, model=threshold_model(), progress=False)
-    settings = out / ".nucleibatch" / "settings.json"
+    settings = OutputFolder(out).settings
     recorded = json.loads(settings.read_text())
     del recorded["tables"]  # as an older nucleibatch recorded it
     settings.write_text(json.dumps(recorded))

@@ -18,12 +18,12 @@ from nucleibatch.training.data import AugmentSettings, random_patch, stained_win
 from nucleibatch.training.run import split_by_list
 
 
-def he_crops(monuseg_root: Path, folder: Path, n: int = 3, side: int = 256) -> list[str]:
-    """``n`` crops of MoNuSeg tiles as an images/ + labels/ folder; returns their ids."""
+def he_crops(tiles: Path, folder: Path, n: int = 3, side: int = 256) -> list[str]:
+    """``n`` crops of the MoNuSeg-layout ``tiles`` as an images/ + labels/ folder; returns their ids."""
     (folder / "images").mkdir(parents=True)
     (folder / "labels").mkdir()
     ids = []
-    for source in discover_annotated([monuseg_root])[:n]:
+    for source in discover_annotated([tiles])[:n]:
         annotated = load_annotated(source)
         name = f"{source.image_id[:12]}-crop"
         Image.fromarray(annotated.image[:side, :side, :3]).save(folder / "images" / f"{name}.png")
@@ -33,8 +33,8 @@ def he_crops(monuseg_root: Path, folder: Path, n: int = 3, side: int = 256) -> l
 
 
 @pytest.fixture(scope="module")
-def stained_example(monuseg_root):
-    annotated = load_annotated(discover_annotated([monuseg_root])[0])
+def stained_example(small_monuseg_root):
+    annotated = load_annotated(discover_annotated([small_monuseg_root])[0])
     normalization = nucleibatch.model.normalization_config("haematoxylin")["normalization"]
     return to_example(annotated, normalization)
 
@@ -57,8 +57,8 @@ def test_a_stained_example_keeps_its_densities_and_patches_jitter_the_stain(stai
     assert not np.array_equal(first[0], without[0])
 
 
-def test_a_grey_example_has_no_stain_planes(dsb_root):
-    annotated = load_annotated(discover_annotated([dsb_root])[0])
+def test_a_grey_example_has_no_stain_planes(small_dsb_root):
+    annotated = load_annotated(discover_annotated([small_dsb_root])[0])
     example = to_example(annotated, nucleibatch.model.normalization_config("grey")["normalization"])
     assert example.stain is None
     x, _ = random_patch(example, 64, np.random.default_rng(0), AugmentSettings(stain=0.1))
@@ -75,9 +75,9 @@ def test_validation_images_named_in_a_file():
 
 
 @pytest.mark.slow
-def test_fine_tune_the_default_model_on_haematoxylin_records_input_scale_and_split(monuseg_root, tmp_path):
+def test_fine_tune_the_default_model_on_haematoxylin_records_input_scale_and_split(small_monuseg_root, tmp_path):
     data = tmp_path / "he"
-    ids = he_crops(monuseg_root, data)
+    ids = he_crops(small_monuseg_root, data)
     val_file = tmp_path / "val.txt"
     val_file.write_text(f"# one crop\n{ids[1]}\n")
     run_dir = tmp_path / "run"
@@ -102,8 +102,8 @@ def test_fine_tune_the_default_model_on_haematoxylin_records_input_scale_and_spl
     assert main([*argv[:9], "grey", *argv[10:]]) == 2
 
 
-def test_bad_tissue_training_arguments_exit_2(dsb_root, tmp_path, capsys):
-    base = ["train", str(dsb_root), "-o", str(tmp_path / "run"), "--limit-images", "3"]
+def test_bad_tissue_training_arguments_exit_2(small_dsb_root, tmp_path, capsys):
+    base = ["train", str(small_dsb_root), "-o", str(tmp_path / "run"), "--limit-images", "3"]
     for extra, fragment in (
         (["--val-images", str(tmp_path / "missing.txt")], "--val-images"),
         (["--pixel-size", "-1"], "--pixel-size"),

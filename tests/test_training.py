@@ -1,4 +1,5 @@
-"""`nucleibatch train` end to end: real Ray Train (2 DDP workers on the CPU), real DSB files.
+"""`nucleibatch train` end to end: real Ray Train (2 DDP workers on the CPU), real files in the
+DSB layout (the small generated set, tests/data/dsb).
 
 The runs are tiny (6 images, 16 patches of 128 px per epoch) so that the module stays within a
 few minutes on 2 cores; they check plumbing (files, resume, refusals), not model quality.
@@ -7,11 +8,8 @@ Fine-tuning (--init, --freeze-encoder-epochs) runs in tests/test_finetune.py.
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 import struct
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +18,14 @@ import torch
 
 import nucleibatch
 from nucleibatch.cli import main
-
-SMALL_RUN = ["--workers", "2", "--limit-images", "6", "--patches-per-epoch", "16", "--batch-size", "2", "--patch-size", "128"]
-METRIC_COLUMNS = ["epoch", "train_loss", "val_map", "val_ap50", "val_ap75", "val_f1_50", "lr", "patches_per_s", "epoch_seconds"]
-
-
-def train_argv(data: Path, run_dir: Path, *extra: str) -> list[str]:
-    return ["train", str(data), "-o", str(run_dir), *SMALL_RUN, *extra]
+from tests.helpers.training import (
+    METRIC_COLUMNS,
+    has_colour,
+    png_rgb,
+    read_metrics,
+    tiny_network,
+    train_argv,
+)
 
 
 def read_tensorboard(path: Path) -> dict[str, list[tuple[int, str, object]]]:
@@ -48,79 +47,11 @@ def read_tensorboard(path: Path) -> dict[str, list[tuple[int, str, object]]]:
     return tags
 
 
-def png_rgb(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
-
-
-def has_colour(rgb: np.ndarray, colour) -> bool:
-    return bool((rgb == np.asarray(colour, np.uint8)).all(axis=-1).any())
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, str]]:
-    with open(run_dir / "metrics.csv", newline="") as handle:
-        reader = csv.DictReader(handle)
-        assert reader.fieldnames == METRIC_COLUMNS
-        return list(reader)
-
-
-def _descendants(pid: int) -> set[int]:
-    """Every process below ``pid`` (from /proc; Linux)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
-def ray_session():
-    """Ray Train starts a private local Ray inside `train`; shut it down after the module and check
-    that none of the processes it started is left."""
-    import ray
-
-    before = set(_descendants(os.getpid()))  # e.g. multiprocessing's resource tracker of earlier tests
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("RAY_ADDRESS", raising=False)  # never join another cluster from the tests
-        yield
-    started = [pid for pid in _descendants(os.getpid()) if pid not in before]
-    ray.shutdown()
-    assert not ray.is_initialized()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(_alive(pid) for pid in started):
-        time.sleep(0.5)
-    left = sorted(pid for pid in started if _alive(pid))
-    assert not left, f"processes left after ray.shutdown(): {left}"
-
-
-@pytest.fixture(scope="module")
-def first_run(ray_session, dsb_root, tmp_path_factory):
+def first_run(ray_session, small_dsb_root, tmp_path_factory):
     """`train --epochs 2 --tensorboard` on 6 real images; returns (exit status, RUN_DIR, metrics rows)."""
     run_dir = tmp_path_factory.mktemp("train") / "run"
-    status = main(train_argv(dsb_root, run_dir, "--epochs", "2", "--tensorboard"))
+    status = main(train_argv(small_dsb_root, run_dir, "--epochs", "2", "--tensorboard"))
     rows = read_metrics(run_dir) if (run_dir / "metrics.csv").is_file() else []
     return status, run_dir, rows
 
@@ -161,7 +92,7 @@ def test_train_writes_metrics_curves_and_a_loadable_bundle(first_run):
 
 
 @pytest.mark.slow
-def test_train_writes_a_validation_overlay_per_epoch(first_run, dsb_root):
+def test_train_writes_a_validation_overlay_per_epoch(first_run, small_dsb_root):
     from nucleibatch.annotated import discover_annotated, iter_annotated
     from nucleibatch.training.overlays import OVERLAY_CROP, TRUE_RGB
 
@@ -171,7 +102,7 @@ def test_train_writes_a_validation_overlay_per_epoch(first_run, dsb_root):
     assert [p.name for p in overlays] == ["epoch_001.png", "epoch_002.png"]
     # the one validation image (rank 0 holds it), shown whole or by its central crop
     val_id = nucleibatch.load_model(run_dir / "bundle").config.training["val_image_ids"][0]
-    annotated = next(iter_annotated([s for s in discover_annotated([dsb_root]) if s.image_id == val_id]))
+    annotated = next(iter_annotated([s for s in discover_annotated([small_dsb_root]) if s.image_id == val_id]))
     expected = tuple(min(side, OVERLAY_CROP) for side in annotated.labels.shape)
     for path in overlays:
         rgb = png_rgb(path)
@@ -198,12 +129,12 @@ def test_tensorboard_logs_the_metrics_and_the_overlay_per_epoch(first_run):
 
 
 @pytest.mark.slow
-def test_train_again_with_more_epochs_resumes(first_run, dsb_root, capfd):
+def test_train_again_with_more_epochs_resumes(first_run, small_dsb_root, capfd):
     import ray
 
     status, run_dir, first_rows = first_run
     assert status == 0 and len(first_rows) == 2
-    assert main(train_argv(dsb_root, run_dir, "--epochs", "3")) == 0
+    assert main(train_argv(small_dsb_root, run_dir, "--epochs", "3")) == 0
     rows = read_metrics(run_dir)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert rows[:2] == first_rows  # the first two epochs come from the checkpoint, not retrained
@@ -217,11 +148,11 @@ def test_train_again_with_more_epochs_resumes(first_run, dsb_root, capfd):
 
 
 @pytest.mark.slow
-def test_rerunning_a_finished_run_trains_nothing_more(first_run, dsb_root):
+def test_rerunning_a_finished_run_trains_nothing_more(first_run, small_dsb_root):
     _, run_dir, _ = first_run
     rows_before = read_metrics(run_dir)
     epochs = len(rows_before)  # 3 after the resume test, 2 when run alone
-    assert main(train_argv(dsb_root, run_dir, "--epochs", str(epochs))) == 0
+    assert main(train_argv(small_dsb_root, run_dir, "--epochs", str(epochs))) == 0
     assert read_metrics(run_dir) == rows_before
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["epochs_run"] == epochs
@@ -229,11 +160,11 @@ def test_rerunning_a_finished_run_trains_nothing_more(first_run, dsb_root):
 
 
 @pytest.mark.slow
-def test_changed_encoder_on_the_same_run_dir_is_refused(first_run, dsb_root, capfd):
+def test_changed_encoder_on_the_same_run_dir_is_refused(first_run, small_dsb_root, capfd):
     _, run_dir, _ = first_run
     settings_before = (run_dir / "train_settings.json").read_text()
     metrics_before = (run_dir / "metrics.csv").read_text()
-    assert main(train_argv(dsb_root, run_dir, "--epochs", "3", "--encoder", "mobilenet_v2")) == 2
+    assert main(train_argv(small_dsb_root, run_dir, "--epochs", "3", "--encoder", "mobilenet_v2")) == 2
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert err[0].startswith("nucleibatch train: error: ")
@@ -243,19 +174,19 @@ def test_changed_encoder_on_the_same_run_dir_is_refused(first_run, dsb_root, cap
 
 
 @pytest.mark.slow
-def test_init_on_a_run_dir_trained_from_scratch_is_refused(first_run, dsb_root, capfd):
+def test_init_on_a_run_dir_trained_from_scratch_is_refused(first_run, small_dsb_root, capfd):
     _, run_dir, _ = first_run
     settings_before = (run_dir / "train_settings.json").read_text()
-    assert main(train_argv(dsb_root, run_dir, "--epochs", "3", "--init", "default")) == 2
+    assert main(train_argv(small_dsb_root, run_dir, "--epochs", "3", "--init", "default")) == 2
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("nucleibatch train: error: ")
     assert "other init (None, now default)" in err[0] and "--overwrite" in err[0]
     assert (run_dir / "train_settings.json").read_text() == settings_before
 
 
-def test_bad_patch_size_exits_2_with_one_line(dsb_root, tmp_path, capsys):
+def test_bad_patch_size_exits_2_with_one_line(small_dsb_root, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    assert main(train_argv(dsb_root, run_dir, "--epochs", "1", "--patch-size", "100")) == 2
+    assert main(train_argv(small_dsb_root, run_dir, "--epochs", "1", "--patch-size", "100")) == 2
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
     assert len(err) == 1
@@ -264,17 +195,17 @@ def test_bad_patch_size_exits_2_with_one_line(dsb_root, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("bad", [["--workers", "two"], ["--epochs"], ["--no-such-option"]])
-def test_unparsable_arguments_exit_2_with_one_line(dsb_root, tmp_path, capsys, bad):
+def test_unparsable_arguments_exit_2_with_one_line(small_dsb_root, tmp_path, capsys, bad):
     with pytest.raises(SystemExit) as info:
-        main(["train", str(dsb_root), "-o", str(tmp_path / "run"), *bad])
+        main(["train", str(small_dsb_root), "-o", str(tmp_path / "run"), *bad])
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "error" in err[0]
 
 
-def test_other_invalid_settings_exit_2(dsb_root, tmp_path, capsys):
+def test_other_invalid_settings_exit_2(small_dsb_root, tmp_path, capsys):
     for extra, fragment in ((["--workers", "0"], "--workers"), (["--val-fraction", "1.0"], "--val-fraction"), (["--epochs", "0"], "--epochs")):
-        assert main(["train", str(dsb_root), "-o", str(tmp_path / "run"), *extra]) == 2
+        assert main(["train", str(small_dsb_root), "-o", str(tmp_path / "run"), *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and fragment in err[0]
 
@@ -337,16 +268,6 @@ def test_overlay_panel_draws_true_outlines_magenta_and_predicted_ones_green_on_t
         overlay_image(image, true[:10], predicted)
 
 
-def _tiny_network():
-    from dataclasses import replace
-
-    from nucleibatch.model import build_network, default_config
-
-    torch.manual_seed(0)
-    config = replace(default_config("resnet18"), decoder_channels=[16, 8, 8, 8, 8])  # full depth: every encoder parameter is used
-    return build_network(config)
-
-
 def _train_steps(network, optimizer, steps=2):
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
@@ -357,7 +278,7 @@ def _train_steps(network, optimizer, steps=2):
 def test_a_frozen_encoder_stays_as_it_was_and_learns_once_unfrozen():
     from nucleibatch.training.loop import encoder_of, set_encoder_trainable
 
-    network = _tiny_network()
+    network = tiny_network()
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-2, weight_decay=0.1)  # decay too must not touch it
     encoder_before = {k: v.clone() for k, v in network.encoder.state_dict().items()}
     decoder_before = {k: v.clone() for k, v in network.decoder.state_dict().items()}
@@ -380,7 +301,7 @@ def test_a_frozen_encoder_stays_as_it_was_and_learns_once_unfrozen():
 def test_a_checkpoint_takes_precedence_over_init_weights():
     from nucleibatch.training.loop import starting_state
 
-    network, other = _tiny_network(), _tiny_network()
+    network, other = tiny_network(), tiny_network()
     with torch.no_grad():
         for p in other.parameters():
             p.add_(1.0)
@@ -422,29 +343,29 @@ def test_epochs_are_numbered_from_1_also_in_checkpoints_of_earlier_versions(tmp_
     assert load_best_state([(old, {"epoch": 1, "score": 0.4}), (new, {"epoch": 3, "epoch_base": 1, "score": 0.5})])[1]["epoch"] == 3
 
 
-def test_resolve_init_takes_the_network_from_the_bundle_and_lowers_the_learning_rate(dsb_root, tmp_path):
+def test_resolve_init_takes_the_network_from_the_bundle_and_lowers_the_learning_rate(small_dsb_root, tmp_path):
     from nucleibatch.errors import UsageError
     from nucleibatch.model import DEFAULT_BUNDLE, sha256_file
     from nucleibatch.training.run import TrainSettings, _check_resume, _save_settings, resolve_init
 
-    base = TrainSettings(data=[str(dsb_root)], run_dir=str(tmp_path / "run"))
+    base = TrainSettings(data=[str(small_dsb_root)], run_dir=str(tmp_path / "run"))
     scratch, config, state = resolve_init(base)
     assert (scratch.encoder, scratch.architecture, scratch.learning_rate, state, config.init) == ("resnet18", "Unet", 2e-3, None, None)
 
     default = nucleibatch.load_model("default")
-    tuned, config, state = resolve_init(TrainSettings(data=[str(dsb_root)], run_dir=str(tmp_path / "run"), init="default"))
+    tuned, config, state = resolve_init(TrainSettings(data=[str(small_dsb_root)], run_dir=str(tmp_path / "run"), init="default"))
     assert tuned.learning_rate == pytest.approx(2e-4)  # 10x lower than from scratch
     assert (tuned.encoder, tuned.architecture, tuned.init) == (default.config.encoder, default.config.architecture, "default")
     assert config.init == {"name": default.name, "source": "default", "sha256": sha256_file(DEFAULT_BUNDLE / "model.safetensors")}
     assert config.postprocess == default.config.postprocess and config.normalization == default.config.normalization
     assert all(torch.equal(state[k], v) for k, v in default.network.state_dict().items())
-    assert resolve_init(TrainSettings(data=[str(dsb_root)], run_dir="r", init="default", learning_rate=1e-3))[0].learning_rate == 1e-3
-    assert resolve_init(TrainSettings(data=[str(dsb_root)], run_dir="r", init="default", encoder="resnet18"))[0].encoder == "resnet18"
+    assert resolve_init(TrainSettings(data=[str(small_dsb_root)], run_dir="r", init="default", learning_rate=1e-3))[0].learning_rate == 1e-3
+    assert resolve_init(TrainSettings(data=[str(small_dsb_root)], run_dir="r", init="default", encoder="resnet18"))[0].encoder == "resnet18"
 
     # the same --init resumes; another one (or none) is refused
     _save_settings(tmp_path / "run", tuned)
-    _check_resume(tmp_path / "run", resolve_init(TrainSettings(data=[str(dsb_root)], run_dir=str(tmp_path / "run"), init="default"))[0], False)
-    same_by_path = resolve_init(TrainSettings(data=[str(dsb_root)], run_dir="r", init=str(DEFAULT_BUNDLE / "config.json")))[0]
+    _check_resume(tmp_path / "run", resolve_init(TrainSettings(data=[str(small_dsb_root)], run_dir=str(tmp_path / "run"), init="default"))[0], False)
+    same_by_path = resolve_init(TrainSettings(data=[str(small_dsb_root)], run_dir="r", init=str(DEFAULT_BUNDLE / "config.json")))[0]
     assert same_by_path.init == str(DEFAULT_BUNDLE.resolve())
     with pytest.raises(UsageError, match=r"other init \(default, now .*models/default\)"):
         _check_resume(tmp_path / "run", same_by_path, False)
@@ -461,9 +382,9 @@ def test_resolve_init_takes_the_network_from_the_bundle_and_lowers_the_learning_
         (["--init", "default", "--freeze-encoder-epochs", "-1"], ["--freeze-encoder-epochs must be >= 0"]),
     ],
 )
-def test_bad_fine_tuning_arguments_exit_2_with_one_line(dsb_root, tmp_path, capsys, extra, fragments):
+def test_bad_fine_tuning_arguments_exit_2_with_one_line(small_dsb_root, tmp_path, capsys, extra, fragments):
     run_dir = tmp_path / "run"
-    assert main(["train", str(dsb_root), "-o", str(run_dir), "--epochs", "1", *extra]) == 2
+    assert main(["train", str(small_dsb_root), "-o", str(run_dir), "--epochs", "1", *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("nucleibatch train: error: ")
     for fragment in fragments:
@@ -471,11 +392,11 @@ def test_bad_fine_tuning_arguments_exit_2_with_one_line(dsb_root, tmp_path, caps
     assert not run_dir.exists()
 
 
-def test_tensorboard_without_a_writer_library_exits_2(dsb_root, tmp_path, capsys, monkeypatch):
+def test_tensorboard_without_a_writer_library_exits_2(small_dsb_root, tmp_path, capsys, monkeypatch):
     import nucleibatch.training.run as run_module
 
     monkeypatch.setattr(run_module, "tensorboard_writer_class", lambda: None)
-    assert main(["train", str(dsb_root), "-o", str(tmp_path / "run"), "--epochs", "1", "--tensorboard"]) == 2
+    assert main(["train", str(small_dsb_root), "-o", str(tmp_path / "run"), "--epochs", "1", "--tensorboard"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--tensorboard needs tensorboardX" in err[0] and "pip install" in err[0]
 
@@ -484,7 +405,7 @@ LOCAL_RUN = ["--engine", "local", "--limit-images", "6", "--patches-per-epoch", 
 
 
 @pytest.mark.slow
-def test_engine_local_trains_resumes_and_exports_without_ray(dsb_root, tmp_path, capfd, monkeypatch):
+def test_engine_local_trains_resumes_and_exports_without_ray(small_dsb_root, tmp_path, capfd, monkeypatch):
     import nucleibatch.runtime.ray_start
 
     def no_ray(*args, **kwargs):
@@ -492,7 +413,7 @@ def test_engine_local_trains_resumes_and_exports_without_ray(dsb_root, tmp_path,
 
     monkeypatch.setattr(nucleibatch.runtime.ray_start, "init_ray", no_ray)
     run_dir = tmp_path / "run"
-    assert main(["train", str(dsb_root), "-o", str(run_dir), *LOCAL_RUN, "--epochs", "2", "--overlay-every", "0"]) == 0
+    assert main(["train", str(small_dsb_root), "-o", str(run_dir), *LOCAL_RUN, "--epochs", "2", "--overlay-every", "0"]) == 0
     rows = read_metrics(run_dir)
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     checkpoints = sorted(p.name for p in (run_dir / "local_train").iterdir())
@@ -501,7 +422,7 @@ def test_engine_local_trains_resumes_and_exports_without_ray(dsb_root, tmp_path,
     assert bundle.config.training["engine"] == "local" and bundle.config.metrics["epochs"] == 2
     capfd.readouterr()
 
-    assert main(["train", str(dsb_root), "-o", str(run_dir), *LOCAL_RUN, "--epochs", "3", "--overlay-every", "0"]) == 0
+    assert main(["train", str(small_dsb_root), "-o", str(run_dir), *LOCAL_RUN, "--epochs", "3", "--overlay-every", "0"]) == 0
     out = capfd.readouterr().out
     assert "resuming after epoch 2/3" in out and "epoch 3/3 done" in out
     resumed = read_metrics(run_dir)
@@ -509,13 +430,13 @@ def test_engine_local_trains_resumes_and_exports_without_ray(dsb_root, tmp_path,
     assert json.loads((run_dir / "summary.json").read_text())["best_epoch"] in (1, 2, 3)
 
     # the same RUN_DIR under Ray Train would not find these checkpoints: refused
-    assert main(["train", str(dsb_root), "-o", str(run_dir), *LOCAL_RUN[2:], "--epochs", "3"]) == 2
+    assert main(["train", str(small_dsb_root), "-o", str(run_dir), *LOCAL_RUN[2:], "--epochs", "3"]) == 2
     err = capfd.readouterr().err
     assert "engine (local, now ray)" in err and "--overwrite" in err
 
 
-def test_engine_local_takes_one_worker_only(dsb_root, tmp_path, capsys):
-    assert main(["train", str(dsb_root), "-o", str(tmp_path / "run"), *LOCAL_RUN, "--workers", "2"]) == 2
+def test_engine_local_takes_one_worker_only(small_dsb_root, tmp_path, capsys):
+    assert main(["train", str(small_dsb_root), "-o", str(tmp_path / "run"), *LOCAL_RUN, "--workers", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--engine local" in err[0] and "--workers 1" in err[0]
 

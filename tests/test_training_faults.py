@@ -1,7 +1,7 @@
 """Training faults (issue 5): a Ray Train worker killed mid-run, and a corrupt checkpoint.
 
 Real `python -m nucleibatch train` processes (2 DDP workers on the CPU, a private Ray on
-127.0.0.1), tiny runs on 6 real DSB images.
+127.0.0.1), tiny runs on the 6 small generated DSB-layout images.
 * A worker process SIGKILLed after the first checkpoint: Ray Train restarts the worker group
   from the last checkpoint (FailureConfig), the command finishes with status 0 and every epoch
   appears once in metrics.csv.
@@ -22,16 +22,15 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = ["--workers", "2", "--limit-images", "6", "--patches-per-epoch", "16", "--batch-size", "2", "--patch-size", "128", "--no-tune"]
+from tests.helpers.paths import REPO
+from tests.helpers.processes import child_environment, descendants
+from tests.helpers.training import SMALL_RUN
+
+TINY = [*SMALL_RUN, "--no-tune"]
 
 
 def train_command(data: Path, run_dir: Path, epochs: int) -> list[str]:
     return [sys.executable, "-m", "nucleibatch", "train", str(data), "-o", str(run_dir), "--epochs", str(epochs), *TINY]
-
-
-def environment() -> dict[str, str]:
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DISABLE_USAGE_STATS": "1"}
 
 
 def epochs_in_metrics(run_dir: Path) -> list[int]:
@@ -54,32 +53,11 @@ def registered_checkpoints(run_dir: Path) -> list[str]:
     return [result["checkpoint_dir_name"] for result in snapshot.get("checkpoint_results", [])]
 
 
-def descendants(pid: int) -> dict[int, str]:
-    """``{pid: command line}`` of every process below ``pid`` (from /proc)."""
-    parent_of, commands = {}, {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                parent_of[int(entry)] = int(handle.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                commands[int(entry)] = handle.read().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, IndexError, ValueError):
-            continue
-    found, todo = {}, [pid]
-    while todo:
-        parent = todo.pop()
-        for child, its_parent in parent_of.items():
-            if its_parent == parent and child not in found:
-                found[child] = commands.get(child, "")
-                todo.append(child)
-    return found
-
-
 @pytest.mark.slow
-def test_a_training_worker_killed_mid_run_resumes_from_the_last_checkpoint(dsb_root, tmp_path):
+def test_a_training_worker_killed_mid_run_resumes_from_the_last_checkpoint(small_dsb_root, tmp_path):
     run_dir = tmp_path / "run"
     with open(tmp_path / "train.log", "w") as log:
-        proc = subprocess.Popen(train_command(dsb_root, run_dir, 6), cwd=REPO, env=environment(), stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(train_command(small_dsb_root, run_dir, 6), cwd=REPO, env=child_environment(RAY_DISABLE_USAGE_STATS="1"), stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 400
         while proc.poll() is None and not registered_checkpoints(run_dir) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -95,15 +73,15 @@ def test_a_training_worker_killed_mid_run_resumes_from_the_last_checkpoint(dsb_r
 
 
 @pytest.mark.slow
-def test_a_corrupt_checkpoint_is_skipped_for_the_previous_good_one(dsb_root, tmp_path):
+def test_a_corrupt_checkpoint_is_skipped_for_the_previous_good_one(small_dsb_root, tmp_path):
     run_dir = tmp_path / "run"
-    first = subprocess.run(train_command(dsb_root, run_dir, 2), cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600)
+    first = subprocess.run(train_command(small_dsb_root, run_dir, 2), cwd=REPO, env=child_environment(RAY_DISABLE_USAGE_STATS="1"), capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     kept = checkpoints(run_dir)
     assert len(kept) == 2
     state = kept[-1] / "state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 3])  # the newest one, truncated
-    again = subprocess.run(train_command(dsb_root, run_dir, 3), cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600)
+    again = subprocess.run(train_command(small_dsb_root, run_dir, 3), cwd=REPO, env=child_environment(RAY_DISABLE_USAGE_STATS="1"), capture_output=True, text=True, timeout=600)
     output = again.stdout + again.stderr
     assert again.returncode == 0, output[-4000:]
     assert f"checkpoint {kept[-1].name} is unreadable" in output and f"resuming from the older checkpoint {kept[0].name} (epoch 1)" in output, output[-4000:]

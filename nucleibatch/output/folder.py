@@ -105,6 +105,11 @@ class OutputFolder:
         """``OUT/report.html``."""
         return self.root / REPORT
 
+    @property
+    def exports(self) -> Location:
+        """``OUT/export``: the folder of ``nucleibatch export``'s default destinations, one per format."""
+        return self.root / EXPORT
+
     def export(self, fmt: str) -> Location:
         """``OUT/export/<fmt>``: where ``nucleibatch export --format fmt`` writes by default."""
         return self.root / EXPORT / fmt

@@ -17,7 +17,7 @@ It returns ``{image_id: Expected}``: what a correct ``segment`` run does with ea
 ``skipped``: no row at all). The expectations are the rules; tests/test_bad_corpus.py
 checks a real run against them.
 
-The "committed generator" of the issue: ``python tests/bad_corpus.py DIR`` writes the corpus
+The "committed generator" of the issue: ``python tests/helpers/bad_corpus.py DIR`` writes the corpus
 to DIR and prints the table of items and expected outcomes.
 """
 
@@ -537,7 +537,7 @@ def describe(expected: dict[str, Expected]) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python tests/bad_corpus.py DIR  (writes the bad-inputs corpus into DIR)", file=sys.stderr)
+        print("usage: python tests/helpers/bad_corpus.py DIR  (writes the bad-inputs corpus into DIR)", file=sys.stderr)
         return 2
     folder = Path(argv[0])
     if folder.exists() and any(folder.iterdir()):
@@ -550,5 +550,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: nucleibatch
     sys.exit(main())

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
@@ -121,7 +121,7 @@ class RayWorkerNode:
     ``ray start --address`` refuses to join a head started as a single-machine Ray (which is
     what keeps the head on 127.0.0.1), and with that check lifted it swaps 127.0.0.1 for the
     machine's external address. So the node is started the way Ray's own multi-node tests do
-    (``ray._private.node.Node``, as in ``ray.cluster_utils``), by ``python tests/raycluster.py
+    (``ray._private.node.Node``, as in ``ray.cluster_utils``), by ``python tests/helpers/raycluster.py
     --join GCS_ADDRESS --num-cpus N`` in its own process group.
     """
 

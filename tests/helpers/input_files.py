@@ -13,11 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from nucleibatch.synthetic import synthetic_nuclei
-
-try:  # imported as tests.input_files
-    from .bad_corpus import png_bomb, truncated
-except ImportError:  # imported as input_files, with tests/ on sys.path
-    from bad_corpus import png_bomb, truncated
+from tests.helpers.bad_corpus import png_bomb, truncated
+from tests.helpers.paths import DEMO
 
 
 def grey(shape=(64, 80), seed=0, dtype=np.uint8) -> np.ndarray:
@@ -230,7 +227,7 @@ def write_manifest_csv(path: Path, rows: list[dict[str, str]]) -> Path:
 
 def write_bad_inputs(folder: Path) -> dict[str, str]:
     """Files that must become records with an error (or fail at read): a few of each kind,
-    for discovery tests (the whole corpus of bad and awkward inputs is tests/bad_corpus.py).
+    for discovery tests (the whole corpus of bad and awkward inputs is tests/helpers/bad_corpus.py).
 
     Returns ``{expected image_id: word the error must contain}``; a value of ``"read"``
     means the header is fine and the damage shows up as ImageReadError on read.
@@ -274,16 +271,15 @@ def write_small_archive(root: Path, copies: int = 1, bad_file: bool = True) -> s
 
     from PIL import Image
 
-    demo = Path(__file__).resolve().parents[1] / "examples" / "dsb_demo"
-    ids = sorted(p.name for p in demo.iterdir() if p.is_dir())
+    ids = sorted(p.name for p in DEMO.iterdir() if p.is_dir())
     for k in range(copies):
         for image_id in ids:
             target = root / f"copy_{k}" / image_id / "images"
             target.mkdir(parents=True, exist_ok=True)
-            shutil.copy(demo / image_id / "images" / f"{image_id}.png", target / f"{image_id}.png")
+            shutil.copy(DEMO / image_id / "images" / f"{image_id}.png", target / f"{image_id}.png")
     tiles = []
     for image_id in ids:
-        rgb = np.asarray(Image.open(demo / image_id / "images" / f"{image_id}.png").convert("L"))
+        rgb = np.asarray(Image.open(DEMO / image_id / "images" / f"{image_id}.png").convert("L"))
         tile = np.zeros((256, 256), np.uint8)
         tile[: min(256, rgb.shape[0]), : min(256, rgb.shape[1])] = rgb[:256, :256]
         tiles.append(tile)
