@@ -25,20 +25,13 @@ from PIL import Image
 from scipy import ndimage as ndi
 
 from nucleibatch.cli import main
-from nucleibatch.errors import UsageError
-from nucleibatch.export import (
-    ChunkCache,
-    NotSegmentOutputError,
-    export_run,
-    iter_nucleus_masks,
-    mask_outline,
-    rasterise_geojson,
-    rasterise_polygons,
-    rle_decode,
-    rle_encode,
-    write_png16,
-    write_tiff,
-)
+from nucleibatch.errors import NotSegmentOutputError, UsageError
+from nucleibatch.export import export_run
+from nucleibatch.export.chunks import ChunkCache, iter_nucleus_masks
+from nucleibatch.export.outlines import mask_outline, rasterise_geojson, rasterise_polygons
+from nucleibatch.export.png import write_png16
+from nucleibatch.export.rle import rle_decode, rle_encode
+from nucleibatch.export.writers import write_tiff
 from nucleibatch.measure import measure_labels, physical_columns
 from nucleibatch.output.folder import IMAGES, OutputFolder, label_path
 from nucleibatch.output.store import create_image_group, store_name

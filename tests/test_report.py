@@ -28,23 +28,21 @@ from PIL import Image
 from skimage.segmentation import find_boundaries
 
 from nucleibatch.cli import main
-from nucleibatch.errors import UsageError
+from nucleibatch.errors import NotSegmentOutputError, UsageError
 from nucleibatch.output.folder import MASKS, REPORT, RUN, OutputFolder, label_path
-from nucleibatch.report import (
-    CROP_SIDE,
+from nucleibatch.output.reader import sample_nuclei
+from nucleibatch.report import write_report
+from nucleibatch.report.drawing import (
     OUTLINE_RGB,
-    NotSegmentOutputError,
     densest_window,
     display_range,
     draw_box,
     draw_outlines,
     encode_jpeg,
     histogram_svg,
-    sample_ids,
-    sample_nuclei,
     to_display_rgb,
-    write_report,
 )
+from nucleibatch.report.gather import CROP_SIDE, NUCLEI_COLUMNS_USED, sample_ids
 from tests.helpers.outputs import DEMO_OUT_IDS
 
 
@@ -223,7 +221,7 @@ def test_partial_output_still_gives_a_report(demo_segment_out, tmp_path):
 def test_histogram_sample_is_an_even_stride_over_the_table(demo_segment_out):
     parts = sorted(p for p in OutputFolder(demo_segment_out).nuclei.glob("*.parquet"))
     table = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
-    data, total, problems = sample_nuclei(demo_segment_out, max_rows=7)
+    data, total, problems = sample_nuclei(demo_segment_out, NUCLEI_COLUMNS_USED, max_rows=7)
     stride = -(-len(table) // 7)
     assert total == len(table) and not problems
     np.testing.assert_array_equal(data["area"], table.area.to_numpy()[::stride])
