@@ -393,8 +393,8 @@ def test_a_group_of_small_images_fails_only_the_image_that_fails(tmp_path, monke
         return {row["image_id"]: row for row in rows}
 
     grouped = segment(tmp_path / "grouped")
-    assert grouped["f1"]["status"] == "failed" and "f1.png" in grouped["f1"]["error"]
-    assert [grouped[f"f{k}"]["status"] for k in (0, 2, 3)] == ["ok"] * 3
+    assert grouped["f1"]["status"] == "failed" and "f1.png" in grouped["f1"]["error"], grouped
+    assert [grouped[f"f{k}"]["status"] for k in (0, 2, 3)] == ["ok"] * 3, grouped
     monkeypatch.setattr(driver, "small_images_per_unit", lambda batch_size, window: 1)
     alone = segment(tmp_path / "alone")
     for k in (0, 2, 3):
@@ -405,3 +405,88 @@ def test_a_group_of_small_images_fails_only_the_image_that_fails(tmp_path, monke
         np.testing.assert_array_equal(np.asarray(grouped_labels), np.asarray(alone_labels))
 
 
+
+
+def test_small_images_wait_for_full_calls_while_the_model_is_busy(monkeypatch, tmp_path):
+    """The driver sends a partial group of one-tile images only when the model would otherwise
+    wait and no image of that window is being planned; with more images than it plans at once
+    (here 40, planning at most 15), the model is never handed partial calls while it is busy:
+    on a CPU, calls of few small windows cost about twice the network time per pixel."""
+    from types import SimpleNamespace
+
+    from nucleibatch.io.discover import ImageRecord
+    from nucleibatch.segment.engines import driver
+
+    monkeypatch.setattr(driver, "record_finished_image", lambda out_dir, record, row: None)
+    shape = (200, 200)
+
+    class Handle(SimpleNamespace):
+        __hash__ = object.__hash__  # a future: hashable by identity
+        __eq__ = object.__eq__
+
+    class FifoExecutor:
+        """One worker runs every unit in submission order: each wait returns the oldest."""
+
+        workers, finish_slots, batch_size = 1, 1, 1
+        model_config = SimpleNamespace(tile_size=512)
+
+        def __init__(self) -> None:
+            self.queue: list[Handle] = []
+            self.calls: list[int] = []
+
+        def _submit(self, kind: str, value: object) -> Handle:
+            future = Handle(kind=kind, value=value, order=len(self.queue))
+            self.queue.append(future)
+            return future
+
+        def start(self, record):
+            plan = SimpleNamespace(shape=shape, scale=1.0, blocks=[SimpleNamespace(index=0)], done_blocks=(), image_id=record.image_id)
+            plan.blocks_to_do = plan.blocks
+            return self._submit("start", plan)
+
+        def predict(self, units):
+            self.calls.append(len(units))
+            return [None] * len(units)
+
+        def find_block_nuclei(self, plan, index, prediction):
+            return self._submit("block", None)
+
+        def stitch(self, plan, results):
+            return self._submit("stitch", ({"image_id": plan.image_id}, {}, []))
+
+        def wait(self, futures):
+            return [min(futures, key=lambda future: future.order)]
+
+        def result(self, future):
+            return future.value
+
+        def cancel(self, futures):
+            pass
+
+    records = [ImageRecord(f"f{k}", f"f{k}", f"f{k}", "plain", shape, 1, "uint8") for k in range(40)]
+    executor, rows = FifoExecutor(), []
+    driver.run_distributed(executor, records, tmp_path, SimpleNamespace(add=lambda seconds: None), rows.append, [])
+    group = driver.small_images_per_unit(1, driver.record_window(records[0], 512))
+    assert group == 5 and len(rows) == 40 and sum(executor.calls) == 40
+    assert executor.calls == [group] * 8, executor.calls
+
+
+def test_units_that_open_a_new_masks_zarr_at_once_all_get_it(tmp_path):
+    """The first units of a run may create OUT/masks.zarr's root in several threads or workers at
+    once: each gets the group, none fails its image with zarr's 'A group exists'."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nucleibatch.output.store import open_root
+
+    for trial in range(20):
+        path = tmp_path / f"masks{trial}.zarr"
+        barrier = threading.Barrier(6)
+
+        def open_together(_: int, path=path, barrier=barrier):
+            barrier.wait()
+            return open_root(path)
+
+        with ThreadPoolExecutor(6) as pool:
+            groups = list(pool.map(open_together, range(6)))
+        assert all(group.store_path.store.root == path for group in groups)

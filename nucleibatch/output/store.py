@@ -86,7 +86,14 @@ def _multiscales(name: str, axes: list[dict], n_levels: int, pixel_size_um: floa
 
 def open_root(path: str | Path | Location, mode: str = "a") -> zarr.Group:
     """Open (or create) masks.zarr (a local folder or an object-store URL) as a zarr v3 group."""
-    return zarr.open_group(zarr_store(to_location(path), read_only=mode == "r"), mode=mode, zarr_format=3)
+    location = to_location(path)
+    try:
+        return zarr.open_group(zarr_store(location, read_only=mode == "r"), mode=mode, zarr_format=3)
+    except zarr.errors.ContainsGroupError:
+        if mode != "a":
+            raise
+        # another unit created the root between this one's check and its write: open that one
+        return zarr.open_group(zarr_store(location), mode="r+", zarr_format=3)
 
 
 def create_image_group(

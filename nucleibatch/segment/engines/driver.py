@@ -89,11 +89,12 @@ def batching_order(records: Sequence[ImageRecord], tile_size: int) -> list[Image
     window; larger images first, in their order): the small images batched together then share
     window shapes, so a model call holds one shape instead of several partial batches."""
 
-    def key(record: ImageRecord) -> tuple[int, int]:
-        window = small_image_window(scaled_shape(record.shape, record.scale), tile_size) if record.shape else None
-        return window or (0, 0)
+    return sorted(records, key=lambda record: record_window(record, tile_size) or (0, 0))
 
-    return sorted(records, key=key)
+
+def record_window(record: ImageRecord, tile_size: int) -> tuple[int, int] | None:
+    """The network window of a one-tile image as discovery knows it (before its plan), or None."""
+    return small_image_window(scaled_shape(record.shape, record.scale), tile_size) if record.shape else None
 
 
 def run_distributed(
@@ -116,7 +117,7 @@ def run_distributed(
     def group_size(window: tuple[int, int]) -> int:
         return small_images_per_unit(executor.batch_size, window)
 
-    windows = {small_image_window(scaled_shape(r.shape, r.scale), tile_size) for r in records if r.shape}
+    windows = {record_window(r, tile_size) for r in records}
     largest_group = max([group_size(w) for w in windows if w] or [1])
     # in flight: 2 predict units per model worker, a unit being one block or a group of small
     # images, plus one per CPU slot: post-processing takes far longer than predicting (on a GPU
@@ -168,16 +169,17 @@ def run_distributed(
                 while len(units) >= group_size(window):
                     submit(units[: group_size(window)])
                     del units[: group_size(window)]
-            if not starting or sum(load.values()) < executor.workers:
-                for units in small.values():  # partial groups rather than a model worker waiting for work
-                    if units:
-                        submit(units)
-                small.clear()
-            else:
-                for units in small.values():  # the images being started will complete the groups
+            model_waits = sum(load.values()) < executor.workers - 1e-9  # load: sums of 1/len(group)
+            coming = {record_window(image.record, tile_size) for image in starting.values()}
+            for window, units in small.items():
+                # a partial group rather than a model worker waiting for work, unless images being
+                # started will fill it: small calls cost a CPU twice the network time per pixel
+                if units and model_waits and window not in coming:
+                    submit(units)
+                else:
                     for image, index in reversed(units):
                         image.to_submit.appendleft(index)
-                small.clear()
+            small.clear()
             for future in executor.wait([*starting, *blocks, *stitching]):
                 if future in starting:
                     image = starting.pop(future)
