@@ -405,8 +405,6 @@ def test_a_group_of_small_images_fails_only_the_image_that_fails(tmp_path, monke
         np.testing.assert_array_equal(np.asarray(grouped_labels), np.asarray(alone_labels))
 
 
-
-
 def test_small_images_wait_for_full_calls_while_the_model_is_busy(monkeypatch, tmp_path):
     """The driver sends a partial group of one-tile images only when the model would otherwise
     wait and no image of that window is being planned; with more images than it plans at once
