@@ -488,3 +488,36 @@ def test_units_that_open_a_new_masks_zarr_at_once_all_get_it(tmp_path):
         with ThreadPoolExecutor(6) as pool:
             groups = list(pool.map(open_together, range(6)))
         assert all(group.store_path.store.root == path for group in groups)
+
+
+def test_a_chained_units_value_is_freed_once_the_next_unit_has_it_without_the_garbage_collector():
+    """The local engine chains units with futures (a block's prediction -> its find_block_nuclei
+    unit). A value must go when the unit that takes it is done, not at the garbage collector's next
+    full pass: held in reference cycles, the probabilities of every block of a slide piled up
+    (peak memory grew with the image size)."""
+    import gc
+    import weakref
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nucleibatch.segment.engines.local import _after_all, _then
+
+    class Probabilities:
+        pass
+
+    alive: list[weakref.ref] = []
+
+    def predict() -> Probabilities:
+        value = Probabilities()
+        alive.append(weakref.ref(value))
+        return value
+
+    gc.disable()
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            group = _after_all([pool.submit(predict), pool.submit(predict)], lambda values: pool.submit(lambda: values))
+            finished = [_then(_then(group, lambda values, k=k: pool.submit(lambda: values[k])), lambda value: pool.submit(id, value)) for k in range(2)]
+            assert all(isinstance(future.result(timeout=10), int) for future in finished)
+            del group
+        assert len(alive) == 2 and [ref() for ref in alive] == [None, None]
+    finally:
+        gc.enable()

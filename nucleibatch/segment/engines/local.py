@@ -201,7 +201,11 @@ def _after_all(sources: list[Future], next_step: Callable[[list[Any]], Future]) 
     """A future of ``next_step([values of sources])``, or of the first exception among them: as a
     Dask or Ray task whose inputs failed fails with their exception."""
     out: Future = Future()
-    remaining = [len(sources)]
+    # each source keeps its done callbacks (and so this list) for as long as it lives: a cycle
+    # that holds the sources' values (a block's probabilities) until the garbage collector's
+    # rare full pass; emptied once read, the values go as soon as the next step has them
+    pending = list(sources)
+    remaining = [len(pending)]
     lock = threading.Lock()  # the sources finish in different threads (model thread, pool)
 
     def settle(inner: Future) -> None:
@@ -219,18 +223,21 @@ def _after_all(sources: list[Future], next_step: Callable[[list[Any]], Future]) 
             remaining[0] -= 1
             if remaining[0]:
                 return
-        failed = next((source for source in sources if source.cancelled() or source.exception() is not None), None)
+        failed = next((source for source in pending if source.cancelled() or source.exception() is not None), None)
+        values = None if failed is not None else [source.result() for source in pending]
+        pending.clear()
         if failed is not None:
             settle(failed)
             return
         try:
-            step = next_step([source.result() for source in sources])
+            step = next_step(values)
         except BaseException as error:  # e.g. the pool was shut down by a failing run
             step = Future()
             step.set_exception(error)
+        del values
         step.add_done_callback(settle)
 
-    for source in sources:
+    for source in pending:
         source.add_done_callback(on_source_done)
     if not sources:  # nothing to wait for (an image whose blocks an earlier run all finished)
         remaining[0] = 1
