@@ -282,13 +282,13 @@ def test_read_units_open_an_image_once_for_its_blocks(tmp_path, monkeypatch):
         return source
 
     monkeypatch.setattr(readers, "open_source", counting_open)
-    outcomes = [units.read_unit(plan, index, SETTINGS, 64) for index in range(len(plan.blocks))]
+    outcomes = [units.read_unit(plan, index, 64) for index in range(len(plan.blocks))]
     assert len(opened) == 1 and closed == opened and record.image_id not in units._UNIT_IMAGES.open
     monkeypatch.setattr(readers, "open_source", real_open)
     for index, outcome in enumerate(outcomes):
         fresh = real_open(record)
         try:
-            expected = units.read_block_outcome(plan, index, fresh, SETTINGS, 64)
+            expected = units.read_block_outcome(plan, index, fresh, 64)
         finally:
             fresh.close()
         for got, want in zip(outcome[:3], expected[:3], strict=True):

@@ -158,8 +158,9 @@ def forward_batch(network: torch.nn.Module, batch: np.ndarray, device: torch.dev
     return forward_batch_on_device(network, batch, device, tta, bf16, crop).cpu().numpy()
 
 
-def forward_batch_on_device(network: torch.nn.Module, batch: np.ndarray, device: torch.device, tta: bool, bf16: bool | None = None, crop: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """Sigmoid probabilities of a batch ``(N, 1, h, w)`` float32 -> ``(N, K, h, w)`` on ``device``.
+def forward_batch_on_device(network: torch.nn.Module, batch: np.ndarray | torch.Tensor, device: torch.device, tta: bool, bf16: bool | None = None, crop: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """Sigmoid probabilities of a batch ``(N, 1, h, w)`` float32 (NumPy, or a tensor on ``device``)
+    -> ``(N, K, h, w)`` on ``device``.
 
     ``bf16`` (default: :func:`bf16_by_default`) runs under bf16 autocast with channels-last input, and returns
     float16: finer than the bf16 network's own rounding (a step of at most 4.9e-4 in [0, 1]),
@@ -170,7 +171,7 @@ def forward_batch_on_device(network: torch.nn.Module, batch: np.ndarray, device:
     before the copy (the halo that the caller drops is not copied back).
     """
     bf16 = bf16_by_default(device) if bf16 is None else bf16
-    x = torch.from_numpy(batch).to(device, non_blocking=True)
+    x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(batch).to(device, non_blocking=True)
     with torch.inference_mode(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
         if bf16:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -248,7 +249,8 @@ def predict_images(
     bit-identical, in bf16 on AVX512-BF16 the convolutions round differently with the batch size).
 
     Args:
-        images: ``(H_i, W_i)`` float32 normalised to [0, 1].
+        images: ``(H_i, W_i)`` float32 normalised to [0, 1]: NumPy arrays, or tensors on
+            ``device`` (normalised there: the windows are cut and padded there too).
         output_boxes: per image, as ``output_box`` of :func:`predict_image` (None: all).
 
         keep_half: return float16 where the network's calls do (in ``bf16``): the same
@@ -269,7 +271,8 @@ def predict_images(
     if core <= 0:
         raise UsageError(f"tile size {tile_size} leaves no core with halo {halo}; use tile >= 2 * halo + 32")
     output_boxes = list(output_boxes) if output_boxes is not None else [None] * len(images)
-    images = [np.asarray(image, dtype=np.float32) for image in images]
+    # normalised on the host (NumPy), or already on ``device`` (tensors: windows are cut there)
+    images = [image if isinstance(image, torch.Tensor) else np.asarray(image, dtype=np.float32) for image in images]
     boxes, tiles_by_window = [], defaultdict(list)  # window shape -> [(image number, tile block)]
     for number, (image, output_box) in enumerate(zip(images, output_boxes, strict=True)):
         height, width = image.shape
@@ -288,7 +291,7 @@ def predict_images(
         per_call = windows_per_call(batch_size, window)
         for chunk in _chunks(tiles, per_call):
             padded = min(per_call, 1 << (len(chunk) - 1).bit_length()) if pad_batches else len(chunk)
-            batch = np.empty((padded, 1) + window, dtype=np.float32)
+            batch = _new_batch((padded, 1) + window, images[chunk[0][0]], device)
             batch[len(chunk) :] = 0.0
             for k, (number, tile) in enumerate(chunk):
                 ry0, ry1, rx0, rx1 = tile.read
@@ -341,11 +344,31 @@ def _kept_window(core: tuple[int, int, int, int], box: tuple[int, int, int, int]
     return max(core[0], box[0]), min(core[1], box[1]), max(core[2], box[2]), min(core[3], box[3])
 
 
-def _pad_to(tile: np.ndarray, window: tuple[int, int]) -> np.ndarray:
+def _new_batch(shape: tuple[int, ...], like: np.ndarray | torch.Tensor, device: torch.device) -> np.ndarray | torch.Tensor:
+    """An uninitialised float32 batch where the images are: on the host, or on ``device``."""
+    if isinstance(like, torch.Tensor):
+        return torch.empty(shape, dtype=torch.float32, device=device)
+    return np.empty(shape, dtype=np.float32)
+
+
+def _pad_to(tile: np.ndarray | torch.Tensor, window: tuple[int, int]) -> np.ndarray | torch.Tensor:
+    """``tile`` ``(h, w)`` padded at its bottom and right to ``window``, mirrored with its edge
+    pixels repeated (NumPy's ``"symmetric"``, on the tile's device for a tensor)."""
     pad_y, pad_x = window[0] - tile.shape[0], window[1] - tile.shape[1]
     if pad_y == 0 and pad_x == 0:
         return tile
+    if isinstance(tile, torch.Tensor):
+        rows = torch.from_numpy(_symmetric_index(tile.shape[0], window[0])).to(tile.device)
+        columns = torch.from_numpy(_symmetric_index(tile.shape[1], window[1])).to(tile.device)
+        return tile.index_select(0, rows).index_select(1, columns)
     return np.pad(tile, ((0, pad_y), (0, pad_x)), mode="symmetric")
+
+
+def _symmetric_index(size: int, padded: int) -> np.ndarray:
+    """Which of ``size`` positions each of ``padded`` positions takes under NumPy's ``"symmetric"``
+    padding at the end: the positions mirrored with the edge repeated, again and again."""
+    period = np.arange(padded) % (2 * size)
+    return np.where(period < size, period, 2 * size - 1 - period)
 
 
 def _chunks(items: list, size: int) -> Iterable[list]:

@@ -5,6 +5,8 @@
   :class:`JobOptions` (how the job runs).
 * :mod:`.plan`, :mod:`.steps`, :mod:`.stitch`, :mod:`.rows`: an image's plan, its steps, its last
   step (paint, tables, pyramids) and its rows; :mod:`.units` wraps the steps as work units.
+* :mod:`.host_steps`, :mod:`.device_steps`: the two implementations of a block's way from its
+  pixels to its owned nuclei (on the host; on the network's device), sharing :mod:`.prediction`.
 * :mod:`.engines`: local, Ray and Dask, behind :class:`~.engines.Engine`; one driver for all.
 * :mod:`.array`: one in-memory image (``evaluate``), with the same steps.
 * :mod:`.resume`, :mod:`.summary`, :mod:`.timer`: what a rerun redoes; what a run reports.

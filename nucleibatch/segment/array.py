@@ -14,8 +14,8 @@ from scipy import ndimage as ndi
 from ..instances import InstanceParams, probabilities_to_labels, relabel_sequential, remove_small
 from ..normalize import NormStats, stats_for_bundle
 from ..scale import median_diameter, resample_scale
+from .prediction import at_image_pixels, network_input
 from .settings import resolve_instances_on
-from .steps import at_image_pixels, network_input
 
 if TYPE_CHECKING:  # the post-processing processes import this module: no torch
     from ..model.predict import NucleiModel

@@ -65,6 +65,10 @@ class BlockPredictor:
         model.network = prepare_network(model.network, self.device, bf16=model.bf16)  # precision resolved for this worker's device
         self.model, self.settings, self.batch_size = model, settings, batch_size
         self.images = OpenImages(keep=max(2, batch_size))
+        from .steps import block_steps
+
+        # the device's steps normalise the raw pixels there: the reader only reads
+        self.normalise_on_read = block_steps(settings, self.device.type).normalises_on_read
 
     def predict(self, units: list[tuple[ImagePlan, int]]) -> list[Any]:
         """Read and predict the blocks ``[(plan, block index), ...]`` (one block, or the blocks
@@ -80,7 +84,7 @@ class BlockPredictor:
         from .plan import context_pixels
 
         halo = context_pixels(self.model.config)
-        return gather_reads(units, (self.images.read(plan, block_index, self.settings, halo) for plan, block_index in units))
+        return gather_reads(units, (self.images.read(plan, block_index, halo, self.normalise_on_read) for plan, block_index in units))
 
     def predict_read(self, units: list[tuple[ImagePlan, int]], read: tuple[list, dict[int, BaseException], Timer]) -> list[Any]:
         """The model half of :meth:`predict`, on what :meth:`read` returned for ``units``."""
@@ -128,14 +132,14 @@ def gather_reads(units: list[tuple[ImagePlan, int]], outcomes: Iterable[tuple | 
     return items, failed, timer
 
 
-def read_block_outcome(plan: ImagePlan, block_index: int, source, settings: SegmentSettings, halo: int) -> tuple | BaseException:
+def read_block_outcome(plan: ImagePlan, block_index: int, source, halo: int, normalise: bool = True) -> tuple | BaseException:
     """One block's ``(raw, region, normalised, stage seconds)``, or the exception that reading it
-    raised, returned (see :func:`gather_reads`)."""
+    raised, returned (see :func:`gather_reads`). ``normalised`` is None without ``normalise``."""
     from .steps import read_and_normalise
 
     timer = Timer()
     try:
-        raw, region, normalised = read_and_normalise(plan, plan.blocks[block_index], source, halo, settings, timer)
+        raw, region, normalised = read_and_normalise(plan, plan.blocks[block_index], source, halo, timer, normalise)
     except Exception as error:
         return error
     return raw, region, normalised, dict(timer.seconds)
@@ -149,7 +153,7 @@ class OpenImages:
         self.keep = keep
         self.open: OrderedDict[str, Any] = OrderedDict()  # image_id -> source, oldest first
 
-    def read(self, plan: ImagePlan, block_index: int, settings: SegmentSettings, halo: int) -> tuple | BaseException:
+    def read(self, plan: ImagePlan, block_index: int, halo: int, normalise: bool = True) -> tuple | BaseException:
         """:func:`read_block_outcome` of one block (an image that cannot be opened: its error, returned)."""
         from ..io.readers import open_source
 
@@ -161,7 +165,7 @@ class OpenImages:
             except Exception as error:
                 return error
         try:
-            return read_block_outcome(plan, block_index, source, settings, halo)
+            return read_block_outcome(plan, block_index, source, halo, normalise)
         finally:
             if block_index + 1 == len(plan.blocks):
                 source.close()
@@ -180,11 +184,11 @@ class OpenImages:
 _UNIT_IMAGES = OpenImages(keep=2)
 
 
-def read_unit(plan: ImagePlan, block_index: int, settings: SegmentSettings, halo: int) -> tuple | BaseException:
+def read_unit(plan: ImagePlan, block_index: int, halo: int, normalise: bool = True) -> tuple | BaseException:
     """Unit 2a, where the model's process hands reading off (``segment --post-workers``):
     :func:`read_block_outcome` in a post-processing process, the image kept open there for its
     next blocks (:class:`OpenImages`)."""
-    return _UNIT_IMAGES.read(plan, block_index, settings, halo)
+    return _UNIT_IMAGES.read(plan, block_index, halo, normalise)
 
 
 def block_nuclei_unit(plan: ImagePlan, block_index: int, prediction, settings: SegmentSettings, params, out_dir: Location):

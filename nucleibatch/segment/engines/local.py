@@ -75,7 +75,7 @@ class LocalExecutor:
             read = self.reader.submit(self.predictor.read, units)
             group = _then(read, lambda values: self.model_thread.submit(self.predictor.predict_read, units, values))
         else:  # the processes read and normalise, off this process's GIL, which the model thread needs
-            reads = [self.cpu_pool.submit(read_unit, plan, index, self.settings, self.halo) for plan, index in units]
+            reads = [self.cpu_pool.submit(read_unit, plan, index, self.halo, self.predictor.normalise_on_read) for plan, index in units]
             group = _after_all(reads, lambda values: self.model_thread.submit(self._predict_reads, units, values))
         return [_then(group, lambda predictions, k=k: _done(predictions[k])) for k in range(len(units))]
 
