@@ -415,3 +415,33 @@ def test_file_changed_since_discovery(tmp_path):
     files.write_tiff(tif, files.grey((20, 24), 1))
     with pytest.raises(ImageReadError, match="changed"):
         open_source(record)
+
+
+def test_a_plain_image_is_decoded_once_per_process_until_the_file_changes(tmp_path, monkeypatch):
+    """An image's plan and its block read open it apart (units of one process): the second open
+    takes the pixels decoded by the first; a file rewritten since is decoded again."""
+    import os
+
+    from PIL import Image
+
+    from nucleibatch.io.readers import plain
+
+    decoded = []
+    real_read = plain.read_image_file
+    monkeypatch.setattr(plain, "read_image_file", lambda path: decoded.append(path) or real_read(path))
+    path = tmp_path / "field.png"
+    first = np.arange(24 * 30, dtype=np.uint8).reshape(24, 30)
+    Image.fromarray(first).save(path)
+    record = discover_inputs([str(path)])[0]
+    for _ in range(3):
+        source = open_source(record)
+        block = source.read(0, 24, 0, 30)
+        np.testing.assert_array_equal(block[:, :, 0], first)
+        block[:] = 0  # a reader's copy: the pixels kept for the next open stay as decoded
+        source.close()
+    assert len(decoded) == 1
+    Image.fromarray(first[::-1].copy()).save(path)
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))
+    source = open_source(record)
+    np.testing.assert_array_equal(source.read(0, 24, 0, 30)[:, :, 0], first[::-1])
+    assert len(decoded) == 2

@@ -2,8 +2,10 @@
 
 :func:`read_image_file` reads one image file into memory (TIFF too: the annotated images and
 label images of training data); :class:`PlainSource` decodes a plain image once, on its first
-read, and keeps it. A header declaring more than such a file can hold (a decompression bomb, a
-truncated file) is refused before anything is allocated.
+read, and keeps it; the process keeps the last ones decoded (:class:`DecodedImages`), so that an
+image's plan and its blocks' read, units of one process, decode it once. A header declaring more
+than such a file can hold (a decompression bomb, a truncated file) is refused before anything is
+allocated.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ import re
 import struct
 import threading
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ...errors import ImageReadError
-from ..location import Location, open_binary, to_location
+from ..location import Location, fingerprint, open_binary, to_location
 from .files import TIFF_SUFFIXES, one_line, printable, read_head, sniff_format
 from .source import MAX_IN_MEMORY_PIXELS, ArraySource, ProbedImage, check_image, native
 
@@ -77,6 +80,39 @@ def probe_plain(path: Location, size: int, head: bytes) -> ProbedImage:
     return ProbedImage(shape=(height, width), channels=channels, dtype=str(native(dtype)))
 
 
+class DecodedImages:
+    """The plain images this process decoded last, read-only, by file and fingerprint (size and
+    modification time, or an object's ETag: a file rewritten since is decoded again), up to
+    ``max_bytes`` in all, the oldest dropped first."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._arrays: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str]) -> np.ndarray | None:
+        with self._lock:
+            array = self._arrays.get(key)
+            if array is not None:
+                self._arrays.move_to_end(key)
+            return array
+
+    def put(self, key: tuple[str, str], array: np.ndarray) -> None:
+        if array.nbytes > self.max_bytes:
+            return
+        array.flags.writeable = False  # shared by every source of the file in this process
+        with self._lock:
+            self._arrays[key] = array
+            self._arrays.move_to_end(key)
+            while sum(a.nbytes for a in self._arrays.values()) > self.max_bytes:
+                self._arrays.popitem(last=False)
+
+
+# plain images are small (a plate field, a DSB image): the images planned ahead of their read
+# (a few dozen, the driver bounds them) fit, 0.3 to 4 MB each
+DECODED = DecodedImages(96 * 2**20)
+
+
 class PlainSource(ArraySource):
     """A PNG/JPEG/BMP/GIF file, decoded whole on first use (these files are small)."""
 
@@ -96,9 +132,15 @@ class PlainSource(ArraySource):
             if self._closed:
                 raise ImageReadError(f"{self.source}: the source is closed")
             if self._array is None:
-                array = read_image_file(self.path)
-                if array.ndim == 2:
-                    array = array[:, :, None]
+                version = fingerprint(self.path)
+                key = (str(self.path), version or "")
+                array = DECODED.get(key) if version else None
+                if array is None:
+                    array = read_image_file(self.path)
+                    if array.ndim == 2:
+                        array = array[:, :, None]
+                    if version:
+                        DECODED.put(key, array)
                 if array.shape != (*self.shape, self.channels) or native(array.dtype) != self.dtype:
                     raise ImageReadError(
                         f"{self.source}: decoded as {array.shape} {array.dtype}, but its header said "
