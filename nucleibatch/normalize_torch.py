@@ -26,17 +26,23 @@ from .normalize import (
 TABLE_DTYPES = (np.uint8, np.uint16)
 
 
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on ``device`` without waiting for the device: on CUDA through pinned memory
+    with a non-blocking copy (a copy from ordinary memory would wait for all the work queued
+    there), the device ordering it before the kernels that read it."""
+    host = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def upload_pixels(pixels: np.ndarray, device: torch.device) -> torch.Tensor:
     """Raw 8- or 16-bit pixels ``(h, w[, C])`` to ``device``, as read: uint8 as uint8, uint16 as
     int32 values 0..65535 (torch computes little on uint16; the bits go up as int16, half the
-    bytes of int32, and are widened there). On CUDA the copy goes through pinned memory and does
-    not wait (the device orders it before the kernels that read it)."""
+    bytes of int32, and are widened there), by :func:`to_device`."""
     if pixels.dtype not in TABLE_DTYPES:
         raise ValueError(f"only uint8 and uint16 pixels go up raw, not {pixels.dtype}")
-    host = torch.from_numpy(np.ascontiguousarray(pixels).view(np.int16) if pixels.dtype == np.uint16 else np.ascontiguousarray(pixels))
-    if device.type == "cuda":
-        host = host.pin_memory()
-    on_device = host.to(device, non_blocking=True)
+    on_device = to_device(np.ascontiguousarray(pixels).view(np.int16) if pixels.dtype == np.uint16 else pixels, device)
     return on_device.to(torch.int32).bitwise_and_(0xFFFF) if pixels.dtype == np.uint16 else on_device
 
 
@@ -62,7 +68,7 @@ def network_input_on_device(pixels: np.ndarray, raw: torch.Tensor | None, stats:
             there (pixels normalised on the host then, :func:`on_device_normalisable`).
     """
     if raw is None or not on_device_normalisable(pixels, stats, channel):
-        return torch.from_numpy(normalise_pixels(pixels, stats, channel)).to(device, non_blocking=True)
+        return to_device(normalise_pixels(pixels, stats, channel), device)
     if stats.input == "grey":
         index, n_summed = _grey_index(raw, channel)
         return _table(pixels.dtype.str, n_summed, stats, device)[index]
@@ -115,9 +121,9 @@ def _grey_index(raw: torch.Tensor, channel: int | None) -> tuple[torch.Tensor, i
 
 @functools.lru_cache(maxsize=16)
 def _table(dtype: str, channels: int, stats: NormStats, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(_lookup_table(dtype, channels, stats)).to(device)
+    return to_device(_lookup_table(dtype, channels, stats), device)
 
 
 @functools.lru_cache(maxsize=8)
 def _density_on(dtype: str, weight: float, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(_density_table(dtype, weight)).to(device)
+    return to_device(_density_table(dtype, weight), device)

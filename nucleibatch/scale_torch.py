@@ -3,8 +3,9 @@
 that an image whose scale asks for it is resampled where it is normalised, predicted and
 labelled (``segment --instances-on device``).
 
-Same sample positions and weights (computed on the host, as there), the same float32
-interpolation; the smoothing sums its taps in float64 as ``scipy.ndimage`` does.
+Same sample positions and weights (computed on the host, as there, and copied up without
+waiting for the device), the same float32 interpolation; the smoothing sums its taps in float64,
+as ``scipy.ndimage`` does (in another order: a float32 result could differ in its last bit).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .normalize_torch import to_device
 from .scale import _shrink_sigma, scaled_shape
 
 TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter's default reach, in sigmas
@@ -56,7 +58,7 @@ def gaussian_on_device(image: torch.Tensor, sigma: float) -> torch.Tensor:
         wide = out.double()
         total = torch.zeros_like(wide)
         for offset, weight in zip(offsets, weights, strict=True):
-            index = torch.clamp(torch.arange(size, device=out.device) + int(offset), 0, size - 1)  # mode "nearest"
+            index = torch.clamp(torch.arange(size, device=out.device) + int(offset), 0, size - 1)  # mode "nearest", made there
             total += float(weight) * wide.index_select(axis, index)
         out = total.float()
     return out
@@ -71,9 +73,9 @@ def _interpolate(array: torch.Tensor, axis: int, positions: np.ndarray) -> torch
     above = np.minimum(below + 1, size - 1)
     shape = [1] * array.ndim
     shape[axis] = -1
-    weight = torch.from_numpy((positions - below).astype(np.float32)).to(array.device).reshape(shape)
-    low = array.index_select(axis, torch.from_numpy(below).to(array.device))
-    high = array.index_select(axis, torch.from_numpy(above).to(array.device))
+    weight = to_device((positions - below).astype(np.float32), array.device).reshape(shape)
+    low = array.index_select(axis, to_device(below, array.device))
+    high = array.index_select(axis, to_device(above, array.device))
     low *= 1.0 - weight
     high *= weight
     return low.add_(high)

@@ -63,7 +63,7 @@ def own_and_measure_on_device(
     image_shape: tuple[int, int],
     margin: int,
     min_size: int,
-    grey: np.ndarray,
+    grey: np.ndarray | torch.Tensor,
     channels: np.ndarray | None = None,
     channel_columns: tuple[str, ...] = (),
 ) -> tuple[OwnedObjects, dict[str, np.ndarray]]:
@@ -71,7 +71,8 @@ def own_and_measure_on_device(
 
     Args:
         labels: ``(h, w)`` int labels of ``block.read`` on the device (raw ids).
-        grey: ``(h, w)`` float, the nuclear channel's raw values over ``block.read`` (for ``mean_intensity``).
+        grey: ``(h, w)`` float, the nuclear channel's raw values over ``block.read`` (for
+            ``mean_intensity``): NumPy, or a tensor on the labels' device (NumPy with ``channel_columns``).
         channels, channel_columns: as :func:`nucleibatch.measure.measure_labels` takes them; an
             image with per-channel columns is measured on the host from the owned labels.
 
@@ -89,7 +90,8 @@ def own_and_measure_on_device(
         owned_labels = owned_on_device.cpu().numpy()
         columns = measure_labels(owned_labels, grey, origin=origin, channels=channels, channel_columns=channel_columns)
     else:
-        columns = measure_labels_torch(owned_on_device, torch.from_numpy(np.ascontiguousarray(grey)).to(labels.device), origin=origin)
+        intensity = grey if isinstance(grey, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(grey))
+        columns = measure_labels_torch(owned_on_device, intensity.to(labels.device), origin=origin)
         owned_labels = owned_on_device.cpu().numpy()
     oy, ox = origin
     bounds = np.stack([columns["bbox_min_y"] - oy, columns["bbox_max_y"] - oy, columns["bbox_min_x"] - ox, columns["bbox_max_x"] - ox], axis=1).astype(np.int64)

@@ -445,3 +445,6 @@ def test_a_plain_image_is_decoded_once_per_process_until_the_file_changes(tmp_pa
     source = open_source(record)
     np.testing.assert_array_equal(source.read(0, 24, 0, 30)[:, :, 0], first[::-1])
     assert len(decoded) == 2
+    plain.forget_decoded_images()  # a run's end
+    open_source(record).read(0, 1, 0, 1)
+    assert len(decoded) == 3

@@ -129,7 +129,7 @@ class NucleiModel:
 
     def predict_many(
         self,
-        images: Sequence[np.ndarray],
+        images: Sequence[np.ndarray] | Sequence[torch.Tensor],
         batch_size: int = 4,
         tta: bool | None = None,
         output_boxes: Sequence[tuple[int, int, int, int] | None] | None = None,
@@ -225,7 +225,7 @@ def predict_image(
 
 def predict_images(
     network: torch.nn.Module,
-    images: Sequence[np.ndarray],
+    images: Sequence[np.ndarray] | Sequence[torch.Tensor],
     output_boxes: Sequence[tuple[int, int, int, int] | None] | None = None,
     tile_size: int = 512,
     halo: int = DEFAULT_HALO,
@@ -358,17 +358,18 @@ def _pad_to(tile: np.ndarray | torch.Tensor, window: tuple[int, int]) -> np.ndar
     if pad_y == 0 and pad_x == 0:
         return tile
     if isinstance(tile, torch.Tensor):
-        rows = torch.from_numpy(_symmetric_index(tile.shape[0], window[0])).to(tile.device)
-        columns = torch.from_numpy(_symmetric_index(tile.shape[1], window[1])).to(tile.device)
+        rows = _symmetric_index(tile.shape[0], window[0], tile.device)
+        columns = _symmetric_index(tile.shape[1], window[1], tile.device)
         return tile.index_select(0, rows).index_select(1, columns)
     return np.pad(tile, ((0, pad_y), (0, pad_x)), mode="symmetric")
 
 
-def _symmetric_index(size: int, padded: int) -> np.ndarray:
+def _symmetric_index(size: int, padded: int, device: torch.device) -> torch.Tensor:
     """Which of ``size`` positions each of ``padded`` positions takes under NumPy's ``"symmetric"``
-    padding at the end: the positions mirrored with the edge repeated, again and again."""
-    period = np.arange(padded) % (2 * size)
-    return np.where(period < size, period, 2 * size - 1 - period)
+    padding at the end (the positions mirrored with the edge repeated, again and again), made on
+    ``device`` (nothing to copy up)."""
+    period = torch.arange(padded, device=device) % (2 * size)
+    return torch.where(period < size, period, 2 * size - 1 - period)
 
 
 def _chunks(items: list, size: int) -> Iterable[list]:

@@ -53,20 +53,17 @@ class DeviceSteps:
         ``owned`` = ``(OwnedObjects, columns)``, or the error its image fails with (a nucleus
         larger than the block margin: the other images of the call go on).
 
-        ``normalised``: network inputs that a reader already made on the host (read units in
-        post-processing processes normalise; they are uploaded as they are), or None.
+        ``normalised``: not used (the reader does not normalise for these steps:
+        :attr:`normalises_on_read`); the network input is made on the device from the raw pixels.
         """
         device = model.device
         inners = read_boxes(items)
         with timer("normalise"):
             raws = [upload_pixels(raw, device) if raw.dtype in TABLE_DTYPES else None for _, _, raw, _ in items]
-            if normalised is None:
-                inputs = [
-                    to_network_scale_on_device(network_input_on_device(raw, on_device, plan.stats, plan.channel, device), plan.scale)
-                    for (plan, _, raw, _), on_device in zip(items, raws, strict=True)
-                ]
-            else:
-                inputs = [torch.from_numpy(image).to(device, non_blocking=True) for image in normalised]
+            inputs = [
+                to_network_scale_on_device(network_input_on_device(raw, on_device, plan.stats, plan.channel, device), plan.scale)
+                for (plan, _, raw, _), on_device in zip(items, raws, strict=True)
+            ]
         boxes = network_boxes(items, inners, [tuple(image.shape) for image in inputs])
         with timer("predict"):
             probabilities = model.predict_many(inputs, batch_size=batch_size, tta=settings.tta, output_boxes=boxes, keep_half=True, on_device=True)

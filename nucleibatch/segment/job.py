@@ -15,6 +15,7 @@ from .. import __version__
 from ..errors import UsageError
 from ..io.discover import ImageRecord, check_inputs_exist, discover_inputs
 from ..io.location import Location, exists, make_dirs, to_location
+from ..io.readers import forget_decoded_images
 from ..output.atomic import write_bytes_atomic
 from ..output.checkpoints import drop_finished
 from ..output.folder import OutputFolder, not_inputs
@@ -135,6 +136,7 @@ def run_segment_job(
                     engine.run(EngineRun(group, group_model, settings, out_dir, options.batch_size, timer, bar.update, placement))
         finally:
             bar.close()
+            forget_decoded_images()
         engine_seconds = time.perf_counter() - engine_started
         busy = sum(m.usage.busy_seconds - usage_before[name][0] for name, m in models.models.items())
         tiles = sum(m.usage.tiles - usage_before[name][1] for name, m in models.models.items())

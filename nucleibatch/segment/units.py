@@ -73,7 +73,7 @@ class BlockPredictor:
     def predict(self, units: list[tuple[ImagePlan, int]]) -> list[Any]:
         """Read and predict the blocks ``[(plan, block index), ...]`` (one block, or the blocks
         of several small images whose tiles then share network calls); one
-        :class:`~nucleibatch.segment.steps.BlockPrediction` per unit. In a group, a block whose read
+        :class:`~nucleibatch.segment.prediction.BlockPrediction` per unit. In a group, a block whose read
         fails gets its exception in its place (its find_block_nuclei unit raises it): one bad image
         never fails the others of its group."""
         return self.predict_read(units, self.read(units))

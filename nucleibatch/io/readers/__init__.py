@@ -13,10 +13,11 @@ Sources hold open files: they cannot be pickled. Send discovery's records to wor
 from .axes import MAX_CHANNELS, guess_axes, plan_axes
 from .dispatch import file_pixel_size, open_source, probe
 from .files import IMAGE_SUFFIXES, PIL_SUFFIXES, printable
-from .plain import read_image_file
+from .plain import forget_decoded_images, read_image_file
 from .source import MAX_IMAGE_PIXELS, MIN_SIDE, ArraySource, ImageSource, ProbedImage
 
 __all__ = [
     "IMAGE_SUFFIXES", "MAX_CHANNELS", "MAX_IMAGE_PIXELS", "MIN_SIDE", "PIL_SUFFIXES", "ArraySource", "ImageSource",
-    "ProbedImage", "file_pixel_size", "guess_axes", "open_source", "plan_axes", "printable", "probe", "read_image_file",
+    "ProbedImage", "file_pixel_size", "forget_decoded_images", "guess_axes", "open_source", "plan_axes", "printable", "probe",
+    "read_image_file",
 ]  # fmt: skip

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import ImageReadError
-from ..location import Location, fingerprint, open_binary, to_location
+from ..location import Location, fingerprint, is_remote, open_binary, to_location
 from .files import TIFF_SUFFIXES, one_line, printable, read_head, sniff_format
 from .source import MAX_IN_MEMORY_PIXELS, ArraySource, ProbedImage, check_image, native
 
@@ -81,9 +81,10 @@ def probe_plain(path: Location, size: int, head: bytes) -> ProbedImage:
 
 
 class DecodedImages:
-    """The plain images this process decoded last, read-only, by file and fingerprint (size and
-    modification time, or an object's ETag: a file rewritten since is decoded again), up to
-    ``max_bytes`` in all, the oldest dropped first."""
+    """The local plain images this process decoded last, read-only, by file and fingerprint (size
+    and modification time: a file rewritten since is decoded again), up to ``max_bytes`` in all,
+    the oldest dropped first. Object-store files are not kept: checking their fingerprint would
+    cost requests that the decode itself does not."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
@@ -100,17 +101,26 @@ class DecodedImages:
     def put(self, key: tuple[str, str], array: np.ndarray) -> None:
         if array.nbytes > self.max_bytes:
             return
-        array.flags.writeable = False  # shared by every source of the file in this process
         with self._lock:
             self._arrays[key] = array
             self._arrays.move_to_end(key)
             while sum(a.nbytes for a in self._arrays.values()) > self.max_bytes:
                 self._arrays.popitem(last=False)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._arrays.clear()
+
 
 # plain images are small (a plate field, a DSB image): the images planned ahead of their read
 # (a few dozen, the driver bounds them) fit, 0.3 to 4 MB each
 DECODED = DecodedImages(96 * 2**20)
+
+
+def forget_decoded_images() -> None:
+    """Drop the decoded images this process keeps (a run's end: a long-lived process, a notebook
+    that runs ``segment`` again and again, does not hold the last run's images)."""
+    DECODED.clear()
 
 
 class PlainSource(ArraySource):
@@ -132,13 +142,14 @@ class PlainSource(ArraySource):
             if self._closed:
                 raise ImageReadError(f"{self.source}: the source is closed")
             if self._array is None:
-                version = fingerprint(self.path)
+                version = None if is_remote(self.path) else fingerprint(self.path)
                 key = (str(self.path), version or "")
                 array = DECODED.get(key) if version else None
                 if array is None:
                     array = read_image_file(self.path)
                     if array.ndim == 2:
                         array = array[:, :, None]
+                    array.flags.writeable = False  # reads copy; the pixels may be shared (DECODED)
                     if version:
                         DECODED.put(key, array)
                 if array.shape != (*self.shape, self.channels) or native(array.dtype) != self.dtype:

@@ -5,10 +5,12 @@ Work units, per image (:mod:`nucleibatch.segment.units`, run where the scheduler
 
 1. ``start``   (CPU task)   plan the image (statistics, block grid), create its empty OME-Zarr group;
 2. ``predict`` (model worker, one per GPU or CPU slot; it loads the model once)
-               read one block with its context, normalise, run the model -> probabilities
-               (``segment --post-workers``: a ``read`` CPU task reads and normalises, the
-               model's thread only predicts);
-3. ``find_block_nuclei`` (CPU task) instances, owned nuclei, measurements, the block's image copy;
+               read one block with its context, run the model's step of the run's step
+               implementation (:func:`~..steps.block_steps`): the host's (normalise, network ->
+               probabilities) or the device's (raw pixels -> owned nuclei there); with
+               ``segment --post-workers`` a ``read`` CPU task reads (and normalises for the host's);
+3. ``find_block_nuclei`` (CPU task) the host's steps: instances, owned nuclei, measurements;
+               both: the block's image copy;
 4. ``stitch`` (CPU task)    paint every block core, nuclei table part, pyramids, completion record.
 
 The driver only passes references between them (block data never goes through it) and bounds

@@ -4,9 +4,10 @@
 The model stays in this process, in one thread that only predicts. The CPU units (plan an image,
 find a block's nuclei: instances, measurements, image copy; stitch an image: paint, tables, pyramids)
 run in threads of this process, or in the processes of ``segment --post-workers N``
-(:mod:`.process_pool`), which also read and normalise the blocks. Without processes the blocks
-are read and normalised in one thread ahead of the model: an image is read by one thread at a
-time, as its readers are not thread-safe.
+(:mod:`.process_pool`), which also read the blocks (and normalise them for the host's steps,
+:mod:`..host_steps`; the device's steps normalise next to the network). Without processes the
+blocks are read in one thread ahead of the model: an image is read by one thread at a time, as
+its readers are not thread-safe.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class LocalExecutor:
         if self.reader is not None:
             read = self.reader.submit(self.predictor.read, units)
             group = _then(read, lambda values: self.model_thread.submit(self.predictor.predict_read, units, values))
-        else:  # the processes read and normalise, off this process's GIL, which the model thread needs
+        else:  # the processes read (and normalise for the host's steps), off this process's GIL, which the model thread needs
             reads = [self.cpu_pool.submit(read_unit, plan, index, self.halo, self.predictor.normalise_on_read) for plan, index in units]
             group = _after_all(reads, lambda values: self.model_thread.submit(self._predict_reads, units, values))
         return [_then(group, lambda predictions, k=k: _done(predictions[k])) for k in range(len(units))]
