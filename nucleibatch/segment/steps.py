@@ -177,7 +177,7 @@ def predict_blocks(
     model: NucleiModel,
     settings: SegmentSettings,
     batch_size: int = 4,
-    normalised: list[np.ndarray | None] | None = None,
+    normalised: list[np.ndarray] | None = None,
 ) -> list[BlockPrediction]:
     """The model's step of blocks (one image's, or several small images' whose tiles then share
     network calls): :meth:`BlockSteps.predict` of the run's step implementation. Each prediction's
@@ -186,12 +186,9 @@ def predict_blocks(
     Args:
         items: ``(plan, block, raw, region)``: ``raw`` the ``(h, w, C)`` pixels of ``region``
             (from :func:`read_block`).
-        normalised: the items' network inputs, where the reader made them (else None, or a list of None).
+        normalised: the items' network inputs, where the reader made them (the host's steps), else None.
     """
-    timer = Timer()
-    if normalised is not None and any(image is None for image in normalised):
-        normalised = None
-    return block_steps(settings, model.device.type).predict(items, model, settings, batch_size, normalised, timer)
+    return block_steps(settings, model.device.type).predict(items, model, settings, batch_size, normalised, Timer())
 
 
 def find_block_nuclei(plan: ImagePlan, block: Block, prediction: BlockPrediction, settings: SegmentSettings, params: InstanceParams, image_group=None) -> BlockResult:

@@ -67,8 +67,9 @@ class BlockPredictor:
         self.images = OpenImages(keep=max(2, batch_size))
         from .steps import block_steps
 
+        self.steps = block_steps(settings, self.device.type)
         # the device's steps normalise the raw pixels there: the reader only reads
-        self.normalise_on_read = block_steps(settings, self.device.type).normalises_on_read
+        self.normalise_on_read = self.steps.normalises_on_read
 
     def predict(self, units: list[tuple[ImagePlan, int]]) -> list[Any]:
         """Read and predict the blocks ``[(plan, block index), ...]`` (one block, or the blocks
@@ -89,12 +90,12 @@ class BlockPredictor:
     def predict_read(self, units: list[tuple[ImagePlan, int]], read: tuple[list, dict[int, BaseException], Timer]) -> list[Any]:
         """The model half of :meth:`predict`, on what :meth:`read` returned for ``units``."""
         from ..runtime.allocator import release_free_memory
-        from .steps import predict_blocks
 
         items, failed, timer = read
         predictions: list[Any] = []
         if items:
-            predictions = predict_blocks([item[:4] for item in items], self.model, self.settings, self.batch_size, [item[4] for item in items])
+            normalised = [item[4] for item in items] if self.normalise_on_read else None
+            predictions = self.steps.predict([item[:4] for item in items], self.model, self.settings, self.batch_size, normalised, Timer())
         del items, read
         worker = current_worker()
         for prediction in predictions:
